@@ -1,0 +1,83 @@
+"""`rlhfkit <stage> [--config FILE.yaml] [--field value ...]`: parse the stage's config dataclass, call main(cfg).
+
+Thin on purpose: a stage is a module with a config dataclass and main(cfg). Stage modules are imported only
+when that stage runs, so `rlhfkit --help` does not pay for torch."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Any
+
+from rlhfkit import __version__
+from rlhfkit.config import format_help, parse_args
+from rlhfkit.errors import UserError
+
+# name -> (module, config class, one-line summary). The pipeline order, as a user reads it.
+STAGES: dict[str, tuple[str, str, str]] = {
+    "sft": ("rlhfkit.policy.sft", "SFTConfig", "supervised fine-tuning on demonstrations (prompt/completion or messages)"),
+    "demo": ("rlhfkit.pipeline", "DemoConfig", "the built-in playground pipeline end to end on a CPU"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in STAGES)
+    lines = [
+        f"rlhfkit {__version__}: reinforcement learning from human feedback, end to end.",
+        "",
+        "usage: rlhfkit <stage> [--config FILE.yaml] [--key value ...]",
+        "       rlhfkit <stage> --help      (every field of that stage, with its documentation)",
+        "",
+        "stages:",
+    ]
+    lines += [f"  {name.ljust(width)}  {summary}" for name, (_, _, summary) in STAGES.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _load_stage(name: str) -> tuple[Any, type]:
+    module_name, cls_name, _ = STAGES[name]
+    module = importlib.import_module(module_name)
+    return module, getattr(module, cls_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in STAGES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(STAGES), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        sys.stderr.write(f"rlhfkit: unknown stage '{name}'.{hint} Stages: {', '.join(STAGES)}.\n")
+        return 2
+    # one process speaks: under `accelerate launch` the others only report warnings
+    level = os.environ.get("RLHFKIT_LOG", "INFO") if os.environ.get("RANK", "0") == "0" else "WARNING"
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        module, cfg_cls = _load_stage(name)
+        if "-h" in rest or "--help" in rest:
+            sys.stdout.write(format_help(cfg_cls, f"rlhfkit {name}", STAGES[name][2]))
+            return 0
+        cfg = parse_args(cfg_cls, rest, prog=f"rlhfkit {name}")
+        module.main(cfg)
+    except UserError as exc:
+        sys.stderr.write(f"rlhfkit {name}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"rlhfkit {name}: interrupted; rerun with --resume to continue from the last checkpoint.\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""SFT examples: prompt/completion (plain or conversational), `messages` chats and plain `text`, tokenised with
+a loss mask that covers only what the model should learn to write; collation with right padding; packing.
+
+loss_mask[t] = 1 means token t is a target (the model is trained to predict it from tokens < t)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from rlhfkit.data.readers import read_rows
+from rlhfkit.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    loss_mask: list[int]
+    row: int = 0
+    """1-based row in the source file, for error messages and reports."""
+
+
+@dataclass
+class SFTReport:
+    """What reading a file did to its rows (nothing is dropped silently)."""
+
+    path: str
+    rows: int = 0
+    truncated: int = 0
+    truncated_rows: list[int] = field(default_factory=list)
+
+
+def _text(row: dict[str, Any], key: str, path: str, lineno: int) -> str:
+    value = row.get(key)
+    if value is None:
+        raise DataError(path, lineno, key, f"missing; this row has fields {sorted(row)}")
+    if not isinstance(value, str):
+        raise DataError(path, lineno, key, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(path, lineno, key, "is empty")
+    return value
+
+
+def _messages(value: Any, key: str, path: str, lineno: int) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataError(path, lineno, key, "must be a non-empty list of {role, content} messages")
+    out = []
+    for j, msg in enumerate(value):
+        where = f"{key}[{j}]"
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise DataError(path, lineno, where, "each message must be an object with 'role' and 'content'")
+        if msg["role"] not in ROLES:
+            raise DataError(path, lineno, f"{where}.role", f"unknown role {msg['role']!r}; use one of {ROLES}")
+        if not isinstance(msg["content"], str) or not msg["content"].strip():
+            raise DataError(path, lineno, f"{where}.content", "must be a non-empty string")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return out
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], train_from: int = 0) -> tuple[list[int], list[int]]:
+    """Apply the chat template once to the whole conversation and mark assistant turns at index >= train_from
+    (their content and end-of-turn tokens) as targets. Character spans from prefix renderings map to tokens
+    through the tokenizer's offsets, so no turn is templated twice."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError("conversational data needs a tokenizer with a chat template; set chat_template in "
+                        "tokenizer_config.json or use prompt/completion strings.")
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant" or i < train_from:
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not full.startswith(before) or not full.startswith(through):
+            raise UserError("the tokenizer's chat template is not prefix-stable (rendering the first turns is not "
+                            "a prefix of rendering all of them), so assistant turns cannot be located.")
+        spans.append((len(before), len(through)))
+    # the template supplies any BOS itself; add_special_tokens=False avoids a doubled BOS
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask = [int(any(s <= start < e for s, e in spans) and end > start) for start, end in offsets]
+    return ids, mask
+
+
+def encode_row(tokenizer: Any, row: dict[str, Any], path: str, lineno: int) -> tuple[list[int], list[int]]:
+    """One data row -> (input_ids, loss_mask)."""
+    eos = tokenizer.eos_token_id
+    if "messages" in row:
+        msgs = _messages(row["messages"], "messages", path, lineno)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(path, lineno, "messages", "has no assistant message to learn from")
+        return tokenize_chat(tokenizer, msgs)
+    if "prompt" in row and "completion" in row:
+        if isinstance(row["prompt"], list) or isinstance(row["completion"], list):
+            prompt = _messages(row["prompt"], "prompt", path, lineno)
+            completion = _messages(row["completion"], "completion", path, lineno)
+            if completion[0]["role"] != "assistant":
+                raise DataError(path, lineno, "completion[0].role", "a conversational completion starts with "
+                                "an assistant message")
+            return tokenize_chat(tokenizer, prompt + completion, train_from=len(prompt))
+        prompt_text = _text(row, "prompt", path, lineno)
+        completion_text = _text(row, "completion", path, lineno)
+        # prompt and completion are tokenised separately, so the boundary is exact (no merge across it)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+        completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [eos]
+        return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+    if "text" in row:
+        ids = tokenizer(_text(row, "text", path, lineno), add_special_tokens=True)["input_ids"] + [eos]
+        return ids, [1] * len(ids)
+    missing = "completion" if "prompt" in row else "prompt"
+    raise DataError(path, lineno, missing, "missing; an SFT row needs prompt+completion, messages, or text "
+                    f"(this row has fields {sorted(row)})")
+
+
+def read_sft_examples(
+    path: str, tokenizer: Any, max_length: int, overlong: Literal["error", "truncate"] = "error"
+) -> tuple[list[SFTExample], SFTReport]:
+    report = SFTReport(path=path)
+    examples: list[SFTExample] = []
+    for lineno, row in read_rows(path):
+        ids, mask = encode_row(tokenizer, row, path, lineno)
+        mask[0] = 0  # the first token has no context inside its example (also keeps packed examples apart)
+        if len(ids) > max_length:
+            if overlong == "error":
+                raise DataError(path, lineno, None, f"is {len(ids)} tokens, longer than max_length {max_length}; "
+                                "raise max_length or set overlong: truncate")
+            ids, mask = ids[:max_length], mask[:max_length]
+            report.truncated += 1
+            report.truncated_rows.append(lineno)
+        if sum(mask) == 0:
+            raise DataError(path, lineno, None, f"has no completion tokens within max_length {max_length}; "
+                            "shorten the prompt or raise max_length")
+        examples.append(SFTExample(ids, mask, lineno))
+    report.rows = len(examples)
+    if report.truncated:
+        log.warning("%s: truncated %d of %d rows to max_length %d (rows %s%s)", path, report.truncated,
+                    report.rows, max_length, report.truncated_rows[:10], "..." if report.truncated > 10 else "")
+    return examples, report
+
+
+def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch. Returns input_ids, attention_mask (1 = real), loss_mask (1 = target): each (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+    loss = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        attn[i, :n] = 1
+        loss[i, :n] = torch.tensor(e.loss_mask)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+@dataclass
+class PackedRow:
+    """Several examples laid end to end in one row; they never attend to each other."""
+
+    examples: list[SFTExample]
+
+    @property
+    def length(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+
+def pack_examples(examples: list[SFTExample], max_length: int) -> list[PackedRow]:
+    """First-fit packing in data order; an example is never split across rows."""
+    rows: list[PackedRow] = []
+    for ex in examples:
+        for row in rows:
+            if row.length + len(ex.input_ids) <= max_length:
+                row.examples.append(ex)
+                break
+        else:
+            rows.append(PackedRow([ex]))
+    return rows
+
+
+def collate_packed(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed batch with a block-diagonal causal mask so examples sharing a row stay independent, and positions
+    restarting at 0 for each example. attention_mask is boolean (B, 1, T, T), True = may attend."""
+    width = max(r.length for r in rows)
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)  # (B, T)
+    loss = torch.zeros((B, width), dtype=torch.long)  # (B, T)
+    pos = torch.zeros((B, width), dtype=torch.long)  # (B, T)
+    segment = torch.full((B, width), -1, dtype=torch.long)  # (B, T), -1 = padding
+    for i, row in enumerate(rows):
+        at = 0
+        for j, e in enumerate(row.examples):
+            n = len(e.input_ids)
+            ids[i, at : at + n] = torch.tensor(e.input_ids)
+            loss[i, at : at + n] = torch.tensor(e.loss_mask)
+            pos[i, at : at + n] = torch.arange(n)
+            segment[i, at : at + n] = j
+            at += n
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))  # (T, T)
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)  # (B, T, T)
+    allowed = same & causal
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves: no all-masked softmax
+    return {"input_ids": ids, "attention_mask": allowed[:, None], "position_ids": pos, "loss_mask": loss}

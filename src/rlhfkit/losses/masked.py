@@ -1,0 +1,51 @@
+"""Masked reductions shared by every algorithm (they exist exactly once, STYLE.md section 5).
+
+Mask polarity everywhere: mask = 1 (or True) marks a real token that counts, 0 marks padding or prompt."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of values where mask is 1."""
+    masked = values * mask
+    return masked.sum() if dim is None else masked.sum(dim=dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of values over the positions where mask is 1 (over all positions, or along `dim`).
+
+    An all-zero mask gives 0 rather than NaN: a batch element with no real tokens contributes nothing."""
+    mask = mask.to(values.dtype)
+    total = masked_sum(values, mask, dim)
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return total / count.clamp(min=1.0)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries; Bessel-corrected like lm-human-preferences' whitening when unbiased."""
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask)
+    centred_sq = (values - mean) ** 2
+    var = masked_mean(centred_sq, mask)
+    if unbiased:
+        count = mask.sum()
+        if count < 2:
+            raise ValueError(f"masked_var with unbiased=True needs at least 2 real entries, got {int(count)}.")
+        var = var * count / (count - 1)
+    return var
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over masked entries; padding stays 0 in the output.
+
+    shift_mean=False keeps the mean (lm-human-preferences whitens *rewards* without shifting them, so the sign
+    of the total reward survives; advantages are whitened with the shift)."""
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask)
+    var = masked_var(values, mask)
+    out = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask

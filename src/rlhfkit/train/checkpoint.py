@@ -1,0 +1,128 @@
+"""Atomic checkpoints (temp dir, then rename) holding everything an exact resume needs.
+
+Layout of checkpoints/step-N/: model/ (save_pretrained; a LoRA run saves the adapter), optimizer.pt,
+scheduler.pt, rng-rank{R}.pt for every process, and trainer_state.json (step, data cursor, controller states).
+A directory named step-N exists only once complete, because rename is atomic on one file system."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.train.seeding import restore_rng_state, rng_state
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def _unwrap(accelerator: Any, model: Any) -> Any:
+    return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoints/step-{step} atomically from every process (collective: call on all ranks)."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    is_main = accelerator.is_main_process
+    if is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    if is_main:
+        from rlhfkit.models import quiet_transformers
+
+        quiet_transformers()
+        _unwrap(accelerator, model).save_pretrained(tmp / "model", safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        state = {"step": step, "num_processes": accelerator.num_processes, **trainer_state}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    if is_main:
+        for fh_path in tmp.rglob("*"):  # make the bytes durable before the rename publishes them
+            if fh_path.is_file():
+                with open(fh_path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _load_model_weights(model: Any, model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    from rlhfkit.models import is_peft
+
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(model_dir / "adapter_model.safetensors")))
+        return
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    result = model.load_state_dict(state, strict=False)
+    # save_pretrained omits tied copies (lm_head tied to the embeddings); anything else missing is a real error
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    untied_missing = [k for k in result.missing_keys if k not in params or params[k].data_ptr() not in loaded_ptrs]
+    if untied_missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint {model_dir} does not match the model: missing {untied_missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def load_checkpoint(
+    ckpt: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, restore_rng: bool = True
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and this process's RNG; returns trainer_state.json."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state.get("num_processes", 1) != accelerator.num_processes:
+        from rlhfkit.errors import UserError
+
+        raise UserError(
+            f"{ckpt} was written by {state.get('num_processes')} processes but this run has "
+            f"{accelerator.num_processes}; resume with the same number of processes."
+        )
+    _load_model_weights(_unwrap(accelerator, model), ckpt / "model")
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    if restore_rng:
+        restore_rng_state(torch.load(ckpt / f"rng-rank{accelerator.process_index}.pt", weights_only=False))
+    return state

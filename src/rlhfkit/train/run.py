@@ -1,0 +1,228 @@
+"""The plumbing every trainer shares and nothing algorithmic: run directory, Accelerator, optimizer and
+schedule, resume, metrics, progress bar, checkpoints. Trainers call it; the training loop stays in the trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from rlhfkit.config import TrainConfig, load_yaml, save_config, to_dict
+from rlhfkit.errors import ConfigError, UserError
+from rlhfkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.train.metrics import MetricsLogger, check_finite
+from rlhfkit.train.seeding import set_seed
+
+log = logging.getLogger(__name__)
+
+# Keys that may change between a run and its resume without breaking exactness.
+RESUME_MAY_CHANGE = {"resume", "max_steps", "progress", "log_every", "save_every", "keep_checkpoints",
+                     "eval_every", "report_to", "overwrite"}
+# Test hook: SIGKILL this process right after optimizer step N (after its checkpoint, if one is due).
+KILL_ENV = "RLHFKIT_KILL_AFTER_STEP"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def fn(step: int) -> float:  # step counts optimizer steps already taken
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":  # lm-human-preferences anneals the learning rate linearly to 0
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class Run:
+    """One training run in cfg.output_dir. Create it first thing in a stage's main(cfg)."""
+
+    def __init__(self, cfg: TrainConfig, stage: str):
+        from accelerate import Accelerator
+
+        cfg.validate()
+        self.cfg, self.stage = cfg, stage
+        self.dir = Path(cfg.output_dir)
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+        # Accelerate only forms a gloo process group on a GPU-less host when told cpu=True; without it each
+        # process launched by `accelerate launch --multi_gpu` would silently train alone.
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        cpu = cfg.cpu or (multi and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+        self.is_main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.resume_from = self._check_run_dir()
+        set_seed(cfg.seed)
+        if self.is_main:
+            save_config(cfg, self.dir / "config.yaml")
+        self.accelerator.wait_for_everyone()
+        self.metrics = MetricsLogger(
+            self.dir, cfg.report_to, enabled=self.is_main,
+            resume_step=self._resume_step(), run_name=f"{stage}:{self.dir.name}", config=to_dict(cfg),
+        )
+        self._bar = None
+        self._start_time = time.time()
+        self._kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+
+    # ------------------------------------------------------------------------------------------- run dir
+    def _check_run_dir(self) -> Path | None:
+        cfg = self.cfg
+        ckpt = latest_checkpoint(self.dir)
+        has_run = (self.dir / "config.yaml").exists()
+        if cfg.resume:
+            if ckpt is None:
+                if has_run:
+                    raise UserError(f"--resume: {self.dir} has no complete checkpoint to resume from; "
+                                    "set save_every > 0 or start again without --resume.")
+                log.warning("--resume given but %s holds no run yet; starting from scratch", self.dir)
+                return None
+            self._check_same_config(load_yaml(self.dir / "config.yaml"))
+            return ckpt
+        overwrite = getattr(cfg, "overwrite", False)
+        if has_run and not overwrite:
+            raise UserError(
+                f"{self.dir} already holds a {self.stage} run; pass --resume to continue it, --overwrite to "
+                "replace it, or choose another --output-dir."
+            )
+        if has_run and overwrite and self.is_main:
+            import shutil
+
+            shutil.rmtree(self.dir / "checkpoints", ignore_errors=True)
+        return None
+
+    def _check_same_config(self, saved: dict[str, Any]) -> None:
+        now, before = _flatten(to_dict(self.cfg)), _flatten(saved)
+        changed = sorted(k for k in now.keys() | before.keys()
+                         if k.split(".")[0] not in RESUME_MAY_CHANGE and now.get(k) != before.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+            raise ConfigError(
+                f"--resume: the config differs from the one {self.dir} was started with ({detail}); resume with "
+                "the same settings (only max_steps, logging and checkpoint cadence may change)."
+            )
+
+    def _resume_step(self) -> int | None:
+        if self.resume_from is None:
+            return None
+        import json
+
+        return json.loads((self.resume_from / "trainer_state.json").read_text())["step"]
+
+    # --------------------------------------------------------------------------------------- optimisation
+    def optimizer_and_schedule(self, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        cfg = self.cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
+        )
+        return optimizer, scheduler
+
+    def prepare(self, *objs: Any) -> Any:
+        return self.accelerator.prepare(*objs)
+
+    def resume(self, model: Any, optimizer: Any, scheduler: Any, restore_rng: bool = True) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint when --resume found one; returns its trainer_state or None."""
+        if self.resume_from is None:
+            return None
+        state = load_checkpoint(self.resume_from, self.accelerator, model, optimizer, scheduler, restore_rng)
+        log.info("resumed from %s (step %d)", self.resume_from, state["step"])
+        return state
+
+    @contextlib.contextmanager
+    def micro_step(self, model: Any, index: int, count: int) -> Iterator[None]:
+        """Context for micro-batch `index` of `count` in one optimizer step: gradients are all-reduced only
+        on the last one (DDP no_sync), and autocast follows cfg.precision."""
+        sync = contextlib.nullcontext() if index == count - 1 else self.accelerator.no_sync(model)
+        with sync, self.accelerator.autocast():
+            yield
+
+    def all_sum(self, value: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device).clone()
+        if self.world > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return t
+
+    def shard(self, items: list[Any]) -> list[Any]:
+        """This process's share of a global batch (strided, so every share has the same size)."""
+        if len(items) % self.world:
+            raise ValueError(f"global batch of {len(items)} does not split over {self.world} processes")
+        return items[self.rank :: self.world]
+
+    def step_optimizer(self, model: Any, optimizer: Any, scheduler: Any) -> float:
+        grad_norm = float("nan")
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # ------------------------------------------------------------------------------------ logging, saving
+    def progress(self, start_step: int, desc: str | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=self.cfg.max_steps, initial=start_step, desc=desc or self.stage, unit="step",
+                         disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any], headline: tuple[str, ...] = ()) -> None:
+        """Guard against NaN/inf on every call; write to the sinks every log_every steps and at the end."""
+        metrics = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        check_finite({k: v for k, v in metrics.items() if k != "grad_norm" or self.cfg.max_grad_norm > 0}, step)
+        if step % self.cfg.log_every == 0 or step == self.cfg.max_steps or any(k.startswith("eval/") for k in metrics):
+            metrics.setdefault("elapsed_s", round(time.time() - self._start_time, 3))
+            self.metrics.log(step, metrics)
+        if self._bar is not None and headline:
+            self._bar.set_postfix({k: f"{metrics[k]:.4g}" for k in headline if k in metrics}, refresh=False)
+
+    def end_step(self, step: int, model: Any, optimizer: Any, scheduler: Any,
+                 trainer_state: dict[str, Any]) -> None:
+        """Advance the bar, write a checkpoint when due, and honour the kill hook used by the resume tests."""
+        if self._bar is not None:
+            self._bar.update(1)
+        if self.cfg.save_every and step % self.cfg.save_every == 0:
+            save_checkpoint(self.dir, step, self.accelerator, model, optimizer, scheduler, trainer_state,
+                            keep=self.cfg.keep_checkpoints)
+        if self._kill_after and step == self._kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def finish(self, model: Any, tokenizer: Any | None, summary: dict[str, Any] | None = None) -> None:
+        """Save the final model in Hugging Face format into output_dir and close the sinks."""
+        from rlhfkit.models import save_pretrained
+
+        if self._bar is not None:
+            self._bar.close()
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_pretrained(self.accelerator.unwrap_model(model), tokenizer, self.dir)
+            if summary is not None:
+                import json
+
+                (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics.close()
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,44 @@
+"""Small models and data built locally for tests (no hub)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rlhfkit.models import build_llama, save_pretrained, train_word_tokenizer
+
+NAMES = ["ada", "bo", "cy", "dee", "eve", "fay", "gus", "hal"]
+COLOURS = ["red", "blue", "green", "gold", "pink", "grey"]
+
+
+def sft_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        name, colour = rng.choice(NAMES), rng.choice(COLOURS)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        if i % 2:
+            rows.append({"prompt": f"what is {a} plus {b} ?", "completion": f"{a} plus {b} is {a + b} , {name} !"})
+        else:
+            rows.append({"prompt": f"say hi to {name} .", "completion": f"hi {name} , i like {colour} ."})
+    return rows
+
+
+def corpus(n: int = 200) -> list[str]:
+    words = [f"{r['prompt']} {r['completion']}" for r in sft_rows(n)]
+    words += [" ".join(str(i) for i in range(20)), "hello world user assistant system"]
+    return words
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_tiny_model(out: Path, dropout: float = 0.0, hidden: int = 32, layers: int = 2) -> Path:
+    tok = train_word_tokenizer(corpus())
+    model = build_llama(tok, hidden_size=hidden, num_layers=layers, num_heads=4, max_positions=128,
+                        dropout=dropout, seed=0)
+    save_pretrained(model, tok, out)
+    return out
