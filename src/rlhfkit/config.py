@@ -181,6 +181,12 @@ def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}' in {where}{hint}")
 
 
+def _unknown_flag(flag: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(_norm(flag), valid, n=1, cutoff=0.6)
+    hint = f"; did you mean '--{close[0].replace('_', '-')}'?" if close else "; see --help for the valid flags"
+    return ConfigError(f"unknown flag '--{flag}'{hint}")
+
+
 # ------------------------------------------------------------------------------------------------- conversion
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -366,7 +372,7 @@ def parse_args(cls: type, argv: list[str], prog: str = "rlhfkit") -> Any:
         if negated:
             key = key[3:]
         if key not in keys:
-            raise _unknown_key("--" + name, list(keys), "the command line")
+            raise _unknown_flag(name, list(keys))
         tp = keys[key]
         if tp is bool and not has_eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
