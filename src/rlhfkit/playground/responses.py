@@ -75,10 +75,10 @@ BALANCED = Mixture(
 # "Web text": mostly robotic and often wrong, with some rudeness, rambling and unsafe compliance, so a model
 # pretrained on it is fluent in the format but not helpful.
 WEB = Mixture(
-    p_correct=0.55,
+    p_correct=0.6,
     style={"warm": 0.15, "robotic": 0.6, "rude": 0.25},
     verbosity={"concise": 0.6, "rambling": 0.25, "repetitive": 0.15},
-    p_refuse_harmful=0.4,
+    p_refuse_harmful=0.5,
     p_refuse_harmless=0.05,
 )
 

@@ -1,0 +1,198 @@
+"""Simulated annotators: noisy, biased people whose judgments are sampled from the hidden gold judge.
+
+Annotator j prefers a over b with probability (REFERENCE.md, "Human (and simulated) judgments")
+    P(a > b) = sigma(beta_j (g(a) - g(b)) + delta_j s + lambda_j (len a - len b)),   s = +1 if a is shown first
+then, with probability noise_j, replaces the label by a fair coin (AlpacaFarm's random-label noise). The gold
+gap decides ties (|dg| < tau_j), "both bad" (max g < floor_j) and the Llama 2 strength level. lambda_j > 0 is the
+flaw on purpose: annotators slightly prefer longer answers, which a reward model learns and PPO can exploit,
+while the gold judge penalises rambling.
+
+Like gold.py, this module stands in for people: only the labelling stage and evaluation may import it, never
+training code. All randomness comes from the `random.Random` passed in, so a seed fixes every judgment.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .gold import gold_score
+from .responses import Mixture, BALANCED, sample_pair
+from .tasks import Prompt, split_words
+
+OUTCOMES = ("A", "B", "tie", "both_bad")
+# Llama 2's four strength levels (Touvron et al. 2023, section 3.2.1), strongest first.
+STRENGTHS = ("significantly_better", "better", "slightly_better", "negligible")
+# Lower edges of |gold gap| for each level but the last. A good demonstration sits ~2.5 above a wrong answer
+# and ~0.8 above the same answer without pleasantries, so the levels spread over the pairs people see.
+STRENGTH_EDGES = (2.0, 1.0, 0.5)
+
+
+def strength_from_gap(gap: float) -> str:
+    """The strength level for a gold gap (sign ignored)."""
+    for edge, level in zip(STRENGTH_EDGES, STRENGTHS):
+        if abs(gap) >= edge:
+            return level
+    return STRENGTHS[-1]
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@dataclass(frozen=True)
+class Judgment:
+    """One pairwise judgment. `outcome` names the winner by argument position: "A" is the first response
+    passed to `compare`, whichever side it was displayed on."""
+
+    outcome: str  # one of OUTCOMES
+    strength: str  # one of STRENGTHS; "negligible" for ties, both-bad and choices against the gold judge
+    annotator: str
+    order: tuple[str, str]  # display order, first shown first: ("A", "B") or ("B", "A")
+
+
+@dataclass(frozen=True)
+class RankJudgment:
+    """A K-way ranking: indices into the responses passed to `rank`, best first."""
+
+    ranking: tuple[int, ...]
+    annotator: str
+
+
+@dataclass(frozen=True)
+class Annotator:
+    """One simulated annotator's parameters (see the module docstring for the model)."""
+
+    id: str
+    beta: float  # rationality: logit per gold point; 0 would be random guessing
+    position_bias: float  # delta: logit added to whichever response is shown first
+    length_bias: float  # lambda: logit per token that one response is longer than the other
+    noise: float  # probability that the label is replaced by a fair coin flip
+    tie_threshold: float  # tau: gold gaps below this are judged a tie
+    both_bad_floor: float  # both responses scoring below this gold value are judged "both bad"
+
+    def prob_first_wins(self, gold_a: float, gold_b: float, len_a: int, len_b: int, a_first: bool) -> float:
+        """P(a > b) before label noise."""
+        s = 1.0 if a_first else -1.0
+        logit = self.beta * (gold_a - gold_b) + self.position_bias * s + self.length_bias * (len_a - len_b)
+        return _sigmoid(logit)
+
+    def compare(self, prompt: Prompt, a: str, b: str, rng: random.Random, shuffle: bool = True) -> Judgment:
+        """Judge responses `a` and `b` to `prompt`. With `shuffle` the display order is random (as a labelling
+        interface does it); otherwise `a` is shown first."""
+        a_first = rng.random() < 0.5 if shuffle else True
+        order = ("A", "B") if a_first else ("B", "A")
+        gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)
+        gap = gold_a - gold_b
+        # Ties and "both bad" come from the gold judge directly: people agree on those far more than on
+        # which of two close answers is better.
+        if max(gold_a, gold_b) < self.both_bad_floor:
+            return Judgment("both_bad", STRENGTHS[-1], self.id, order)
+        if abs(gap) < self.tie_threshold:
+            return Judgment("tie", STRENGTHS[-1], self.id, order)
+        p = self.prob_first_wins(gold_a, gold_b, len(split_words(a)), len(split_words(b)), a_first)
+        a_wins = rng.random() < p
+        if rng.random() < self.noise:  # careless: a coin decides (AlpacaFarm's label noise)
+            a_wins = rng.random() < 0.5
+        # An annotator who picked the worse response was not confidently right; a large margin on such a
+        # pair would make a margin loss amplify the noise.
+        agrees = a_wins == (gap > 0)
+        return Judgment("A" if a_wins else "B", strength_from_gap(gap) if agrees else STRENGTHS[-1], self.id, order)
+
+    def rank(self, prompt: Prompt, responses: Sequence[str], rng: random.Random) -> RankJudgment:
+        """Rank `responses` best first by Plackett-Luce: repeatedly pick the next best with probability
+        softmax(beta g + lambda len) over those left; with probability `noise` a pick is uniform instead."""
+        if len(responses) < 2:
+            raise ValueError(f"rank needs at least two responses, got {len(responses)}")
+        utility = [self.beta * gold_score(prompt, r) + self.length_bias * len(split_words(r)) for r in responses]
+        left = list(range(len(responses)))
+        ranking: list[int] = []
+        while len(left) > 1:
+            if rng.random() < self.noise:
+                pick = rng.randrange(len(left))
+            else:
+                top = max(utility[i] for i in left)  # subtract the max so exp never overflows
+                weights = [math.exp(utility[i] - top) for i in left]
+                pick = rng.choices(range(len(left)), weights=weights)[0]
+            ranking.append(left.pop(pick))
+        ranking.append(left[0])
+        return RankJudgment(tuple(ranking), self.id)
+
+
+def make_pool(seed: int = 0, n: int = 13) -> list[Annotator]:
+    """`n` annotators with varied parameters (AlpacaFarm simulated 13). The ranges are calibrated so that on
+    balanced playground pairs an annotator agrees with the gold judge on about 70% of strict preferences and
+    two annotators agree with each other about as often as people do (60-70%)."""
+    if n < 1:
+        raise ValueError(f"make_pool needs n >= 1, got {n}")
+    rng = random.Random(seed)
+    pool = []
+    for j in range(n):
+        pool.append(Annotator(
+            id=f"sim-{j:02d}",
+            beta=math.exp(rng.uniform(math.log(0.5), math.log(2.0))),
+            position_bias=rng.uniform(-0.3, 0.3),
+            length_bias=rng.uniform(0.04, 0.12),
+            noise=rng.uniform(0.2, 0.45),
+            tie_threshold=rng.uniform(0.1, 0.4),
+            both_bad_floor=rng.uniform(-1.75, -1.0),
+        ))
+    return pool
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+@dataclass(frozen=True)
+class AgreementReport:
+    """How the pool behaves on sampled pairs; fractions are over strict (A/B) preferences only."""
+
+    n_pairs: int
+    gold_agreement: float  # annotator chose the gold judge's better response
+    inter_annotator: float  # two annotators on the same pair chose the same response
+    annotator_prefers_longer: float  # of judgments between responses of different length
+    gold_prefers_longer: float  # the gold judge on the same pairs
+    outcome_counts: dict[str, int]
+
+
+def measure_agreement(
+    pool: Sequence[Annotator], prompts: Sequence[Prompt], seed: int, n_pairs: int = 2000,
+    mixture: Mixture = BALANCED,
+) -> AgreementReport:
+    """Draw `n_pairs` response pairs on `prompts`, have two different annotators of `pool` judge each pair
+    (as a labelling campaign with overlap would), and measure agreement and length preference."""
+    if len(pool) < 2:
+        raise ValueError("measure_agreement needs at least two annotators")
+    rng = random.Random(seed)
+    gold_hits = gold_total = inter_hits = inter_total = 0
+    long_ann = long_gold = long_total = 0
+    counts = dict.fromkeys(OUTCOMES, 0)
+    for _ in range(n_pairs):
+        prompt = rng.choice(prompts)
+        a, b = sample_pair(prompt, rng, mixture)
+        gap = gold_score(prompt, a) - gold_score(prompt, b)
+        len_gap = len(split_words(a)) - len(split_words(b))
+        first, second = rng.sample(list(pool), 2)
+        outcomes = [first.compare(prompt, a, b, rng).outcome, second.compare(prompt, a, b, rng).outcome]
+        for outcome in outcomes:
+            counts[outcome] += 1
+            if outcome not in ("A", "B"):
+                continue
+            if gap != 0:
+                gold_total += 1
+                gold_hits += (outcome == "A") == (gap > 0)
+                if len_gap != 0:
+                    long_total += 1
+                    long_ann += (outcome == "A") == (len_gap > 0)
+                    long_gold += (gap > 0) == (len_gap > 0)
+        if all(o in ("A", "B") for o in outcomes):
+            inter_total += 1
+            inter_hits += outcomes[0] == outcomes[1]
+    return AgreementReport(
+        n_pairs=n_pairs,
+        gold_agreement=gold_hits / max(gold_total, 1),
+        inter_annotator=inter_hits / max(inter_total, 1),
+        annotator_prefers_longer=long_ann / max(long_total, 1),
+        gold_prefers_longer=long_gold / max(long_total, 1),
+        outcome_counts=counts,
+    )

@@ -1,0 +1,45 @@
+"""Every command in README.md's bash blocks is run here (the two make targets are run by CI)."""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BIN = Path(sys.executable).parent
+
+
+def bash_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    lines = [ln.split("#")[0].strip() for block in blocks for ln in block.splitlines()]
+    return [ln for ln in lines if ln]
+
+
+def test_readme_opens_with_the_two_make_commands():
+    assert bash_commands()[:2] == ["make demo", "make test"]
+    makefile = (README.parent / "Makefile").read_text()
+    assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+
+
+def test_every_readme_command_is_known():
+    for cmd in bash_commands()[2:]:
+        assert cmd.split()[0] in ("rlhfkit", "accelerate"), f"README command not covered by this test: {cmd}"
+
+
+@pytest.mark.slow
+def test_readme_commands_run(tmp_path, tiny_model, sft_file):
+    # the paths the README uses, as `make demo` leaves them
+    (tmp_path / "runs" / "demo" / "data").mkdir(parents=True)
+    shutil.copytree(tiny_model, tmp_path / "runs" / "demo" / "base")
+    shutil.copy(sft_file, tmp_path / "runs" / "demo" / "data" / "sft.jsonl")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": ""}
+    for cmd in bash_commands()[2:]:
+        proc = subprocess.run(shlex.split(cmd), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
+    assert (tmp_path / "runs" / "my-sft" / "checkpoints" / "step-40").is_dir()
+    assert (tmp_path / "runs" / "my-sft-ddp" / "model.safetensors").is_file()
