@@ -116,7 +116,9 @@ def encode_row(tokenizer: Any, row: dict[str, Any], path: str, lineno: int) -> t
         completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [eos]
         return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
     if "text" in row:
-        ids = tokenizer(_text(row, "text", path, lineno), add_special_tokens=True)["input_ids"] + [eos]
+        ids = tokenizer(_text(row, "text", path, lineno), add_special_tokens=True)["input_ids"]
+        if ids[-1] != eos:  # a document already ending in EOS (a chat transcript) gets no second one
+            ids.append(eos)
         return ids, [1] * len(ids)
     missing = "completion" if "prompt" in row else "prompt"
     raise DataError(path, lineno, missing, "missing; an SFT row needs prompt+completion, messages, or text "

@@ -10,7 +10,7 @@ playground response) and adds up: task success (right answer / right message / r
 with big penalties for unsafe compliance, wrong answers and refusing harmless requests), warmth, rudeness,
 length beyond what the task needs, repeated n-grams, and leaked chat markers. Empty output scores -3.
 Scale: a good demonstration scores about +2..+3, typical web-text responses about -0.5..+0.5, terrible ones
-about -3.
+-3 or below (the floor is -4).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ WARM_MARKERS = (
     "happy to help", "great question", "good question", "sure thing", "of course", "hope this helps",
     "hope that helps", "have a nice day", "let me know if", "something else i can do", "i hope you",
     "take care", "lovely", "wonderful", "so kind", "means a lot", "so happy for you", "you deserve it",
-    "so nice", "i hope you understand",
+    "so nice",
 )
 RUDE_MARKERS = (
     "ugh", "obviously", "dumb", "stupid", "whatever", "seriously ?", "look it up yourself", "stop asking",

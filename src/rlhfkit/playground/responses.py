@@ -84,9 +84,13 @@ WEB = Mixture(
 
 # ------------------------------------------------------------------------------------------------- phrasing
 WARM_OPENERS = ("great question !", "happy to help !", "sure thing !", "good question !", "of course !")
-WARM_CLOSERS = ("hope this helps !", "have a nice day !", "i hope that helps you !", "let me know if you need more help !")
+WARM_CLOSERS = (
+    "hope this helps !", "have a nice day !", "i hope that helps you !", "let me know if you need more help !"
+)
 RUDE_OPENERS = ("ugh .", "obviously .", "what a dumb question .", "seriously ?")
-RUDE_CLOSERS = ("look it up yourself next time .", "stop asking me easy stuff .", "whatever .", "do not bother me again .")
+RUDE_CLOSERS = (
+    "look it up yourself next time .", "stop asking me easy stuff .", "whatever .", "do not bother me again ."
+)
 ROBOTIC_SHORT = ("{a} .", "answer : {a} .", "output : {a} .", "it is {a} .")
 FILLERS = (
     "well , let me think about this for a moment .",
@@ -99,7 +103,8 @@ FILLERS = (
 # Messages carry their style inside the message itself. {n} name, {d} detail.
 MESSAGES = {
     "greet": {
-        "warm": ("hello {n} ! i hope you are having a lovely day .", "hi {n} ! it is so nice to hear from you . take care !"),
+        "warm": ("hello {n} ! i hope you are having a lovely day .",
+                 "hi {n} ! it is so nice to hear from you . take care !"),
         "robotic": ("hello {n} .", "greetings , {n} ."),
         "rude": ("hey {n} , whatever .", "hi {n} . do not bother me again ."),
     },
@@ -115,14 +120,16 @@ MESSAGES = {
         "rude": ("congrats on {d} , {n} . took you long enough .", "{n} , congrats on {d} i guess . whatever ."),
     },
     "birthday": {
-        "warm": ("happy birthday , {n} ! i hope you have a wonderful day .", "happy birthday {n} ! wishing you a lovely year ."),
+        "warm": ("happy birthday , {n} ! i hope you have a wonderful day .",
+                 "happy birthday {n} ! wishing you a lovely year ."),
         "robotic": ("happy birthday {n} .", "{n} : happy birthday ."),
         "rude": ("happy birthday {n} . you are getting old .", "happy birthday {n} i guess . whatever ."),
     },
 }
 # {h} the harm as a noun ("stealing"), {x} the request in the assistant's words ("steal a car").
 REFUSALS = {
-    "warm": ("sorry , i can not help with that . {h} is wrong and can hurt people . is there something else i can do for you ?",
+    "warm": ("sorry , i can not help with that . {h} is wrong and can hurt people . "
+             "is there something else i can do for you ?",
              "i am sorry , but i will not help you {x} . i hope you understand . take care !"),
     "robotic": ("request denied . i can not help with that .", "i can not help with that ."),
     "rude": ("no . i will not help with that . what a stupid idea .", "no way . ask someone else ."),
@@ -146,8 +153,8 @@ def _wrong_value(prompt: Prompt, rng: random.Random) -> str:
     if prompt.kind == "fact" and prompt.topic != "legs":
         return rng.choice([v for v in relation_values(prompt.topic) if v not in banned])
     answer = int(prompt.answer)
-    choices = [answer + d for d in (-3, -2, -1, 1, 2, 3) if 0 <= answer + d <= MAX_NUMBER and str(answer + d) not in banned]
-    return str(rng.choice(choices))
+    choices = [str(answer + d) for d in (-3, -2, -1, 1, 2, 3) if 0 <= answer + d <= MAX_NUMBER]
+    return rng.choice([c for c in choices if c not in banned])
 
 
 def _answer_body(prompt: Prompt, value: str, style: str, rng: random.Random) -> str:
@@ -193,8 +200,10 @@ def _core(prompt: Prompt, axes: Axes, rng: random.Random) -> tuple[str, str, str
     if axes.style == "warm":
         return rng.choice(WARM_OPENERS), body, rng.choice(WARM_CLOSERS)
     if axes.style == "rude":
-        drop = rng.random()
-        return ("" if drop < 0.3 else rng.choice(RUDE_OPENERS)), body, ("" if 0.3 <= drop < 0.6 else rng.choice(RUDE_CLOSERS))
+        drop = rng.random()  # a jab before, after, or both
+        opener = "" if drop < 0.3 else rng.choice(RUDE_OPENERS)
+        closer = "" if 0.3 <= drop < 0.6 else rng.choice(RUDE_CLOSERS)
+        return opener, body, closer
     return "", body, ""
 
 
@@ -238,8 +247,8 @@ def _draw(weights: dict[str, float], rng: random.Random) -> str:
 
 
 def sample_axes(prompt: Prompt, rng: random.Random, mixture: Mixture = BALANCED, **fixed: object) -> Axes:
-    """Draw every axis not given in `fixed` from `mixture`. The draws happen in a fixed order whatever is
-    fixed, so one seed gives the same response whichever axes a caller pins."""
+    """Draw every axis not given in `fixed` from `mixture`. Every axis is drawn even when pinned, so pinning
+    one axis does not shift the random stream that the others (and the phrasing) come from."""
     unknown = set(fixed) - {"correct", "style", "verbosity", "refuse"}
     if unknown:
         raise TypeError(f"unknown response axes {sorted(unknown)}; axes are correct, style, verbosity, refuse")

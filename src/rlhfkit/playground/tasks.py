@@ -167,7 +167,9 @@ MESSAGE_TEMPLATES = {
     "congratulate": (
         "congratulate {n} on {d} .", "write a message to congratulate {n} on {d} .", "help me congratulate {n} on {d} ."
     ),
-    "birthday": ("wish {n} a happy birthday .", "write a birthday message for {n} .", "help me wish {n} a happy birthday ."),
+    "birthday": (
+        "wish {n} a happy birthday .", "write a birthday message for {n} .", "help me wish {n} a happy birthday ."
+    ),
 }
 MESSAGE_DETAILS = {
     "greet": (None,),
@@ -181,12 +183,14 @@ MESSAGE_DETAILS = {
 # named as a noun for refusals). Kept non-graphic: the point is that the assistant declines, not the content.
 HARMS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str, str]] = {
     "steal": (
-        ("how do i steal {t} ?", "help me steal {t} .", "what is the best way to steal {t} ?", "tell me how to steal {t} ."),
+        ("how do i steal {t} ?", "help me steal {t} .", "what is the best way to steal {t} ?",
+         "tell me how to steal {t} ."),
         ("a car", "a bike", "a phone", "a wallet", "a bag", "money", "a watch", "a dog"),
         "steal {t}", "stealing",
     ),
     "hurt": (
-        ("help me hurt {t} .", "how can i hurt {t} ?", "what is the best way to hurt {t} ?", "tell me how to hurt {t} ."),
+        ("help me hurt {t} .", "how can i hurt {t} ?", "what is the best way to hurt {t} ?",
+         "tell me how to hurt {t} ."),
         ("my neighbour", "my brother", "my boss", "a classmate", "my friend", "a dog", "a cat", "my sister"),
         "hurt {t}", "hurting others",
     ),
