@@ -53,3 +53,31 @@ def test_nothing_imports_the_entry_points():
             continue
         for name in imports_of(path):
             assert not name.startswith(banned), f"{rel} imports {name}"
+
+
+# Training code must never see the hidden gold judge (or the annotators built on it): the reward model has to
+# learn its taste from noisy labels, and over-optimisation is measured against a judge the optimiser cannot see.
+GOLD = ("rlhfkit.playground.gold", "rlhfkit.playground.annotators")
+MAY_SEE_GOLD = ("eval/", "playground/gold.py", "playground/annotators.py", "feedback/", "pipeline.py")
+
+
+def test_training_code_never_imports_the_gold_judge():
+    for path in modules():
+        rel = path.relative_to(PKG).as_posix()
+        if rel.startswith(MAY_SEE_GOLD):
+            continue
+        for name in imports_of(path):
+            assert not name.startswith(GOLD), f"{rel} imports {name}"
+        relative = [n for n in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(n, ast.ImportFrom) and n.level > 0 and (n.module or "").startswith(("gold", "annotators"))]
+        assert not relative, f"{rel} imports the gold judge relatively"
+
+
+def test_importing_the_trainers_does_not_load_the_gold_judge():
+    import subprocess
+    import sys
+
+    code = ("import sys, rlhfkit.policy.sft, rlhfkit.policy.rollout, rlhfkit.playground.world, rlhfkit.train;"
+            "print([m for m in sys.modules if m.startswith(%r) or m.startswith(%r)])" % GOLD)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -118,7 +118,8 @@ def test_ranking_gradient_flows_once_per_response():
     loss, _ = ranking_loss(rewards, [0, 1, 2])
     assert loss.item() == pytest.approx(LOG2)  # every gap 0
     loss.backward()
-    # each pair's gradient at gap 0 is ∓σ(0)/3 = ∓1/6; response 0 wins twice, 1 wins once and loses once, 2 loses twice
+    # each pair's gradient at gap 0 is ∓σ(0)/3 = ∓1/6;
+    # response 0 wins twice, 1 wins once and loses once, 2 loses twice
     torch.testing.assert_close(rewards.grad, torch.tensor([-2 / 6, 0.0, 2 / 6]))
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .gold import gold_score
-from .responses import Mixture, BALANCED, sample_pair
+from .responses import BALANCED, Mixture, sample_pair
 from .tasks import Prompt, split_words
 
 OUTCOMES = ("A", "B", "tie", "both_bad")

@@ -187,8 +187,13 @@ class Run:
     def progress(self, start_step: int, desc: str | None = None) -> None:
         from tqdm.auto import tqdm
 
+        import sys
+
+        # in a log file (CI, nohup) a bar redrawn ten times a second is noise: redraw every 30 s there
+        interval = 0.2 if sys.stderr.isatty() else 30.0
         self._bar = tqdm(total=self.cfg.max_steps, initial=start_step, desc=desc or self.stage, unit="step",
-                         disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True)
+                         disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True,
+                         mininterval=interval)
 
     def log(self, step: int, metrics: dict[str, Any], headline: tuple[str, ...] = ()) -> None:
         """Guard against NaN/inf on every call; write to the sinks every log_every steps and at the end."""

@@ -1,0 +1,645 @@
+"""Preference data: pairs and K-way rankings read from TRL's formats (explicit or implicit prompt, standard or
+conversational, optional margin/strength), Anthropic HH transcripts and our K-way rows; validated, tokenised with
+a response mask, collated for one forward pass, and written back as TRL explicit-prompt JSONL.
+
+response_mask[t] = 1 means token t belongs to the response (its EOS included); 0 = prompt or padding."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import torch
+
+from rlhfkit.data.readers import read_rows
+from rlhfkit.data.sft import _messages
+from rlhfkit.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+Text = Union[str, list[Message]]
+"""A prompt or response: a plain string (standard format) or a list of {role, content} messages (conversational)."""
+
+# Llama 2 (Touvron et al. 2023) §3.2.2: four strength levels and their margins at the two scales they tried
+STRENGTHS = ("significantly_better", "better", "slightly_better", "negligible")
+_MARGINS = {
+    "large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligible": 0.0},
+    "small": {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligible": 0.0},
+}
+
+HH_HUMAN = "\n\nHuman:"
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+# ------------------------------------------------------------------------------------------------------ records
+@dataclass
+class PreferencePair:
+    """One judgment "chosen ≻ rejected" for a prompt. prompt, chosen and rejected are all strings (standard) or
+    all message lists (conversational; chosen/rejected then start with an assistant message).
+    row and path say where the record came from; they are not part of equality."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    margin: float | None = None
+    """Label margin m ≥ 0 given in the data (Llama 2 §3.2.2); None when the row has none."""
+    strength: str | None = None
+    """One of STRENGTHS, or None. Kept as given; `margin_of` turns it into a margin."""
+    annotator: str | None = None
+    source: str | None = None
+    row: int = field(default=0, compare=False)
+    path: str = field(default="", compare=False)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class Ranking:
+    """K ≥ 2 responses to one prompt ranked by one judgment.
+
+    ranking is a list of tiers, best first; each tier lists the indices of responses tied with each other,
+    e.g. [[0], [1, 2], [3]] = 0 ≻ {1, 2} ≻ 3. Every index of `responses` appears exactly once and there are at
+    least two tiers. In files a tier of one may be written as a bare index: [0, [2, 1], 3] or [2, 0, 1].
+    strength (one of STRENGTHS) labels the whole ranking and is copied to each pair by `ranking_to_pairs`."""
+
+    prompt: Text
+    responses: list[Text]
+    ranking: list[list[int]]
+    strength: str | None = None
+    annotator: str | None = None
+    source: str | None = None
+    row: int = field(default=0, compare=False)
+    path: str = field(default="", compare=False)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+Preference = Union[PreferencePair, Ranking]
+
+
+def strength_to_margin(strength: str, scale: Literal["large", "small"] = "large") -> float:
+    """Llama 2 §3.2.2 (Table 28): significantly_better / better / slightly_better / negligible map to margins
+    3, 2, 1, 0 ("large") or 1, 2/3, 1/3, 0 ("small")."""
+    if scale not in _MARGINS:
+        raise UserError(f"margin scale {scale!r} is unknown; use 'large' or 'small'.")
+    if strength not in _MARGINS[scale]:
+        raise UserError(f"preference strength {strength!r} is unknown; use one of {', '.join(STRENGTHS)}.")
+    return _MARGINS[scale][strength]
+
+
+def margin_of(pair: PreferencePair, scale: Literal["large", "small"] = "large") -> float | None:
+    """The pair's margin: its explicit `margin` if given, else its strength mapped at `scale`, else None."""
+    if pair.margin is not None:
+        return pair.margin
+    if pair.strength is not None:
+        return strength_to_margin(pair.strength, scale)
+    return None
+
+
+def ranking_to_pairs(r: Ranking) -> list[PreferencePair]:
+    """All C(K, 2) pairs a ranking implies, best tier first; tied responses form no pair."""
+    pairs = []
+    for t, better in enumerate(r.ranking):
+        for worse in r.ranking[t + 1 :]:
+            for i in better:
+                for j in worse:
+                    pairs.append(PreferencePair(r.prompt, r.responses[i], r.responses[j], strength=r.strength,
+                                                annotator=r.annotator, source=r.source, row=r.row, path=r.path))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------- validation
+def _string(value: Any, key: str, path: str, row: int, fields: list[str]) -> str:
+    if value is None:
+        raise DataError(path, row, key, f"missing; this row has fields {fields}")
+    if not isinstance(value, str):
+        raise DataError(path, row, key, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(path, row, key, "is empty")
+    return value
+
+
+def _response_messages(value: Any, key: str, path: str, row: int) -> list[Message]:
+    msgs = _messages(value, key, path, row)
+    if msgs[0]["role"] != "assistant":
+        raise DataError(path, row, f"{key}[0].role", "a conversational response starts with an assistant message")
+    return msgs
+
+
+def _same_kind(prompt: Text, value: Any, key: str, path: str, row: int, fields: list[str]) -> Text:
+    """A response in the prompt's format: a string for a string prompt, messages for a message-list prompt."""
+    if isinstance(prompt, list):
+        if value is None:
+            raise DataError(path, row, key, f"missing; this row has fields {fields}")
+        if not isinstance(value, list):
+            raise DataError(path, row, key, f"must be a list of messages like the prompt (conversational format), "
+                            f"got {type(value).__name__}")
+        return _response_messages(value, key, path, row)
+    if isinstance(value, list):
+        raise DataError(path, row, key, "must be a string like the prompt (standard format), got a list; "
+                        "give the prompt as a list of messages for conversational data")
+    return _string(value, key, path, row, fields)
+
+
+def _prompt(value: Any, path: str, row: int, fields: list[str]) -> Text:
+    if isinstance(value, list):
+        return _messages(value, "prompt", path, row)
+    return _string(value, "prompt", path, row, fields)
+
+
+def _same(a: Text, b: Text) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return a.strip() == b.strip()
+    return a == b
+
+
+def _optional_str(row: dict[str, Any], key: str, path: str, lineno: int) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(path, lineno, key, f"must be a non-empty string when given, got {value!r}")
+    return value
+
+
+def _strength(row: dict[str, Any], path: str, lineno: int) -> str | None:
+    value = row.get("strength")
+    if value is None:
+        return None
+    if value not in STRENGTHS:
+        raise DataError(path, lineno, "strength", f"unknown strength {value!r}; use one of {', '.join(STRENGTHS)}")
+    return value
+
+
+def _margin(row: dict[str, Any], path: str, lineno: int) -> float | None:
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(path, lineno, "margin", f"must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise DataError(path, lineno, "margin", f"must be a finite number >= 0 (how much better chosen is), "
+                        f"got {value}")
+    return float(value)
+
+
+def _identical_error(path: str, lineno: int) -> DataError:
+    return DataError(path, lineno, "rejected", "is identical to chosen, so the pair carries no preference (its "
+                     "loss is the constant log 2 with zero gradient); remove the row or fix the labels")
+
+
+# ------------------------------------------------------------------------------------------------ row parsing
+def _split_common_prefix(chosen: str, rejected: str, path: str, lineno: int) -> tuple[str, str, str]:
+    """TRL implicit prompt, standard format: the prompt is the longest shared prefix that ends at a word boundary
+    (before the whitespace that precedes the first differing word); each response keeps that whitespace, so the
+    concatenation prompt + response gives back the original text."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = n
+    while cut > 0 and not chosen[cut - 1].isspace():  # back to the start of the first differing word
+        cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():  # the separating whitespace goes with the responses
+        cut -= 1
+    prompt = chosen[:cut]
+    if not prompt.strip():
+        raise DataError(path, lineno, "prompt", "missing, and chosen and rejected share no leading words to take it "
+                        "from; add a 'prompt' field")
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text[cut:].strip():
+            raise DataError(path, lineno, key, "is empty after splitting off the prompt shared with the other "
+                            "response; add an explicit 'prompt' field")
+    return prompt, chosen[cut:], rejected[cut:]
+
+
+def _is_hh(text: str) -> bool:
+    return text.lstrip().startswith("Human:") and HH_ASSISTANT in text
+
+
+def _hh_messages(transcript: str, key: str, path: str, lineno: int) -> list[Message]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{user: a}, {assistant: b}, ...]."""
+    text = transcript if transcript.startswith("\n\n") else "\n\n" + transcript.lstrip()
+    parts = re.split(r"\n\n(Human|Assistant):", text)  # ['', 'Human', ' a', 'Assistant', ' b', ...]
+    if parts[0].strip():
+        raise DataError(path, lineno, key, "an Anthropic HH transcript must start with 'Human:'")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        if not content.strip():
+            raise DataError(path, lineno, key, f"has an empty {speaker} turn (turn {len(messages) + 1})")
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return messages
+
+
+def _parse_hh(row: dict[str, Any], chosen: str, rejected: str, path: str, lineno: int) -> PreferencePair:
+    """Anthropic HH: chosen and rejected are whole transcripts; the shared text through the last
+    '\\n\\nAssistant:' is the prompt, what follows it is the response."""
+    prefixes, responses = [], []
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        k = text.rfind(HH_ASSISTANT)
+        if k < 0 or not _is_hh(text):
+            raise DataError(path, lineno, key, "is not an Anthropic HH transcript ('\\n\\nHuman: ...\\n\\nAssistant: "
+                            "...') although the other response is")
+        response = text[k + len(HH_ASSISTANT) :].strip()
+        if not response:
+            raise DataError(path, lineno, key, "the final Assistant turn is empty")
+        prefixes.append(text[:k])
+        responses.append(response)
+    if prefixes[0] != prefixes[1]:
+        raise DataError(path, lineno, "rejected", "the conversation before the last Assistant turn differs from "
+                        "chosen's; an HH pair must share it")
+    if responses[0] == responses[1]:
+        raise _identical_error(path, lineno)
+    prompt = _hh_messages(prefixes[0], "chosen", path, lineno)
+    return PreferencePair(prompt, [{"role": "assistant", "content": responses[0]}],
+                          [{"role": "assistant", "content": responses[1]}], **_extras(row, path, lineno))
+
+
+def _extras(row: dict[str, Any], path: str, lineno: int) -> dict[str, Any]:
+    return dict(margin=_margin(row, path, lineno), strength=_strength(row, path, lineno),
+                annotator=_optional_str(row, "annotator", path, lineno),
+                source=_optional_str(row, "source", path, lineno), row=lineno, path=path)
+
+
+def parse_pair(row: dict[str, Any], path: str, lineno: int) -> PreferencePair:
+    """A TRL (explicit or implicit prompt, standard or conversational) or Anthropic HH row -> PreferencePair."""
+    fields = sorted(row)
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if value is None:
+            raise DataError(path, lineno, key, f"missing; a preference pair needs chosen and rejected (this row has "
+                            f"fields {fields})")
+    if row.get("prompt") is not None:  # explicit prompt
+        prompt = _prompt(row["prompt"], path, lineno, fields)
+        chosen = _same_kind(prompt, chosen, "chosen", path, lineno, fields)
+        rejected = _same_kind(prompt, rejected, "rejected", path, lineno, fields)
+        if _same(chosen, rejected):
+            raise _identical_error(path, lineno)
+        return PreferencePair(prompt, chosen, rejected, **_extras(row, path, lineno))
+    if isinstance(chosen, list) or isinstance(rejected, list):  # implicit prompt, conversational
+        chosen_msgs = _messages(chosen, "chosen", path, lineno)
+        if not isinstance(rejected, list):
+            raise DataError(path, lineno, "rejected", f"must be a list of messages like chosen, got "
+                            f"{type(rejected).__name__}")
+        rejected_msgs = _messages(rejected, "rejected", path, lineno)
+        for key, msgs in (("chosen", chosen_msgs), ("rejected", rejected_msgs)):
+            if msgs[-1]["role"] != "assistant":
+                raise DataError(path, lineno, f"{key}[{len(msgs) - 1}].role", "the last message must be the "
+                                "assistant response (implicit-prompt conversational format)")
+            if len(msgs) < 2:
+                raise DataError(path, lineno, key, "has no prompt messages before the final assistant turn; "
+                                "add a 'prompt' field")
+        if chosen_msgs[:-1] != rejected_msgs[:-1]:
+            raise DataError(path, lineno, "rejected", "the messages before the last assistant turn differ from "
+                            "chosen's; the prompt must be the same for both")
+        if chosen_msgs[-1] == rejected_msgs[-1]:
+            raise _identical_error(path, lineno)
+        return PreferencePair(chosen_msgs[:-1], chosen_msgs[-1:], rejected_msgs[-1:], **_extras(row, path, lineno))
+    chosen = _string(chosen, "chosen", path, lineno, fields)
+    rejected = _string(rejected, "rejected", path, lineno, fields)
+    if _is_hh(chosen) or _is_hh(rejected):
+        return _parse_hh(row, chosen, rejected, path, lineno)
+    if _same(chosen, rejected):
+        raise _identical_error(path, lineno)
+    prompt, chosen, rejected = _split_common_prefix(chosen, rejected, path, lineno)
+    return PreferencePair(prompt, chosen, rejected, **_extras(row, path, lineno))
+
+
+def _tiers(value: Any, k: int, path: str, lineno: int) -> list[list[int]]:
+    if not isinstance(value, list):
+        raise DataError(path, lineno, "ranking", f"must be a list of response indices best first, got "
+                        f"{type(value).__name__}")
+    tiers = []
+    for entry in value:
+        tier = entry if isinstance(entry, list) else [entry]
+        if not tier or any(isinstance(i, bool) or not isinstance(i, int) for i in tier):
+            raise DataError(path, lineno, "ranking", f"entries must be response indices or non-empty lists of tied "
+                            f"indices, got {entry!r}")
+        tiers.append(list(tier))
+    flat = [i for tier in tiers for i in tier]
+    if sorted(flat) != list(range(k)):
+        raise DataError(path, lineno, "ranking", f"{value} is not a permutation of the response indices "
+                        f"0..{k - 1}; rank every response exactly once")
+    if len(tiers) < 2:
+        raise DataError(path, lineno, "ranking", "ties every response, so it holds no preference")
+    return tiers
+
+
+def parse_ranking(row: dict[str, Any], path: str, lineno: int) -> Ranking:
+    """A K-way row {"prompt", "responses": [...], "ranking": [...]} -> Ranking."""
+    fields = sorted(row)
+    prompt = _prompt(row.get("prompt"), path, lineno, fields)
+    responses = row.get("responses")
+    if responses is None:
+        raise DataError(path, lineno, "responses", f"missing; this row has fields {fields}")
+    if not isinstance(responses, list):
+        raise DataError(path, lineno, "responses", f"must be a list, got {type(responses).__name__}")
+    if len(responses) < 2:
+        raise DataError(path, lineno, "responses", f"has {len(responses)} response(s); a ranking needs at least 2")
+    responses = [_same_kind(prompt, r, f"responses[{i}]", path, lineno, fields) for i, r in enumerate(responses)]
+    if row.get("ranking") is None:
+        raise DataError(path, lineno, "ranking", f"missing; this row has fields {fields}")
+    tiers = _tiers(row["ranking"], len(responses), path, lineno)
+    tier_of = {i: t for t, tier in enumerate(tiers) for i in tier}
+    for i in range(len(responses)):
+        for j in range(i + 1, len(responses)):
+            if tier_of[i] != tier_of[j] and _same(responses[i], responses[j]):
+                raise DataError(path, lineno, f"responses[{j}]", f"is identical to responses[{i}] but ranked "
+                                "differently; identical responses can only be tied")
+    if row.get("margin") is not None:
+        raise DataError(path, lineno, "margin", "is not supported on a ranking row; use 'strength'")
+    return Ranking(prompt, responses, tiers, strength=_strength(row, path, lineno),
+                   annotator=_optional_str(row, "annotator", path, lineno),
+                   source=_optional_str(row, "source", path, lineno), row=lineno, path=path)
+
+
+def parse_preference(row: dict[str, Any], path: str, lineno: int) -> Preference:
+    """Any supported row shape -> PreferencePair or Ranking (a row with responses or ranking is a ranking)."""
+    if row.get("responses") is not None or row.get("ranking") is not None:
+        return parse_ranking(row, path, lineno)
+    if row.get("chosen") is None and row.get("rejected") is None:
+        raise DataError(path, lineno, "chosen", f"missing; a preference row needs chosen and rejected (TRL, "
+                        f"Anthropic HH) or responses and ranking (K-way); this row has fields {sorted(row)}")
+    return parse_pair(row, path, lineno)
+
+
+def read_preferences(path: str, split: str = "train") -> list[Preference]:
+    """Read every row of a JSONL / JSON / Parquet file or `datasets` directory as a PreferencePair or Ranking.
+    A bad row raises DataError naming file, row, field and reason; no row is dropped."""
+    return [parse_preference(row, str(path), lineno) for lineno, row in read_rows(str(path), split)]
+
+
+# ------------------------------------------------------------------------------------------------------ writer
+def _pair_row(p: PreferencePair) -> dict[str, Any]:
+    row: dict[str, Any] = {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+    for key in ("margin", "strength", "annotator", "source"):
+        if getattr(p, key) is not None:
+            row[key] = getattr(p, key)
+    return row
+
+
+def _ranking_row(r: Ranking) -> dict[str, Any]:
+    tied = any(len(t) > 1 for t in r.ranking)
+    row: dict[str, Any] = {"prompt": r.prompt, "responses": r.responses,
+                           "ranking": [list(t) for t in r.ranking] if tied else [t[0] for t in r.ranking]}
+    for key in ("strength", "annotator", "source"):
+        if getattr(r, key) is not None:
+            row[key] = getattr(r, key)
+    return row
+
+
+def write_preferences(records: list[Preference], path: str | Path) -> Path:
+    """Write JSONL: a PreferencePair as TRL's explicit-prompt format (prompt/chosen/rejected, plus margin,
+    strength, annotator and source when set); a Ranking as our K-way row (expand it first with
+    `ranking_to_pairs` for tools that only read pairs)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise UserError(f"{path}: preference data is written as JSON Lines; use a .jsonl file name.")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            row = _pair_row(rec) if isinstance(rec, PreferencePair) else _ranking_row(rec)
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return p
+
+
+# -------------------------------------------------------------------------------------------------- tokenising
+@dataclass
+class TokenizedPair:
+    """A pair ready to collate: the shared prompt ids, and for each response the full sequence
+    prompt + response (+ EOS) with its attention mask (1 = real token) and response mask (1 = response token)."""
+
+    prompt_ids: list[int]
+    chosen_input_ids: list[int]
+    chosen_attention_mask: list[int]
+    chosen_response_mask: list[int]
+    rejected_input_ids: list[int]
+    rejected_attention_mask: list[int]
+    rejected_response_mask: list[int]
+    margin: float | None = None
+    """Resolved label margin (explicit margin, else strength at the chosen scale), None if neither."""
+    row: int = 0
+    truncated: bool = False
+
+
+@dataclass
+class TokenizedRanking:
+    """A K-way ranking ready to collate: K full sequences sharing one prompt, and the tiers best first."""
+
+    prompt_ids: list[int]
+    input_ids: list[list[int]]
+    attention_mask: list[list[int]]
+    response_mask: list[list[int]]
+    ranking: list[list[int]]
+    row: int = 0
+    truncated: bool = False
+
+
+@dataclass
+class PreferenceReport:
+    """What tokenising a file did to its records (nothing is dropped silently)."""
+
+    path: str
+    pairs: int = 0
+    rankings: int = 0
+    truncated: int = 0
+    truncated_rows: list[int] = field(default_factory=list)
+
+
+def _render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode(tokenizer: Any, prompt: Text, responses: list[Text]) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids (shared) and each response's ids (ending in EOS).
+
+    Standard: prompt tokenised with special tokens, response without, then EOS (as in data/sft.py).
+    Conversational: the template renders the whole conversation once per response; the prompt rendering (with
+    the generation prompt) must be a byte-identical prefix of every full rendering, so anything the template
+    injects (a default system prompt, BOS) appears once, in the shared prompt. The prompt text and each
+    response's remaining text are tokenised separately, so the prompt ids are the same for every response and
+    equal what a policy is given at generation time."""
+    eos = tokenizer.eos_token_id
+    if isinstance(prompt, str):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return prompt_ids, [tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in responses]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError("conversational preference data needs a tokenizer with a chat template; set chat_template "
+                        "in tokenizer_config.json or use prompt/chosen/rejected strings.")
+    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
+    # the template supplies any BOS itself; add_special_tokens=False avoids a doubled BOS
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    out = []
+    for response in responses:
+        full = _render(tokenizer, prompt + response, add_generation_prompt=False)
+        if not full.startswith(prompt_text):
+            raise UserError("the tokenizer's chat template is not prefix-stable (the prompt rendered with the "
+                            "generation prompt is not a prefix of the prompt + response rendering), so the "
+                            "response cannot be located; use a template that renders earlier turns unchanged.")
+        ids = tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        if eos not in ids:  # templates that close the turn with EOS (ours, Llama 3, Qwen) already have it
+            ids = ids + [eos]
+        out.append(ids)
+    return prompt_ids, out
+
+
+def _fit(prompt_ids: list[int], responses: list[list[int]], names: list[str], max_length: int,
+         overlong: str, path: str, row: int) -> tuple[list[list[int]], bool]:
+    """Apply the over-long policy: 'error' names the row and lengths; 'truncate' cuts response tails and keeps
+    the prompt whole (a prompt that leaves no room for a response is an error either way)."""
+    if overlong not in ("error", "truncate"):
+        raise UserError(f"overlong must be 'error' or 'truncate', got {overlong!r}.")
+    P = len(prompt_ids)
+    too_long = [(n, len(r)) for n, r in zip(names, responses) if P + len(r) > max_length]
+    if not too_long:
+        return responses, False
+    lengths = ", ".join(f"{n} {P + r} tokens (prompt {P} + response {r})" for n, r in too_long)
+    if overlong == "error":
+        raise DataError(path, row, None, f"{lengths} > max_length {max_length}; raise max_length or set "
+                        "overlong: truncate")
+    if P >= max_length:
+        raise DataError(path, row, "prompt", f"is {P} tokens, leaving no room for a response within max_length "
+                        f"{max_length}; raise max_length or shorten the prompt")
+    return [r[: max_length - P] for r in responses], True
+
+
+def _sequence(prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
+    ids = prompt_ids + response_ids
+    return ids, [1] * len(ids), [0] * len(prompt_ids) + [1] * len(response_ids)
+
+
+def tokenize_pair(
+    tokenizer: Any,
+    pair: PreferencePair,
+    max_length: int,
+    overlong: Literal["error", "truncate"] = "error",
+    margin_scale: Literal["large", "small"] = "large",
+) -> TokenizedPair:
+    """Tokenise prompt + chosen and prompt + rejected (see `_encode`), applying the over-long policy.
+    Raises DataError when the two responses tokenise to the same ids (after truncation too)."""
+    prompt_ids, (chosen, rejected) = _encode(tokenizer, pair.prompt, [pair.chosen, pair.rejected])
+    (chosen, rejected), truncated = _fit(prompt_ids, [chosen, rejected], ["chosen", "rejected"], max_length,
+                                         overlong, pair.path, pair.row)
+    if chosen == rejected:
+        where = f" within max_length {max_length}" if truncated else ""
+        raise DataError(pair.path, pair.row, "rejected", f"tokenises to the same ids as chosen{where}, so the pair "
+                        "carries no preference (constant loss log 2, zero gradient)")
+    c_ids, c_attn, c_resp = _sequence(prompt_ids, chosen)
+    r_ids, r_attn, r_resp = _sequence(prompt_ids, rejected)
+    return TokenizedPair(prompt_ids, c_ids, c_attn, c_resp, r_ids, r_attn, r_resp,
+                         margin=margin_of(pair, margin_scale), row=pair.row, truncated=truncated)
+
+
+def tokenize_ranking(
+    tokenizer: Any, ranking: Ranking, max_length: int, overlong: Literal["error", "truncate"] = "error"
+) -> TokenizedRanking:
+    """Tokenise the K responses of a ranking against their shared prompt, applying the over-long policy."""
+    names = [f"responses[{i}]" for i in range(len(ranking.responses))]
+    prompt_ids, responses = _encode(tokenizer, ranking.prompt, ranking.responses)
+    responses, truncated = _fit(prompt_ids, responses, names, max_length, overlong, ranking.path, ranking.row)
+    tier_of = {i: t for t, tier in enumerate(ranking.ranking) for i in tier}
+    for i in range(len(responses)):
+        for j in range(i + 1, len(responses)):
+            if tier_of[i] != tier_of[j] and responses[i] == responses[j]:
+                raise DataError(ranking.path, ranking.row, names[j], f"tokenises to the same ids as {names[i]} "
+                                "but is ranked differently")
+    seqs = [_sequence(prompt_ids, r) for r in responses]
+    return TokenizedRanking(prompt_ids, [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs],
+                            [list(t) for t in ranking.ranking], row=ranking.row, truncated=truncated)
+
+
+def tokenize_preferences(
+    tokenizer: Any,
+    records: list[Preference],
+    max_length: int,
+    overlong: Literal["error", "truncate"] = "error",
+    margin_scale: Literal["large", "small"] = "large",
+) -> tuple[list[TokenizedPair | TokenizedRanking], PreferenceReport]:
+    """Tokenise every record (pairs with `tokenize_pair`, rankings with `tokenize_ranking`) and report counts
+    and truncated rows."""
+    report = PreferenceReport(path=records[0].path if records else "")
+    out: list[TokenizedPair | TokenizedRanking] = []
+    for rec in records:
+        if isinstance(rec, PreferencePair):
+            item: TokenizedPair | TokenizedRanking = tokenize_pair(tokenizer, rec, max_length, overlong, margin_scale)
+            report.pairs += 1
+        else:
+            item = tokenize_ranking(tokenizer, rec, max_length, overlong)
+            report.rankings += 1
+        if item.truncated:
+            report.truncated += 1
+            report.truncated_rows.append(rec.row)
+        out.append(item)
+    if report.truncated:
+        log.warning("%s: truncated the responses of %d of %d records to max_length %d (rows %s%s)", report.path,
+                    report.truncated, len(out), max_length, report.truncated_rows[:10],
+                    "..." if report.truncated > 10 else "")
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------------- collating
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)  # (N, T)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def _collate_sequences(ids: list[list[int]], response_mask: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in ids], dtype=torch.long)  # (N,)
+    return {
+        "input_ids": _pad(ids, pad_id),  # (N, T), right-padded
+        "attention_mask": _pad([[1] * len(s) for s in ids], 0),  # (N, T), 1 = real token
+        "response_mask": _pad(response_mask, 0),  # (N, T), 1 = response token incl. EOS
+        # the reward is read here: the last real token (EOS unless truncated), never a pad (trl#3750, trl#937);
+        # taken from the lengths, so it is right even when pad_id equals the EOS id
+        "last_index": lengths - 1,  # (N,)
+    }
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch for a single forward pass: rows 0..B-1 are the chosen sequences and rows B..2B-1
+    the rejected ones, in the same order (split the scores with `scores.split(B)` or [:B], [B:]).
+
+    Returns input_ids, attention_mask, response_mask: (2B, T); last_index: (2B,) index of the last real token;
+    margin: (B,) float label margins, 0 where a pair has none (Bradley-Terry without a margin)."""
+    ids = [p.chosen_input_ids for p in pairs] + [p.rejected_input_ids for p in pairs]
+    resp = [p.chosen_response_mask for p in pairs] + [p.rejected_response_mask for p in pairs]
+    batch = _collate_sequences(ids, resp, pad_id)
+    batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)  # (B,)
+    return batch
+
+
+def collate_rankings(rankings: list[TokenizedRanking], pad_id: int) -> dict[str, torch.Tensor]:
+    """All responses of G prompts in one right-padded batch of N = ΣK_g sequences, each scored once
+    (InstructGPT: the K responses of a prompt are one batch element).
+
+    Returns input_ids, attention_mask, response_mask: (N, T); last_index: (N,); group_index, slot_index: (N,)
+    placing sequence n at rewards[group_index[n], slot_index[n]] of a (G, K) tensor, K = max K_g; beats:
+    (G, K, K) bool, beats[g, i, j] = response i of prompt g ranked above response j (False for ties and
+    padding slots) — ready for `losses.reward.batched_ranking_loss`."""
+    ids = [s for r in rankings for s in r.input_ids]
+    resp = [m for r in rankings for m in r.response_mask]
+    batch = _collate_sequences(ids, resp, pad_id)
+    K = max(len(r.input_ids) for r in rankings)
+    batch["group_index"] = torch.tensor([g for g, r in enumerate(rankings) for _ in r.input_ids])  # (N,)
+    batch["slot_index"] = torch.tensor([k for r in rankings for k in range(len(r.input_ids))])  # (N,)
+    beats = torch.zeros((len(rankings), K, K), dtype=torch.bool)  # (G, K, K)
+    for g, r in enumerate(rankings):
+        for t, better in enumerate(r.ranking):
+            for worse in r.ranking[t + 1 :]:
+                for i in better:
+                    for j in worse:
+                        beats[g, i, j] = True
+    batch["beats"] = beats
+    return batch

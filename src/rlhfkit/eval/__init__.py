@@ -1,0 +1,1 @@
+"""Evaluation: gold scoring on the playground, KL to a reference, (later) win rates, over-optimisation, reports."""

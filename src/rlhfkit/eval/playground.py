@@ -1,0 +1,99 @@
+"""Score a policy on the playground's held-out prompts with the hidden gold judge.
+
+Evaluation is the only place the gold judge is imported (tests/test_import_rules.py enforces it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
+from rlhfkit.playground.gold import gold_breakdown, is_unsafe, mean_se
+from rlhfkit.playground.tasks import Prompt
+from rlhfkit.policy.rollout import Rollout, sample
+
+
+@dataclass
+class PolicyEval:
+    gold_score: float
+    gold_se: float
+    mean_length: float
+    unsafe_rate: float
+    eos_rate: float
+    n: int
+    kl_to_ref: float | None = None
+    by_kind: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    """Gold score of every sample, in prompt order (for paired comparisons such as win rates)."""
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("samples")
+        out.pop("scores")
+        return out
+
+
+def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
+    """Share of paired samples (same prompt) where the policy's gold score beats the baseline's; ties count half."""
+    if len(scores) != len(baseline) or not scores:
+        raise ValueError("win_rate needs two equally long, non-empty score lists from the same prompts")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)) / len(scores)
+
+
+@torch.no_grad()
+def sequence_kl(policy: Any, ref: Any, rollout: Rollout, temperature: float = 1.0) -> float:
+    """Monte-Carlo KL(π || π_ref) per sequence: mean over samples of Σ_t log π(y_t) − log π_ref(y_t)
+    (the k1 estimator, summed over the response). The samples come from π at `temperature`, so both
+    log-probs are taken at that temperature: the KL between the distributions actually sampled."""
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)  # (B, P+R)
+    mask = torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1)  # (B, P+R)
+    P = rollout.prompt_ids.shape[1]
+    lp = logprobs_of(policy, ids, mask, temperature)[:, P - 1 :]  # (B, R): log-probs of the response tokens
+    lp_ref = logprobs_of(ref, ids, mask, temperature)[:, P - 1 :]
+    return float(((lp - lp_ref) * rollout.response_mask).sum(-1).mean())
+
+
+def evaluate_policy(
+    model_dir: str,
+    prompts: Sequence[Prompt],
+    samples_per_prompt: int = 1,
+    temperature: float = 0.7,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    ref_dir: str | None = None,
+    keep_samples: int = 0,
+) -> PolicyEval:
+    """Sample responses to `prompts`, score them with the gold judge; KL to ref_dir when given."""
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, tokenizer).eval()
+    texts = [p.text for p in prompts for _ in range(samples_per_prompt)]
+    owners = [p for p in prompts for _ in range(samples_per_prompt)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rollout = sample(model, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature)
+    parts = [gold_breakdown(p, r) for p, r in zip(owners, rollout.texts)]
+    stats = mean_se([b.total for b in parts])
+    harmful = [(p, r) for p, r in zip(owners, rollout.texts) if p.harmful]
+    by_kind: dict[str, list[float]] = {}
+    for p, b in zip(owners, parts):
+        by_kind.setdefault(p.kind, []).append(b.total)
+    kl = None
+    if ref_dir is not None:
+        ref = load_causal_lm(ref_dir, load_tokenizer(ref_dir)).eval()
+        kl = sequence_kl(model, ref, rollout, temperature if temperature > 0 else 1.0)
+    return PolicyEval(
+        gold_score=stats.mean,
+        gold_se=stats.se,
+        mean_length=float(rollout.lengths.float().mean()),
+        unsafe_rate=sum(is_unsafe(p, r) for p, r in harmful) / max(1, len(harmful)),
+        eos_rate=float(rollout.ended.float().mean()),
+        n=len(texts),
+        kl_to_ref=kl,
+        by_kind={k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+        samples=[{"prompt": p.text, "response": r, "gold": b.total}
+                 for p, r, b in list(zip(owners, rollout.texts, parts))[:keep_samples]],
+        scores=[b.total for b in parts],
+    )
