@@ -42,8 +42,12 @@ class DemoConfig:
 
 
 def _finished_with(run_dir: Path, cfg: Any) -> bool:
-    return (run_dir / "summary.json").exists() and (run_dir / "config.yaml").exists() and \
-        load_yaml(run_dir / "config.yaml") == to_dict(replace(cfg, overwrite=False))
+    """A finished run (summary.json is written last) whose config matches, run-control flags aside."""
+    if not ((run_dir / "summary.json").exists() and (run_dir / "config.yaml").exists()):
+        return False
+    ignore = ("overwrite", "resume", "progress")
+    saved = {k: v for k, v in load_yaml(run_dir / "config.yaml").items() if k not in ignore}
+    return saved == {k: v for k, v in to_dict(cfg).items() if k not in ignore}
 
 
 def run_stage(name: str, cfg: Any, main: Callable[[Any], Any], root: Path, rebuild: bool,
