@@ -18,6 +18,8 @@ from rlhfkit.errors import UserError
 # name -> (module, config class, one-line summary). The pipeline order, as a user reads it.
 STAGES: dict[str, tuple[str, str, str]] = {
     "sft": ("rlhfkit.policy.sft", "SFTConfig", "supervised fine-tuning on demonstrations (prompt/completion or messages)"),
+    "reward": ("rlhfkit.reward.train", "RewardConfig", "reward model (or ensemble) on preference pairs and K-way rankings"),
+    "dpo": ("rlhfkit.policy.dpo", "DPOConfig", "preference optimisation without a reward model: DPO, cDPO, IPO, SimPO, KTO, ORPO"),
     "demo": ("rlhfkit.pipeline", "DemoConfig", "the built-in playground pipeline end to end on a CPU"),
 }
 

@@ -192,3 +192,21 @@ def test_two_processes_match_one(tmp_path, tiny_model, sft_file):
     ckpt = two / "checkpoints" / "step-5"
     assert (ckpt / "rng-rank0.pt").exists() and (ckpt / "rng-rank1.pt").exists()  # really two processes
     assert_same_run(one, two, exact=False)
+
+
+def test_nan_stops_the_run_naming_step_and_metric_before_corrupting_weights(tmp_path, tiny_model, sft_file):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    key = next(k for k in state if "layers.1.mlp.down_proj" in k)
+    state[key] = torch.full_like(state[key], float("inf"))  # one poisoned layer: the loss becomes NaN
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    proc = _cli(["--model", str(broken), "--data", str(sft_file), "--output-dir", str(tmp_path / "run"),
+                 "--max-steps", "3", "--progress", "false", "--report-to", "jsonl"])
+    assert proc.returncode == 2
+    assert "step 1: metric 'loss' is nan" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists()  # no final model written from a broken run

@@ -607,6 +607,16 @@ def _collate_sequences(ids: list[list[int]], response_mask: list[list[int]], pad
     }
 
 
+def encode_responses(tokenizer: Any, prompt: Text, responses: list[Text], max_length: int) -> dict[str, torch.Tensor]:
+    """Score-ready batch for one prompt's responses, encoded exactly as training pairs are (over-long responses
+    are cut at max_length: scoring, unlike training data, must not stop on a long policy sample)."""
+    prompt_ids, encoded = _encode(tokenizer, prompt, list(responses))
+    fitted, _ = _fit(prompt_ids, encoded, [f"response {i}" for i in range(len(encoded))], max_length,
+                     "truncate", "<scoring>", 0)
+    seqs = [_sequence(prompt_ids, r) for r in fitted]
+    return _collate_sequences([s[0] for s in seqs], [s[2] for s in seqs], tokenizer.pad_token_id)
+
+
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """One right-padded batch for a single forward pass: rows 0..B-1 are the chosen sequences and rows B..2B-1
     the rejected ones, in the same order (split the scores with `scores.split(B)` or [:B], [B:]).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,16 @@ def _read_datasets_dir(p: Path, split: str) -> list[Row]:
             raise UserError(f"{p} has splits {sorted(ds.keys())} but not '{split}'; pick one of them.")
         ds = ds[split]
     return [(i + 1, row) for i, row in enumerate(ds)]
+
+
+def split_eval(items: list[Any], fraction: float, seed: int, min_items: int = 20) -> tuple[list[Any], list[Any]]:
+    """Deterministic held-out split by seed; nothing is dropped (held-out items are evaluated on). Data with
+    fewer than min_items items, or fraction 0, is not split."""
+    import torch
+
+    if fraction <= 0 or len(items) < min_items:
+        return items, []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, math.ceil(fraction * len(items)))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(items) if i not in held], [items[i] for i in sorted(held)]

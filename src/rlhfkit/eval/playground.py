@@ -97,3 +97,30 @@ def evaluate_policy(
                  for p, r, b in list(zip(owners, rollout.texts, parts))[:keep_samples]],
         scores=[b.total for b in parts],
     )
+
+
+def reward_gold_accuracy(reward_dir: str, rows: Sequence[dict[str, Any]], min_gap: float = 0.0) -> dict[str, float]:
+    """How often the reward model orders a pair the way the gold judge does (pairs the judge scores within
+    min_gap of each other are skipped as ties). Also reports the labels' own agreement with gold on those pairs,
+    the ceiling a reward model trained on them starts from."""
+    from rlhfkit.playground.gold import gold_score
+    from rlhfkit.playground.tasks import lookup
+    from rlhfkit.reward.model import load_reward_ensemble, score_texts
+
+    def text(x: Any) -> str:
+        return x if isinstance(x, str) else x[-1]["content"]
+
+    ensemble = load_reward_ensemble(reward_dir)
+    prompts = [r["prompt"] for r in rows]
+    chosen, _ = score_texts(ensemble, prompts, [r["chosen"] for r in rows])
+    rejected, _ = score_texts(ensemble, prompts, [r["rejected"] for r in rows])
+    agree = labels = n = 0
+    for row, c, r in zip(rows, chosen, rejected):
+        prompt = lookup(text(row["prompt"]))
+        gap = gold_score(prompt, text(row["chosen"])) - gold_score(prompt, text(row["rejected"]))
+        if abs(gap) <= min_gap:
+            continue
+        n += 1
+        agree += (c - r > 0) == (gap > 0)
+        labels += gap > 0
+    return {"gold_accuracy": agree / max(1, n), "label_gold_accuracy": labels / max(1, n), "pairs": n}

@@ -13,11 +13,12 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.config import TrainConfig
+from rlhfkit.data.readers import split_eval
 from rlhfkit.data.sft import SFTExample, collate_packed, collate_sft, pack_examples, read_sft_examples
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import sft_loss
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
-from rlhfkit.train import EpochSampler, Run
+from rlhfkit.train import EpochSampler, Run, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,6 @@ class SFTConfig(TrainConfig):
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}.")
-
-
-def split_eval(examples: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Deterministic held-out split; nothing is dropped (held-out rows are evaluated on)."""
-    if fraction <= 0 or len(examples) < 20:
-        return examples, []
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = max(1, math.ceil(fraction * len(examples)))
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -132,9 +123,11 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
                 run.accelerator.backward(loss * run.world)
             nll_sum += stats.nll_sum.double().cpu()
         lr = scheduler.get_last_lr()[0]
-        grad_norm = run.step_optimizer(model, optimizer, scheduler)
+        loss_value = float(run.all_sum(nll_sum) / step_tokens.clamp(min=1))
+        check_finite({"loss": loss_value}, step)
+        grad_norm = run.step_optimizer(model, optimizer, scheduler, step)
         metrics: dict[str, Any] = {
-            "loss": float(run.all_sum(nll_sum) / step_tokens.clamp(min=1)),
+            "loss": loss_value,
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens": int(step_tokens),

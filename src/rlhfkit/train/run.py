@@ -68,6 +68,10 @@ class Run:
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
         cpu = cfg.cpu or (multi and not torch.cuda.is_available())
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+        if cpu and multi and "OMP_NUM_THREADS" not in os.environ:
+            # N processes x all-cores threads each oversubscribe the CPU; OpenMP spin-waiting then makes every
+            # step many times slower. Split the cores between the processes instead.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -174,10 +178,15 @@ class Run:
             raise ValueError(f"global batch of {len(items)} does not split over {self.world} processes")
         return items[self.rank :: self.world]
 
-    def step_optimizer(self, model: Any, optimizer: Any, scheduler: Any) -> float:
-        grad_norm = float("nan")
+    def step_optimizer(self, model: Any, optimizer: Any, scheduler: Any, step: int) -> float:
+        """Clip, then step, unless the gradient is NaN/inf: then stop before the weights are corrupted, so the
+        newest checkpoint is still a good place to resume from."""
         if self.cfg.max_grad_norm > 0:
             grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm))
+        else:
+            norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        check_finite({"grad_norm": grad_norm}, step)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -198,7 +207,7 @@ class Run:
     def log(self, step: int, metrics: dict[str, Any], headline: tuple[str, ...] = ()) -> None:
         """Guard against NaN/inf on every call; write to the sinks every log_every steps and at the end."""
         metrics = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
-        check_finite({k: v for k, v in metrics.items() if k != "grad_norm" or self.cfg.max_grad_norm > 0}, step)
+        check_finite(metrics, step)
         if step % self.cfg.log_every == 0 or step == self.cfg.max_steps or any(k.startswith("eval/") for k in metrics):
             metrics.setdefault("elapsed_s", round(time.time() - self._start_time, 3))
             self.metrics.log(step, metrics)

@@ -1,0 +1,366 @@
+"""End-to-end DPO family on a tiny locally built model: artefacts, learning, the reference cache, equivalences,
+exact resume, LoRA with the adapter as reference, every loss variant."""
+
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhfkit.config import LoraConfig, load_config
+from rlhfkit.errors import ConfigError, DataError, UserError
+from rlhfkit.policy import dpo
+from rlhfkit.train import read_metrics
+from rlhfkit.train.run import KILL_ENV, Run
+from helpers import write_jsonl
+
+LOG2 = math.log(2.0)
+
+
+def sum_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Learnable preferences: the chosen response states the right sum, the rejected one a wrong sum."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        wrong = (a + b + rng.randint(1, 5)) % 19
+        rows.append({"prompt": f"what is {a} plus {b} ?", "chosen": f"{a} plus {b} is {a + b} .",
+                     "rejected": f"{a} plus {b} is {wrong} ."})
+    return rows
+
+
+def kto_rows(n: int, seed: int = 0) -> list[dict]:
+    """Unpaired thumbs-up/down: right sums are desirable, wrong ones undesirable (4 of 7 desirable)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        good = i % 7 < 4
+        answer = a + b if good else a + b + 1
+        rows.append({"prompt": f"what is {a} plus {b} ?", "completion": f"{a} plus {b} is {answer} .", "label": good})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("dpo-data") / "pairs.jsonl", sum_pairs(40))
+
+
+@pytest.fixture(scope="module")
+def held_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("dpo-data") / "held.jsonl", sum_pairs(16, seed=99))
+
+
+@pytest.fixture(scope="module")
+def kto_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("dpo-data") / "kto.jsonl", kto_rows(28))
+
+
+def cfg(model, data, out, **kw):
+    base = dict(model=str(model), data=str(data), output_dir=str(out), max_steps=4, batch_size=4,
+                learning_rate=3e-3, report_to=["jsonl"], progress=False, seed=1)
+    base.update(kw)
+    return dpo.DPOConfig(**base)
+
+
+def metrics_of(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
+    """Per-step losses, gradient norms and final weights of two runs; bitwise when exact."""
+    la = [(m["step"], m["loss"], m["grad_norm"]) for m in metrics_of(a)]
+    lb = [(m["step"], m["loss"], m["grad_norm"]) for m in metrics_of(b)]
+    assert [s for s, *_ in la] == [s for s, *_ in lb], "different logged steps"
+    if exact:
+        assert la == lb, "per-step losses differ"
+    else:
+        assert [v for x in la for v in x[1:]] == pytest.approx([v for x in lb for v in x[1:]], rel=1e-4, abs=1e-6)
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        if exact:
+            assert torch.equal(wa[key], wb[key]), f"weights differ at {key}"
+        else:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+def test_dpo_writes_the_run_directory_starts_at_log2_and_learns(tmp_path, tiny_model, pairs_file, held_file):
+    out = tmp_path / "run"
+    summary = dpo.main(cfg(tiny_model, pairs_file, out, max_steps=20, batch_size=8, save_every=10, eval_every=10,
+                           eval_data=str(held_file)))
+    assert load_config(dpo.DPOConfig, out / "config.yaml").loss == "dpo"
+    metrics = metrics_of(out)
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert [m["step"] for m in metrics if "eval/loss" in m] == [10, 20]
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-10", "step-20"]
+    assert (out / dpo.REF_CACHE).exists() and summary["ref_cache"] == "computed"
+    first = metrics[0]
+    # before the first update the policy is the reference: every log-ratio is 0, so the loss is exactly log 2;
+    # a cached reference that disagreed with the policy's own forward pass would show up here
+    assert first["loss"] == pytest.approx(LOG2, abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-6) and first["rewards/accuracy"] == 0.0
+    for key in ("rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm", "lr", "pairs"):
+        assert key in first
+    last5 = metrics[-5:]
+    assert sum(m["rewards/accuracy"] for m in last5) / 5 >= 0.75
+    assert sum(m["rewards/margin"] for m in last5) / 5 > 0.1
+    assert sum(m["loss"] for m in last5) / 5 < LOG2 - 0.05
+    end = metrics[-1]
+    assert end["eval/rewards/margin"] > 0 and end["eval/rewards/accuracy"] > 0.5 and end["eval/loss"] < LOG2
+    assert summary["train_pairs"] == 40 and summary["held_out_pairs"] == 16
+    assert summary["eval_reward_accuracy"] == end["eval/rewards/accuracy"]
+    import json
+
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == end["loss"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    start = load_file(str(tiny_model / "model.safetensors"))
+    moved = {k: v for k, v in model.state_dict().items() if k in start and not torch.equal(v, start[k])}
+    assert moved  # the saved model is the trained one
+
+
+def test_rankings_are_expanded_into_pairs(tmp_path, tiny_model, pairs_file):
+    data = write_jsonl(tmp_path / "mixed.jsonl", sum_pairs(6) + [
+        {"prompt": "what is 2 plus 3 ?", "responses": ["2 plus 3 is 5 .", "2 plus 3 is 6 .", "2 plus 3 is 9 ."],
+         "ranking": [0, 1, 2]},
+        {"prompt": "what is 1 plus 1 ?", "responses": ["1 plus 1 is 2 .", "1 plus 1 is 3 .", "1 plus 1 is 4 ."],
+         "ranking": [0, [1, 2]]},
+    ])
+    summary = dpo.main(cfg(tiny_model, data, tmp_path / "run", max_steps=1, eval_fraction=0.0))
+    assert summary["train_rows"] == 8 and summary["train_pairs"] == 6 + 3 + 2  # C(3,2) = 3; a tie forms no pair
+
+
+def test_bad_row_is_a_data_error_naming_row_and_field(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "bad.jsonl", sum_pairs(2) + [{"prompt": "what is 1 plus 1 ?", "chosen": "2"}])
+    with pytest.raises(DataError, match=r"bad.jsonl, row 3, field 'rejected': missing"):
+        dpo.main(cfg(tiny_model, data, tmp_path / "run"))
+
+
+def test_config_errors_name_the_field(tmp_path, tiny_model, pairs_file):
+    with pytest.raises(ConfigError, match="reference: adapter needs lora.enabled"):
+        dpo.main(cfg(tiny_model, pairs_file, tmp_path / "a", reference="adapter"))
+    with pytest.raises(ConfigError, match="label_smoothing must be in"):
+        dpo.main(cfg(tiny_model, pairs_file, tmp_path / "b", loss="cdpo", label_smoothing=0.5))
+
+
+# -------------------------------------------------------------------------------------------- reference cache
+def test_reference_cache_is_reused_and_a_stale_one_is_recomputed(tmp_path, tiny_model, pairs_file, monkeypatch):
+    out = tmp_path / "run"
+    assert dpo.main(cfg(tiny_model, pairs_file, out, max_steps=1))["ref_cache"] == "computed"
+    cache = out / dpo.REF_CACHE
+    tables = load_file(str(cache))
+    assert tables["train"].shape == (38, 2) and tables["eval"].shape == (2, 2)  # 5% of 40 rows held out
+
+    # the rerun reads the file: shift every cached rejected log π_ref by +10 (same fingerprint), so h = 10 for
+    # every pair at step 1 and the loss is −log σ(0.1 · 10) instead of log 2
+    from safetensors import safe_open
+
+    with safe_open(str(cache), framework="pt") as fh:
+        metadata = fh.metadata()
+    shifted = {k: v + torch.tensor([0.0, 10.0]) for k, v in tables.items()}
+    save_file(shifted, str(cache), metadata=metadata)
+    monkeypatch.setattr(dpo, "compute_reference_logps", lambda *a, **k: pytest.fail("cache was not reused"))
+    assert dpo.main(cfg(tiny_model, pairs_file, out, max_steps=1, overwrite=True))["ref_cache"] == "reused"
+    assert metrics_of(out)[0]["loss"] == pytest.approx(-math.log(torch.sigmoid(torch.tensor(1.0)).item()), abs=1e-5)
+    monkeypatch.undo()
+
+    # other data (one row changed) gives another fingerprint: the cache is recomputed, and the run starts at log 2
+    rows = sum_pairs(40)
+    rows[5]["chosen"] = rows[5]["chosen"].replace(" .", " , ada .")
+    other = write_jsonl(tmp_path / "other.jsonl", rows)
+    assert dpo.main(cfg(tiny_model, other, out, max_steps=1, overwrite=True))["ref_cache"] == "computed"
+    assert metrics_of(out)[0]["loss"] == pytest.approx(LOG2, abs=1e-6)  # the shifted numbers are gone
+    with safe_open(str(cache), framework="pt") as fh:
+        assert fh.metadata()["fingerprint"] != metadata["fingerprint"]
+
+
+def test_resume_refuses_a_reference_cache_for_other_inputs(tmp_path, tiny_model, pairs_file):
+    out = tmp_path / "run"
+    dpo.main(cfg(tiny_model, pairs_file, out, max_steps=2, save_every=2))
+    cache = out / dpo.REF_CACHE
+    save_file(load_file(str(cache)), str(cache), metadata={"fingerprint": "made-for-something-else"})
+    with pytest.raises(UserError, match="computed for other data or another reference model"):
+        dpo.main(cfg(tiny_model, pairs_file, out, max_steps=4, save_every=2, resume=True))
+
+
+def test_a_separate_reference_model_is_used_and_fingerprinted(tmp_path, tiny_model, pairs_file):
+    from helpers import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other-model", hidden=32, layers=1)  # same tokenizer, other network
+    out = tmp_path / "run"
+    dpo.main(cfg(tiny_model, pairs_file, out, max_steps=1, ref_model=str(other)))
+    assert metrics_of(out)[0]["loss"] != pytest.approx(LOG2, abs=1e-3)  # π ≠ π_ref at the start
+    separate = load_file(str(out / dpo.REF_CACHE))["train"]
+    dpo.main(cfg(tiny_model, pairs_file, out, max_steps=1, overwrite=True))  # back to --model as reference
+    assert not torch.equal(load_file(str(out / dpo.REF_CACHE))["train"], separate)
+    assert metrics_of(out)[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------- equivalences
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, tiny_model, pairs_file, kto_file, loss):
+    data = kto_file if loss == "kto" else pairs_file
+    one, eight = tmp_path / "1x8", tmp_path / "8x1"
+    dpo.main(cfg(tiny_model, data, one, loss=loss, batch_size=8, grad_accum=1))
+    dpo.main(cfg(tiny_model, data, eight, loss=loss, batch_size=1, grad_accum=8))
+    assert_same_run(one, eight, exact=False)
+    assert metrics_of(one)[-1]["loss"] != metrics_of(one)[0]["loss"]  # it trained, so the match means something
+    if loss == "kto":  # z₀ is estimated over the whole step, not per micro-batch
+        assert [m["kl"] for m in metrics_of(one)] == pytest.approx([m["kl"] for m in metrics_of(eight)], abs=1e-6)
+
+
+_RUN = ("import sys; from rlhfkit.config import parse_args; from rlhfkit.policy import dpo; "
+        "dpo.main(parse_args(dpo.DPOConfig, sys.argv[1:]))")
+
+
+def _subprocess(args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", _RUN, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_resume_after_sigkill_is_exact_and_reuses_the_reference_cache(tmp_path, tiny_dropout_model, pairs_file):
+    def args(out):
+        return ["--model", str(tiny_dropout_model), "--data", str(pairs_file), "--output-dir", str(out),
+                "--max-steps", "8", "--save-every", "3", "--batch-size", "4", "--learning-rate", "3e-3",
+                "--seed", "1", "--dropout-off", "false", "--report-to", "jsonl", "--progress", "false"]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    proc = _subprocess(args(full))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _subprocess(args(killed), {KILL_ENV: "7"})  # SIGKILL after step 7: step 6 is the newest checkpoint
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert [p.name for p in sorted((killed / "checkpoints").iterdir())] == ["step-3", "step-6"]
+    cache_time = (killed / dpo.REF_CACHE).stat().st_mtime_ns
+    proc = _subprocess(args(killed) + ["--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (killed / dpo.REF_CACHE).stat().st_mtime_ns == cache_time
+    import json
+
+    assert json.loads((killed / "summary.json").read_text())["ref_cache"] == "reused"
+    assert_same_run(full, killed, exact=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_two_processes_match_one(tmp_path, tiny_model, pairs_file, loss):
+    """accelerate launch with 2 CPU processes (gloo): the reference cache is scored in two shares and gathered,
+    KTO's z₀ is summed over both, and the curve matches one process with the same global batch."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate's launcher is installed with the package"
+    script = tmp_path / "run_dpo.py"
+    script.write_text(_RUN.replace("; ", "\n"))
+    common = ["--model", str(tiny_model), "--data", str(pairs_file), "--max-steps", "4", "--learning-rate", "3e-3",
+              "--seed", "1", "--report-to", "jsonl", "--progress", "false", "--save-every", "4", "--loss", loss]
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = _subprocess(common + ["--output-dir", str(one), "--batch-size", "8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *common,
+         "--output-dir", str(two), "--batch-size", "4"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (two / "checkpoints" / "step-4" / "rng-rank1.pt").exists()  # really two processes
+    torch.testing.assert_close(load_file(str(two / dpo.REF_CACHE)), load_file(str(one / dpo.REF_CACHE)))
+    assert_same_run(one, two, exact=False)
+
+
+def test_kto_resume_in_process_is_exact(tmp_path, tiny_dropout_model, kto_file, monkeypatch):
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    kw = dict(loss="kto", max_steps=6, save_every=2, dropout_off=False)
+    dpo.main(cfg(tiny_dropout_model, kto_file, full, **kw))
+
+    class Killed(Exception):
+        pass
+
+    original_end_step = Run.end_step
+
+    def end_step_then_die(self, step, *args):
+        original_end_step(self, step, *args)
+        if step == 5:
+            raise Killed
+
+    monkeypatch.setattr(Run, "end_step", end_step_then_die)
+    with pytest.raises(Killed):
+        dpo.main(cfg(tiny_dropout_model, kto_file, broken, **kw))
+    monkeypatch.setattr(Run, "end_step", original_end_step)
+    dpo.main(cfg(tiny_dropout_model, kto_file, broken, resume=True, **kw))
+    assert_same_run(full, broken, exact=True)
+    assert [m["kl"] for m in metrics_of(full)] == [m["kl"] for m in metrics_of(broken)]
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+def test_lora_with_the_adapter_as_reference_matches_a_cached_base_reference(tmp_path, tiny_model, pairs_file):
+    lora = LoraConfig(enabled=True, r=4)
+    adapter, cached = tmp_path / "adapter", tmp_path / "cached"
+    summary = dpo.main(cfg(tiny_model, pairs_file, adapter, max_steps=3, lora=lora, reference="adapter"))
+    assert summary["reference"] == "adapter" and not (adapter / dpo.REF_CACHE).exists()
+    assert metrics_of(adapter)[0]["loss"] == pytest.approx(LOG2, abs=1e-6)  # adapter starts at zero: π = π_ref
+    assert (adapter / "adapter" / "adapter_model.safetensors").exists()
+    # the base network with the adapter off is the same reference a cache of --model holds
+    dpo.main(cfg(tiny_model, pairs_file, cached, max_steps=3, lora=lora, reference="cached"))
+    assert_same_run(adapter, cached, exact=False)
+    assert metrics_of(adapter)[-1]["rewards/margin"] != 0.0
+    base = load_file(str(tiny_model / "model.safetensors"))
+    merged = load_file(str(adapter / "model.safetensors"))
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)  # only adapted projections moved
+
+
+# ------------------------------------------------------------------------------------------------------ variants
+@pytest.mark.parametrize("loss,first_loss", [
+    ("dpo", LOG2),
+    ("cdpo", LOG2),  # −(1−ε) log σ(0) − ε log σ(0) = log 2 for any ε
+    ("ipo", (1 / (2 * 0.1)) ** 2),  # h = 0 at the start: (0 − 1/(2τ))² with τ = 0.1
+    ("simpo", None),
+    ("orpo", None),
+])
+def test_each_paired_loss_runs(tmp_path, tiny_model, pairs_file, loss, first_loss):
+    out = tmp_path / loss
+    summary = dpo.main(cfg(tiny_model, pairs_file, out, loss=loss, max_steps=2))
+    m = metrics_of(out)
+    assert [x["step"] for x in m] == [1, 2] and m[0]["loss"] != m[1]["loss"]
+    if first_loss is None:  # reference-free: nothing is cached, and the rewards are the policy's own
+        assert summary["reference"] == "none" and not (out / dpo.REF_CACHE).exists()
+        assert m[0]["rewards/chosen"] != 0.0
+    else:
+        assert m[0]["loss"] == pytest.approx(first_loss, rel=1e-6)
+        assert summary["reference"] == "cached" and (out / dpo.REF_CACHE).exists()
+
+
+def test_kto_on_unpaired_rows(tmp_path, tiny_model, kto_file):
+    out = tmp_path / "kto"
+    summary = dpo.main(cfg(tiny_model, kto_file, out, loss="kto", max_steps=2, batch_size=8, eval_fraction=0.0,
+                           kto_desirable_weight=1.0, kto_undesirable_weight=1.5))
+    assert (summary["desirable"], summary["undesirable"]) == (16, 12)
+    m = metrics_of(out)
+    # at the start r = 0 and z₀ = 0, so each example loses λ_y·σ(0) = λ_y/2: the step-1 loss is half the mean
+    # weight of the 8 examples the sampler drew
+    from rlhfkit.train import EpochSampler
+
+    labels = [r["label"] for r in kto_rows(28)]
+    drawn = EpochSampler(28, seed=1).next_indices(8)
+    expected = sum(0.5 * (1.0 if labels[i] else 1.5) for i in drawn) / 8
+    assert m[0]["loss"] == pytest.approx(expected, abs=1e-6) and m[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m[0]["examples"] == 8 and m[1]["loss"] != m[0]["loss"]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen", "kl"} <= m[0].keys()
+    assert summary["reference"] == "cached" and load_file(str(out / dpo.REF_CACHE))["train"].shape == (28, 2)
+
+
+def test_kto_on_paired_rows_unpairs_them(tmp_path, tiny_model, pairs_file):
+    out = tmp_path / "kto"
+    summary = dpo.main(cfg(tiny_model, pairs_file, out, loss="kto", max_steps=2, batch_size=8, eval_fraction=0.0))
+    assert (summary["train_examples"], summary["desirable"], summary["undesirable"]) == (80, 40, 40)
+    first = metrics_of(out)[0]
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == pytest.approx(0.0, abs=1e-6)
