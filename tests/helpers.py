@@ -42,3 +42,26 @@ def make_tiny_model(out: Path, dropout: float = 0.0, hidden: int = 32, layers: i
                         dropout=dropout, seed=0)
     save_pretrained(model, tok, out)
     return out
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Learnable pairs: the right sum (and a friendly tone) beats a wrong sum."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        wrong = a + b + rng.choice([-2, -1, 1, 2])
+        rows.append({"prompt": f"what is {a} plus {b} ?", "chosen": f"{a} plus {b} is {a + b} , {rng.choice(NAMES)} !",
+                     "rejected": f"{a} plus {b} is {wrong} ."})
+    return rows
+
+
+def ranking_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        responses = [f"{a} plus {b} is {a + b} , {rng.choice(NAMES)} !", f"{a} plus {b} is {a + b} .",
+                     f"{a} plus {b} is {a + b + 1} .", f"i like {rng.choice(COLOURS)} ."]
+        rows.append({"prompt": f"what is {a} plus {b} ?", "responses": responses, "ranking": [0, 1, 2, 3]})
+    return rows

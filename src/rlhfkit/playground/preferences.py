@@ -83,3 +83,50 @@ def label_pairs(pairs: Sequence[tuple[Prompt, str, str]], seed: int, pool: list[
         })
     report.pairs = len(rows)
     return rows, report
+
+
+def policy_groups(policy_dir: str, prompts: Sequence[Prompt], k: int, seed: int, temperature: float = 1.0,
+                  max_new_tokens: int = 48) -> list[tuple[Prompt, list[str]]]:
+    """k samples per prompt from a policy, duplicates removed (a ranking of identical texts teaches nothing)."""
+    import torch
+
+    from rlhfkit.models import load_causal_lm, load_tokenizer
+    from rlhfkit.policy.rollout import sample
+
+    tokenizer = load_tokenizer(policy_dir)
+    model = load_causal_lm(policy_dir, tokenizer)
+    texts = [p.text for p in prompts for _ in range(k)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = sample(model, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature).texts
+    groups = []
+    for i, p in enumerate(prompts):
+        unique = list(dict.fromkeys(t.strip() for t in out[i * k : (i + 1) * k] if t.strip()))
+        groups.append((p, unique))
+    return groups
+
+
+def rank_groups(groups: Sequence[tuple[Prompt, list[str]]], seed: int, pool: list[Annotator] | None = None
+                ) -> tuple[list[dict[str, Any]], LabelReport]:
+    """InstructGPT-style K-way rankings by one annotator each (Plackett-Luce), as our ranking rows."""
+    pool = pool or make_pool(seed)
+    rng = random.Random(seed + 2)
+    rows: list[dict[str, Any]] = []
+    report = LabelReport()
+    for prompt, responses in groups:
+        if len(responses) < 2:
+            report.identical += 1
+            continue
+        annotator = pool[rng.randrange(len(pool))]
+        judgment = annotator.rank(prompt, responses, rng)
+        report.judgments += 1
+        report.outcomes[f"K={len(responses)}"] += 1
+        rows.append({
+            "prompt": [{"role": "user", "content": prompt.text}],
+            "responses": [[{"role": "assistant", "content": r}] for r in responses],
+            "ranking": list(judgment.ranking),
+            "annotator": judgment.annotator,
+            "source": "simulated",
+        })
+    report.pairs = len(rows)
+    return rows, report

@@ -1,0 +1,190 @@
+"""Reward models: score position, equivalences of the ranking loss, training end to end, normalisation,
+ensembles, and what plain transformers sees."""
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from helpers import preference_rows, ranking_rows, write_jsonl
+from rlhfkit.data.preference import (
+    Ranking, PreferencePair, collate_pairs, collate_rankings, encode_responses, tokenize_pair, tokenize_ranking,
+)
+from rlhfkit.models import load_tokenizer
+from rlhfkit.reward import train as rtrain
+from rlhfkit.reward.model import (
+    OFFSET_KEY, apply_normalisation, last_token_index, load_reward_ensemble, load_reward_model, score_texts,
+    sequence_scores,
+)
+from rlhfkit.train import read_metrics
+
+
+@pytest.fixture(scope="module")
+def rm(tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    return load_reward_model(str(tiny_model), tok).eval(), tok
+
+
+def test_score_is_read_at_the_last_real_token_whatever_the_padding(rm):
+    model, tok = rm
+    texts = ["what is 2 plus 3 ? 5 , ada !", "say hi .", "hi bo , i like red and blue and green ."]
+    alone = []
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t)["input_ids"]])
+            alone.append(float(sequence_scores(model, ids, torch.ones_like(ids))))
+        for side in ("right", "left"):
+            tok.padding_side = side
+            batch = tok(texts, padding=True, return_tensors="pt")
+            got = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+            assert got.tolist() == pytest.approx(alone, abs=1e-5), side
+    tok.padding_side = "right"
+    # a score read at padding (the classic bug) would differ: the pad position gives another number
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    assert last_token_index(mask).item() == 2
+    assert last_token_index(torch.tensor([[0, 0, 1, 1, 1]])).item() == 4
+
+
+def _pair_item(tok, prompt, chosen, rejected):
+    return tokenize_pair(tok, PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected), 64)
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
+
+
+def test_k2_ranking_equals_the_bradley_terry_pair_in_loss_and_gradient(rm):
+    model, tok = rm
+    cfg = rtrain.RewardConfig(model="m", data="d", output_dir="o", use_margin=False)
+    prompt, good, bad = "what is 2 plus 3 ?", "2 plus 3 is 5 .", "2 plus 3 is 7 ."
+    pair = _pair_item(tok, prompt, good, bad)
+    ranking = tokenize_ranking(tok, Ranking(prompt=prompt, responses=[bad, good], ranking=[[1], [0]]), 64)
+    model.zero_grad()
+    loss_pair, _ = rtrain.micro_batch_loss(model, [pair], tok.pad_token_id, cfg, "cpu", 1.0)
+    loss_pair.backward()
+    g_pair = _grads(model)
+    model.zero_grad()
+    loss_rank, _ = rtrain.micro_batch_loss(model, [ranking], tok.pad_token_id, cfg, "cpu", 1.0)
+    loss_rank.backward()
+    g_rank = _grads(model)
+    model.zero_grad()
+    assert loss_rank.item() == pytest.approx(loss_pair.item(), rel=1e-6)
+    torch.testing.assert_close(g_rank, g_pair, rtol=1e-5, atol=1e-7)
+
+
+def test_k4_ranking_is_the_mean_of_its_six_pairwise_losses(rm):
+    model, tok = rm
+    cfg = rtrain.RewardConfig(model="m", data="d", output_dir="o")
+    prompt = "what is 2 plus 3 ?"
+    responses = ["2 plus 3 is 5 , ada !", "2 plus 3 is 5 .", "2 plus 3 is 6 .", "i like red ."]
+    item = tokenize_ranking(tok, Ranking(prompt=prompt, responses=responses, ranking=[[0], [1], [2], [3]]), 64)
+    with torch.no_grad():
+        loss, counts = rtrain.micro_batch_loss(model, [item], tok.pad_token_id, cfg, "cpu", 1.0)
+        batch = encode_responses(tok, prompt, responses, 64)
+        r = sequence_scores(model, batch["input_ids"], batch["attention_mask"], batch["last_index"]).tolist()
+    # by hand: the 6 ordered pairs (w, l) with w ranked above l; loss = mean of -log sigma(r_w - r_l)
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    by_hand = sum(math.log1p(math.exp(-(r[w] - r[l]))) for w, l in pairs) / 6
+    assert loss.item() == pytest.approx(by_hand, rel=1e-5)
+    assert counts["compared"] == 6
+
+
+def test_expected_calibration_error_and_pearson_by_hand():
+    # gaps 0 -> p 0.5, counted as wrong (a tie predicts nothing): one bin at confidence 0.5, accuracy 0 -> ECE 0.5
+    assert rtrain.expected_calibration_error(torch.tensor([0.0, 0.0])) == pytest.approx(0.5)
+    # gap ln 3 -> p = 0.75 correct, gap -ln 3 -> confidence 0.75 wrong: one bin, accuracy 0.5 vs 0.75 -> 0.25
+    g = math.log(3)
+    assert rtrain.expected_calibration_error(torch.tensor([g, -g])) == pytest.approx(0.25)
+    assert rtrain.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert rtrain.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_normalisation_folds_the_gain_and_keeps_the_order(rm, tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    model = load_reward_model(str(tiny_model), tok).eval()
+    ids = torch.tensor([tok(t)["input_ids"] for t in ["2 plus 3 is 5 .", "2 plus 3 is 6 .", "2 plus 3 is 7 ."]])
+    with torch.no_grad():
+        before = sequence_scores(model, ids, torch.ones_like(ids))
+        apply_normalisation(model, float(before.mean()), float(before.std()))
+        after = sequence_scores(model, ids, torch.ones_like(ids))
+    assert float(after.mean()) == pytest.approx(0.0, abs=1e-5) and float(after.std()) == pytest.approx(1.0, rel=1e-4)
+    assert after.argsort().tolist() == before.argsort().tolist()
+    with pytest.raises(Exception, match="std"):
+        apply_normalisation(model, 0.0, 0.0)
+
+
+def cfg_for(model, data, out, **kw):
+    base = dict(model=str(model), data=str(data), output_dir=str(out), max_steps=30, batch_size=8,
+                learning_rate=2e-3, report_to=["jsonl"], progress=False, eval_fraction=0.2, seed=3)
+    base.update(kw)
+    return rtrain.RewardConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def pref_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prefs")
+    write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows(20, seed=9)])
+    return write_jsonl(d / "prefs.jsonl", preference_rows(60) + ranking_rows(20, seed=1))
+
+
+def test_reward_stage_learns_normalises_and_plain_transformers_agrees(tmp_path, tiny_model, pref_file):
+    out = tmp_path / "rm"
+    summary = rtrain.main(cfg_for(tiny_model, pref_file, out, eval_every=10,
+                                  normalize_prompts=str(pref_file.parent / "prompts.jsonl"), normalize_samples=16))
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert metrics[-1]["eval/accuracy"] >= 0.8 and metrics[-1]["eval/accuracy"] > metrics[0]["accuracy"] - 1e-9
+    for key in ("heldout_accuracy", "heldout_ece", "heldout_length_correlation", "normalisation"):
+        assert key in summary
+    assert summary["normalisation"]["samples"] == 16
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+    assert config[OFFSET_KEY] == pytest.approx(summary["normalisation"]["offset"])
+
+    ensemble = load_reward_ensemble(str(out))
+    prompt, response = "what is 2 plus 3 ?", "2 plus 3 is 5 , ada !"
+    ours, _ = score_texts(ensemble, [prompt], [response])
+    text = prompt + " " + response  # standard rows: prompt, then the response tokens, then EOS
+    script = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        f"m = AutoModelForSequenceClassification.from_pretrained({str(out)!r}).eval()\n"
+        f"t = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        f"ids = t({prompt!r})['input_ids'] + t({response!r}, add_special_tokens=False)['input_ids'] + [t.eos_token_id]\n"
+        "logit = m(input_ids=torch.tensor([ids])).logits[0, 0].item()\n"
+        "print(json.dumps({'score': logit + m.config.rlhfkit_reward_offset,"
+        " 'rlhfkit': any(k.startswith('rlhfkit') for k in sys.modules)}))\n"
+    )
+    res = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                    check=True).stdout.strip().splitlines()[-1])
+    assert res["rlhfkit"] is False
+    assert res["score"] == pytest.approx(ours[0], abs=1e-4), text
+
+
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, tiny_model, pref_file):
+    a, b = tmp_path / "1x8", tmp_path / "8x1"
+    rtrain.main(cfg_for(tiny_model, pref_file, a, max_steps=3, batch_size=8, grad_accum=1))
+    rtrain.main(cfg_for(tiny_model, pref_file, b, max_steps=3, batch_size=1, grad_accum=8))
+    la = [m["loss"] for m in read_metrics(a / "metrics.jsonl")]
+    lb = [m["loss"] for m in read_metrics(b / "metrics.jsonl")]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_ensemble_members_differ_and_score_mean_and_std(tmp_path, tiny_model, pref_file):
+    out = tmp_path / "ens"
+    summary = rtrain.main(cfg_for(tiny_model, pref_file, out, max_steps=10, ensemble_size=2))
+    assert json.loads((out / "ensemble.json").read_text())["members"] == ["member-0", "member-1"]
+    assert len(summary["members"]) == 2 and "heldout_accuracy" in summary
+    ensemble = load_reward_ensemble(str(out))
+    batch = collate_pairs([_pair_item(ensemble.tokenizer, "what is 2 plus 3 ?", "2 plus 3 is 5 .", "2 plus 3 is 6 .")],
+                          ensemble.tokenizer.pad_token_id)
+    scores = ensemble.scores(batch["input_ids"], batch["attention_mask"])
+    assert scores.shape == (2, 2) and not torch.allclose(scores[0], scores[1])  # bootstrap + seed differ
+    mean, std = ensemble.mean_std(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(mean, scores.mean(0))
+    assert (std > 0).all()
+    with pytest.raises(Exception, match="already holds a reward run"):
+        rtrain.main(cfg_for(tiny_model, pref_file, out, max_steps=10, ensemble_size=2))
