@@ -15,8 +15,8 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     summary = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["policies"] == summary["policies"]
-    base, sft = summary["policies"]["base"], summary["policies"]["sft"]
-    for policy in (base, sft):
+    base, sft, dpo = summary["policies"]["base"], summary["policies"]["sft"], summary["policies"]["dpo"]
+    for policy in (base, sft, dpo):
         for key in ("gold_score", "gold_se", "win_rate_vs_sft", "kl_to_sft", "mean_length", "unsafe_rate"):
             assert isinstance(policy[key], float), key
     # SFT on good demonstrations beats the web-text base model by a wide, significant margin
@@ -24,13 +24,20 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     assert base["win_rate_vs_sft"] < 0.35 and sft["win_rate_vs_sft"] == 0.5
     assert sft["unsafe_rate"] < base["unsafe_rate"]
     assert sft["kl_to_sft"] == pytest.approx(0.0, abs=1e-6) and base["kl_to_sft"] > 1.0
-    assert {"pretrain", "sft", "eval", "total"} <= set(summary["wall_seconds"])
+    assert {"pretrain", "sft", "label", "reward", "dpo", "eval", "total"} <= set(summary["wall_seconds"])
+    rm = summary["reward_model"]
+    assert rm["pairs"] > 100 and rm["gold_accuracy"] > 0.6  # well above chance even in the quick run
+    assert 0.6 < rm["label_gold_accuracy"] < 0.85  # the annotators are noisy like people
+    for key in ("heldout_accuracy", "ece", "length_correlation"):
+        assert isinstance(rm[key], float)
+    assert dpo["kl_to_sft"] > 0
     for name in ("base", "sft"):
         assert (out / name / "model.safetensors").exists() and (out / "configs" / f"pretrain.yaml").exists()
 
     # a rerun reuses both finished training stages and reproduces the evaluation exactly (deterministic seed)
     again = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
-    assert "pretrain" not in again["wall_seconds"] and "sft" not in again["wall_seconds"]
+    for stage in ("pretrain", "sft", "label", "reward", "dpo"):
+        assert stage not in again["wall_seconds"], stage
     assert again["policies"] == summary["policies"]
 
     # any stage reruns alone from the config the demo wrote

@@ -413,7 +413,8 @@ def format_help(cls: type, prog: str, summary: str) -> str:
                 continue
             flag = "--" + (prefix + f.name).replace("_", "-")
             shown = ",".join(map(str, current)) if isinstance(current, (list, tuple)) else current
-            lines.append(f"  {flag} {_type_name(tp).upper()}  (default: {shown!s})")
+            name = _type_name(tp)
+            lines.append(f"  {flag} {name if name.startswith('{') else name.upper()}  (default: {shown!s})")
             doc = docs.get(f.name, "")
             if doc:
                 lines.extend("      " + ln for ln in textwrap.wrap(doc, 96))

@@ -36,7 +36,7 @@ from rlhfkit.losses import (
 from rlhfkit.losses.dpo import kto_weights_ok
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
 from rlhfkit.policy.sft import split_eval
-from rlhfkit.train import EpochSampler, Run, check_finite
+from rlhfkit.train import Run, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -513,21 +513,11 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     model = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, dropout_off=cfg.dropout_off)
     ref_kind: Literal["cached", "adapter", "none"] = "none" if cfg.loss in REFERENCE_FREE else cfg.reference
     ref_cache = prepare_reference(run, cfg, model, tokenizer, train, held) if ref_kind == "cached" else None
-    optimizer, scheduler = run.optimizer_and_schedule(model)
-    model, optimizer = run.prepare(model, optimizer)
+    model, optimizer, scheduler, sampler, start_step = run.begin(model, len(train))
     peft_model = run.accelerator.unwrap_model(model) if ref_kind == "adapter" else None
     reference = Reference(ref_kind, run, pad_id, peft_model)
-    sampler = EpochSampler(len(train), cfg.seed)
-    start_step = 0
-    resumed = run.resume(model, optimizer, scheduler)
-    if resumed is not None:
-        sampler.load_state_dict(resumed["sampler"])
-        start_step = resumed["step"]
-
     loss_fn = pair_loss(cfg) if cfg.loss != "kto" else None
     micro = cfg.batch_size
-    run.progress(start_step)
-    model.train()
     last: dict[str, Any] = {}
     for step in range(start_step + 1, cfg.max_steps + 1):
         indices = run.shard(sampler.next_indices(micro * cfg.grad_accum * run.world))

@@ -18,7 +18,7 @@ from rlhfkit.data.sft import SFTExample, collate_packed, collate_sft, pack_examp
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import sft_loss
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
-from rlhfkit.train import EpochSampler, Run, check_finite
+from rlhfkit.train import Run, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +96,8 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
              len(held_out), report.truncated)
 
     model = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, dropout_off=cfg.dropout_off)
-    optimizer, scheduler = run.optimizer_and_schedule(model)
-    model, optimizer = run.prepare(model, optimizer)
-    sampler = EpochSampler(len(units), cfg.seed)
-    start_step = 0
-    resumed = run.resume(model, optimizer, scheduler)
-    if resumed is not None:
-        sampler.load_state_dict(resumed["sampler"])
-        start_step = resumed["step"]
-
+    model, optimizer, scheduler, sampler, start_step = run.begin(model, len(units))
     micro = cfg.batch_size
-    run.progress(start_step)
-    model.train()
     last: dict[str, Any] = {}
     for step in range(start_step + 1, cfg.max_steps + 1):
         indices = run.shard(sampler.next_indices(micro * cfg.grad_accum * run.world))

@@ -39,7 +39,14 @@ def load_reward_model(path: str, tokenizer: Any | None = None, dtype: torch.dtyp
     config = AutoConfig.from_pretrained(path)
     fresh = not any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     config.num_labels = 1
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a fresh head is "missing from the checkpoint" by design; we init it below
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))

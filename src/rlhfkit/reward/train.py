@@ -27,7 +27,7 @@ from rlhfkit.errors import ConfigError, DataError, UserError
 from rlhfkit.losses import batched_ranking_loss, bradley_terry_loss, centering_penalty
 from rlhfkit.models import load_tokenizer
 from rlhfkit.reward.model import ENSEMBLE_FILE, apply_normalisation, load_reward_model, sequence_scores
-from rlhfkit.train import EpochSampler, Run, check_finite
+from rlhfkit.train import Run, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -288,18 +288,8 @@ def train_member(cfg: RewardConfig, samples: tuple[list[Any], list[str]] | None,
         model = get_peft_model(model, PeftLoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             target_modules=list(cfg.lora.target_modules), task_type="SEQ_CLS", modules_to_save=["score"]))
-    optimizer, scheduler = run.optimizer_and_schedule(model)
-    model, optimizer = run.prepare(model, optimizer)
-    sampler = EpochSampler(len(train), cfg.seed)
-    start_step = 0
-    resumed = run.resume(model, optimizer, scheduler)
-    if resumed is not None:
-        sampler.load_state_dict(resumed["sampler"])
-        start_step = resumed["step"]
-
+    model, optimizer, scheduler, sampler, start_step = run.begin(model, len(train))
     micro = cfg.batch_size
-    run.progress(start_step)
-    model.train()
     last: dict[str, Any] = {}
     for step in range(start_step + 1, cfg.max_steps + 1):
         indices = run.shard(sampler.next_indices(micro * cfg.grad_accum * run.world))

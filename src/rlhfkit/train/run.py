@@ -18,6 +18,7 @@ from rlhfkit.config import TrainConfig, load_yaml, save_config, to_dict
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhfkit.train.metrics import MetricsLogger, check_finite
+from rlhfkit.train.sampler import EpochSampler
 from rlhfkit.train.seeding import set_seed
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,22 @@ class Run:
         state = load_checkpoint(self.resume_from, self.accelerator, model, optimizer, scheduler, restore_rng)
         log.info("resumed from %s (step %d)", self.resume_from, state["step"])
         return state
+
+    def begin(self, model: Any, num_items: int) -> tuple[Any, Any, Any, EpochSampler, int]:
+        """Optimizer and schedule, Accelerate wrapping, the data sampler, and --resume: everything a trainer does
+        between building its model and its first step. Returns (model, optimizer, scheduler, sampler,
+        start_step) with the progress bar started and the model in train mode."""
+        optimizer, scheduler = self.optimizer_and_schedule(model)
+        model, optimizer = self.prepare(model, optimizer)
+        sampler = EpochSampler(num_items, self.cfg.seed)
+        start_step = 0
+        resumed = self.resume(model, optimizer, scheduler)
+        if resumed is not None:
+            sampler.load_state_dict(resumed["sampler"])
+            start_step = resumed["step"]
+        self.progress(start_step)
+        model.train()
+        return model, optimizer, scheduler, sampler, start_step
 
     @contextlib.contextmanager
     def micro_step(self, model: Any, index: int, count: int) -> Iterator[None]:
