@@ -19,6 +19,7 @@ from rlhfkit.errors import UserError
 STAGES: dict[str, tuple[str, str, str]] = {
     "sft": ("rlhfkit.policy.sft", "SFTConfig", "supervised fine-tuning on demonstrations (prompt/completion or messages)"),
     "reward": ("rlhfkit.reward.train", "RewardConfig", "reward model (or ensemble) on preference pairs and K-way rankings"),
+    "ppo": ("rlhfkit.policy.ppo", "PPOConfig", "PPO against a reward model (or GRPO / RLOO / REINFORCE), KL-penalised to the reference"),
     "dpo": ("rlhfkit.policy.dpo", "DPOConfig", "preference optimisation without a reward model: DPO, cDPO, IPO, SimPO, KTO, ORPO"),
     "demo": ("rlhfkit.pipeline", "DemoConfig", "the built-in playground pipeline end to end on a CPU"),
 }

@@ -226,6 +226,9 @@ def save_pretrained(model: Any, tokenizer: Any | None, out_dir: str | os.PathLik
     quiet_transformers()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "export_pretrained"):  # composite modules (policy + value head) know their parts
+        model.export_pretrained(out, tokenizer)
+        return
     if is_peft(model):
         model.save_pretrained(out / "adapter")
         model = copy.deepcopy(model).merge_and_unload()
@@ -257,7 +260,14 @@ def logprobs_of(
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    logits = out.logits[:, :-1].float()  # (B, T-1, V)
+    return token_logprobs(out.logits, input_ids, temperature, return_entropy)
+
+
+def token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Next-token log-probs (and entropies) from a forward pass's logits (B, T, V); returns (B, T-1)."""
+    logits = logits[:, :-1].float()  # (B, T-1, V)
     if temperature != 1.0:
         logits = logits / temperature
     targets = input_ids[:, 1:]  # (B, T-1)

@@ -94,3 +94,15 @@ def split_eval(items: list[Any], fraction: float, seed: int, min_items: int = 20
     n_eval = max(1, math.ceil(fraction * len(items)))
     held = set(order[:n_eval])
     return [e for i, e in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
+def read_prompts(path: str) -> list[Any]:
+    """Prompts for sampling: rows with "prompt" (text or chat messages) or "text" (playground prompt files)."""
+    out = []
+    for lineno, row in read_rows(path):
+        value = row.get("prompt", row.get("text"))
+        if not isinstance(value, (str, list)) or not value:
+            raise DataError(path, lineno, "prompt", "missing or empty; a prompts file has a 'prompt' (or 'text') "
+                            "field per row")
+        out.append(value)
+    return out

@@ -22,7 +22,7 @@ from rlhfkit.config import TrainConfig, load_yaml, save_config
 from rlhfkit.data.preference import (
     TokenizedPair, TokenizedRanking, collate_pairs, collate_rankings, read_preferences, tokenize_preferences,
 )
-from rlhfkit.data.readers import read_rows, split_eval
+from rlhfkit.data.readers import read_prompts, split_eval
 from rlhfkit.errors import ConfigError, DataError, UserError
 from rlhfkit.losses import batched_ranking_loss, bradley_terry_loss, centering_penalty
 from rlhfkit.models import load_tokenizer
@@ -102,18 +102,6 @@ def load_items(cfg: RewardConfig, tokenizer: Any) -> tuple[list[Item], list[Item
     info = {"pairs": report.pairs, "rankings": report.rankings, "truncated_rows": truncated,
             "train_items": len(train), "held_out_items": len(held_out)}
     return train, held_out, info
-
-
-def read_prompt_texts(path: str) -> list[Any]:
-    """Prompts for normalisation samples: rows with "prompt" (text or messages) or "text" (playground files)."""
-    out = []
-    for lineno, row in read_rows(path):
-        value = row.get("prompt", row.get("text"))
-        if not isinstance(value, (str, list)) or not value:
-            raise DataError(path, lineno, "prompt", "missing or empty; a prompts file has a 'prompt' (or 'text') "
-                            "field per row")
-        out.append(value)
-    return out
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -234,7 +222,7 @@ def reference_samples(cfg: RewardConfig) -> tuple[list[Any], list[str]] | None:
     from rlhfkit.models import load_causal_lm
     from rlhfkit.policy.rollout import sample
 
-    prompts = read_prompt_texts(cfg.normalize_prompts)
+    prompts = read_prompts(cfg.normalize_prompts)
     policy_dir = cfg.normalize_policy or cfg.model
     tokenizer = load_tokenizer(policy_dir)
     policy = load_causal_lm(policy_dir, tokenizer)

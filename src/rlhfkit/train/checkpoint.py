@@ -88,6 +88,9 @@ def _load_model_weights(model: Any, model_dir: Path) -> None:
 
     from rlhfkit.models import is_peft
 
+    if hasattr(model, "load_checkpoint_weights"):  # composite modules (policy + value head) restore their parts
+        model.load_checkpoint_weights(model_dir, _load_model_weights)
+        return
     if is_peft(model):
         from peft import set_peft_model_state_dict
 

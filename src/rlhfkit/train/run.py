@@ -168,6 +168,7 @@ class Run:
         sampler = EpochSampler(num_items, self.cfg.seed)
         start_step = 0
         resumed = self.resume(model, optimizer, scheduler)
+        self.resumed_state = resumed  # trainers restore their own controllers from it
         if resumed is not None:
             sampler.load_state_dict(resumed["sampler"])
             start_step = resumed["step"]
@@ -195,7 +196,8 @@ class Run:
             raise ValueError(f"global batch of {len(items)} does not split over {self.world} processes")
         return items[self.rank :: self.world]
 
-    def step_optimizer(self, model: Any, optimizer: Any, scheduler: Any, step: int) -> float:
+    def step_optimizer(self, model: Any, optimizer: Any, scheduler: Any, step: int, advance_schedule: bool = True
+                       ) -> float:
         """Clip, then step, unless the gradient is NaN/inf: then stop before the weights are corrupted, so the
         newest checkpoint is still a good place to resume from."""
         if self.cfg.max_grad_norm > 0:
@@ -205,7 +207,8 @@ class Run:
             grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         check_finite({"grad_norm": grad_norm}, step)
         optimizer.step()
-        scheduler.step()
+        if advance_schedule:  # PPO takes several optimizer steps per rollout step and anneals per rollout step
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
 

@@ -1,0 +1,209 @@
+"""The judgments store: SQLAlchemy 2 models and `open_store(url)`, which applies the packaged alembic migrations.
+
+SQLite (the default) runs in WAL mode and every transaction starts with BEGIN IMMEDIATE, so a writer takes the
+write lock before it reads what it will change: two annotators asking for the last open slot of an item cannot
+both get it, and no acknowledged write is lost to a "database is locked" upgrade failure. PostgreSQL works by
+URL (`postgresql+psycopg://user@host/db`); there the unique constraints below do the same job."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from rlhfkit.errors import UserError
+
+ROLES = ("admin", "annotator")
+MODES = ("pairwise", "ranking")
+OUTCOMES = ("A", "B", "tie", "both_bad", "skip")
+"""Pairwise outcomes. "A" and "B" name responses 0 and 1 of the item, whichever side they were shown on."""
+FLAGS = ("harmful", "inaccurate", "off_topic", "broken")
+"""Harm and quality flags an annotator may raise on an item."""
+
+
+def now() -> float:
+    return time.time()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    password_hash: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    """None for simulated annotators: they submit through the service layer and cannot log in."""
+    created_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
+    instructions: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    mode: Mapped[str] = mapped_column(String(16), nullable=False)
+    responses_per_item: Mapped[int] = mapped_column(Integer, nullable=False)
+    annotators_per_item: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), nullable=False, index=True)
+    prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    responses: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
+    """[{"text": ..., "source": model or file id}, ...]; index i is response i ("A" = 0, "B" = 1)."""
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+
+
+class Gold(Base):
+    """The known answer of a gold item (served to every annotator, scored, not exported by default)."""
+
+    __tablename__ = "gold"
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """Pairwise: the right outcome (A, B, tie or both_bad)."""
+    top: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Ranking: the index of the response that must be ranked first."""
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("item_id", "user_id", name="uq_assignment_item_user"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), nullable=False, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    display_order: Mapped[list[int]] = mapped_column(JSON, nullable=False)
+    """Response indices in the order shown (left to right, top to bottom), drawn at random when assigned."""
+    created_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Judgment(Base):
+    __tablename__ = "judgments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    submission_id: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    """Chosen by the client; a retried submission with the same id is acknowledged, not stored twice."""
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True, nullable=False)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), nullable=False, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """Pairwise outcome, or "skip" in either mode; None for a ranking."""
+    strength: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    ranking: Mapped[list[list[int]] | None] = mapped_column(JSON, nullable=True)
+    """Tiers of response indices, best first: [[2], [0, 1]] = 2 > {0, 1}."""
+    flags: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
+    rationale: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    time_spent_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    display_order: Mapped[list[int]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+
+
+# ------------------------------------------------------------------------------------------------ opening
+def database_url(db: str) -> str:
+    """A SQLAlchemy URL as given, or a file path turned into a SQLite URL."""
+    if "://" in db:
+        return db
+    return f"sqlite:///{Path(db).expanduser().resolve()}"
+
+
+def _sqlite_engine(url: str) -> Engine:
+    # check_same_thread off: the web app's worker threads share the pool; timeout waits for the write lock
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (SQLAlchemy's documented pysqlite recipe)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable against process crashes, fast commits
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        # take the write lock up front: a deferred transaction that reads, then writes, can fail with
+        # SQLITE_BUSY after its read, which is exactly the lost-write case under concurrency
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+@dataclass
+class Store:
+    """An engine plus a session factory; use `with store.session() as s, s.begin(): ...`."""
+
+    url: str
+    engine: Engine
+    Session: sessionmaker
+
+    def session(self) -> Session:
+        return self.Session()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _alembic_config(connection: Any = None):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the schema to the newest packaged revision (a no-op when it is there already)."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config())
+    with engine.begin() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is not None and current not in {r.revision for r in script.walk_revisions()}:
+            raise UserError(f"the feedback database {engine.url.render_as_string(hide_password=True)} is at schema "
+                            f"revision {current}, which this rlhfkit does not know; upgrade rlhfkit to open it.")
+        if current != script.get_current_head():
+            command.upgrade(_alembic_config(conn), "head")
+
+
+def open_store(db: str) -> Store:
+    """Open (creating if needed) the feedback database at a file path or SQLAlchemy URL and migrate it."""
+    url = database_url(db)
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            parent = Path(path).parent
+            if not parent.is_dir():
+                raise UserError(f"the directory {parent} for the feedback database does not exist; create it or "
+                                "pass another --db.")
+        engine = _sqlite_engine(url)
+    else:
+        try:
+            engine = create_engine(url, pool_pre_ping=True)
+        except Exception as exc:  # a missing driver or a malformed URL
+            raise UserError(f"cannot use the database URL {url!r} ({exc}); check the URL and install its driver "
+                            "(e.g. psycopg for postgresql+psycopg://).") from None
+    upgrade(engine)
+    return Store(url, engine, sessionmaker(engine, expire_on_commit=False))

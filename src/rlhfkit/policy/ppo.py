@@ -1,0 +1,311 @@
+"""PPO against a learned reward (`rlhfkit ppo`), the lm-human-preferences way, plus the critic-free GRPO, RLOO
+and REINFORCE estimators in the same loop.
+
+One step reads top to bottom: sample prompts -> rollouts (left-padded prompts, temperature sampling) -> score
+with the reward model at the last real token -> per-token KL penalty -> advantages -> several epochs of
+clipped updates over minibatches -> KL controller update -> log -> checkpoint. Each of "The N Implementation
+Details of RLHF with PPO" (Huang et al. 2023) is named where it is implemented."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from rlhfkit.config import TrainConfig
+from rlhfkit.data.readers import read_prompts
+from rlhfkit.errors import ConfigError
+from rlhfkit.losses import masked_mean
+from rlhfkit.losses.advantages import (
+    KLEstimator, gae, grpo_advantages, kl_penalised_rewards, reinforce_advantages, rloo_advantages,
+    whiten_advantages,
+)
+from rlhfkit.losses.ppo import ppo_policy_loss, ppo_value_loss
+from rlhfkit.models import load_causal_lm, load_tokenizer, position_ids_from_mask, token_logprobs
+from rlhfkit.policy.rollout import sample
+from rlhfkit.reward.model import load_reward_ensemble, score_texts
+from rlhfkit.train import Run, check_finite
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """Online RL from a reward model: PPO with a value head, or GRPO / RLOO / REINFORCE without one."""
+
+    learning_rate: float = 1e-5
+    """Peak learning rate (lm-human-preferences: 1e-5, annealed linearly to 0)."""
+    batch_size: int = 16
+    """Prompts per rollout step on each process (each sampled samples_per_prompt times)."""
+    reward_model: str = ""
+    """Reward model (or ensemble) directory written by `rlhfkit reward`."""
+    ref_model: str = ""
+    """Reference policy for the KL penalty (default: --model). With LoRA the adapter-disabled policy is used."""
+    advantage: Literal["gae", "grpo", "rloo", "reinforce"] = "gae"
+    """Advantage estimator: PPO's GAE with a value head, or a critic-free one over the samples of a prompt."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (GRPO and RLOO need at least 2)."""
+    max_new_tokens: int = 48
+    """Longest response."""
+    temperature: float = 0.7
+    """Sampling temperature; training log-probs divide the logits by it too."""
+    top_p: float = 1.0
+    """Nucleus sampling; keep 1.0 for PPO (top-p makes the sampler differ from the policy being trained)."""
+    ppo_epochs: int = 4
+    """Passes over each batch of rollouts."""
+    minibatches: int = 1
+    """Minibatches per pass (lm-human-preferences: 1)."""
+    clip: float = 0.2
+    """Policy ratio clip epsilon."""
+    value_clip: float = 0.2
+    """Value clip epsilon."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_coef: float = 0.05
+    """Initial coefficient beta of the per-token KL penalty."""
+    adaptive_kl: bool = False
+    """Adapt beta toward kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL (nats per sequence) of the adaptive controller."""
+    kl_horizon: int = 10_000
+    """Horizon of the adaptive controller, in samples."""
+    kl_estimator: KLEstimator = "k1"
+    """Per-token KL estimator in the reward: k1, k2 or k3."""
+    missing_eos_penalty: float = -1.0
+    """Score given to responses that never emitted EOS (N implementation details: penalise no-EOS)."""
+    ensemble_penalty: float = 0.0
+    """lambda in score = mean - lambda * std over the reward ensemble (Coste et al. 2023)."""
+    length_penalty: float = 0.0
+    """Score minus this times the response length in tokens."""
+    whiten: bool = True
+    """Whiten advantages per batch (N implementation details)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.reward_model:
+            raise ConfigError("--reward-model is required: pass a directory written by `rlhfkit reward`.")
+        if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ConfigError(f"advantage {self.advantage} compares the samples of a prompt: set "
+                              "samples_per_prompt to 2 or more.")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be positive for PPO (greedy decoding has no log-probs to train).")
+        if (self.batch_size * self.samples_per_prompt) % self.minibatches:
+            raise ConfigError("batch_size x samples_per_prompt must split evenly into minibatches.")
+
+
+class KLController:
+    """Fixed beta, or Ziegler et al.'s adaptive one: e = clip(KL / target - 1, -0.2, 0.2),
+    beta <- beta * (1 + e * n / horizon)."""
+
+    def __init__(self, init: float, adaptive: bool, target: float, horizon: int):
+        self.value, self.adaptive, self.target, self.horizon = init, adaptive, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        if not self.adaptive:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_samples / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]
+
+
+class PolicyWithValue(torch.nn.Module):
+    """The policy with a scalar value head on its last hidden state, zero-initialised so early value
+    predictions do not disturb the advantages (N implementation details: value head init)."""
+
+    def __init__(self, policy: Any):
+        super().__init__()
+        self.policy = policy
+        self.value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask), output_hidden_states=True,
+                          use_cache=False)
+        values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, T)
+        return out.logits, values
+
+    def save_pretrained(self, path: Any, **kwargs: Any) -> None:  # checkpoints: policy (or adapter) + head
+        from safetensors.torch import save_file
+
+        self.policy.save_pretrained(path, **kwargs)
+        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(Path(path) / "value_head.safetensors"))
+
+    def load_checkpoint_weights(self, path: Path, load_weights: Callable[[Any, Path], None]) -> None:
+        from safetensors.torch import load_file
+
+        load_weights(self.policy, path)
+        self.value_head.load_state_dict(load_file(str(path / "value_head.safetensors")))
+
+    def export_pretrained(self, path: Path, tokenizer: Any) -> None:
+        """The final model: a plain Hugging Face policy (LoRA merged), plus the value head beside it."""
+        from safetensors.torch import save_file
+
+        from rlhfkit.models import save_pretrained
+
+        save_pretrained(self.policy, tokenizer, path)
+        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(Path(path) / "value_head.safetensors"))
+
+
+def response_forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, P: int, temperature: float,
+                     entropy: bool = False):
+    """Log-probs (B, R), values (B, R) and optionally entropies (B, R) of the response tokens. ids: prompt (P,
+    left-padded) + response (R, right-padded). Training logits are divided by the sampling temperature
+    (N implementation details), so the ratio compares the distributions actually sampled from."""
+    logits, values = model(ids, mask)  # (B, T, V), (B, T)
+    out = token_logprobs(logits, ids, temperature, return_entropy=entropy)
+    if entropy:
+        lp, ent = out
+        return lp[:, P - 1 :], values[:, P - 1 : -1], ent[:, P - 1 :]
+    return out[:, P - 1 :], values[:, P - 1 : -1]
+
+
+@torch.no_grad()
+def reference_logprobs(ref: Any | None, policy_net: Any, ids: torch.Tensor, mask: torch.Tensor, P: int,
+                       temperature: float) -> torch.Tensor:
+    """Log-probs under pi_ref: a frozen copy, or (LoRA) the same network with the adapter disabled."""
+    if ref is None:
+        with policy_net.disable_adapter():
+            logits = policy_net(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                use_cache=False).logits
+    else:
+        logits = ref(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                     use_cache=False).logits
+    return token_logprobs(logits, ids, temperature)[:, P - 1 :]
+
+
+def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | None = None) -> dict[str, Any]:
+    """judge: optional held-out scorer (prompts, responses) -> scores, logged beside the proxy reward every
+    eval_every steps to watch for over-optimisation (the playground passes its gold judge; training code never
+    imports it)."""
+    run = Run(cfg, stage="ppo")
+    device = run.accelerator.device
+    tokenizer = load_tokenizer(cfg.model, padding_side="right")
+    prompts = read_prompts(cfg.data)
+    policy = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, dropout_off=True)  # dropout off (N details)
+    ref = None
+    if not (cfg.lora.enabled and not cfg.ref_model):
+        ref = load_causal_lm(cfg.ref_model or cfg.model, tokenizer).eval().to(device)
+        ref.requires_grad_(False)
+    reward = load_reward_ensemble(cfg.reward_model, device=device)
+    same_vocab = reward.tokenizer.get_vocab() == tokenizer.get_vocab()
+    kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+
+    model, optimizer, scheduler, sampler, start_step = run.begin(PolicyWithValue(policy), len(prompts))
+    if run.resumed_state is not None:
+        kl_ctl.load_state_dict(run.resumed_state["kl_controller"])
+    k = cfg.samples_per_prompt
+    last: dict[str, Any] = {}
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        net = run.accelerator.unwrap_model(model)
+        indices = run.shard(sampler.next_indices(cfg.batch_size * run.world))
+        step_prompts = [prompts[i] for i in indices for _ in range(k)]  # groups of k are contiguous
+        # ---- rollouts: left-padded prompts, sampled at the training temperature
+        rollout = sample(net.policy, tokenizer, step_prompts, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(step_prompts))
+        P = rollout.prompt_ids.shape[1]
+        ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1).to(device)  # (B, P+R)
+        mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1).to(device)  # (B, P+R)
+        rmask = rollout.response_mask.to(device).float()  # (B, R), 1 = real response token incl. EOS
+        with torch.no_grad():
+            model.eval()
+            old_logprobs, old_values = response_forward(model, ids, mask, P, cfg.temperature)
+            ref_logprobs = reference_logprobs(ref, net.policy, ids, mask, P, cfg.temperature)
+            # ---- reward: score at the last real token (the reward model reads it there itself)
+            if same_vocab:
+                mean, std = reward.mean_std(ids, mask)
+            else:
+                m, s = score_texts(reward, step_prompts, rollout.texts)
+                mean, std = torch.tensor(m, device=device), torch.tensor(s, device=device)
+            raw_score = mean.float()
+            score = raw_score - cfg.ensemble_penalty * std.float() - cfg.length_penalty * rmask.sum(-1)
+            ended = rollout.ended.to(device)
+            score = torch.where(ended, score, torch.full_like(score, cfg.missing_eos_penalty))  # no-EOS penalty
+            rewards, kl = kl_penalised_rewards(score, old_logprobs, ref_logprobs, rmask, kl_ctl.value,
+                                               cfg.kl_estimator)
+            if cfg.advantage == "gae":
+                advantages, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)
+            else:
+                # critic-free: the sequence reward (score minus the summed KL penalty) gets one advantage,
+                # spread over every token of the response
+                seq_reward = rewards.sum(-1)
+                if cfg.advantage == "grpo":
+                    seq_adv = grpo_advantages(seq_reward, k)
+                elif cfg.advantage == "rloo":
+                    seq_adv = rloo_advantages(seq_reward, k)
+                else:
+                    seq_adv = reinforce_advantages(seq_reward, seq_reward.mean())
+                advantages, returns = seq_adv[:, None] * rmask, None
+            if cfg.whiten:
+                advantages = whiten_advantages(advantages, rmask)
+        model.train()
+        # ---- several epochs of clipped updates over minibatches
+        B = ids.shape[0]
+        mb = B // cfg.minibatches
+        stats: dict[str, list[float]] = {k_: [] for k_ in ("policy_loss", "value_loss", "clip_frac", "approx_kl",
+                                                           "value_clip_frac", "explained_var", "entropy")}
+        grad_norm = 0.0
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(B).tolist()
+            for j in range(cfg.minibatches):
+                sel = torch.tensor(order[j * mb : (j + 1) * mb], device=device)
+                with run.micro_step(model, 0, 1):
+                    lp, values, ent = response_forward(model, ids[sel], mask[sel], P, cfg.temperature, entropy=True)
+                    m = rmask[sel]
+                    pl, ps = ppo_policy_loss(lp, old_logprobs[sel], advantages[sel], m, cfg.clip)
+                    loss = pl
+                    if returns is not None:
+                        vl, vs = ppo_value_loss(values, old_values[sel], returns[sel], m, cfg.value_clip)
+                        loss = loss + cfg.vf_coef * vl
+                        stats["value_loss"].append(float(vl.detach()))
+                        stats["value_clip_frac"].append(float(vs.clip_fraction))
+                        stats["explained_var"].append(float(vs.explained_variance))
+                    run.accelerator.backward(loss)
+                last_update = epoch == cfg.ppo_epochs - 1 and j == cfg.minibatches - 1
+                lr = scheduler.get_last_lr()[0]
+                grad_norm = run.step_optimizer(model, optimizer, scheduler, step, advance_schedule=last_update)
+                stats["policy_loss"].append(float(pl.detach()))
+                stats["clip_frac"].append(float(ps.clip_fraction))
+                stats["approx_kl"].append(float(ps.approx_kl))
+                stats["entropy"].append(float(masked_mean(ent, m)))
+        kl_seq = float(run.all_sum(kl.sum(-1).sum()) / (B * run.world))
+        kl_ctl.update(kl_seq, B * run.world)
+        metrics: dict[str, Any] = {
+            "reward/score": float(run.all_sum(raw_score.sum()) / (B * run.world)),
+            "reward/penalised": float(run.all_sum(score.sum()) / (B * run.world)),
+            "reward/total": float(run.all_sum(rewards.sum()) / (B * run.world)),
+            "reward/ensemble_std": float(std.float().mean()),
+            "kl": kl_seq,
+            "kl_coef": kl_ctl.value,
+            "response_length": float(rmask.sum(-1).mean()),
+            "eos_fraction": float(ended.float().mean()),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            **{key: sum(v) / len(v) for key, v in stats.items() if v},
+        }
+        if judge is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            metrics["judge/score"] = sum(judge(step_prompts, rollout.texts)) / len(rollout.texts)
+        check_finite(metrics, step)
+        run.log(step, metrics, headline=("reward/score", "kl", "judge/score"))
+        run.end_step(step, model, optimizer, scheduler, {"sampler": sampler.state_dict(),
+                                                         "kl_controller": kl_ctl.state_dict()})
+        last = metrics
+    summary = {"stage": "ppo", "steps": cfg.max_steps, "advantage": cfg.advantage,
+               **{k_: last.get(k_) for k_ in ("reward/score", "kl", "kl_coef", "judge/score", "response_length")}}
+    run.finish(model, tokenizer, summary)
+    return summary

@@ -1,0 +1,111 @@
+"""PPO math by hand: KL-penalised rewards, GAE (closed form and the reference loop), clipped losses, critic-free
+advantages, the adaptive KL controller."""
+
+import math
+import random
+
+import pytest
+import torch
+
+
+def close(got, want, tol=1e-6):
+    torch.testing.assert_close(torch.as_tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), rtol=0, atol=tol)
+
+from rlhfkit.losses.advantages import (
+    gae, grpo_advantages, kl_penalised_rewards, kl_per_token, reinforce_advantages, rloo_advantages,
+)
+from rlhfkit.losses.ppo import ppo_policy_loss, ppo_value_loss
+from rlhfkit.policy.ppo import KLController
+
+
+def test_kl_penalised_rewards_put_the_score_on_the_last_real_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -9.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.5, -9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards, kl = kl_penalised_rewards(torch.tensor([2.0, -1.0]), logprobs, ref, mask, kl_coef=0.1)
+    # k1 = log pi - log pi_ref: row 0 [0.5, 0, -1], row 1 [1, 0.5, (pad) 0]
+    close(kl, [[0.5, 0.0, -1.0], [1.0, 0.5, 0.0]])
+    # r = -0.1 kl, plus the score at the last real token (index 2 in row 0, index 1 in row 1)
+    close(rewards, [[-0.05, 0.0, 0.1 + 2.0], [-0.1, -0.05 - 1.0, 0.0]])
+
+
+def test_kl_estimators_by_hand():
+    lp, ref = torch.tensor([0.0]), torch.tensor([math.log(2)])  # ratio pi_ref / pi = 2
+    assert kl_per_token(lp, ref, "k1").item() == pytest.approx(-math.log(2))
+    assert kl_per_token(lp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_per_token(lp, ref, "k3").item() == pytest.approx(1 - math.log(2))  # (2 - 1) - ln 2 >= 0
+
+
+def test_gae_closed_form_short_episode():
+    # rewards [0, 0, 1], values [0.5, 0.5, 0.5], gamma 1, lambda 0.5:
+    # delta_2 = 1 - 0.5 = 0.5;         A_2 = 0.5
+    # delta_1 = 0 + 0.5 - 0.5 = 0;     A_1 = 0 + 0.5 * 0.5 = 0.25
+    # delta_0 = 0;                     A_0 = 0 + 0.5 * 0.25 = 0.125;  returns = A + V
+    adv, ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]]), torch.ones(1, 3), 1.0, 0.5)
+    close(adv, [[0.125, 0.25, 0.5]])
+    close(ret, [[0.625, 0.75, 1.0]])
+
+
+def gae_reference_loop(rewards, values, lengths, gamma, lam):
+    out = []
+    for r, v, n in zip(rewards, values, lengths):
+        adv = [0.0] * len(r)
+        running = 0.0
+        for t in reversed(range(n)):
+            nxt = v[t + 1] if t + 1 < n else 0.0
+            running = r[t] + gamma * nxt - v[t] + gamma * lam * running
+            adv[t] = running
+        out.append(adv)
+    return out
+
+
+def test_vectorised_gae_equals_the_reference_loop():
+    rng = random.Random(0)
+    B, R = 5, 7
+    lengths = [rng.randint(1, R) for _ in range(B)]
+    rewards = [[rng.uniform(-1, 1) if t < n else 0.0 for t in range(R)] for n in lengths]
+    values = [[rng.uniform(-1, 1) for _ in range(R)] for _ in range(B)]
+    mask = torch.tensor([[1 if t < n else 0 for t in range(R)] for n in lengths])
+    adv, _ = gae(torch.tensor(rewards), torch.tensor(values), mask, gamma=0.99, lam=0.9)
+    close(adv, gae_reference_loop(rewards, values, lengths, 0.99, 0.9), tol=1e-5)
+
+
+def test_clipped_policy_loss_by_hand():
+    # ratios e^0.5 = 1.6487 (A = +1) and e^-0.5 = 0.6065 (A = -1), clip 0.2:
+    # token 0: max(-1.6487, -1.2) = -1.2 (clipped);  token 1: max(0.6065, 0.8) = 0.8 (clipped) -> mean -0.2
+    lp, old = torch.tensor([[0.5, -0.5]]), torch.zeros(1, 2)
+    loss, stats = ppo_policy_loss(lp, old, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), clip=0.2)
+    assert loss.item() == pytest.approx(-0.2)
+    assert stats.clip_fraction.item() == 1.0
+    # inside the trust region nothing is clipped: loss = -mean(A * ratio)
+    loss, stats = ppo_policy_loss(torch.tensor([[0.1]]), torch.zeros(1, 1), torch.tensor([[2.0]]), torch.ones(1, 1))
+    assert loss.item() == pytest.approx(-2 * math.exp(0.1)) and stats.clip_fraction.item() == 0.0
+
+
+def test_clipped_value_loss_by_hand():
+    # V = 2, V_old = 0, G = 2, clip 0.2: V_clip = 0.2; max((2-2)^2, (0.2-2)^2) = 3.24 -> 0.5 * 3.24 = 1.62
+    loss, stats = ppo_value_loss(torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), torch.ones(1, 1))
+    assert loss.item() == pytest.approx(1.62)
+    assert stats.clip_fraction.item() == 1.0
+
+
+def test_critic_free_advantages_by_hand():
+    scores = torch.tensor([1.0, 3.0, 0.0, 4.0])  # two prompts, two samples each
+    # RLOO: each sample minus the other's score
+    assert rloo_advantages(scores, 2).tolist() == [-2.0, 2.0, -4.0, 4.0]
+    # GRPO: (x - mean) / std, std of [1, 3] (unbiased) = sqrt(2)
+    assert grpo_advantages(scores, 2, eps=0.0).tolist() == pytest.approx(
+        [-1 / math.sqrt(2), 1 / math.sqrt(2), -1 / math.sqrt(2), 1 / math.sqrt(2)])
+    assert grpo_advantages(scores, 2, scale=False).tolist() == [-1.0, 1.0, -2.0, 2.0]
+    assert reinforce_advantages(scores, 2.0).tolist() == [-1.0, 1.0, -2.0, 2.0]
+
+
+def test_adaptive_kl_controller_update_by_hand():
+    ctl = KLController(0.1, adaptive=True, target=6.0, horizon=10_000)
+    ctl.update(kl=9.0, n_samples=512)  # e = clip(9/6 - 1, -0.2, 0.2) = 0.2 -> beta * (1 + 0.2 * 512 / 10000)
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.0512))
+    ctl.update(kl=5.4, n_samples=1000)  # e = -0.1
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.0512) * (1 - 0.1 * 0.1))
+    fixed = KLController(0.1, adaptive=False, target=6.0, horizon=10_000)
+    fixed.update(100.0, 512)
+    assert fixed.value == 0.1
