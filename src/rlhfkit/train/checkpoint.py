@@ -97,7 +97,7 @@ def _load_model_weights(model: Any, model_dir: Path) -> None:
         set_peft_model_state_dict(model, load_file(str(model_dir / "adapter_model.safetensors")))
         return
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
+    for shard in sorted(model_dir.glob("model*.safetensors")):  # HF names its shards model[-i-of-n]
         state.update(load_file(str(shard)))
     result = model.load_state_dict(state, strict=False)
     # save_pretrained omits tied copies (lm_head tied to the embeddings); anything else missing is a real error
