@@ -1,0 +1,573 @@
+"""The service layer: the one door through which the web pages, simulated annotators and the CLI create work,
+serve the queue, record judgments and read progress, agreement and gold accuracy.
+
+Every method runs in its own write transaction (BEGIN IMMEDIATE on SQLite, see store.py) and returns plain
+dataclasses, never ORM objects, so callers cannot touch the database behind the service's back."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import random
+import re
+import secrets
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any, Sequence
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+
+from rlhfkit.data.preference import STRENGTHS
+from rlhfkit.errors import UserError
+from rlhfkit.feedback.agreement import cohen_kappa, krippendorff_alpha_nominal, percent_agreement
+from rlhfkit.feedback.store import (
+    FLAGS, MODES, OUTCOMES, ROLES, Assignment, Gold, Item, Judgment, Project, Store, User, now,
+)
+
+MAX_RATIONALE = 5000
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+_SUBMISSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+# ------------------------------------------------------------------------------------------------- errors
+class FeedbackError(UserError):
+    """A request the service refuses; `status` is the HTTP status the web app answers with."""
+
+    status = 422
+
+
+class NotFound(FeedbackError):
+    status = 404
+
+
+class Forbidden(FeedbackError):
+    status = 403
+
+
+class Conflict(FeedbackError):
+    status = 409
+
+
+# ---------------------------------------------------------------------------------------------- passwords
+# scrypt from the standard library (RFC 7914) at OWASP's recommended cost (N=2^17, r=8, p=1: 128 MiB and a few
+# tenths of a second per hash). The parameters are stored in each hash, so tests may lower SCRYPT_N to run fast
+# and existing hashes keep verifying after a change.
+SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**17, 8, 1
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
+    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024, dklen=dklen)
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = _scrypt(password, salt, SCRYPT_N, _SCRYPT_R, _SCRYPT_P, 32)
+    return f"scrypt${SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str | None) -> bool:
+    if not stored:
+        return False
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        got = _scrypt(password, bytes.fromhex(salt), int(n), int(r), int(p), len(digest) // 2)
+    except ValueError:
+        return False
+    return hmac.compare_digest(got.hex(), digest)
+
+
+# ------------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class UserInfo:
+    id: int
+    name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    id: int
+    name: str
+    mode: str
+    instructions: str
+    responses_per_item: int
+    annotators_per_item: int
+
+
+@dataclass
+class ItemSpec:
+    """One item to create: a prompt, its responses with their source ids, and optionally a known answer
+    (gold_outcome for pairwise projects, gold_top for ranking projects)."""
+
+    prompt: str
+    responses: list[str]
+    sources: list[str] = field(default_factory=list)
+    gold_outcome: str | None = None
+    gold_top: int | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """What an annotator is shown: responses in display order (display_order[i] is the item's response index
+    shown in position i)."""
+
+    assignment_id: int
+    item_id: int
+    project: ProjectInfo
+    prompt: str
+    responses: list[str]
+    display_order: list[int]
+
+    @property
+    def shown(self) -> list[tuple[int, str]]:
+        """(response index, text) in the order shown."""
+        return [(i, self.responses[i]) for i in self.display_order]
+
+
+@dataclass(frozen=True)
+class Ack:
+    judgment_id: int
+    duplicate: bool
+    """True when this submission id was already stored (a retry); nothing new was written."""
+
+
+@dataclass
+class AnnotatorProgress:
+    name: str
+    judgments: int = 0
+    skips: int = 0
+    flagged: int = 0
+    median_seconds: float | None = None
+    gold_seen: int = 0
+    gold_correct: int = 0
+
+    @property
+    def gold_accuracy(self) -> float | None:
+        return self.gold_correct / self.gold_seen if self.gold_seen else None
+
+
+@dataclass
+class Progress:
+    items: int
+    gold_items: int
+    judgments: int
+    complete_items: int
+    """Non-gold items with as many judgments (skips excluded) as the project asks for."""
+    annotators: list[AnnotatorProgress]
+
+
+@dataclass
+class Agreement:
+    units: int
+    """Items with at least two non-skip labels."""
+    percent: float | None
+    alpha: float | None
+    kappa: dict[str, float]
+    """Cohen's kappa per annotator pair ("a|b") that shares at least `min_shared` items."""
+    label: str
+    """What was compared: the pairwise outcome, or the response ranked first."""
+
+
+@dataclass(frozen=True)
+class Flagged:
+    item_id: int
+    prompt: str
+    annotator: str
+    flags: list[str]
+    rationale: str
+
+
+# ------------------------------------------------------------------------------------------------- service
+def _user_info(u: User) -> UserInfo:
+    return UserInfo(u.id, u.name, u.role)
+
+
+def _project_info(p: Project) -> ProjectInfo:
+    return ProjectInfo(p.id, p.name, p.mode, p.instructions, p.responses_per_item, p.annotators_per_item)
+
+
+def label_of(mode: str, outcome: str | None, ranking: list[list[int]] | None) -> Any:
+    """The nominal label agreement and gold accuracy compare: the outcome (pairwise) or the response(s) ranked
+    first (ranking); None for skips."""
+    if outcome == "skip":
+        return None
+    if mode == "pairwise":
+        return outcome
+    return tuple(sorted(ranking[0])) if ranking else None
+
+
+class FeedbackService:
+    """All reads and writes of labelling work. `rng` draws display orders (pass a seeded random.Random for
+    reproducible simulations); `assignment_ttl_s` frees an item slot held by someone who never submitted."""
+
+    def __init__(self, store: Store, rng: random.Random | None = None, assignment_ttl_s: float = 3600.0):
+        self.store = store
+        self.rng = rng or random.SystemRandom()
+        self.assignment_ttl_s = assignment_ttl_s
+
+    # ---------------------------------------------------------------------------------------------- users
+    def add_user(self, name: str, role: str, password: str | None) -> UserInfo:
+        """Create a user. password None makes an account that cannot log in (simulated annotators)."""
+        if not _NAME_RE.match(name):
+            raise FeedbackError(f"user name {name!r} is not allowed; use 1-64 letters, digits, '_', '.', '@' or '-'.")
+        if role not in ROLES:
+            raise FeedbackError(f"role {role!r} is unknown; use one of {', '.join(ROLES)}.")
+        if password is not None and len(password) < 8:
+            raise FeedbackError(f"the password for {name} is too short; use at least 8 characters.")
+        hashed = hash_password(password) if password is not None else None
+        with self.store.session() as s, s.begin():
+            if s.scalar(select(User).where(User.name == name)) is not None:
+                raise Conflict(f"user {name!r} already exists; pick another name.")
+            user = User(name=name, role=role, password_hash=hashed)
+            s.add(user)
+            s.flush()
+            return _user_info(user)
+
+    def ensure_user(self, name: str, role: str = "annotator") -> UserInfo:
+        """The user with this name, created without a password if missing (for simulated annotators)."""
+        with self.store.session() as s, s.begin():
+            user = s.scalar(select(User).where(User.name == name))
+            if user is None:
+                user = User(name=name, role=role, password_hash=None)
+                s.add(user)
+                s.flush()
+            return _user_info(user)
+
+    def authenticate(self, name: str, password: str) -> UserInfo | None:
+        with self.store.session() as s:
+            user = s.scalar(select(User).where(User.name == name))
+            stored = user.password_hash if user is not None else None
+            info = _user_info(user) if user is not None else None
+        if stored is None:
+            # spend the same time as a real check, so response times do not reveal which names exist
+            verify_password(password, _dummy_hash())
+            return None
+        return info if verify_password(password, stored) else None
+
+    def user(self, user_id: int) -> UserInfo | None:
+        with self.store.session() as s:
+            u = s.get(User, user_id)
+            return _user_info(u) if u is not None else None
+
+    def user_by_name(self, name: str) -> UserInfo | None:
+        with self.store.session() as s:
+            u = s.scalar(select(User).where(User.name == name))
+            return _user_info(u) if u is not None else None
+
+    # ------------------------------------------------------------------------------------------- projects
+    def create_project(self, name: str, mode: str = "pairwise", instructions: str = "", responses_per_item: int = 2,
+                       annotators_per_item: int = 1) -> ProjectInfo:
+        if not _NAME_RE.match(name):
+            raise FeedbackError(f"project name {name!r} is not allowed; use 1-64 letters, digits, '_', '.', '@' "
+                                "or '-'.")
+        if mode not in MODES:
+            raise FeedbackError(f"mode {mode!r} is unknown; use pairwise or ranking.")
+        if mode == "pairwise" and responses_per_item != 2:
+            raise FeedbackError(f"a pairwise project shows 2 responses per item, not {responses_per_item}; use "
+                                "mode ranking for more.")
+        if responses_per_item < 2:
+            raise FeedbackError(f"responses_per_item must be at least 2, got {responses_per_item}.")
+        if annotators_per_item < 1:
+            raise FeedbackError(f"annotators_per_item must be at least 1, got {annotators_per_item}.")
+        with self.store.session() as s, s.begin():
+            if s.scalar(select(Project).where(Project.name == name)) is not None:
+                raise Conflict(f"project {name!r} already exists; pick another name or add items to it.")
+            p = Project(name=name, mode=mode, instructions=instructions, responses_per_item=responses_per_item,
+                        annotators_per_item=annotators_per_item)
+            s.add(p)
+            s.flush()
+            return _project_info(p)
+
+    def project(self, name_or_id: str | int) -> ProjectInfo:
+        with self.store.session() as s:
+            if isinstance(name_or_id, int):
+                p = s.get(Project, name_or_id)
+            else:
+                p = s.scalar(select(Project).where(Project.name == name_or_id))
+            if p is None:
+                raise NotFound(f"project {name_or_id!r} does not exist; create it with `rlhfkit label create`.")
+            return _project_info(p)
+
+    def projects(self) -> list[ProjectInfo]:
+        with self.store.session() as s:
+            return [_project_info(p) for p in s.scalars(select(Project).order_by(Project.id))]
+
+    def add_items(self, project_id: int, items: Sequence[ItemSpec]) -> int:
+        """Append items to a project; returns how many were added. A pairwise item has exactly 2 responses, a
+        ranking item 2..responses_per_item; identical responses in one item are an error."""
+        project = self.project(project_id)
+        rows = []
+        for n, spec in enumerate(items):
+            where = f"item {n} ({spec.prompt[:40]!r})"
+            if not spec.prompt.strip():
+                raise FeedbackError(f"{where}: the prompt is empty.")
+            k = len(spec.responses)
+            if project.mode == "pairwise" and k != 2:
+                raise FeedbackError(f"{where}: a pairwise item needs exactly 2 responses, got {k}.")
+            if not 2 <= k <= project.responses_per_item:
+                raise FeedbackError(f"{where}: needs 2 to {project.responses_per_item} responses, got {k}.")
+            if len({r.strip() for r in spec.responses}) < k:
+                raise FeedbackError(f"{where}: two responses are identical, so comparing them teaches nothing; "
+                                    "drop the duplicate.")
+            sources = list(spec.sources) or [""] * k
+            if len(sources) != k:
+                raise FeedbackError(f"{where}: {len(sources)} source ids for {k} responses.")
+            if spec.gold_outcome is not None and (project.mode != "pairwise" or spec.gold_outcome not in OUTCOMES[:4]):
+                raise FeedbackError(f"{where}: gold_outcome {spec.gold_outcome!r} needs a pairwise project and one "
+                                    "of A, B, tie, both_bad.")
+            if spec.gold_top is not None and (project.mode != "ranking" or not 0 <= spec.gold_top < k):
+                raise FeedbackError(f"{where}: gold_top {spec.gold_top!r} needs a ranking project and a response "
+                                    "index.")
+            rows.append((spec, sources))
+        with self.store.session() as s, s.begin():
+            start = s.scalar(select(func.coalesce(func.max(Item.position), -1)).where(
+                Item.project_id == project_id)) + 1
+            for offset, (spec, sources) in enumerate(rows):
+                item = Item(project_id=project_id, prompt=spec.prompt, position=start + offset,
+                            responses=[{"text": t, "source": src} for t, src in zip(spec.responses, sources)])
+                s.add(item)
+                if spec.gold_outcome is not None or spec.gold_top is not None:
+                    s.flush()
+                    s.add(Gold(item_id=item.id, outcome=spec.gold_outcome, top=spec.gold_top))
+        return len(rows)
+
+    # ---------------------------------------------------------------------------------------------- queue
+    def next_task(self, user_id: int, project_id: int) -> Task | None:
+        """The user's open task in the project, else a new one: an item they have never been given, gold items
+        for everyone, other items only while fewer than annotators_per_item people hold them (started items
+        first, so items complete before new ones open). None when nothing is left for this user."""
+        with self.store.session() as s, s.begin():
+            project = s.get(Project, project_id)
+            if project is None:
+                raise NotFound(f"project {project_id} does not exist.")
+            open_one = s.execute(
+                select(Assignment, Item).join(Item, Item.id == Assignment.item_id).where(
+                    Assignment.user_id == user_id, Item.project_id == project_id,
+                    Assignment.completed_at.is_(None)).order_by(Assignment.id).limit(1)).first()
+            if open_one is not None:
+                a, item = open_one
+                return Task(a.id, item.id, _project_info(project), item.prompt,
+                            [r["text"] for r in item.responses], list(a.display_order))
+            cutoff = now() - self.assignment_ttl_s
+            held = (select(Assignment.item_id, func.count().label("n"))
+                    .where(or_(Assignment.completed_at.is_not(None), Assignment.created_at > cutoff))
+                    .group_by(Assignment.item_id).subquery())
+            mine = select(Assignment.item_id).where(Assignment.user_id == user_id)
+            n_held = func.coalesce(held.c.n, 0)
+            row = s.execute(
+                select(Item).outerjoin(held, held.c.item_id == Item.id).outerjoin(Gold, Gold.item_id == Item.id)
+                .where(Item.project_id == project_id, Item.id.not_in(mine),
+                       or_(Gold.item_id.is_not(None), n_held < project.annotators_per_item))
+                .order_by(n_held.desc(), Item.position).limit(1)).first()
+            if row is None:
+                return None
+            item = row[0]
+            order = list(range(len(item.responses)))
+            self.rng.shuffle(order)  # position bias: which response is shown first is random and recorded
+            a = Assignment(item_id=item.id, user_id=user_id, display_order=order)
+            s.add(a)
+            s.flush()
+            return Task(a.id, item.id, _project_info(project), item.prompt, [r["text"] for r in item.responses],
+                        order)
+
+    def task(self, user_id: int, assignment_id: int) -> Task:
+        """An assignment of this user (Forbidden for someone else's)."""
+        with self.store.session() as s:
+            a = s.get(Assignment, assignment_id)
+            if a is None:
+                raise NotFound(f"assignment {assignment_id} does not exist.")
+            if a.user_id != user_id:
+                raise Forbidden("this task belongs to another annotator.")
+            item = s.get(Item, a.item_id)
+            project = s.get(Project, item.project_id)
+            return Task(a.id, item.id, _project_info(project), item.prompt, [r["text"] for r in item.responses],
+                        list(a.display_order))
+
+    # --------------------------------------------------------------------------------------------- submit
+    def submit(self, user_id: int, assignment_id: int, submission_id: str, *, outcome: str | None = None,
+               strength: str | None = None, ranking: Sequence[Sequence[int]] | None = None,
+               flags: Sequence[str] = (), rationale: str = "", time_spent_ms: int | None = None) -> Ack:
+        """Record a judgment. Idempotent on submission_id: a retry of a stored submission returns its Ack with
+        duplicate=True and writes nothing. Pairwise: outcome A/B (with a strength), tie, both_bad or skip.
+        Ranking: tiers of response indices best first, or outcome skip."""
+        if not isinstance(submission_id, str) or not _SUBMISSION_RE.match(submission_id):
+            raise FeedbackError("submission_id must be 8-64 letters, digits, '-' or '_' (a UUID works).")
+        bad_flags = sorted(set(flags) - set(FLAGS))
+        if bad_flags:
+            raise FeedbackError(f"unknown flag(s) {bad_flags}; use any of {', '.join(FLAGS)}.")
+        if len(rationale) > MAX_RATIONALE:
+            raise FeedbackError(f"the rationale is {len(rationale)} characters; keep it under {MAX_RATIONALE}.")
+        if time_spent_ms is not None and time_spent_ms < 0:
+            raise FeedbackError(f"time_spent_ms must be 0 or more, got {time_spent_ms}.")
+        try:
+            with self.store.session() as s, s.begin():
+                existing = s.scalar(select(Judgment).where(Judgment.submission_id == submission_id))
+                if existing is not None:
+                    if existing.user_id != user_id:
+                        raise Forbidden("this submission id belongs to another annotator.")
+                    return Ack(existing.id, duplicate=True)
+                a = s.get(Assignment, assignment_id)
+                if a is None:
+                    raise NotFound(f"assignment {assignment_id} does not exist.")
+                if a.user_id != user_id:
+                    raise Forbidden("this task belongs to another annotator.")
+                if a.completed_at is not None:
+                    raise Conflict("this task was already judged (with another submission id).")
+                item = s.get(Item, a.item_id)
+                mode = s.get(Project, item.project_id).mode
+                outcome, strength, tiers = _validate(mode, len(item.responses), outcome, strength, ranking)
+                j = Judgment(submission_id=submission_id, assignment_id=a.id, item_id=item.id, user_id=user_id,
+                             outcome=outcome, strength=strength, ranking=tiers, flags=sorted(set(flags)),
+                             rationale=rationale, time_spent_ms=time_spent_ms, display_order=list(a.display_order))
+                s.add(j)
+                a.completed_at = now()
+                s.flush()
+                return Ack(j.id, duplicate=False)
+        except IntegrityError:
+            # another connection stored the same submission id first (possible on PostgreSQL, whose
+            # transactions do not serialise like SQLite's BEGIN IMMEDIATE): that one is the stored copy
+            with self.store.session() as s:
+                existing = s.scalar(select(Judgment).where(Judgment.submission_id == submission_id))
+            if existing is None or existing.user_id != user_id:
+                raise Conflict("this task was already judged (with another submission id).") from None
+            return Ack(existing.id, duplicate=True)
+
+    # -------------------------------------------------------------------------------------------- reports
+    def _judgments(self, project_id: int) -> list[tuple[Judgment, str, bool]]:
+        with self.store.session() as s:
+            rows = s.execute(
+                select(Judgment, User.name, Gold.item_id).join(Item, Item.id == Judgment.item_id)
+                .join(User, User.id == Judgment.user_id).outerjoin(Gold, Gold.item_id == Item.id)
+                .where(Item.project_id == project_id).order_by(Judgment.id)).all()
+        return [(j, name, gold is not None) for j, name, gold in rows]
+
+    def user_progress(self, user_id: int, project_id: int) -> tuple[int, int]:
+        """(items this user judged, items still available to them) in the project."""
+        with self.store.session() as s:
+            done = s.scalar(select(func.count()).select_from(Assignment).join(Item, Item.id == Assignment.item_id)
+                            .where(Assignment.user_id == user_id, Item.project_id == project_id,
+                                   Assignment.completed_at.is_not(None)))
+            total = s.scalar(select(func.count()).select_from(Item).where(Item.project_id == project_id))
+        return done, total - done
+
+    def progress(self, project_id: int) -> Progress:
+        project = self.project(project_id)
+        with self.store.session() as s:
+            items = s.scalar(select(func.count()).select_from(Item).where(Item.project_id == project_id))
+            gold_items = s.scalar(select(func.count()).select_from(Gold).join(Item, Item.id == Gold.item_id)
+                                  .where(Item.project_id == project_id))
+            golds = {g.item_id: g for g in s.scalars(
+                select(Gold).join(Item, Item.id == Gold.item_id).where(Item.project_id == project_id))}
+        per: dict[str, AnnotatorProgress] = {}
+        seconds: dict[str, list[float]] = defaultdict(list)
+        labelled: dict[int, int] = defaultdict(int)
+        judgments = self._judgments(project_id)
+        for j, name, is_gold in judgments:
+            p = per.setdefault(name, AnnotatorProgress(name))
+            p.judgments += 1
+            p.skips += j.outcome == "skip"
+            p.flagged += bool(j.flags)
+            if j.time_spent_ms is not None:
+                seconds[name].append(j.time_spent_ms / 1000)
+            if is_gold:
+                label = label_of(project.mode, j.outcome, j.ranking)
+                if label is not None:
+                    g = golds[j.item_id]
+                    p.gold_seen += 1
+                    p.gold_correct += label == (g.outcome if project.mode == "pairwise" else (g.top,))
+            elif j.outcome != "skip":
+                labelled[j.item_id] += 1
+        for name, values in seconds.items():
+            per[name].median_seconds = statistics.median(values)
+        complete = sum(n >= project.annotators_per_item for n in labelled.values())
+        return Progress(items, gold_items, len(judgments), complete, sorted(per.values(), key=lambda p: p.name))
+
+    def agreement(self, project_id: int, min_shared: int = 5) -> Agreement:
+        """Agreement on non-gold items (gold items measure accuracy instead): percent agreement and
+        Krippendorff's alpha over everyone, Cohen's kappa per annotator pair with min_shared shared items."""
+        project = self.project(project_id)
+        by_item: dict[int, dict[str, Any]] = defaultdict(dict)
+        for j, name, is_gold in self._judgments(project_id):
+            label = label_of(project.mode, j.outcome, j.ranking)
+            if not is_gold and label is not None:
+                by_item[j.item_id][name] = label
+        raters = sorted({n for labels in by_item.values() for n in labels})
+        units = [[labels.get(r) for r in raters] for labels in by_item.values()]
+        kappa = {}
+        for a, b in combinations(raters, 2):
+            la = [labels.get(a) for labels in by_item.values()]
+            lb = [labels.get(b) for labels in by_item.values()]
+            shared = sum(x is not None and y is not None for x, y in zip(la, lb))
+            if shared >= min_shared:
+                kappa[f"{a}|{b}"] = cohen_kappa(la, lb)
+        return Agreement(units=sum(len(labels) >= 2 for labels in by_item.values()), percent=percent_agreement(units),
+                         alpha=krippendorff_alpha_nominal(units), kappa=kappa,
+                         label="outcome (A/B/tie/both_bad)" if project.mode == "pairwise" else "response ranked first")
+
+    def flagged(self, project_id: int) -> list[Flagged]:
+        with self.store.session() as s:
+            rows = s.execute(
+                select(Judgment, User.name, Item.prompt).join(Item, Item.id == Judgment.item_id)
+                .join(User, User.id == Judgment.user_id)
+                .where(Item.project_id == project_id).order_by(Judgment.id)).all()
+        return [Flagged(j.item_id, prompt, name, list(j.flags), j.rationale) for j, name, prompt in rows if j.flags]
+
+    def judged_items(self, project_id: int) -> list[dict[str, Any]]:
+        """Every judgment with its item, for export: item prompt/responses/sources, annotator, gold flag."""
+        with self.store.session() as s:
+            rows = s.execute(
+                select(Judgment, Item, User.name, Gold.item_id).join(Item, Item.id == Judgment.item_id)
+                .join(User, User.id == Judgment.user_id).outerjoin(Gold, Gold.item_id == Item.id)
+                .where(Item.project_id == project_id).order_by(Item.position, Judgment.id)).all()
+        return [{"item_id": item.id, "prompt": item.prompt, "responses": [r["text"] for r in item.responses],
+                 "sources": [r.get("source", "") for r in item.responses], "annotator": name,
+                 "gold": gold is not None, "outcome": j.outcome, "strength": j.strength, "ranking": j.ranking,
+                 "flags": list(j.flags), "rationale": j.rationale, "display_order": list(j.display_order)}
+                for j, item, name, gold in rows]
+
+
+@functools.lru_cache(maxsize=None)
+def _dummy_hash_at(n: int) -> str:
+    return hash_password(secrets.token_hex(16))
+
+
+def _dummy_hash() -> str:
+    return _dummy_hash_at(SCRYPT_N)
+
+
+def _validate(mode: str, k: int, outcome: str | None, strength: str | None,
+              ranking: Sequence[Sequence[int]] | None) -> tuple[str | None, str | None, list[list[int]] | None]:
+    if strength is not None and strength not in STRENGTHS:
+        raise FeedbackError(f"strength {strength!r} is unknown; use one of {', '.join(STRENGTHS)}.")
+    if outcome == "skip":
+        return "skip", None, None
+    if mode == "pairwise":
+        if ranking is not None:
+            raise FeedbackError("a pairwise task takes an outcome, not a ranking.")
+        if outcome not in OUTCOMES:
+            raise FeedbackError(f"outcome {outcome!r} is unknown; use one of {', '.join(OUTCOMES)}.")
+        if outcome in ("A", "B"):
+            if strength is None:
+                raise FeedbackError("say how much better the chosen response is (a strength level).")
+            return outcome, strength, None
+        return outcome, None, None  # a tie or "both bad" has no direction, so no strength
+    if outcome is not None:
+        raise FeedbackError(f"a ranking task takes a ranking (or outcome skip), not outcome {outcome!r}.")
+    if not ranking:
+        raise FeedbackError("rank the responses (best first) or skip the task.")
+    tiers = []
+    for tier in ranking:
+        if not tier or any(isinstance(i, bool) or not isinstance(i, int) for i in tier):
+            raise FeedbackError(f"ranking tiers must be non-empty lists of response indices, got {list(ranking)}.")
+        tiers.append(sorted(tier))
+    if sorted(i for t in tiers for i in t) != list(range(k)):
+        raise FeedbackError(f"the ranking {tiers} must place each of the {k} responses exactly once.")
+    if len(tiers) < 2:
+        raise FeedbackError("the ranking ties every response; rank at least two levels or skip.")
+    return None, strength, tiers
