@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch that lies on this project's machines; on a GPU box use e.g. `make demo TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,web
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rlhfkit-installed
 

@@ -21,6 +21,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "reward": ("rlhfkit.reward.train", "RewardConfig", "reward model (or ensemble) on preference pairs and K-way rankings"),
     "ppo": ("rlhfkit.policy.ppo", "PPOConfig", "PPO against a reward model (or GRPO / RLOO / REINFORCE), KL-penalised to the reference"),
     "dpo": ("rlhfkit.policy.dpo", "DPOConfig", "preference optimisation without a reward model: DPO, cDPO, IPO, SimPO, KTO, ORPO"),
+    "label": ("rlhfkit.feedback.cli", "LabelConfig",
+              "human feedback: create projects, add users, serve the labelling app, export, simulate annotators"),
     "demo": ("rlhfkit.pipeline", "DemoConfig", "the built-in playground pipeline end to end on a CPU"),
 }
 
@@ -71,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         if "-h" in rest or "--help" in rest:
             sys.stdout.write(format_help(cfg_cls, f"rlhfkit {name}", STAGES[name][2]))
             return 0
-        cfg = parse_args(cfg_cls, rest, prog=f"rlhfkit {name}")
+        # a stage may bring its own argv shape (`rlhfkit label create ...` puts a command first)
+        parse = getattr(module, "parse_stage_args", None)
+        cfg = parse(rest) if parse is not None else parse_args(cfg_cls, rest, prog=f"rlhfkit {name}")
         module.main(cfg)
     except UserError as exc:
         sys.stderr.write(f"rlhfkit {name}: error: {exc}\n")

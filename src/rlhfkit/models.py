@@ -79,7 +79,7 @@ def load_tokenizer(path: str, padding_side: str = "right") -> Any:
     _require_dir(path, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise UserError(f"could not load a tokenizer from {path}: {exc}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer in {path} has no EOS token; set eos_token in its tokenizer_config.json.")

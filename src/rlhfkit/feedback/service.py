@@ -13,6 +13,7 @@ import random
 import re
 import secrets
 import statistics
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -59,8 +60,13 @@ class Conflict(FeedbackError):
 SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**17, 8, 1
 
 
+# each hash holds 128 MiB; a burst of logins must not multiply that by the number of server threads
+_HASHING = threading.BoundedSemaphore(2)
+
+
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
-    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024, dklen=dklen)
+    with _HASHING:
+        return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024, dklen=dklen)
 
 
 def hash_password(password: str) -> str:

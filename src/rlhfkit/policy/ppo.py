@@ -138,12 +138,15 @@ class PolicyWithValue(torch.nn.Module):
         values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, T)
         return out.logits, values
 
-    def save_pretrained(self, path: Any, **kwargs: Any) -> None:  # checkpoints: policy (or adapter) + head
+    def _save_value_head(self, path: Any) -> None:
         from safetensors.torch import save_file
 
-        self.policy.save_pretrained(path, **kwargs)
         save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
                   str(Path(path) / "value_head.safetensors"))
+
+    def save_pretrained(self, path: Any, **kwargs: Any) -> None:  # checkpoints: policy (or adapter) + head
+        self.policy.save_pretrained(path, **kwargs)
+        self._save_value_head(path)
 
     def load_checkpoint_weights(self, path: Path, load_weights: Callable[[Any, Path], None]) -> None:
         from safetensors.torch import load_file
@@ -153,13 +156,10 @@ class PolicyWithValue(torch.nn.Module):
 
     def export_pretrained(self, path: Path, tokenizer: Any) -> None:
         """The final model: a plain Hugging Face policy (LoRA merged), plus the value head beside it."""
-        from safetensors.torch import save_file
-
         from rlhfkit.models import save_pretrained
 
         save_pretrained(self.policy, tokenizer, path)
-        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
-                  str(Path(path) / "value_head.safetensors"))
+        self._save_value_head(path)
 
 
 def response_forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, P: int, temperature: float,
@@ -282,7 +282,7 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
                 stats["policy_loss"].append(float(pl.detach()))
                 stats["clip_frac"].append(float(ps.clip_fraction))
                 stats["approx_kl"].append(float(ps.approx_kl))
-                stats["entropy"].append(float(masked_mean(ent, m)))
+                stats["entropy"].append(float(masked_mean(ent.detach(), m)))
         kl_seq = float(run.all_sum(kl.sum(-1).sum()) / (B * run.world))
         kl_ctl.update(kl_seq, B * run.world)
         metrics: dict[str, Any] = {

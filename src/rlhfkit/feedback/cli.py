@@ -1,0 +1,338 @@
+"""`rlhfkit label <command>`: create labelling projects, add users, serve the web app, export judgments and let
+the playground's simulated annotators label through the same service layer as people.
+
+    rlhfkit label create   --db F --project P --prompts prompts.jsonl (--responses a.jsonl,b.jsonl | --models m1,m2)
+    rlhfkit label add-user --db F --user NAME --role admin|annotator   (password from RLHFKIT_PASSWORD, a file or a prompt)
+    rlhfkit label serve    --db F [--host 127.0.0.1 --port 8000]
+    rlhfkit label export   --db F --project P --output prefs.jsonl [--kto]
+    rlhfkit label simulate --db F --project P [--annotators 13]
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from rlhfkit.config import parse_args
+from rlhfkit.data.readers import read_prompts, read_rows
+from rlhfkit.errors import ConfigError, DataError, UserError
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("create", "add-user", "serve", "export", "simulate")
+
+
+@dataclass
+class LabelConfig:
+    """Labelling: projects, users, the web app, export and simulated annotators."""
+
+    command: Literal["create", "add-user", "serve", "export", "simulate"] = "serve"
+    """What to do (the word after `rlhfkit label`)."""
+    db: str = "runs/label/feedback.db"
+    """The feedback database: a SQLite file path (created on first use) or a SQLAlchemy URL such as
+    postgresql+psycopg://user@host/name."""
+    project: str = ""
+    """Project name (create, export, simulate)."""
+    mode: Literal["pairwise", "ranking"] = "pairwise"
+    """create: compare two responses (pairwise) or rank K of them (ranking)."""
+    instructions: str = ""
+    """create: guidelines shown to annotators above every task (plain text)."""
+    prompts: str = ""
+    """create: prompts file (rows with "prompt" or "text"; a playground prompts file works)."""
+    responses: list[str] = field(default_factory=list)
+    """create: response files, rows {"prompt", "response"} or {"prompt", "responses": [...]}, optional "source"
+    (default: the file name); each prompt gets its responses from all files, in file order."""
+    models: list[str] = field(default_factory=list)
+    """create: model directories that sample the responses instead (response slot k comes from model
+    k mod len(models)), through the same rollout code as PPO."""
+    responses_per_item: int = 2
+    """create: responses per item (2 for pairwise; K for ranking)."""
+    annotators_per_item: int = 1
+    """create: how many different annotators judge each item (overlap, for agreement)."""
+    gold: str = ""
+    """create: gold items with known answers, rows {"prompt", "responses", "answer"} where answer is A, B, tie or
+    both_bad (pairwise) or the index of the best response (ranking); every annotator sees them."""
+    max_new_tokens: int = 48
+    """create --models: longest sampled response."""
+    temperature: float = 1.0
+    """create --models: sampling temperature."""
+    seed: int = 0
+    """Seed for sampling (create --models) and for the simulated annotators and display orders (simulate)."""
+    user: str = ""
+    """add-user: the user name."""
+    role: Literal["admin", "annotator"] = "annotator"
+    """add-user: admin (projects, progress, agreement, export) or annotator (labels)."""
+    password_file: str = ""
+    """add-user: read the password from this file's first line; otherwise from the RLHFKIT_PASSWORD environment
+    variable, otherwise a prompt. Never a flag: command lines are visible to every local user."""
+    host: str = "127.0.0.1"
+    """serve: interface to bind; the default serves this machine only. Put a TLS proxy in front before
+    binding to a public interface."""
+    port: int = 8000
+    """serve: TCP port."""
+    secret_file: str = ""
+    """serve: file holding the session-signing key, created with owner-only permissions on first run
+    (default: `secret_key` next to a SQLite database, else ~/.config/rlhfkit/secret_key)."""
+    rate_limit: int = 120
+    """serve: requests per minute allowed to each user (and to each address before login)."""
+    output: str = ""
+    """export: the JSONL file to write."""
+    kto: bool = False
+    """export: write KTO's unpaired {prompt, completion, label} rows instead of pairs."""
+    rankings_as: Literal["pairs", "ranking"] = "pairs"
+    """export: write each ranking as its C(K,2) pairs or as one K-way row (for the ranking reward loss)."""
+    include_gold: bool = False
+    """export: also export judgments of gold items."""
+    margin_scale: Literal["large", "small"] = "small"
+    """export: strength-to-margin map, large = 3/2/1/0 or small = 1, 2/3, 1/3, 0 (Llama 2 section 3.2.2)."""
+    conversational: bool = False
+    """export: write prompts and responses as chat messages (for chat models that sampled through a template)."""
+    annotators: int = 13
+    """simulate: size of the simulated annotator pool (users sim-00, sim-01, ... without passwords)."""
+
+
+def parse_label_args(argv: list[str]) -> LabelConfig:
+    """`create --db x ...` (the command first, as `rlhfkit label create ...` passes it) or `--command create`."""
+    if argv and not argv[0].startswith("-"):
+        if argv[0] not in COMMANDS:
+            raise ConfigError(f"unknown label command {argv[0]!r}; use one of {', '.join(COMMANDS)}.")
+        argv = ["--command", argv[0], *argv[1:]]
+    return parse_args(LabelConfig, argv, prog="rlhfkit label")
+
+
+def main(cfg: LabelConfig) -> object:
+    try:
+        import sqlalchemy  # noqa: F401
+    except ImportError:
+        raise UserError("labelling needs the web extra; install it with pip install 'rlhfkit[web]'.") from None
+    handler = {"create": create, "add-user": add_user, "serve": serve, "export": export,
+               "simulate": simulate}[cfg.command]
+    return handler(cfg)
+
+
+def _service(cfg: LabelConfig, rng: random.Random | None = None):
+    from rlhfkit.feedback.service import FeedbackService
+    from rlhfkit.feedback.store import open_store
+
+    if "://" not in cfg.db:
+        Path(cfg.db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return FeedbackService(open_store(cfg.db), rng=rng)
+
+
+def _need(cfg: LabelConfig, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name):
+            raise ConfigError(f"label {cfg.command} needs --{name.replace('_', '-')}.")
+
+
+# ------------------------------------------------------------------------------------------------- create
+def _prompt_text(value: object, path: str, lineno: int) -> str:
+    if not isinstance(value, str):
+        raise DataError(path, lineno, "prompt", "must be a string for labelling (chat-message prompts are not "
+                        "supported yet; give the user turn as text)")
+    return value
+
+
+def _file_responses(paths: list[str]) -> dict[str, list[tuple[str, str]]]:
+    by_prompt: dict[str, list[tuple[str, str]]] = {}
+    for path in paths:
+        for lineno, row in read_rows(path):
+            prompt = _prompt_text(row.get("prompt"), path, lineno)
+            texts = row.get("responses", [row.get("response")] if "response" in row else None)
+            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise DataError(path, lineno, "response", "missing or empty; a responses row has \"response\" (a "
+                                "string) or \"responses\" (a list of strings)")
+            source = row.get("source") or Path(path).stem
+            by_prompt.setdefault(" ".join(prompt.split()), []).extend((t, str(source)) for t in texts)
+    return by_prompt
+
+
+def _model_responses(cfg: LabelConfig, prompts: list[str]) -> dict[str, list[tuple[str, str]]]:
+    import torch
+
+    from rlhfkit.models import load_causal_lm, load_tokenizer
+    from rlhfkit.policy.rollout import sample
+
+    k = cfg.responses_per_item
+    by_prompt: dict[str, list[tuple[str, str]]] = {" ".join(p.split()): [] for p in prompts}
+    for m, model_dir in enumerate(cfg.models):
+        slots = len(range(m, k, len(cfg.models)))  # response slots m, m + M, m + 2M, ... come from model m
+        if slots == 0:
+            continue
+        tokenizer = load_tokenizer(model_dir)
+        model = load_causal_lm(model_dir, tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + m)
+            texts = sample(model, tokenizer, [p for p in prompts for _ in range(slots)],
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature).texts
+        source = Path(model_dir).name
+        for i, p in enumerate(prompts):
+            by_prompt[" ".join(p.split())].extend((t, source) for t in texts[i * slots : (i + 1) * slots])
+    return by_prompt
+
+
+def create(cfg: LabelConfig) -> dict:
+    from rlhfkit.feedback.service import Conflict, ItemSpec
+
+    _need(cfg, "project", "prompts")
+    if bool(cfg.responses) == bool(cfg.models):
+        raise ConfigError("label create needs either --responses FILES or --models DIRS (not both).")
+    if cfg.mode == "pairwise" and cfg.responses_per_item != 2:
+        raise ConfigError("a pairwise project has responses_per_item 2; use --mode ranking for more.")
+    prompts = [_prompt_text(p, cfg.prompts, i + 1) for i, p in enumerate(read_prompts(cfg.prompts))]
+    found = _file_responses(cfg.responses) if cfg.responses else _model_responses(cfg, prompts)
+    items, dropped = [], 0
+    for prompt in prompts:
+        unique: dict[str, str] = {}
+        for text, source in found.get(" ".join(prompt.split()), []):
+            unique.setdefault(text.strip(), source)  # identical responses teach nothing; keep the first
+        chosen = list(unique.items())[: cfg.responses_per_item]
+        if len(chosen) < (2 if cfg.mode == "ranking" else cfg.responses_per_item):
+            dropped += 1
+            continue
+        items.append(ItemSpec(prompt, [t for t, _ in chosen], [s for _, s in chosen]))
+    if not items:
+        raise UserError(f"no prompt in {cfg.prompts} has {cfg.responses_per_item} distinct responses; check that the "
+                        "responses files use the same prompt texts.")
+    gold = _gold_items(cfg) if cfg.gold else []
+    svc = _service(cfg)
+    try:
+        project = svc.create_project(cfg.project, cfg.mode, cfg.instructions, cfg.responses_per_item,
+                                     cfg.annotators_per_item)
+    except Conflict:
+        project = svc.project(cfg.project)
+        log.info("project %s exists; adding items to it", cfg.project)
+    added = svc.add_items(project.id, items + gold)
+    summary = {"project": project.name, "items": added, "gold_items": len(gold), "prompts_without_enough_responses": dropped}
+    if dropped:
+        log.warning("%d prompt(s) had fewer than %d distinct responses and were left out", dropped,
+                    cfg.responses_per_item)
+    print(json.dumps(summary))
+    return summary
+
+
+def _gold_items(cfg: LabelConfig) -> list:
+    from rlhfkit.feedback.service import ItemSpec
+
+    out = []
+    for lineno, row in read_rows(cfg.gold):
+        prompt = _prompt_text(row.get("prompt"), cfg.gold, lineno)
+        responses, answer = row.get("responses"), row.get("answer")
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise DataError(cfg.gold, lineno, "responses", "must be a list of at least two response strings")
+        if cfg.mode == "pairwise" and answer not in ("A", "B", "tie", "both_bad"):
+            raise DataError(cfg.gold, lineno, "answer", f"must be A, B, tie or both_bad, got {answer!r}")
+        if cfg.mode == "ranking" and not (isinstance(answer, int) and 0 <= answer < len(responses)):
+            raise DataError(cfg.gold, lineno, "answer", f"must be the index of the best response, got {answer!r}")
+        out.append(ItemSpec(prompt, list(responses), ["gold"] * len(responses),
+                            gold_outcome=answer if cfg.mode == "pairwise" else None,
+                            gold_top=answer if cfg.mode == "ranking" else None))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- add-user
+def _read_password(cfg: LabelConfig) -> str:
+    if cfg.password_file:
+        p = Path(cfg.password_file)
+        if not p.is_file():
+            raise ConfigError(f"password file {p} does not exist.")
+        return p.read_text().splitlines()[0] if p.read_text().strip() else ""
+    if os.environ.get("RLHFKIT_PASSWORD"):
+        return os.environ["RLHFKIT_PASSWORD"]
+    if not sys.stdin.isatty():
+        raise ConfigError("no password given; set RLHFKIT_PASSWORD or pass --password-file (there are no default "
+                          "credentials).")
+    first = getpass.getpass(f"password for {cfg.user}: ")
+    if getpass.getpass("again: ") != first:
+        raise UserError("the two passwords differ; run add-user again.")
+    return first
+
+
+def add_user(cfg: LabelConfig) -> dict:
+    _need(cfg, "user")
+    info = _service(cfg).add_user(cfg.user, cfg.role, _read_password(cfg))
+    print(json.dumps({"user": info.name, "role": info.role}))
+    return {"user": info.name, "role": info.role}
+
+
+# -------------------------------------------------------------------------------------------------- serve
+def serve(cfg: LabelConfig) -> None:
+    import importlib
+
+    # this module is the `rlhfkit label` entry point, the one place allowed to start the web app; the import is
+    # dynamic so the import-rule test (nothing imports feedback.web) keeps guarding every library module
+    run_server = importlib.import_module("rlhfkit.feedback.web.app").run_server
+    run_server(cfg.db, host=cfg.host, port=cfg.port, secret_file=cfg.secret_file, rate_limit=cfg.rate_limit)
+
+
+# ------------------------------------------------------------------------------------------------- export
+def export(cfg: LabelConfig) -> dict:
+    from rlhfkit.feedback.export import export_rows, write_export
+
+    _need(cfg, "project", "output")
+    rows, report = export_rows(_service(cfg), cfg.project, kto=cfg.kto, rankings_as=cfg.rankings_as,
+                               include_gold=cfg.include_gold, margin_scale=cfg.margin_scale,
+                               conversational=cfg.conversational)
+    write_export(cfg.output, rows)
+    summary = {"output": cfg.output, "rows": report.rows, "judgments": report.judgments, "left_out": report.skipped}
+    print(json.dumps(summary))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- simulate
+def simulate(cfg: LabelConfig) -> dict:
+    """Each simulated annotator takes tasks from the queue in turn and submits through the service layer,
+    judging the responses in the display order the queue drew (so its position bias acts on what it saw)."""
+    from rlhfkit.feedback.service import Ack
+    from rlhfkit.playground.annotators import make_pool
+    from rlhfkit.playground.tasks import lookup
+
+    _need(cfg, "project")
+    rng = random.Random(cfg.seed)
+    svc = _service(cfg, rng=random.Random(cfg.seed + 1))
+    project = svc.project(cfg.project)
+    pool = make_pool(cfg.seed, cfg.annotators)
+    users = {a.id: svc.ensure_user(a.id) for a in pool}
+    active = list(pool)
+    stored = 0
+    while active:
+        for annotator in list(active):
+            task = svc.next_task(users[annotator.id].id, project.id)
+            if task is None:
+                active.remove(annotator)
+                continue
+            try:
+                prompt = lookup(task.prompt)
+            except KeyError:
+                raise UserError(f"item {task.item_id}'s prompt is not a playground prompt, so simulated annotators "
+                                "cannot judge it; simulate only projects made from playground prompts.") from None
+            shown = [task.responses[i] for i in task.display_order]
+            sub = f"sim-{project.id:04d}-{task.assignment_id:08d}"
+            if project.mode == "pairwise":
+                # shown first = compare's "A"; map the winner back to the item's response index
+                j = annotator.compare(prompt, shown[0], shown[1], rng, shuffle=False)
+                outcome = j.outcome
+                if j.outcome in ("A", "B"):
+                    winner = task.display_order[0 if j.outcome == "A" else 1]
+                    outcome = "A" if winner == 0 else "B"
+                ack: Ack = svc.submit(users[annotator.id].id, task.assignment_id, sub, outcome=outcome,
+                                      strength=j.strength if outcome in ("A", "B") else None)
+            else:
+                r = annotator.rank(prompt, shown, rng)
+                ack = svc.submit(users[annotator.id].id, task.assignment_id, sub,
+                                 ranking=[[task.display_order[i]] for i in r.ranking])
+            stored += not ack.duplicate
+    progress = svc.progress(project.id)
+    summary = {"project": project.name, "judgments_stored": stored, "complete_items": progress.complete_items}
+    print(json.dumps(summary))
+    return summary
+
+
+parse_stage_args = parse_label_args  # the hook rlhfkit's CLI looks for

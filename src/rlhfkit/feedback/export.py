@@ -1,0 +1,116 @@
+"""Export judgments to the preference formats the trainers read (`rlhfkit.data.preference.read_preferences`):
+one TRL explicit-prompt row per A/B judgment with `margin` from its strength (Llama 2 §3.2.2), the C(K,2) pairs
+of each ranking written together (or one K-way row), and optionally KTO's unpaired rows. The annotator's name
+and the responses' source ids are kept on every row."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhfkit.data.preference import strength_to_margin
+from rlhfkit.errors import UserError
+from rlhfkit.feedback.service import FeedbackService
+
+
+@dataclass
+class ExportReport:
+    """What the export wrote and what it left out (nothing is dropped without being counted)."""
+
+    rows: int = 0
+    judgments: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def _text(value: str, role: str, conversational: bool) -> Any:
+    return [{"role": role, "content": value}] if conversational else value
+
+
+def export_rows(service: FeedbackService, project: str | int, *, kto: bool = False,
+                rankings_as: Literal["pairs", "ranking"] = "pairs", include_gold: bool = False,
+                margin_scale: Literal["large", "small"] = "small", conversational: bool = False,
+                ) -> tuple[list[dict[str, Any]], ExportReport]:
+    """Rows for one project.
+
+    Pairs (default): A/B → {prompt, chosen, rejected, margin, strength, annotator, source, chosen_source,
+    rejected_source, item_id}; ties and "both bad" carry no direction and are left out; a ranking gives its
+    C(K,2) pairs (rankings_as="pairs", tied tiers form no pair) or one K-way row (rankings_as="ranking").
+    kto=True writes unpaired {prompt, completion, label} rows instead: the chosen response desirable, the
+    rejected one undesirable, both responses of a "both bad" judgment undesirable. Ties are left out there
+    too, departing from the issue's "ties to KTO rows": a tie says two responses are equally good or equally
+    bad, not which, so it gives no desirable/undesirable label. Skips and, unless include_gold, gold items are
+    never exported. margin_scale picks the strength→margin map (RewardConfig's default is "small")."""
+    info = service.project(project)
+    report = ExportReport()
+    rows: list[dict[str, Any]] = []
+    source = f"label:{info.name}"
+    for j in service.judged_items(info.id):
+        report.judgments += 1
+        if j["gold"] and not include_gold:
+            report.skip("gold item")
+            continue
+        if j["outcome"] == "skip":
+            report.skip("skip")
+            continue
+        prompt = _text(j["prompt"], "user", conversational)
+        responses, sources = j["responses"], j["sources"]
+
+        def resp(i: int) -> Any:
+            return _text(responses[i], "assistant", conversational)
+
+        def pair(better: int, worse: int, strength: str | None) -> dict[str, Any]:
+            row: dict[str, Any] = {"prompt": prompt, "chosen": resp(better), "rejected": resp(worse)}
+            if strength is not None:
+                row["margin"] = strength_to_margin(strength, margin_scale)
+                row["strength"] = strength
+            row.update(annotator=j["annotator"], source=source, chosen_source=sources[better],
+                       rejected_source=sources[worse], item_id=j["item_id"])
+            return row
+
+        def unpaired(i: int, desirable: bool) -> dict[str, Any]:
+            return {"prompt": prompt, "completion": resp(i), "label": desirable, "annotator": j["annotator"],
+                    "source": source, "completion_source": sources[i], "item_id": j["item_id"]}
+
+        if j["ranking"] is not None:
+            tiers = j["ranking"]
+            if kto:
+                # only the ends of a ranking are absolute enough to call: the top tier desirable, the bottom not
+                rows += [unpaired(i, True) for i in tiers[0]] + [unpaired(i, False) for i in tiers[-1]]
+            elif rankings_as == "ranking":
+                rows.append({"prompt": prompt, "responses": [resp(i) for i in range(len(responses))],
+                             "ranking": [list(t) for t in tiers], **({"strength": j["strength"]} if j["strength"] else {}),
+                             "annotator": j["annotator"], "source": source, "sources": sources,
+                             "item_id": j["item_id"]})
+            else:
+                for t, better in enumerate(tiers):  # grouped by prompt: a ranking's pairs are consecutive rows
+                    for worse in tiers[t + 1 :]:
+                        rows += [pair(b, w, j["strength"]) for b in better for w in worse]
+            continue
+        outcome = j["outcome"]
+        if outcome in ("A", "B"):
+            better, worse = (0, 1) if outcome == "A" else (1, 0)
+            rows += [unpaired(better, True), unpaired(worse, False)] if kto else [pair(better, worse, j["strength"])]
+        elif outcome == "both_bad" and kto:
+            rows += [unpaired(0, False), unpaired(1, False)]
+        else:
+            report.skip(outcome)
+    report.rows = len(rows)
+    return rows, report
+
+
+def write_export(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise UserError(f"{path}: the export is JSON Lines; use a .jsonl file name.")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(p)  # a reader never sees half an export
+    return p

@@ -1,0 +1,275 @@
+"""Store, queue, submissions, reports and export, through the service layer every client uses."""
+
+import json
+import random
+import sqlite3
+import threading
+import uuid
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from .fb_helpers import arith_items
+from rlhfkit.data.preference import PreferencePair, Ranking, read_preferences
+from rlhfkit.errors import UserError
+from rlhfkit.feedback.export import export_rows, write_export
+from rlhfkit.feedback.service import Conflict, FeedbackError, FeedbackService, Forbidden, ItemSpec
+from rlhfkit.feedback.store import Base, head_revision, open_store
+
+
+def sid() -> str:
+    return uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------------------------------------------- store
+def test_migrated_schema_equals_the_models_and_reopening_is_a_no_op(tmp_path):
+    path = tmp_path / "f.db"
+    store = open_store(str(path))
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    FeedbackService(store).add_user("ann", "annotator", "pw-123456")
+    store.close()
+    again = open_store(str(path))  # a DB made by the migration opens (and upgrades) with the data intact
+    assert FeedbackService(again).user_by_name("ann").role == "annotator"
+    raw = sqlite3.connect(path)
+    assert raw.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
+    raw.execute("update alembic_version set version_num = 'from-the-future'")
+    raw.commit()
+    raw.close()
+    again.close()
+    with pytest.raises(UserError, match="upgrade rlhfkit"):
+        open_store(str(path))
+
+
+def test_an_empty_pre_existing_sqlite_file_is_migrated(tmp_path):
+    path = tmp_path / "old.db"
+    sqlite3.connect(path).close()
+    store = open_store(str(path))
+    assert FeedbackService(store).projects() == []
+
+
+# ---------------------------------------------------------------------------------------------------- users
+def test_passwords_are_salted_hashes_and_no_default_account_exists(svc, store):
+    assert svc.user_by_name("admin") is None and svc.authenticate("admin", "admin") is None
+    svc.add_user("boss", "admin", "correct horse")
+    svc.add_user("boss2", "admin", "correct horse")
+    with store.engine.connect() as conn:
+        hashes = [h for (h,) in conn.exec_driver_sql("select password_hash from users")]
+    assert all(h.startswith("scrypt$") and "correct" not in h for h in hashes) and hashes[0] != hashes[1]
+    assert svc.authenticate("boss", "correct horse").role == "admin"
+    assert svc.authenticate("boss", "wrong horse!") is None
+    with pytest.raises(Conflict):
+        svc.add_user("boss", "annotator", "another one")
+    with pytest.raises(FeedbackError, match="too short"):
+        svc.add_user("shorty", "annotator", "x")
+    sim = svc.ensure_user("sim-00")
+    assert svc.authenticate("sim-00", "") is None and sim.role == "annotator"
+
+
+# ---------------------------------------------------------------------------------------------------- queue
+def test_queue_never_repeats_an_item_and_respects_overlap(svc):
+    p = svc.create_project("q", annotators_per_item=2)
+    svc.add_items(p.id, arith_items(5))
+    users = [svc.add_user(f"u{i}", "annotator", "password1").id for i in range(3)]
+    seen = {u: [] for u in users}
+    for _ in range(10):
+        for u in users:
+            t = svc.next_task(u, p.id)
+            if t is None:
+                continue
+            assert svc.next_task(u, p.id).assignment_id == t.assignment_id  # an open task is served again
+            seen[u].append(t.item_id)
+            svc.submit(u, t.assignment_id, sid(), outcome="tie")
+    for u in users:
+        assert len(seen[u]) == len(set(seen[u]))
+    counts = {}
+    for items in seen.values():
+        for i in items:
+            counts[i] = counts.get(i, 0) + 1
+    assert sorted(counts.values()) == [2] * 5  # every item exactly annotators_per_item times
+    assert svc.progress(p.id).complete_items == 5  # a tie is a label (a skip would not be)
+    assert svc.progress(p.id).judgments == 10
+
+
+def test_display_order_is_random_and_recorded(svc):
+    p = svc.create_project("order")
+    svc.add_items(p.id, arith_items(40))
+    u = svc.add_user("ann", "annotator", "password1").id
+    orders = []
+    while (t := svc.next_task(u, p.id)) is not None:
+        orders.append(tuple(t.display_order))
+        svc.submit(u, t.assignment_id, sid(), outcome="A", strength="better")
+    assert set(orders) == {(0, 1), (1, 0)}
+    assert [tuple(j["display_order"]) for j in svc.judged_items(p.id)] == orders
+
+
+def test_gold_items_go_to_everyone_and_score_accuracy(svc):
+    p = svc.create_project("gold", annotators_per_item=1)
+    svc.add_items(p.id, arith_items(2) + [ItemSpec("what is 1 plus 1 ?", ["1 plus 1 is 2 .", "1 plus 1 is 3 ."],
+                                                   gold_outcome="A")])
+    a, b = (svc.add_user(n, "annotator", "password1").id for n in ("a", "b"))
+    for user, answer in ((a, "A"), (b, "B")):
+        while (t := svc.next_task(user, p.id)) is not None:
+            svc.submit(user, t.assignment_id, sid(), outcome=answer, strength="better")
+    prog = {x.name: x for x in svc.progress(p.id).annotators}
+    assert (prog["a"].gold_seen, prog["a"].gold_accuracy) == (1, 1.0)
+    assert (prog["b"].gold_seen, prog["b"].gold_accuracy) == (1, 0.0)
+    assert prog["a"].judgments + prog["b"].judgments == 4  # 2 regular items once each + the gold item twice
+
+
+# --------------------------------------------------------------------------------------------------- submit
+def test_submit_is_idempotent_on_the_submission_id(svc):
+    p = svc.create_project("idem")
+    svc.add_items(p.id, arith_items(2))
+    u = svc.add_user("ann", "annotator", "password1").id
+    t = svc.next_task(u, p.id)
+    s = sid()
+    first = svc.submit(u, t.assignment_id, s, outcome="A", strength="better")
+    retry = svc.submit(u, t.assignment_id, s, outcome="A", strength="better")
+    assert not first.duplicate and retry.duplicate and retry.judgment_id == first.judgment_id
+    with pytest.raises(Conflict):  # a second, different submission for the same task
+        svc.submit(u, t.assignment_id, sid(), outcome="B", strength="better")
+    assert svc.progress(p.id).judgments == 1
+
+
+def test_submissions_are_checked_against_owner_and_mode(svc):
+    p = svc.create_project("checks")
+    r = svc.create_project("ranks", mode="ranking", responses_per_item=3)
+    svc.add_items(p.id, arith_items(1))
+    svc.add_items(r.id, [ItemSpec("say hi .", ["hi !", "hello there .", "go away ."])])
+    ann, other = (svc.add_user(n, "annotator", "password1").id for n in ("ann", "other"))
+    t = svc.next_task(ann, p.id)
+    with pytest.raises(Forbidden):
+        svc.submit(other, t.assignment_id, sid(), outcome="A", strength="better")
+    with pytest.raises(FeedbackError, match="strength"):
+        svc.submit(ann, t.assignment_id, sid(), outcome="A")
+    with pytest.raises(FeedbackError, match="unknown"):
+        svc.submit(ann, t.assignment_id, sid(), outcome="C")
+    with pytest.raises(FeedbackError, match="flag"):
+        svc.submit(ann, t.assignment_id, sid(), outcome="tie", flags=["spicy"])
+    s = sid()
+    svc.submit(ann, t.assignment_id, s, outcome="both_bad", flags=["harmful"], rationale="rude")
+    with pytest.raises(Forbidden):  # someone else's submission id
+        svc.submit(other, t.assignment_id, s, outcome="A", strength="better")
+    rt = svc.next_task(ann, r.id)
+    with pytest.raises(FeedbackError, match="exactly once"):
+        svc.submit(ann, rt.assignment_id, sid(), ranking=[[0], [1]])
+    svc.submit(ann, rt.assignment_id, sid(), ranking=[[2], [0, 1]])
+    assert [f.flags for f in svc.flagged(p.id)] == [["harmful"]]
+
+
+def test_concurrent_submissions_of_one_id_store_one_judgment(svc):
+    p = svc.create_project("race")
+    svc.add_items(p.id, arith_items(1))
+    u = svc.add_user("ann", "annotator", "password1").id
+    t = svc.next_task(u, p.id)
+    s, acks, errors = sid(), [], []
+
+    def go():
+        try:
+            acks.append(svc.submit(u, t.assignment_id, s, outcome="A", strength="slightly_better"))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == [] and len({a.judgment_id for a in acks}) == 1 and sum(not a.duplicate for a in acks) == 1
+
+
+# ------------------------------------------------------------------------------------------- agreement, export
+def test_agreement_report_on_a_project(svc):
+    p = svc.create_project("agree", annotators_per_item=2)
+    svc.add_items(p.id, arith_items(6))
+    a, b = (svc.add_user(n, "annotator", "password1").id for n in ("a", "b"))
+    answers = {a: ["A", "A", "A", "B", "tie", "A"], b: ["A", "A", "B", "B", "tie", "skip"]}
+    for user, outs in answers.items():
+        for out in outs:
+            t = svc.next_task(user, p.id)
+            svc.submit(user, t.assignment_id, sid(), outcome=out, strength="better" if out in "AB" else None)
+    rep = svc.agreement(p.id, min_shared=3)
+    # items (in queue order) shared with labels: AA, AA, AB, BB, tie-tie; the skip leaves item 6 one label
+    assert rep.units == 5 and rep.percent == pytest.approx(4 / 5)
+    assert set(rep.kappa) == {"a|b"} and rep.alpha is not None and 0 < rep.alpha < 1
+
+
+def test_export_rows_read_back_as_preference_data(svc, tmp_path):
+    p = svc.create_project("exp")
+    r = svc.create_project("exp-rank", mode="ranking", responses_per_item=3)
+    svc.add_items(p.id, arith_items(4))
+    svc.add_items(r.id, [ItemSpec("say hi to ada .", ["hi ada !", "hello .", "no ."], ["m1", "m2", "m3"])])
+    u = svc.add_user("ann", "annotator", "password1").id
+    for out in ("A", "B", "tie", "both_bad"):
+        t = svc.next_task(u, p.id)
+        svc.submit(u, t.assignment_id, sid(), outcome=out, strength="significantly_better" if out in "AB" else None)
+    t = svc.next_task(u, r.id)
+    svc.submit(u, t.assignment_id, sid(), ranking=[[0], [2], [1]])
+
+    rows, report = export_rows(svc, "exp")
+    assert len(rows) == 2 and report.skipped == {"tie": 1, "both_bad": 1}
+    assert rows[0]["margin"] == 1.0 and rows[0]["annotator"] == "ann"  # significantly better, small scale
+    assert (rows[0]["chosen_source"], rows[1]["chosen_source"]) == ("good-model", "bad-model")
+    pairs = read_preferences(str(write_export(tmp_path / "p.jsonl", rows)))
+    assert all(isinstance(x, PreferencePair) for x in pairs) and pairs[1].chosen.endswith(" .")
+
+    rank_rows, _ = export_rows(svc, "exp-rank")
+    assert [(x["chosen"], x["rejected"]) for x in rank_rows] == [("hi ada !", "no ."), ("hi ada !", "hello ."),
+                                                                ("no .", "hello .")]  # C(3,2) = 3
+    k_way = read_preferences(str(write_export(tmp_path / "k.jsonl", export_rows(svc, "exp-rank",
+                                                                              rankings_as="ranking")[0])))
+    assert isinstance(k_way[0], Ranking) and k_way[0].ranking == [[0], [2], [1]]
+
+    kto_rows, _ = export_rows(svc, "exp", kto=True)
+    assert [x["label"] for x in kto_rows] == [True, False, True, False, False, False]  # A, B, both_bad
+    from rlhfkit.data.kto import parse_kto_row
+    assert all(parse_kto_row(x, "k", i).desirable == x["label"] for i, x in enumerate(kto_rows))
+
+
+def test_export_trains_a_reward_model(svc, tmp_path, tiny_model):
+    from rlhfkit.reward import train as rtrain
+
+    p = svc.create_project("train")
+    svc.add_items(p.id, arith_items(24))
+    u = svc.add_user("ann", "annotator", "password1").id
+    while (t := svc.next_task(u, p.id)) is not None:
+        svc.submit(u, t.assignment_id, sid(), outcome="A", strength="better")
+    path = write_export(tmp_path / "prefs.jsonl", export_rows(svc, "train")[0])
+    out = tmp_path / "rm"
+    rtrain.main(rtrain.RewardConfig(model=str(tiny_model), data=str(path), output_dir=str(out), max_steps=3,
+                                    batch_size=4, report_to=["jsonl"], progress=False, eval_fraction=0.2))
+    assert (out / "config.json").is_file() and (out / "metrics.jsonl").read_text().strip()
+
+
+def test_cli_create_simulate_export(tmp_path, monkeypatch):
+    from rlhfkit.feedback import cli
+    from rlhfkit.playground.responses import sample_pair
+    from rlhfkit.playground.tasks import make_prompts
+
+    prompts = make_prompts(seed=0, n_train=8, n_val=1, n_test=1)["train"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in prompts))
+    rng = random.Random(0)
+    with (tmp_path / "a.jsonl").open("w") as fa, (tmp_path / "b.jsonl").open("w") as fb:
+        for p in prompts:
+            x, y = sample_pair(p, rng)
+            fa.write(json.dumps({"prompt": p.text, "response": x}) + "\n")
+            fb.write(json.dumps({"prompt": p.text, "response": y}) + "\n")
+    db = str(tmp_path / "f.db")
+    run = lambda *argv: cli.main(cli.parse_label_args(list(argv)))  # noqa: E731
+    created = run("create", "--db", db, "--project", "sim", "--prompts", str(tmp_path / "prompts.jsonl"),
+                  "--responses", f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}", "--annotators-per-item", "2")
+    assert created["items"] + created["prompts_without_enough_responses"] == len(prompts)
+    summary = run("simulate", "--db", db, "--project", "sim", "--annotators", "3")
+    assert summary["judgments_stored"] == 2 * created["items"]
+    assert run("simulate", "--db", db, "--project", "sim", "--annotators", "3")["judgments_stored"] == 0
+    exported = run("export", "--db", db, "--project", "sim", "--output", str(tmp_path / "out.jsonl"))
+    assert exported["rows"] == len(read_preferences(str(tmp_path / "out.jsonl"))) > 0
+    monkeypatch.delenv("RLHFKIT_PASSWORD", raising=False)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
+    with pytest.raises(UserError, match="no default"):
+        run("add-user", "--db", db, "--user", "x")
+    monkeypatch.setenv("RLHFKIT_PASSWORD", "s3cret-enough")
+    assert run("add-user", "--db", db, "--user", "x", "--role", "admin")["role"] == "admin"
