@@ -20,6 +20,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "sft": ("rlhfkit.policy.sft", "SFTConfig", "supervised fine-tuning on demonstrations (prompt/completion or messages)"),
     "reward": ("rlhfkit.reward.train", "RewardConfig", "reward model (or ensemble) on preference pairs and K-way rankings"),
     "ppo": ("rlhfkit.policy.ppo", "PPOConfig", "PPO against a reward model (or GRPO / RLOO / REINFORCE), KL-penalised to the reference"),
+    "best-of-n": ("rlhfkit.policy.best_of_n", "BestOfNConfig", "sample n responses per prompt, keep the reward model's favourite"),
     "dpo": ("rlhfkit.policy.dpo", "DPOConfig", "preference optimisation without a reward model: DPO, cDPO, IPO, SimPO, KTO, ORPO"),
     "label": ("rlhfkit.feedback.cli", "LabelConfig",
               "human feedback: create projects, add users, serve the labelling app, export, simulate annotators"),

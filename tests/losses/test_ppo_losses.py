@@ -109,3 +109,14 @@ def test_adaptive_kl_controller_update_by_hand():
     fixed = KLController(0.1, adaptive=False, target=6.0, horizon=10_000)
     fixed.update(100.0, 512)
     assert fixed.value == 0.1
+
+
+def test_overoptimisation_monitor_fires_only_when_proxy_rises_and_judge_falls():
+    from rlhfkit.policy.ppo import OveroptimisationMonitor
+
+    healthy = OveroptimisationMonitor(window=2)
+    assert not any(healthy.update(p, j) for p, j in [(0, 0), (1, 1), (2, 2), (3, 3)])  # both rise
+    hacked = OveroptimisationMonitor(window=2)
+    fired = [hacked.update(p, j) for p, j in [(0, 1.0), (1, 1.2), (2, 0.5), (3, 0.2)]]
+    # windows [(0,1),(1,1.2)] -> [(2,0.5),(3,0.2)]: proxy mean 0.5 -> 2.5 up, judge 1.1 -> 0.35 down
+    assert fired == [False, False, False, True]

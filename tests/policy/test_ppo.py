@@ -90,3 +90,44 @@ def test_ppo_resume_is_exact(tmp_path, tiny_model, world, monkeypatch):
     for name in ("model.safetensors", "value_head.safetensors"):
         wa, wb = load_file(str(full / name)), load_file(str(broken / name))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_best_of_n_picks_the_top_score_and_reports_the_kl_bound(tmp_path, tiny_model, world):
+    import math
+
+    from rlhfkit.policy import best_of_n
+
+    d, prompts = world
+    assert best_of_n.best_of_n_kl(1) == 0.0
+    assert best_of_n.best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    out = tmp_path / "bon"
+    summary = best_of_n.main(best_of_n.BestOfNConfig(model=str(tiny_model), reward_model=str(d / "rm"),
+                                                     data=str(prompts), output_dir=str(out), n=4, max_new_tokens=6))
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(len(r["candidates"]) == 4 for r in rows)
+    for r in rows:
+        assert r["score"] == max(r["scores"]) and r["response"] == r["candidates"][r["scores"].index(r["score"])]
+    assert summary["mean_best_score"] >= summary["mean_score"]
+    with pytest.raises(Exception, match="already holds best-of-n"):
+        best_of_n.main(best_of_n.BestOfNConfig(model=str(tiny_model), reward_model=str(d / "rm"),
+                                               data=str(prompts), output_dir=str(out), n=4))
+
+
+def test_monitor_with_a_falling_judge_stops_the_run(tmp_path, tiny_model, world):
+    calls = []
+
+    def falling_judge(prompts, responses):  # a held-out judge that likes every step less
+        calls.append(1)
+        return [-float(len(calls))] * len(responses)
+
+    out = tmp_path / "monitored"
+    summary = ppo.main(cfg(tiny_model, world, out, max_steps=8, eval_every=1, monitor_window=1,
+                           stop_on_overoptimisation=True), judge=falling_judge)
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert all("judge/score" in m for m in metrics)
+    flagged = [m["step"] for m in metrics if m.get("monitor/overoptimising")]
+    # with a falling judge the run stops at the first step whose proxy rose over the previous one
+    proxy = [m["reward/score"] for m in metrics]
+    first_rise = next(i for i in range(1, len(proxy)) if proxy[i] > proxy[i - 1]) + 1
+    assert flagged == [first_rise] and metrics[-1]["step"] == first_rise and summary["steps"] == first_rise
+    assert summary["overoptimisation_flagged"] is True

@@ -86,6 +86,13 @@ class PPOConfig(TrainConfig):
     """Score minus this times the response length in tokens."""
     whiten: bool = True
     """Whiten advantages per batch (N implementation details)."""
+    judge_reward_model: str = ""
+    """A held-out reward model (e.g. trained on other annotators) scored beside the proxy every eval_every steps
+    to watch for over-optimisation; the playground demo passes its gold judge instead."""
+    monitor_window: int = 3
+    """Judge evaluations per window of the over-optimisation monitor (compares the last window to the one before)."""
+    stop_on_overoptimisation: bool = False
+    """Stop (saving the model) when the monitor fires, instead of only warning."""
 
     def validate(self) -> None:
         super().validate()
@@ -118,6 +125,30 @@ class KLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = state["value"]
+
+
+class OveroptimisationMonitor:
+    """Gao et al. 2022's signature of reward hacking: the proxy reward keeps rising while a held-out judge falls.
+    Fires when, between two consecutive windows of evaluations, the proxy mean rose and the judge mean fell."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.history: list[tuple[float, float]] = []  # (proxy, judge)
+
+    def update(self, proxy: float, judge: float) -> bool:
+        self.history.append((proxy, judge))
+        w = self.window
+        if len(self.history) < 2 * w:
+            return False
+        before, after = self.history[-2 * w : -w], self.history[-w:]
+        mean = lambda xs, i: sum(x[i] for x in xs) / len(xs)  # noqa: E731
+        return mean(after, 0) > mean(before, 0) and mean(after, 1) < mean(before, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [tuple(h) for h in state["history"]]
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -205,12 +236,18 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
     reward = load_reward_ensemble(cfg.reward_model, device=device)
     same_vocab = reward.tokenizer.get_vocab() == tokenizer.get_vocab()
     kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+    monitor = OveroptimisationMonitor(cfg.monitor_window)
+    if judge is None and cfg.judge_reward_model:
+        held_out = load_reward_ensemble(cfg.judge_reward_model, device=device)
+        judge = lambda ps, rs: score_texts(held_out, ps, rs)[0]  # noqa: E731
 
     model, optimizer, scheduler, sampler, start_step = run.begin(PolicyWithValue(policy), len(prompts))
     if run.resumed_state is not None:
         kl_ctl.load_state_dict(run.resumed_state["kl_controller"])
+        monitor.load_state_dict(run.resumed_state["monitor"])
     k = cfg.samples_per_prompt
     last: dict[str, Any] = {}
+    flagged, step_done = False, start_step
     for step in range(start_step + 1, cfg.max_steps + 1):
         net = run.accelerator.unwrap_model(model)
         indices = run.shard(sampler.next_indices(cfg.batch_size * run.world))
@@ -298,14 +335,25 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
             "grad_norm": grad_norm,
             **{key: sum(v) / len(v) for key, v in stats.items() if v},
         }
+        stop = False
         if judge is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics["judge/score"] = sum(judge(step_prompts, rollout.texts)) / len(rollout.texts)
+            if monitor.update(metrics["reward/score"], metrics["judge/score"]):
+                metrics["monitor/overoptimising"] = 1.0
+                flagged = True
+                log.warning("step %d: over-optimisation: the proxy reward rose over the last %d evaluations while "
+                            "the held-out judge fell; raise kl_coef, add ensemble_penalty, or stop here%s", step,
+                            cfg.monitor_window, " (stopping: stop_on_overoptimisation)" if cfg.stop_on_overoptimisation else "")
+                stop = cfg.stop_on_overoptimisation
         check_finite(metrics, step)
         run.log(step, metrics, headline=("reward/score", "kl", "judge/score"))
         run.end_step(step, model, optimizer, scheduler, {"sampler": sampler.state_dict(),
-                                                         "kl_controller": kl_ctl.state_dict()})
-        last = metrics
-    summary = {"stage": "ppo", "steps": cfg.max_steps, "advantage": cfg.advantage,
+                                                         "kl_controller": kl_ctl.state_dict(),
+                                                         "monitor": monitor.state_dict()})
+        last, step_done = metrics, step
+        if stop:
+            break
+    summary = {"stage": "ppo", "steps": step_done, "advantage": cfg.advantage, "overoptimisation_flagged": flagged,
                **{k_: last.get(k_) for k_ in ("reward/score", "kl", "kl_coef", "judge/score", "response_length")}}
     run.finish(model, tokenizer, summary)
     return summary
