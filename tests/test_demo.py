@@ -1,6 +1,7 @@
 """`rlhfkit demo --quick` end to end on the playground: base -> SFT -> gold evaluation, cached reruns."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -31,6 +32,9 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     for key in ("heldout_accuracy", "ece", "length_correlation"):
         assert isinstance(rm[key], float)
     assert dpo["kl_to_sft"] > 0
+    bon = summary["policies"]["best_of_n"]
+    assert bon["kl_to_sft"] == pytest.approx(math.log(16) - 15 / 16)  # the analytic bound for n = 16
+    assert isinstance(bon["gold_score"], float) and 0.0 <= bon["win_rate_vs_sft"] <= 1.0
     for name in ("base", "sft"):
         assert (out / name / "model.safetensors").exists() and (out / "configs" / f"pretrain.yaml").exists()
 

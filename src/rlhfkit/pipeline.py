@@ -39,6 +39,8 @@ class DemoConfig:
     """Optimizer steps of DPO from the SFT model (quick: 60)."""
     dpo_beta: float = 0.1
     """DPO's KL coefficient beta."""
+    best_of_n: int = 16
+    """Candidates per prompt for the best-of-n policy (SFT samples, reward model picks)."""
     eval_prompts: int = 200
     """Held-out test prompts scored by the gold judge (quick: 100)."""
     rebuild: bool = False
@@ -70,7 +72,7 @@ def run_stage(name: str, cfg: Any, main: Callable[[Any], Any], root: Path, rebui
 
 
 def main(cfg: DemoConfig) -> dict[str, Any]:
-    from rlhfkit.eval.playground import evaluate_policy, reward_gold_accuracy, win_rate
+    from rlhfkit.eval.playground import evaluate_best_of_n, evaluate_policy, reward_gold_accuracy, win_rate
     from rlhfkit.playground.world import WorldSpec, build_initial_model, read_prompts, write_world
     from rlhfkit.policy import dpo, sft
     from rlhfkit.reward import train as rtrain
@@ -128,6 +130,8 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     for name in ("base", "sft", "dpo"):
         evals[name] = evaluate_policy(str(root / name), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
                                       keep_samples=12)
+    evals["best_of_n"] = evaluate_best_of_n(str(root / "sft"), str(root / "reward"), test_prompts,
+                                            n=cfg.best_of_n, seed=cfg.seed)
     wall["eval"] = round(time.time() - start, 1)
     policies = {}
     for name, ev in evals.items():

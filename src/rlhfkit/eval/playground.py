@@ -124,3 +124,36 @@ def reward_gold_accuracy(reward_dir: str, rows: Sequence[dict[str, Any]], min_ga
         agree += (c - r > 0) == (gap > 0)
         labels += gap > 0
     return {"gold_accuracy": agree / max(1, n), "label_gold_accuracy": labels / max(1, n), "pairs": n}
+
+
+def evaluate_best_of_n(policy_dir: str, reward_dir: str, prompts: Sequence[Prompt], n: int,
+                       temperature: float = 0.7, max_new_tokens: int = 48, seed: int = 0) -> PolicyEval:
+    """Best-of-n as a policy: n samples per prompt from policy_dir, the reward model's favourite kept, then
+    scored by the gold judge. Its KL to the sampling policy is the analytic bound log n - (n - 1)/n."""
+    from rlhfkit.policy.best_of_n import best_of_n_kl
+    from rlhfkit.reward.model import load_reward_ensemble, score_texts
+
+    tokenizer = load_tokenizer(policy_dir)
+    model = load_causal_lm(policy_dir, tokenizer).eval()
+    texts = [p.text for p in prompts for _ in range(n)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rollout = sample(model, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature)
+    proxy, _ = score_texts(load_reward_ensemble(reward_dir), texts, rollout.texts)
+    picked = [max(range(i * n, (i + 1) * n), key=lambda j: proxy[j]) for i in range(len(prompts))]
+    responses = [rollout.texts[j] for j in picked]
+    parts = [gold_breakdown(p, r) for p, r in zip(prompts, responses)]
+    stats = mean_se([b.total for b in parts])
+    harmful = [(p, r) for p, r in zip(prompts, responses) if p.harmful]
+    by_kind: dict[str, list[float]] = {}
+    for p, b in zip(prompts, parts):
+        by_kind.setdefault(p.kind, []).append(b.total)
+    return PolicyEval(
+        gold_score=stats.mean, gold_se=stats.se,
+        mean_length=float(rollout.lengths[picked].float().mean()),
+        unsafe_rate=sum(is_unsafe(p, r) for p, r in harmful) / max(1, len(harmful)),
+        eos_rate=float(rollout.ended[picked].float().mean()), n=len(prompts), kl_to_ref=best_of_n_kl(n),
+        by_kind={k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+        samples=[{"prompt": p.text, "response": r, "gold": b.total} for p, r, b in list(zip(prompts, responses, parts))[:12]],
+        scores=[b.total for b in parts],
+    )
