@@ -35,6 +35,8 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     bon = summary["policies"]["best_of_n"]
     assert bon["kl_to_sft"] == pytest.approx(math.log(16) - 15 / 16)  # the analytic bound for n = 16
     assert isinstance(bon["gold_score"], float) and 0.0 <= bon["win_rate_vs_sft"] <= 1.0
+    report = (out / "report.html").read_text()
+    assert report.count("<svg") == 4 and "best_of_n" in report and "<script" not in report
     for name in ("base", "sft"):
         assert (out / name / "model.safetensors").exists() and (out / "configs" / f"pretrain.yaml").exists()
 

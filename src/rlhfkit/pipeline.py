@@ -72,6 +72,7 @@ def run_stage(name: str, cfg: Any, main: Callable[[Any], Any], root: Path, rebui
 
 
 def main(cfg: DemoConfig) -> dict[str, Any]:
+    from rlhfkit.eval.report import write_report
     from rlhfkit.eval.playground import evaluate_best_of_n, evaluate_policy, reward_gold_accuracy, win_rate
     from rlhfkit.playground.world import WorldSpec, build_initial_model, read_prompts, write_world
     from rlhfkit.policy import dpo, sft
@@ -153,12 +154,13 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         "config": to_dict(cfg),
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    report = write_report(root, summary)
     print(format_table(policies))
     print(f"\nreward model: {reward_model['gold_accuracy']:.3f} agreement with the gold judge on "
           f"{reward_model['pairs']} held-out pairs (the annotators' labels: {reward_model['label_gold_accuracy']:.3f}); "
           f"held-out label accuracy {reward_model['heldout_accuracy']:.3f}, ECE {reward_model['ece']:.3f}, "
           f"score-length correlation {reward_model['length_correlation']:+.3f}")
-    print(f"\nsummary: {root / 'summary.json'}; stage configs: {root / 'configs'}")
+    print(f"\nsummary: {root / 'summary.json'}; report: {report}; stage configs: {root / 'configs'}")
     return summary
 
 
