@@ -100,12 +100,13 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         model=str(root / "init"), data=str(data / "pretrain.jsonl"), output_dir=str(root / "base"),
         max_steps=pretrain_steps, batch_size=32, learning_rate=3e-3, warmup_steps=50, lr_schedule="cosine",
         max_length=128, eval_fraction=0.01, eval_every=max(1, pretrain_steps // 4), save_every=0, **common)
-    run_stage("pretrain", pretrain, sft.main, root, cfg.rebuild, wall)
+    run_stage("pretrain", pretrain, sft.main, root, cfg.rebuild or "world" in wall, wall)
     sft_cfg = sft.SFTConfig(
         model=str(root / "base"), data=str(data / "sft.jsonl"), output_dir=str(root / "sft"),
         max_steps=sft_steps, batch_size=32, learning_rate=1e-3, warmup_steps=10, max_length=128,
         eval_fraction=0.05, eval_every=max(1, sft_steps // 4), **common)
-    run_stage("sft", sft_cfg, sft.main, root, cfg.rebuild, wall)
+    # a stage downstream of one that just ran must run again even when its own config is unchanged
+    run_stage("sft", sft_cfg, sft.main, root, cfg.rebuild or "pretrain" in wall, wall)
 
     # people (here: the simulated annotator pool) compare responses; only their labels reach training
     labels = collect_labels(root, cfg.seed, quick=cfg.quick, redo=cfg.rebuild or "sft" in wall)
@@ -117,13 +118,13 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         batch_size=32, learning_rate=1e-4, weight_decay=0.1, max_length=128,
         normalize_prompts=str(data / "prompts_train.jsonl"), normalize_samples=256,
         eval_every=max(1, reward_steps // 3), **common)
-    run_stage("reward", reward_cfg, rtrain.main, root, cfg.rebuild, wall)
+    run_stage("reward", reward_cfg, rtrain.main, root, cfg.rebuild or "label" in wall, wall)
     dpo_cfg = dpo.DPOConfig(
         model=str(root / "sft"), data=str(data / "preferences_train.jsonl"),
         eval_data=str(data / "preferences_val.jsonl"), output_dir=str(root / "dpo"), max_steps=dpo_steps,
         batch_size=16, learning_rate=5e-5, beta=cfg.dpo_beta, max_length=128,
         eval_every=max(1, dpo_steps // 3), **common)
-    run_stage("dpo", dpo_cfg, dpo.main, root, cfg.rebuild, wall)
+    run_stage("dpo", dpo_cfg, dpo.main, root, cfg.rebuild or "label" in wall, wall)
 
     test_prompts = read_prompts(data / "prompts_test.jsonl")[:n_eval]
     start = time.time()
