@@ -65,3 +65,29 @@ def ranking_rows(n: int, seed: int = 0) -> list[dict]:
                      f"{a} plus {b} is {a + b + 1} .", f"i like {rng.choice(COLOURS)} ."]
         rows.append({"prompt": f"what is {a} plus {b} ?", "responses": responses, "ranking": [0, 1, 2, 3]})
     return rows
+
+
+class Interrupted(Exception):
+    """Raised by interrupt_after: stands in for a crash right after a step (and its checkpoint)."""
+
+
+def interrupt_after(main, cfg, step: int) -> None:
+    """Run main(cfg) in-process and stop it with an exception right after optimizer step `step` has finished
+    (its checkpoint included), leaving the run directory as a crash would."""
+    from rlhfkit.train.run import Run
+
+    original = Run.end_step
+
+    def end_step_then_stop(self, s, *args):
+        original(self, s, *args)
+        if s == step:
+            raise Interrupted
+
+    Run.end_step = end_step_then_stop
+    try:
+        main(cfg)
+    except Interrupted:
+        return
+    finally:
+        Run.end_step = original
+    raise AssertionError(f"the run finished before step {step}; nothing was interrupted")

@@ -19,7 +19,7 @@ from rlhfkit.feedback.service import FeedbackService, ItemSpec  # noqa: E402
 from rlhfkit.feedback.store import open_store  # noqa: E402
 
 from .test_web_load import free_port  # noqa: E402
-from .web_helpers import PASSWORD, XSS  # noqa: E402
+from .web_helpers import PASSWORD, XSS, wait_until_serving  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -48,15 +48,7 @@ def test_keyboard_labelling_and_export_in_a_real_browser(tmp_path, tiny_model):
     base = f"http://127.0.0.1:{port}"
     dialogs: list[str] = []
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(base + "/login", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and server.poll() is None, "the server did not start"
-            time.sleep(0.2)
+        wait_until_serving(base, server)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
             page = browser.new_context(accept_downloads=True).new_page()

@@ -18,7 +18,7 @@ from rlhfkit.feedback.service import FeedbackService  # noqa: E402
 from rlhfkit.feedback.store import open_store  # noqa: E402
 
 from .fb_helpers import arith_items  # noqa: E402
-from .web_helpers import PASSWORD, field, login  # noqa: E402
+from .web_helpers import PASSWORD, field, login, wait_until_serving  # noqa: E402
 
 ANNOTATORS, TASKS_EACH = 50, 4
 
@@ -44,15 +44,7 @@ def test_fifty_concurrent_annotators_lose_and_duplicate_nothing(tmp_path):
     server = subprocess.Popen([sys.executable, "-c", code])
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(base + "/login", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and server.poll() is None, "the server did not start"
-            time.sleep(0.2)
+        wait_until_serving(base, server)
 
         acked: list[str] = []
         latencies: list[float] = []

@@ -44,3 +44,20 @@ def login(client, name: str, password: str = PASSWORD):
     page = client.get("/login")
     return client.post("/login", data={"name": name, "password": password, "csrf": field(page.text, "csrf")},
                        follow_redirects=False)
+
+
+def wait_until_serving(base: str, server, seconds: float = 60) -> None:
+    """Poll base/login until the server answers 200; fail if it exits or takes longer than `seconds`."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(base + "/login", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline and server.poll() is None, "the server did not start"
+        time.sleep(0.2)

@@ -16,8 +16,8 @@ from rlhfkit.config import LoraConfig, load_config
 from rlhfkit.errors import ConfigError, DataError, UserError
 from rlhfkit.policy import dpo
 from rlhfkit.train import read_metrics
-from rlhfkit.train.run import KILL_ENV, Run
-from helpers import write_jsonl
+from rlhfkit.train.run import KILL_ENV
+from helpers import interrupt_after, write_jsonl
 
 LOG2 = math.log(2.0)
 
@@ -280,21 +280,7 @@ def test_kto_resume_in_process_is_exact(tmp_path, tiny_dropout_model, kto_file, 
     full, broken = tmp_path / "full", tmp_path / "broken"
     kw = dict(loss="kto", max_steps=6, save_every=2, dropout_off=False)
     dpo.main(cfg(tiny_dropout_model, kto_file, full, **kw))
-
-    class Killed(Exception):
-        pass
-
-    original_end_step = Run.end_step
-
-    def end_step_then_die(self, step, *args):
-        original_end_step(self, step, *args)
-        if step == 5:
-            raise Killed
-
-    monkeypatch.setattr(Run, "end_step", end_step_then_die)
-    with pytest.raises(Killed):
-        dpo.main(cfg(tiny_dropout_model, kto_file, broken, **kw))
-    monkeypatch.setattr(Run, "end_step", original_end_step)
+    interrupt_after(dpo.main, cfg(tiny_dropout_model, kto_file, broken, **kw), step=5)
     dpo.main(cfg(tiny_dropout_model, kto_file, broken, resume=True, **kw))
     assert_same_run(full, broken, exact=True)
     assert [m["kl"] for m in metrics_of(full)] == [m["kl"] for m in metrics_of(broken)]

@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import preference_rows, write_jsonl
+from helpers import interrupt_after, preference_rows, write_jsonl
 from rlhfkit.policy import ppo
 from rlhfkit.reward import train as rtrain
 from rlhfkit.train import read_metrics
-from rlhfkit.train.run import Run
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +65,7 @@ def test_ppo_resume_is_exact(tmp_path, tiny_model, world, monkeypatch):
     full, broken = tmp_path / "full", tmp_path / "resumed"
     kw = dict(max_steps=5, save_every=2, adaptive_kl=True, kl_target=0.01, kl_horizon=10)
     ppo.main(cfg(tiny_model, world, full, **kw))
-
-    class Killed(Exception):
-        pass
-
-    original = Run.end_step
-
-    def die_after_3(self, step, *args):
-        original(self, step, *args)
-        if step == 3:
-            raise Killed
-
-    monkeypatch.setattr(Run, "end_step", die_after_3)
-    with pytest.raises(Killed):
-        ppo.main(cfg(tiny_model, world, broken, **kw))
-    monkeypatch.setattr(Run, "end_step", original)
+    interrupt_after(ppo.main, cfg(tiny_model, world, broken, **kw), step=3)
     state = json.loads((broken / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["kl_controller"]["value"] != 0.05  # the adaptive controller moved and is checkpointed
     ppo.main(cfg(tiny_model, world, broken, resume=True, **kw))

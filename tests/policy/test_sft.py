@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import interrupt_after
 from rlhfkit.config import LoraConfig, load_config
 from rlhfkit.errors import UserError
 from rlhfkit.policy import sft
@@ -144,20 +145,7 @@ def test_the_resume_check_catches_a_resume_that_forgets_the_rng(tmp_path, tiny_d
     kw = dict(max_steps=8, save_every=3, dropout_off=False)
     sft.main(cfg(tiny_dropout_model, sft_file, full, **kw))
 
-    original_end_step = Run.end_step
-
-    class Killed(Exception):
-        pass
-
-    def end_step_then_die(self, step, *args):
-        original_end_step(self, step, *args)
-        if step == 7:
-            raise Killed
-
-    monkeypatch.setattr(Run, "end_step", end_step_then_die)
-    with pytest.raises(Killed):
-        sft.main(cfg(tiny_dropout_model, sft_file, broken, **kw))
-    monkeypatch.setattr(Run, "end_step", original_end_step)
+    interrupt_after(sft.main, cfg(tiny_dropout_model, sft_file, broken, **kw), step=7)
     original_resume = Run.resume
     monkeypatch.setattr(Run, "resume", lambda self, m, o, s, restore_rng=True: original_resume(self, m, o, s, False))
     sft.main(cfg(tiny_dropout_model, sft_file, broken, resume=True, **kw))
@@ -166,10 +154,7 @@ def test_the_resume_check_catches_a_resume_that_forgets_the_rng(tmp_path, tiny_d
     # and with the RNG restored the very same procedure passes
     monkeypatch.setattr(Run, "resume", original_resume)
     fixed = tmp_path / "fixed"
-    monkeypatch.setattr(Run, "end_step", end_step_then_die)
-    with pytest.raises(Killed):
-        sft.main(cfg(tiny_dropout_model, sft_file, fixed, **kw))
-    monkeypatch.setattr(Run, "end_step", original_end_step)
+    interrupt_after(sft.main, cfg(tiny_dropout_model, sft_file, fixed, **kw), step=7)
     sft.main(cfg(tiny_dropout_model, sft_file, fixed, resume=True, **kw))
     assert_same_run(full, fixed, exact=True)
 
