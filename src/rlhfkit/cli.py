@@ -24,6 +24,11 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "dpo": ("rlhfkit.policy.dpo", "DPOConfig", "preference optimisation without a reward model: DPO, cDPO, IPO, SimPO, KTO, ORPO"),
     "label": ("rlhfkit.feedback.cli", "LabelConfig",
               "human feedback: create projects, add users, serve the labelling app, export, simulate annotators"),
+    "cai": ("rlhfkit.feedback.ai", "CAIConfig",
+            "Constitutional AI: critique -> revision SFT data, and AI preference labels (RLAIF) from a judge"),
+    "eval": ("rlhfkit.eval.winrate", "EvalConfig",
+             "win rate of a policy against a baseline (AI judge, reward model or gold), position-swapped, with a CI"),
+    "serve": ("rlhfkit.serve", "ServeConfig", "OpenAI-compatible HTTP server (completions, chat, logprobs, streaming)"),
     "demo": ("rlhfkit.pipeline", "DemoConfig", "the built-in playground pipeline end to end on a CPU"),
 }
 
