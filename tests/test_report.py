@@ -34,3 +34,27 @@ def test_svg_lines_scales_points_into_the_frame():
     (x0, y0), (x1, y1) = (tuple(map(float, c.split(","))) for c in coords)
     assert x0 < x1 and y0 > y1  # left to right, rising line goes up
     assert svg_lines({"empty": []}, "t") == ""
+
+
+def test_report_draws_overoptimisation_curves_fits_and_the_kl_cut(tmp_path):
+    for run, gold in (("ppo", 1.0), ("ppo_klcut", -1.0)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "reward/score": 0.1 * s, "judge/score": gold * s / 10, "kl": 0.2 * s}) + "\n"
+            for s in range(1, 6)))
+    bon = [{"n": n, "d": d, "proxy_delta": 0.5 * d, "gold_delta": d * (0.6 - 0.2 * d)}
+           for n, d in ((1, 0.0), (2, 0.55), (4, 0.91), (8, 1.21))]
+    rl = [{"run": "ppo", "step": s, "d": d, "proxy_delta": d, "gold_delta": 0.3 * d} for s, d in ((10, 0.3), (20, 0.8), (30, 1.4))]
+    summary = {"overoptimization": {
+        "best_of_n": {"form": "bon", "alpha": 0.6, "beta": 0.2, "r2": 0.99, "peak_d": 1.5, "points": bon},
+        "rl": {"form": "rl", "alpha": 0.3, "beta": 0.01, "r2": 0.93, "peak_d": None, "points": rl},
+        "kl_cut": {"proxy_delta": 0.8, "gold_delta": -0.7, "kl": 9.5, "kl_coef": 0.0, "default_kl_coef": 0.05,
+                   "monitor_flagged": True, "default_monitor_flagged": False}}}
+    html = write_report(tmp_path, summary).read_text()
+    # PPO training curves, best-of-n and RL over-optimisation plots, and the KL-cut curves
+    assert html.count("<svg") == 4
+    assert "over-optimisation: best-of-n, n = 1 … 8" in html and "over-optimisation: PPO checkpoints" in html
+    assert "R² = 0.990" in html and "peak at d = 1.50" in html and "no peak within the fit" in html
+    assert html.count("<circle") == 2 * len(bon) + 2 * len(rl)
+    assert "proxy reward moved by +0.800 while the gold score moved by -0.700" in html
+    assert "monitor flagged the cut run and did not flag the default one" in html

@@ -36,8 +36,9 @@ def read_curve(metrics_path: Path, key: str) -> list[tuple[float, float]]:
 
 
 def svg_lines(series: dict[str, Sequence[tuple[float, float]]], title: str, width: int = 420,
-              height: int = 240) -> str:
-    """A small line chart as inline SVG: one polyline per series, axes labelled with min and max."""
+              height: int = 240, x_label: str = "step", dots: Sequence[str] = ()) -> str:
+    """A small line chart as inline SVG: one polyline per series (or, for the series named in `dots`, one circle
+    per point: measurements beside a fitted curve), axes labelled with min and max."""
     series = {name: pts for name, pts in series.items() if pts}
     if not series:
         return ""
@@ -59,13 +60,17 @@ def svg_lines(series: dict[str, Sequence[tuple[float, float]]], title: str, widt
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>',
              f'<text x="2" y="{top + 10}" font-size="10">{y1:.3g}</text>',
              f'<text x="2" y="{height - bottom}" font-size="10">{y0:.3g}</text>',
-             f'<text x="{left}" y="{height - 8}" font-size="10">step {x0:.0f}</text>',
-             f'<text x="{width - right - 60}" y="{height - 8}" font-size="10">step {x1:.0f}</text>']
+             f'<text x="{left}" y="{height - 8}" font-size="10">{escape(x_label)} {x0:.3g}</text>',
+             f'<text x="{width - right - 70}" y="{height - 8}" font-size="10">{escape(x_label)} {x1:.3g}</text>']
     for i, (name, pts) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
-        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
-        parts.append(f'<text x="{left + 8 + 110 * i}" y="{top + 12}" font-size="11" fill="{colour}">'
+        if name in dots:
+            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"/>' for x, y in pts]
+        else:
+            coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
+        row, col = divmod(i, 3)
+        parts.append(f'<text x="{left + 8 + 120 * col}" y="{top + 12 + 13 * row}" font-size="11" fill="{colour}">'
                      f'{escape(name)}</text>')
     parts.append("</svg>")
     return f'<figure>{"".join(parts)}<figcaption>{escape(title)}</figcaption></figure>'
@@ -73,6 +78,68 @@ def svg_lines(series: dict[str, Sequence[tuple[float, float]]], title: str, widt
 
 def _num(value: Any, fmt: str = ".3f") -> str:
     return "–" if not isinstance(value, (int, float)) else format(value, fmt)
+
+
+def _fit_line(fit: dict[str, Any], d_max: float, points: int = 40) -> list[tuple[float, float]]:
+    """The fitted Gao et al. curve sampled on (0, d_max]."""
+    import math
+
+    a, b = fit["alpha"], fit["beta"]
+    ds = [d_max * (i + 1) / points for i in range(points)]
+    if fit["form"] == "bon":
+        return [(d, d * (a - b * d)) for d in ds]
+    return [(d, d * (a - b * math.log(d))) for d in ds]
+
+
+def _fit_text(fit: dict[str, Any]) -> str:
+    peak = ("no peak within the fit (still rising)" if fit.get("peak_d") is None
+            else f"peak at d = {_num(fit['peak_d'], '.2f')} (KL {_num(fit['peak_d'] ** 2, '.2f')} nats)")
+    return (f"α = {_num(fit['alpha'])}, β = {_num(fit['beta'])}, R² = {_num(fit['r2'])}; {peak}")
+
+
+def _overoptimisation_section(root: Path, over: dict[str, Any] | None) -> list[str]:
+    """Gao et al.'s proxy-vs-gold curves against d = sqrt(KL), and the KL-leash-cut demonstration."""
+    if not over:
+        return []
+    html = ["<h2>Reward over-optimisation (Gao, Schulman &amp; Hilton 2022)</h2>",
+            "<p>Gold score and proxy (reward-model) score, as the change from the SFT policy, against "
+            "d = sqrt(KL to SFT). The proxy keeps rising; the gold judge, which the optimiser never sees, "
+            "rises less and eventually falls. Dots are measurements, lines the paper's functional forms.</p>",
+            "<div class='plots'>"]
+    notes = []
+    for key, label in (("best_of_n", "best-of-n, n = 1 … " ), ("rl", "PPO checkpoints")):
+        part = over.get(key)
+        if not part or not part.get("points"):
+            continue
+        pts = part["points"]
+        label = label + (str(pts[-1]["n"]) if key == "best_of_n" else "")
+        d_max = max(p["d"] for p in pts)
+        series = {"gold Δ": [(p["d"], p["gold_delta"]) for p in pts],
+                  "proxy Δ": [(p["d"], p["proxy_delta"]) for p in pts]}
+        if part.get("alpha") is not None:
+            series[f"fit {'d(α−βd)' if key == 'best_of_n' else 'd(α−β ln d)'}"] = _fit_line(part, d_max)
+            notes.append(f"<li>{escape(label)}: gold Δ = {'d(α − β d)' if key == 'best_of_n' else 'd(α − β ln d)'}"
+                         f", {escape(_fit_text(part))}</li>")
+        html.append(svg_lines(series, f"over-optimisation: {label}", x_label="d", dots=("gold Δ", "proxy Δ")))
+    cut = over.get("kl_cut")
+    if cut:
+        series = {}
+        for run, name in (("ppo", "default KL"), ("ppo_klcut", "KL cut")):
+            series[f"proxy, {name}"] = read_curve(root / run / "metrics.jsonl", "reward/score")
+            series[f"gold, {name}"] = read_curve(root / run / "metrics.jsonl", "judge/score")
+        html.append(svg_lines(series, "reward hacking: the KL leash cut (train prompts)"))
+    html.append("</div>")
+    if notes:
+        html.append("<ul>" + "".join(notes) + "</ul>")
+    if cut:
+        html.append(
+            "<h3>Reward hacking: the KL leash cut</h3><p>The same PPO run with the KL coefficient set to "
+            f"{_num(cut.get('kl_coef'), 'g')} instead of {_num(cut.get('default_kl_coef'), 'g')}: on the held-out "
+            f"test prompts the proxy reward moved by {_num(cut.get('proxy_delta'), '+.3f')} while the gold score "
+            f"moved by {_num(cut.get('gold_delta'), '+.3f')} (KL to SFT {_num(cut.get('kl'), '.2f')}). "
+            f"The over-optimisation monitor {'flagged' if cut.get('monitor_flagged') else 'did not flag'} the cut "
+            f"run and {'flagged' if cut.get('default_monitor_flagged') else 'did not flag'} the default one.</p>")
+    return html
 
 
 def write_report(root: Path, summary: dict[str, Any]) -> Path:
@@ -106,9 +173,13 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
           "held-out": read_curve(root / "reward" / "metrics.jsonl", "eval/accuracy")}, "reward model pair accuracy"),
         ({"margin": read_curve(root / "dpo" / "metrics.jsonl", "rewards/margin"),
           "accuracy": read_curve(root / "dpo" / "metrics.jsonl", "rewards/accuracy")}, "DPO implicit reward"),
+        ({"proxy reward": read_curve(root / "ppo" / "metrics.jsonl", "reward/score"),
+          "gold (train prompts)": read_curve(root / "ppo" / "metrics.jsonl", "judge/score"),
+          "KL to SFT": read_curve(root / "ppo" / "metrics.jsonl", "kl")}, "PPO: reward, gold and KL"),
     ]
     plots = [svg_lines(series, title) for series, title in curves]
     html.append("<h2>Training curves</h2><div class='plots'>" + "".join(p for p in plots if p) + "</div>")
+    html += _overoptimisation_section(root, summary.get("overoptimization"))
     samples = summary.get("samples", {})
     if samples:
         names = list(samples)
