@@ -1,6 +1,9 @@
 """The demo report is one self-contained HTML file whose untrusted text is escaped."""
 
 import json
+import shutil
+
+import pytest
 
 from rlhfkit.eval.report import svg_lines, write_report
 
@@ -45,7 +48,9 @@ def test_report_draws_overoptimisation_curves_fits_and_the_kl_cut(tmp_path):
     bon = [{"n": n, "d": d, "proxy_delta": 0.5 * d, "gold_delta": d * (0.6 - 0.2 * d)}
            for n, d in ((1, 0.0), (2, 0.55), (4, 0.91), (8, 1.21))]
     rl = [{"run": "ppo", "step": s, "d": d, "proxy_delta": d, "gold_delta": 0.3 * d} for s, d in ((10, 0.3), (20, 0.8), (30, 1.4))]
-    summary = {"overoptimization": {
+    summary = {"policies": {"sft": {"gold_score": 0.1, "gold_se": 0.1, "win_rate_vs_sft": 0.5, "kl_to_sft": 0.0,
+                                    "mean_length": 20.0, "unsafe_rate": 0.5}},
+               "overoptimization": {
         "best_of_n": {"form": "bon", "alpha": 0.6, "beta": 0.2, "r2": 0.99, "peak_d": 1.5, "points": bon},
         "rl": {"form": "rl", "alpha": 0.3, "beta": 0.01, "r2": 0.93, "peak_d": None, "points": rl},
         "kl_cut": {"proxy_delta": 0.8, "gold_delta": -0.7, "kl": 9.5, "kl_coef": 0.0, "default_kl_coef": 0.05,
@@ -58,3 +63,20 @@ def test_report_draws_overoptimisation_curves_fits_and_the_kl_cut(tmp_path):
     assert html.count("<circle") == 2 * len(bon) + 2 * len(rl)
     assert "proxy reward moved by +0.800 while the gold score moved by -0.700" in html
     assert "monitor flagged the cut run and did not flag the default one" in html
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium_without_network(tmp_path):
+    pytest.importorskip("playwright.sync_api")
+    from tests.report_browser import check_report_in_browser
+
+    test_report_draws_overoptimisation_curves_fits_and_the_kl_cut(tmp_path)  # writes tmp_path/report.html
+    html = (tmp_path / "report.html").read_text()
+    # a stray remote reference would be caught: prove the check sees requests by planting one in a copy
+    seen = check_report_in_browser(tmp_path / "report.html")
+    assert seen["plots"] == html.count("<svg") == 4 and seen["marks"] > 10
+    leaky = tmp_path / "leaky.html"
+    leaky.write_text(html.replace("</body>", "<img src='http://127.0.0.1:9/x.png'></body>"))
+    with pytest.raises(AssertionError, match="requests beyond its own file"):
+        check_report_in_browser(leaky)
