@@ -22,3 +22,29 @@ def write_prompts(path: Path, n: int = 12, split: str = "test") -> Path:
     prompts = make_prompts(0, 60, 20, 40)[split][:n]
     path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in prompts))
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(base: str, server, seconds: float = 120) -> None:
+    """Poll base/v1/models until the server answers 200; fail if it exits or takes longer than `seconds`
+    (the same shape as tests/feedback/web_helpers.wait_until_serving, for the OpenAI-compatible server)."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline and server.poll() is None, "the server did not start"
+        time.sleep(0.2)

@@ -4,8 +4,10 @@ constitution), a reward model, or on the playground the gold judge; plus KL to a
 An AI judge sees every pair twice, policy first and baseline first; the per-prompt score is
 s = (P(policy wins | shown first) + 1 − P(baseline wins | shown first)) / 2, so a judge that always prefers
 position one scores every prompt 0.5 (MT-Bench swaps positions the same way: Zheng et al. 2023, section 3.4).
-The win rate is the mean of s (ties count half); its interval is Wilson's score interval (Wilson 1927) at n
-prompts, which is conservative here because each s lies in [0, 1] with variance at most that of a coin flip."""
+A prompt is a win when s > 0.5, a loss when s < 0.5, otherwise a tie; the win rate is (wins + ties / 2) / n
+(ties count half, as in Chatbot Arena) and its interval is Wilson's score interval (Wilson 1927) at n prompts,
+conservative with ties (a tie's half point has less variance than a coin flip). The mean of s itself (the judge's
+probabilities averaged, AlpacaEval 2's "soft" win rate) is reported beside it."""
 
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ class WinRate:
     losses: int
     n: int
     win_rate: float
-    """Mean per-prompt score s in [0, 1] (ties and split decisions count half)."""
+    """(wins + ties / 2) / n: each prompt decided by its position-debiased score s."""
+    soft_win_rate: float
+    """Mean of s itself (the judge's probabilities averaged, as AlpacaEval 2 reports)."""
     ci_low: float
     ci_high: float
     confidence: float
@@ -83,9 +87,10 @@ def win_rate_from_probs(policy_first: Sequence[float | None], baseline_first: Se
     wins = sum(s > 0.5 + tie_margin + 1e-12 for s in scores)
     losses = sum(s < 0.5 - tie_margin - 1e-12 for s in scores)
     n = len(scores)
-    rate = sum(scores) / n if n else 0.5
+    ties = n - wins - losses
+    rate = (wins + ties / 2) / n if n else 0.5
     lo, hi = wilson_interval(rate, n, confidence)
-    return WinRate(wins, n - wins - losses, losses, n, rate, lo, hi, confidence, abstained,
+    return WinRate(wins, ties, losses, n, rate, sum(scores) / n if n else 0.5, lo, hi, confidence, abstained,
                    sum(firsts) / len(firsts) if firsts else None, scores)
 
 
@@ -271,7 +276,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"judge: {s['judge']}   prompts judged: {s['n']}" + (f" ({s['abstained']} abstained)" if s["abstained"] else ""),
         f"win / tie / loss: {s['wins']} / {s['ties']} / {s['losses']}",
-        f"win rate: {s['win_rate']:.3f}  ({s['confidence']:.0%} CI {s['ci_low']:.3f} - {s['ci_high']:.3f})",
+        f"win rate: {s['win_rate']:.3f}  ({s['confidence']:.0%} CI {s['ci_low']:.3f} - {s['ci_high']:.3f}); "
+        f"mean preference probability {s['soft_win_rate']:.3f}",
         f"mean length (tokens): policy {s['policy']['mean_length']:.1f}, baseline {s['baseline']['mean_length']:.1f}",
     ]
     if kl is not None:
