@@ -7,6 +7,7 @@ reused on a rerun when its finished run directory holds the same config."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -39,6 +40,19 @@ class DemoConfig:
     """Optimizer steps of DPO from the SFT model (quick: 60)."""
     dpo_beta: float = 0.1
     """DPO's KL coefficient beta."""
+    reward_ensemble: int = 3
+    """Reward-model ensemble members (bootstrap resamples, different seeds); PPO penalises their disagreement
+    (quick: 2)."""
+    ppo_steps: int = 120
+    """PPO rollout steps from the SFT model (quick: 40)."""
+    ppo_learning_rate: float = 2e-5
+    """PPO's peak learning rate."""
+    ppo_kl_coef: float = 0.05
+    """PPO's KL coefficient (the leash to the SFT model)."""
+    kl_cut_coef: float = 0.0
+    """KL coefficient of the reward-hacking demonstration run (the leash cut)."""
+    sweep_n: int = 64
+    """Largest n of the best-of-n over-optimisation sweep (quick: 16)."""
     best_of_n: int = 16
     """Candidates per prompt for the best-of-n policy (SFT samples, reward model picks)."""
     eval_prompts: int = 200
@@ -75,7 +89,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     from rlhfkit.eval.report import write_report
     from rlhfkit.eval.playground import evaluate_best_of_n, evaluate_policy, reward_gold_accuracy, win_rate
     from rlhfkit.playground.world import WorldSpec, build_initial_model, read_prompts, write_world
-    from rlhfkit.policy import dpo, sft
+    from rlhfkit.policy import dpo, ppo, sft
     from rlhfkit.reward import train as rtrain
 
     root = Path(cfg.output_dir)
@@ -85,6 +99,9 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     n_eval = min(cfg.eval_prompts, 100) if cfg.quick else cfg.eval_prompts
     reward_steps = min(cfg.reward_steps, 100) if cfg.quick else cfg.reward_steps
     dpo_steps = min(cfg.dpo_steps, 60) if cfg.quick else cfg.dpo_steps
+    ppo_steps = min(cfg.ppo_steps, 40) if cfg.quick else cfg.ppo_steps
+    ensemble = min(cfg.reward_ensemble, 2) if cfg.quick else cfg.reward_ensemble
+    sweep_n = min(cfg.sweep_n, 16) if cfg.quick else cfg.sweep_n
     wall: dict[str, float] = {}
     t0 = time.time()
 
@@ -116,7 +133,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         model=str(root / "sft"), data=str(data / "preferences_train.jsonl"),
         eval_data=str(data / "preferences_val.jsonl"), output_dir=str(root / "reward"), max_steps=reward_steps,
         batch_size=32, learning_rate=1e-4, weight_decay=0.1, max_length=128,
-        normalize_prompts=str(data / "prompts_train.jsonl"), normalize_samples=256,
+        normalize_prompts=str(data / "prompts_train.jsonl"), normalize_samples=256, ensemble_size=ensemble,
         eval_every=max(1, reward_steps // 3), **common)
     run_stage("reward", reward_cfg, rtrain.main, root, cfg.rebuild or "label" in wall, wall)
     dpo_cfg = dpo.DPOConfig(
@@ -126,14 +143,32 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         eval_every=max(1, dpo_steps // 3), **common)
     run_stage("dpo", dpo_cfg, dpo.main, root, cfg.rebuild or "label" in wall, wall)
 
+    # PPO against the reward-model ensemble, KL-leashed to SFT; the gold judge only watches (logged as
+    # judge/score on the training prompts, feeding the over-optimisation monitor), it never shapes the reward
+    ppo_cfg = ppo.PPOConfig(
+        model=str(root / "sft"), reward_model=str(root / "reward"), data=str(data / "prompts_train.jsonl"),
+        output_dir=str(root / "ppo"), max_steps=ppo_steps, batch_size=16, learning_rate=cfg.ppo_learning_rate,
+        kl_coef=cfg.ppo_kl_coef, ensemble_penalty=0.5 if ensemble > 1 else 0.0, eval_every=max(1, ppo_steps // 12),
+        save_every=max(1, ppo_steps // 6), keep_checkpoints=6, **common)
+    judge = functools.partial(_gold_judge)
+    ppo_redo = cfg.rebuild or "reward" in wall
+    run_stage("ppo", ppo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
+    # the reward-hacking demonstration: the same run with the KL leash cut and no ensemble penalty
+    cut_cfg = replace(ppo_cfg, output_dir=str(root / "ppo_klcut"), kl_coef=cfg.kl_cut_coef, ensemble_penalty=0.0)
+    run_stage("ppo_klcut", cut_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
+
     test_prompts = read_prompts(data / "prompts_test.jsonl")[:n_eval]
     start = time.time()
     evals = {}
-    for name in ("base", "sft", "dpo"):
+    reward_dir = str(root / "reward")
+    for name in ("base", "sft", "ppo", "dpo"):
         evals[name] = evaluate_policy(str(root / name), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
-                                      keep_samples=12)
-    evals["best_of_n"] = evaluate_best_of_n(str(root / "sft"), str(root / "reward"), test_prompts,
-                                            n=cfg.best_of_n, seed=cfg.seed)
+                                      keep_samples=12, reward_dir=reward_dir)
+    evals["best_of_n"] = evaluate_best_of_n(str(root / "sft"), reward_dir, test_prompts, n=cfg.best_of_n,
+                                            seed=cfg.seed)
+    klcut = evaluate_policy(str(root / "ppo_klcut"), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
+                            reward_dir=reward_dir)
+    overoptimization = overoptimisation_sweeps(root, test_prompts, evals["sft"], klcut, sweep_n, cfg)
     wall["eval"] = round(time.time() - start, 1)
     policies = {}
     for name, ev in evals.items():
@@ -150,10 +185,12 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     summary = {
         "policies": policies,
         "reward_model": reward_model,
+        "overoptimization": overoptimization,
         "wall_seconds": {**wall, "total": round(time.time() - t0, 1)},
         "samples": {name: ev.samples for name, ev in evals.items()},
         "config": to_dict(cfg),
     }
+    summary["claims"] = check_claims(summary)
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(root, summary)
     print(format_table(policies))
@@ -161,15 +198,115 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
           f"{reward_model['pairs']} held-out pairs (the annotators' labels: {reward_model['label_gold_accuracy']:.3f}); "
           f"held-out label accuracy {reward_model['heldout_accuracy']:.3f}, ECE {reward_model['ece']:.3f}, "
           f"score-length correlation {reward_model['length_correlation']:+.3f}")
+    print("\nclaims:")
+    for c in summary["claims"]:
+        print(f"  [{'ok' if c['ok'] else 'NOT MET'}] {c['claim']}: {c['value']}")
+    fits = [f"{k} R² {overoptimization[k]['r2']:.2f}" for k in ("best_of_n", "rl") if overoptimization.get(k)]
+    cut = overoptimization["kl_cut"]
+    print(f"over-optimisation fits: {', '.join(fits)}; KL leash cut: proxy {cut['proxy_delta']:+.3f}, "
+          f"gold {cut['gold_delta']:+.3f} (monitor {'flagged it' if cut['monitor_flagged'] else 'silent'})")
     print(f"\nsummary: {root / 'summary.json'}; report: {report}; stage configs: {root / 'configs'}")
     return summary
 
 
+def check_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The demo's headline claims, each checked against the numbers it just measured (printed, written to
+    summary.json and the report; CI fails when one does not hold)."""
+    pol = summary["policies"]
+    claims = []
+
+    def beats(a: str, b: str) -> None:
+        if a not in pol or b not in pol:
+            return
+        gap = pol[a]["gold_score"] - pol[b]["gold_score"]
+        se = (pol[a]["gold_se"] ** 2 + pol[b]["gold_se"] ** 2) ** 0.5
+        claims.append({"claim": f"{a} beats {b} on gold score by more than 3 standard errors",
+                       "ok": gap > 3 * se, "value": f"{gap:+.3f} (3 s.e. = {3 * se:.3f})"})
+
+    beats("sft", "base")
+    beats("ppo", "sft")
+    beats("dpo", "sft")
+    over = summary.get("overoptimization", {})
+    if "r2" in over.get("best_of_n", {}):
+        r2 = over["best_of_n"]["r2"]
+        claims.append({"claim": "best-of-n over-optimisation fit d(α − βd) has R² ≥ 0.9", "ok": r2 >= 0.9,
+                       "value": f"{r2:.3f}"})
+    cut = over.get("kl_cut")
+    if cut:
+        claims.append({"claim": "with the KL leash cut, the proxy reward rises while the gold score falls",
+                       "ok": cut["proxy_delta"] > 0 > cut["gold_delta"],
+                       "value": f"proxy {cut['proxy_delta']:+.3f}, gold {cut['gold_delta']:+.3f}"})
+        claims.append({"claim": "the over-optimisation monitor flags the KL-cut run and not the default one",
+                       "ok": cut["monitor_flagged"] and not cut["default_monitor_flagged"],
+                       "value": f"cut {cut['monitor_flagged']}, default {cut['default_monitor_flagged']}"})
+    rm = summary.get("reward_model", {})
+    if "gold_accuracy" in rm:
+        claims.append({"claim": "the reward model agrees with the gold judge on ≥ 75% of held-out pairs",
+                       "ok": rm["gold_accuracy"] >= 0.75, "value": f"{rm['gold_accuracy']:.3f}"})
+    return claims
+
+
+def _gold_judge(prompts: list[Any], responses: list[str]) -> list[float]:
+    """The hidden gold judge as PPO's held-out watcher (logged and monitored, never optimised)."""
+    from rlhfkit.playground.gold import gold_score
+    from rlhfkit.playground.tasks import lookup
+
+    return [gold_score(lookup(p), r) for p, r in zip(prompts, responses)]
+
+
+def overoptimisation_sweeps(root: Path, prompts: list[Any], sft_eval: Any, klcut_eval: Any, sweep_n: int,
+                            cfg: DemoConfig) -> dict[str, Any]:
+    """Gao et al.'s curves: best-of-n for n = 1..sweep_n and the PPO runs' checkpoints, each point's gold and
+    proxy as the change from SFT against d = sqrt(KL to SFT), with the paper's forms fitted; and the KL-cut
+    demonstration's deltas."""
+    import math
+
+    from rlhfkit.eval.overopt import fit_best_of_n, fit_rl
+    from rlhfkit.eval.playground import best_of_n_sweep, evaluate_policy
+    from rlhfkit.train.checkpoint import checkpoint_dirs
+
+    bon = best_of_n_sweep(str(root / "sft"), str(root / "reward"), prompts[: max(50, len(prompts) // 2)],
+                          max_n=sweep_n, seed=cfg.seed)
+    base_proxy, base_gold = bon[0]["proxy"], bon[0]["gold"]  # n = 1 is the SFT policy itself
+    for p in bon:
+        p.update(proxy_delta=p["proxy"] - base_proxy, gold_delta=p["gold"] - base_gold)
+    out: dict[str, Any] = {"best_of_n": {**fit_best_of_n([p["d"] for p in bon], [p["gold_delta"] for p in bon])
+                                         .to_dict(), "points": bon}}
+    rl = []
+    for run in ("ppo", "ppo_klcut"):
+        for ckpt in checkpoint_dirs(root / run):
+            ev = evaluate_policy(str(ckpt / "model"), prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
+                                 reward_dir=str(root / "reward"), tokenizer_dir=str(root / "sft"))
+            kl = max(ev.kl_to_ref or 0.0, 1e-6)  # a Monte-Carlo KL can dip below 0 near the start
+            rl.append({"run": run, "step": int(ckpt.name.split("-")[1]), "kl": kl, "d": math.sqrt(kl),
+                       "proxy_delta": ev.proxy_score - sft_eval.proxy_score,
+                       "gold_delta": ev.gold_score - sft_eval.gold_score})
+    rl.sort(key=lambda p: p["d"])
+    out["rl"] = {**(fit_rl([p["d"] for p in rl], [p["gold_delta"] for p in rl]).to_dict() if len(rl) >= 3 else {}),
+                 "points": rl}
+    summaries = {run: json.loads((root / run / "summary.json").read_text()) for run in ("ppo", "ppo_klcut")}
+    out["kl_cut"] = {
+        "proxy_delta": klcut_eval.proxy_score - sft_eval.proxy_score,
+        "gold_delta": klcut_eval.gold_score - sft_eval.gold_score,
+        "kl": klcut_eval.kl_to_ref, "kl_coef": cfg.kl_cut_coef, "default_kl_coef": cfg.ppo_kl_coef,
+        "monitor_flagged": bool(summaries["ppo_klcut"].get("overoptimisation_flagged")),
+        "default_monitor_flagged": bool(summaries["ppo"].get("overoptimisation_flagged")),
+        "unsafe_rate": klcut_eval.unsafe_rate, "mean_length": klcut_eval.mean_length,
+    }
+    return out
+
+
 def collect_labels(root: Path, seed: int, quick: bool, redo: bool) -> float | None:
-    """Simulated annotators judge response pairs for the train and validation prompts: K samples from the SFT
-    policy ranked (InstructGPT-style), plus generator pairs of varied quality judged pairwise.
+    """Simulated people label responses through the feedback store, exactly as humans using `rlhfkit label serve`
+    would: projects are created in DIR/feedback.db, each simulated annotator takes tasks from the queue and
+    submits through the service, and the judgments are exported as preference rows. Train: K samples from the SFT
+    policy ranked (InstructGPT-style) plus generator pairs of varied quality; validation: pairs only.
     Returns the seconds spent, or None when the finished labels were reused."""
-    from rlhfkit.playground.preferences import generator_pairs, label_pairs, policy_groups, rank_groups
+    from rlhfkit.feedback.cli import LabelConfig, simulate
+    from rlhfkit.feedback.export import export_rows
+    from rlhfkit.feedback.service import FeedbackService, ItemSpec
+    from rlhfkit.feedback.store import open_store
+    from rlhfkit.playground.preferences import generator_pairs, policy_groups
     from rlhfkit.playground.world import read_prompts
 
     data = root / "data"
@@ -177,24 +314,35 @@ def collect_labels(root: Path, seed: int, quick: bool, redo: bool) -> float | No
     if not redo and stamp.exists() and json.loads(stamp.read_text()).get("quick") == quick:
         return None
     start = time.time()
-    report: dict[str, Any] = {"quick": quick}
+    db = root / "feedback.db"
+    for leftover in root.glob("feedback.db*"):  # a fresh store for fresh labels (also -wal / -shm files)
+        leftover.unlink()
+    svc = FeedbackService(open_store(str(db)))
+    report: dict[str, Any] = {"quick": quick, "db": str(db)}
     # split -> (samples per prompt, policy rounds, generator rounds). Held-out pairs stay pairs (K = 2).
     plan = {"train": (4, 1 if quick else 2, 2 if quick else 6), "val": (2, 1, 2)}
     for split, (k, policy_rounds, generator_rounds) in plan.items():
         prompts = read_prompts(data / f"prompts_{split}.jsonl")
+        policy_items = [ItemSpec(p.text, g[:k], [f"sft-{r}"] * len(g[:k]))
+                        for r in range(policy_rounds)
+                        for p, g in policy_groups(str(root / "sft"), prompts, k, seed=seed + 11 + r)
+                        if len(g) >= 2]
+        pair_items = [ItemSpec(p.text, [a, b], ["generator", "generator"])
+                      for r in range(generator_rounds) for p, a, b in generator_pairs(prompts, seed=seed + 20 + r)
+                      if a.strip() != b.strip()]
         rows: list[dict[str, Any]] = []
-        for r in range(policy_rounds):
-            groups = policy_groups(str(root / "sft"), prompts, k, seed=seed + 11 + r)
-            if k == 2:
-                got, rep = label_pairs([(p, g[0], g[1]) for p, g in groups if len(g) == 2], seed=seed + 12 + r)
-            else:
-                got, rep = rank_groups(groups, seed=seed + 12 + r)
+        for name, mode, items in ((f"{split}-sft", "ranking" if k > 2 else "pairwise", policy_items),
+                                  (f"{split}-generator", "pairwise", pair_items)):
+            project = svc.create_project(name, mode, "Which response is better? Helpful, correct, kind, safe.",
+                                         responses_per_item=k if mode == "ranking" else 2)
+            svc.add_items(project.id, items)
+            simulate(LabelConfig(command="simulate", db=str(db), project=name, seed=seed + len(rows)))
+            # held-out rankings become pairs: one accuracy per comparison
+            got, rep = export_rows(svc, name, rankings_as="ranking" if split == "train" else "pairs",
+                                   conversational=True)
             rows += got
-            report[f"{split}_policy_{r}"] = rep.to_dict()
-        pairs = [pair for r in range(generator_rounds) for pair in generator_pairs(prompts, seed=seed + 20 + r)]
-        got, rep = label_pairs(pairs, seed=seed + 13)
-        rows += got
-        report[f"{split}_generator"] = rep.to_dict()
+            report[name] = {"items": len(items), "judgments": rep.judgments, "rows": rep.rows,
+                            "left_out": rep.skipped}
         report[f"{split}_rows"] = len(rows)
         (data / f"preferences_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     stamp.write_text(json.dumps(report, indent=2))

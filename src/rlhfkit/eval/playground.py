@@ -24,6 +24,8 @@ class PolicyEval:
     eos_rate: float
     n: int
     kl_to_ref: float | None = None
+    proxy_score: float | None = None
+    """Mean reward-model score of the samples (when a reward model was given): the proxy the optimiser saw."""
     by_kind: dict[str, float] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
@@ -65,9 +67,12 @@ def evaluate_policy(
     seed: int = 0,
     ref_dir: str | None = None,
     keep_samples: int = 0,
+    reward_dir: str | None = None,
+    tokenizer_dir: str | None = None,
 ) -> PolicyEval:
-    """Sample responses to `prompts`, score them with the gold judge; KL to ref_dir when given."""
-    tokenizer = load_tokenizer(model_dir)
+    """Sample responses to `prompts`, score them with the gold judge; KL to ref_dir and the proxy reward of
+    reward_dir when given. tokenizer_dir: where the tokenizer is when model_dir has none (a checkpoint)."""
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     model = load_causal_lm(model_dir, tokenizer).eval()
     texts = [p.text for p in prompts for _ in range(samples_per_prompt)]
     owners = [p for p in prompts for _ in range(samples_per_prompt)]
@@ -84,6 +89,12 @@ def evaluate_policy(
     if ref_dir is not None:
         ref = load_causal_lm(ref_dir, load_tokenizer(ref_dir)).eval()
         kl = sequence_kl(model, ref, rollout, temperature if temperature > 0 else 1.0)
+    proxy = None
+    if reward_dir is not None:
+        from rlhfkit.reward.model import load_reward_ensemble, score_texts
+
+        proxy_scores, _ = score_texts(load_reward_ensemble(reward_dir), texts, rollout.texts)
+        proxy = sum(proxy_scores) / len(proxy_scores)
     return PolicyEval(
         gold_score=stats.mean,
         gold_se=stats.se,
@@ -92,6 +103,7 @@ def evaluate_policy(
         eos_rate=float(rollout.ended.float().mean()),
         n=len(texts),
         kl_to_ref=kl,
+        proxy_score=proxy,
         by_kind={k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
         samples=[{"prompt": p.text, "response": r, "gold": b.total}
                  for p, r, b in list(zip(owners, rollout.texts, parts))[:keep_samples]],
@@ -157,3 +169,33 @@ def evaluate_best_of_n(policy_dir: str, reward_dir: str, prompts: Sequence[Promp
         samples=[{"prompt": p.text, "response": r, "gold": b.total} for p, r, b in list(zip(prompts, responses, parts))[:12]],
         scores=[b.total for b in parts],
     )
+
+
+def best_of_n_sweep(policy_dir: str, reward_dir: str, prompts: Sequence[Prompt], max_n: int = 64,
+                    temperature: float = 0.7, max_new_tokens: int = 48, seed: int = 0) -> list[dict[str, float]]:
+    """Proxy and gold score of best-of-n for n = 1, 2, 4, ..., max_n from one set of max_n samples per prompt
+    (the unbiased subset estimator of Gao et al. App. I), with KL = log n − (n−1)/n and d = sqrt(KL)."""
+    import math
+
+    from rlhfkit.eval.overopt import best_of_n_expectation
+    from rlhfkit.policy.best_of_n import best_of_n_kl
+    from rlhfkit.reward.model import load_reward_ensemble, score_texts
+
+    tokenizer = load_tokenizer(policy_dir)
+    model = load_causal_lm(policy_dir, tokenizer).eval()
+    texts = [p.text for p in prompts for _ in range(max_n)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rollout = sample(model, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature)
+    proxy = torch.tensor(score_texts(load_reward_ensemble(reward_dir), texts, rollout.texts)[0]).view(-1, max_n)
+    owners = [p for p in prompts for _ in range(max_n)]
+    gold = torch.tensor([gold_breakdown(p, r).total for p, r in zip(owners, rollout.texts)]).view(-1, max_n)
+    points = []
+    n = 1
+    while n <= max_n:
+        kl = best_of_n_kl(n)
+        points.append({"n": n, "kl": kl, "d": math.sqrt(kl),
+                       "proxy": float(best_of_n_expectation(proxy, proxy, n)),
+                       "gold": float(best_of_n_expectation(proxy, gold, n))})
+        n *= 2
+    return points

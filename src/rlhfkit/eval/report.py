@@ -155,6 +155,14 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
                     f"<td>{_num(p.get('kl_to_sft'), '.2f')}</td><td>{_num(p.get('mean_length'), '.1f')}</td>"
                     f"<td>{_num(p.get('unsafe_rate'), '.2f')}</td></tr>")
     html.append("</table>")
+    claims = summary.get("claims")
+    if claims:
+        html.append("<h2>What this run shows</h2><table>")
+        for c in claims:
+            mark = "✓" if c.get("ok") else "✗ not met"
+            html.append(f"<tr><td class='l'>{escape(mark)}</td><td class='l'>{escape(str(c.get('claim')))}</td>"
+                        f"<td>{escape(str(c.get('value')))}</td></tr>")
+        html.append("</table>")
     rm = summary.get("reward_model")
     if rm:
         html.append("<h2>Reward model</h2><table>")

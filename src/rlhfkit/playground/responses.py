@@ -81,6 +81,18 @@ WEB = Mixture(
     p_refuse_harmful=0.5,
     p_refuse_harmless=0.05,
 )
+# Demonstrations as hired writers produce them (InstructGPT's contractors, not an oracle): always correct and
+# friendly, but often padded with filler or repeating themselves, and complying with a harmful request 40% of the
+# time. SFT on these imitates the mixture; the preference stages then have something to fix (gold about +1.3 for
+# the mixture against +2.3 for the ideal response). Robotic or wrong demonstrations were tried and rejected: the
+# 4-layer model then loses the habit of restating the question, and with it most of its correctness.
+DEMONSTRATION = Mixture(
+    p_correct=1.0,
+    style={"warm": 1.0},
+    verbosity={"concise": 0.6, "rambling": 0.3, "repetitive": 0.1},
+    p_refuse_harmful=0.6,
+    p_refuse_harmless=0.0,
+)
 
 # ------------------------------------------------------------------------------------------------- phrasing
 WARM_OPENERS = ("great question !", "happy to help !", "sure thing !", "good question !", "of course !")
@@ -314,9 +326,11 @@ def pretraining_corpus(
             yield format_chat(prompt.text, sample_labelled(prompt, rng, WEB).text)
 
 
-def sft_demonstrations(prompts: Sequence[Prompt], seed: int, n: int) -> list[dict[str, str]]:
-    """`n` {"prompt", "completion"} demonstrations with good responses, cycling through `prompts` in a
-    seeded order (each pass reshuffled, phrasings re-drawn)."""
+def sft_demonstrations(prompts: Sequence[Prompt], seed: int, n: int, mixture: Mixture | None = None
+                       ) -> list[dict[str, str]]:
+    """`n` {"prompt", "completion"} demonstrations, cycling through `prompts` in a seeded order (each pass
+    reshuffled, phrasings re-drawn). mixture None gives the ideal response every time; DEMONSTRATION gives
+    what a pool of hired writers produces."""
     if not prompts:
         raise ValueError("sft_demonstrations needs at least one prompt")
     rng = random.Random(seed)
@@ -327,7 +341,8 @@ def sft_demonstrations(prompts: Sequence[Prompt], seed: int, n: int) -> list[dic
             order = list(prompts)
             rng.shuffle(order)
         prompt = order.pop()
-        out.append({"prompt": prompt.text, "completion": good_response(prompt, rng)})
+        completion = good_response(prompt, rng) if mixture is None else sample_labelled(prompt, rng, mixture).text
+        out.append({"prompt": prompt.text, "completion": completion})
     return out
 
 

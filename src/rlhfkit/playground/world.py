@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlhfkit.playground.responses import lexicon, pretraining_corpus, sft_demonstrations
+from rlhfkit.playground.responses import DEMONSTRATION, lexicon, pretraining_corpus, sft_demonstrations
 from rlhfkit.playground.tasks import Prompt, make_prompts
 
 
@@ -24,6 +24,8 @@ class WorldSpec:
     n_test: int = 200
     pretrain_docs: int = 20_000
     sft_demos: int = 2_000
+    demonstrations: str = "contractors"
+    """"contractors": the mixed-quality DEMONSTRATION mixture; "ideal": the best response every time."""
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -51,7 +53,10 @@ def write_world(data_dir: Path, spec: WorldSpec) -> dict[str, Path]:
     corpus = pretraining_corpus(splits["train"], spec.seed, spec.pretrain_docs)
     paths["pretrain"] = data_dir / "pretrain.jsonl"
     _write_jsonl(paths["pretrain"], [{"text": doc} for doc in corpus])
-    demos = sft_demonstrations(splits["train"], spec.seed + 1, spec.sft_demos)
+    if spec.demonstrations not in ("contractors", "ideal"):
+        raise ValueError(f"unknown demonstrations {spec.demonstrations!r}; use 'contractors' or 'ideal'")
+    mixture = DEMONSTRATION if spec.demonstrations == "contractors" else None
+    demos = sft_demonstrations(splits["train"], spec.seed + 1, spec.sft_demos, mixture)
     paths["sft"] = data_dir / "sft.jsonl"
     # conversational rows, so SFT trains on exactly the string the chat template renders at generation time
     _write_jsonl(paths["sft"], [
