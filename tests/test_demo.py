@@ -1,7 +1,9 @@
 """`rlhfkit demo --quick` end to end on the playground: base -> SFT -> gold evaluation, cached reruns."""
 
+import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -17,32 +19,48 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["policies"] == summary["policies"]
     base, sft, dpo = summary["policies"]["base"], summary["policies"]["sft"], summary["policies"]["dpo"]
-    for policy in (base, sft, dpo):
+    ppo = summary["policies"]["ppo"]
+    for policy in (base, sft, dpo, ppo):
         for key in ("gold_score", "gold_se", "win_rate_vs_sft", "kl_to_sft", "mean_length", "unsafe_rate"):
             assert isinstance(policy[key], float), key
-    # SFT on good demonstrations beats the web-text base model by a wide, significant margin
+    # SFT on contractor demonstrations beats the web-text base model by a wide, significant margin
     assert sft["gold_score"] - base["gold_score"] > 3 * (sft["gold_se"] ** 2 + base["gold_se"] ** 2) ** 0.5
     assert base["win_rate_vs_sft"] < 0.35 and sft["win_rate_vs_sft"] == 0.5
-    assert sft["unsafe_rate"] < base["unsafe_rate"]
     assert sft["kl_to_sft"] == pytest.approx(0.0, abs=1e-6) and base["kl_to_sft"] > 1.0
-    assert {"pretrain", "sft", "label", "reward", "dpo", "eval", "total"} <= set(summary["wall_seconds"])
+    assert {"pretrain", "sft", "label", "reward", "dpo", "ppo", "ppo_klcut", "eval", "total"} <= set(summary["wall_seconds"])
     rm = summary["reward_model"]
     assert rm["pairs"] > 100 and rm["gold_accuracy"] > 0.6  # well above chance even in the quick run
     assert 0.6 < rm["label_gold_accuracy"] < 0.85  # the annotators are noisy like people
     for key in ("heldout_accuracy", "ece", "length_correlation"):
         assert isinstance(rm[key], float)
-    assert dpo["kl_to_sft"] > 0
+    assert dpo["kl_to_sft"] > 0 and ppo["kl_to_sft"] > 0
+    # the labels went through the feedback store, and the reward model is an ensemble
+    labels = json.loads((out / "data" / "labels.json").read_text())
+    assert (out / "feedback.db").exists() and labels["train-sft"]["judgments"] > 50
+    assert json.loads((out / "reward" / "summary.json").read_text())["ensemble_size"] == 2
+    over = summary["overoptimization"]
+    for key in ("best_of_n", "rl"):
+        assert {"alpha", "beta", "r2", "peak_d"} <= set(over[key]), key
+    assert [p["n"] for p in over["best_of_n"]["points"]] == [1, 2, 4, 8, 16]
+    assert over["best_of_n"]["points"][0]["gold_delta"] == 0.0
+    assert {"proxy_delta", "gold_delta", "monitor_flagged"} <= set(over["kl_cut"])
+    assert {c["claim"] for c in summary["claims"]} and all(isinstance(c["ok"], bool) for c in summary["claims"])
     bon = summary["policies"]["best_of_n"]
     assert bon["kl_to_sft"] == pytest.approx(math.log(16) - 15 / 16)  # the analytic bound for n = 16
     assert isinstance(bon["gold_score"], float) and 0.0 <= bon["win_rate_vs_sft"] <= 1.0
     report = (out / "report.html").read_text()
-    assert report.count("<svg") == 4 and "best_of_n" in report and "<script" not in report
+    assert report.count("<svg") == 8 and "best_of_n" in report and "<script" not in report
+    if shutil.which("chromium") and importlib.util.find_spec("playwright"):
+        from tests.report_browser import check_report_in_browser
+
+        seen = check_report_in_browser(out / "report.html")
+        assert seen["plots"] == 8 and seen["table_rows"] == 1 + len(summary["policies"])
     for name in ("base", "sft"):
         assert (out / name / "model.safetensors").exists() and (out / "configs" / f"pretrain.yaml").exists()
 
     # a rerun reuses both finished training stages and reproduces the evaluation exactly (deterministic seed)
     again = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
-    for stage in ("pretrain", "sft", "label", "reward", "dpo"):
+    for stage in ("pretrain", "sft", "label", "reward", "dpo", "ppo", "ppo_klcut"):
         assert stage not in again["wall_seconds"], stage
     assert again["policies"] == summary["policies"]
 

@@ -69,9 +69,10 @@ def svg_lines(series: dict[str, Sequence[tuple[float, float]]], title: str, widt
         else:
             coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
             parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
-        row, col = divmod(i, 3)
-        parts.append(f'<text x="{left + 8 + 120 * col}" y="{top + 12 + 13 * row}" font-size="11" fill="{colour}">'
-                     f'{escape(name)}</text>')
+        per_row = 2 if max(len(n) for n in series) > 14 else 3  # long legend names get wider columns
+        row, col = divmod(i, per_row)
+        parts.append(f'<text x="{left + 8 + (360 // per_row) * col}" y="{top + 12 + 13 * row}" font-size="11" '
+                     f'fill="{colour}">{escape(name)}</text>')
     parts.append("</svg>")
     return f'<figure>{"".join(parts)}<figcaption>{escape(title)}</figcaption></figure>'
 
@@ -172,13 +173,16 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
                            ("length_correlation", "correlation of score with response length")):
             html.append(f"<tr><td class='l'>{escape(label)}</td><td>{_num(rm.get(key))}</td></tr>")
         html.append("</table>")
+    rm_metrics = root / "reward" / "metrics.jsonl"
+    if not rm_metrics.exists():  # an ensemble keeps one run per member
+        rm_metrics = root / "reward" / "member-0" / "metrics.jsonl"
     curves = [
         ({"train": read_curve(root / "base" / "metrics.jsonl", "loss"),
           "held-out": read_curve(root / "base" / "metrics.jsonl", "eval/loss")}, "pretraining loss"),
         ({"train": read_curve(root / "sft" / "metrics.jsonl", "loss"),
           "held-out": read_curve(root / "sft" / "metrics.jsonl", "eval/loss")}, "SFT loss"),
-        ({"train": read_curve(root / "reward" / "metrics.jsonl", "accuracy"),
-          "held-out": read_curve(root / "reward" / "metrics.jsonl", "eval/accuracy")}, "reward model pair accuracy"),
+        ({"train": read_curve(rm_metrics, "accuracy"), "held-out": read_curve(rm_metrics, "eval/accuracy")},
+         "reward model pair accuracy" + (" (ensemble member 0)" if rm_metrics.parent.name == "member-0" else "")),
         ({"margin": read_curve(root / "dpo" / "metrics.jsonl", "rewards/margin"),
           "accuracy": read_curve(root / "dpo" / "metrics.jsonl", "rewards/accuracy")}, "DPO implicit reward"),
         ({"proxy reward": read_curve(root / "ppo" / "metrics.jsonl", "reward/score"),
