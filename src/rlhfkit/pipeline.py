@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +49,8 @@ class DemoConfig:
     """PPO's peak learning rate."""
     ppo_kl_coef: float = 0.05
     """PPO's KL coefficient (the leash to the SFT model)."""
+    rl_variants: list[str] = field(default_factory=lambda: ["grpo", "rloo"])
+    """Critic-free estimators also trained and evaluated in the full demo (grpo, rloo, reinforce)."""
     kl_cut_coef: float = 0.0
     """KL coefficient of the reward-hacking demonstration run (the leash cut)."""
     sweep_n: int = 64
@@ -143,12 +145,13 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         eval_every=max(1, dpo_steps // 3), **common)
     run_stage("dpo", dpo_cfg, dpo.main, root, cfg.rebuild or "label" in wall, wall)
 
-    # PPO against the reward-model ensemble, KL-leashed to SFT; the gold judge only watches (logged as
-    # judge/score on the training prompts, feeding the over-optimisation monitor), it never shapes the reward
+    # PPO against the reward-model ensemble, KL-leashed to SFT; the gold judge only watches (judge/score on 64
+    # validation prompts, feeding the over-optimisation monitor), it never shapes the reward
     ppo_cfg = ppo.PPOConfig(
         model=str(root / "sft"), reward_model=str(root / "reward"), data=str(data / "prompts_train.jsonl"),
         output_dir=str(root / "ppo"), max_steps=ppo_steps, batch_size=16, learning_rate=cfg.ppo_learning_rate,
         kl_coef=cfg.ppo_kl_coef, ensemble_penalty=0.5 if ensemble > 1 else 0.0, eval_every=max(1, ppo_steps // 12),
+        eval_prompts=str(data / "prompts_val.jsonl"), eval_samples=64,
         save_every=max(1, ppo_steps // 6), keep_checkpoints=6, **common)
     judge = functools.partial(_gold_judge)
     ppo_redo = cfg.rebuild or "reward" in wall
@@ -156,12 +159,19 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     # the reward-hacking demonstration: the same run with the KL leash cut and no ensemble penalty
     cut_cfg = replace(ppo_cfg, output_dir=str(root / "ppo_klcut"), kl_coef=cfg.kl_cut_coef, ensemble_penalty=0.0)
     run_stage("ppo_klcut", cut_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
+    # the critic-free estimators in the same loop: 4 samples per prompt, 4 prompts per step (the same 16
+    # completions per step as PPO)
+    variants = [] if cfg.quick else list(cfg.rl_variants)
+    for advantage in variants:
+        var_cfg = replace(ppo_cfg, output_dir=str(root / advantage), advantage=advantage, batch_size=4,
+                          samples_per_prompt=4, save_every=0)
+        run_stage(advantage, var_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
 
     test_prompts = read_prompts(data / "prompts_test.jsonl")[:n_eval]
     start = time.time()
     evals = {}
     reward_dir = str(root / "reward")
-    for name in ("base", "sft", "ppo", "dpo"):
+    for name in ("base", "sft", "ppo", "dpo", *variants):
         evals[name] = evaluate_policy(str(root / name), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
                                       keep_samples=12, reward_dir=reward_dir)
     evals["best_of_n"] = evaluate_best_of_n(str(root / "sft"), reward_dir, test_prompts, n=cfg.best_of_n,

@@ -126,9 +126,10 @@ def _overoptimisation_section(root: Path, over: dict[str, Any] | None) -> list[s
     if cut:
         series = {}
         for run, name in (("ppo", "default KL"), ("ppo_klcut", "KL cut")):
-            series[f"proxy, {name}"] = read_curve(root / run / "metrics.jsonl", "reward/score")
+            metrics = root / run / "metrics.jsonl"
+            series[f"proxy, {name}"] = read_curve(metrics, "eval/proxy") or read_curve(metrics, "reward/score")
             series[f"gold, {name}"] = read_curve(root / run / "metrics.jsonl", "judge/score")
-        html.append(svg_lines(series, "reward hacking: the KL leash cut (train prompts)"))
+        html.append(svg_lines(series, "reward hacking: the KL leash cut (held-out prompts)"))
     html.append("</div>")
     if notes:
         html.append("<ul>" + "".join(notes) + "</ul>")
@@ -186,7 +187,7 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
         ({"margin": read_curve(root / "dpo" / "metrics.jsonl", "rewards/margin"),
           "accuracy": read_curve(root / "dpo" / "metrics.jsonl", "rewards/accuracy")}, "DPO implicit reward"),
         ({"proxy reward": read_curve(root / "ppo" / "metrics.jsonl", "reward/score"),
-          "gold (train prompts)": read_curve(root / "ppo" / "metrics.jsonl", "judge/score"),
+          "gold (held-out)": read_curve(root / "ppo" / "metrics.jsonl", "judge/score"),
           "KL to SFT": read_curve(root / "ppo" / "metrics.jsonl", "kl")}, "PPO: reward, gold and KL"),
     ]
     plots = [svg_lines(series, title) for series, title in curves]
