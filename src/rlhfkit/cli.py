@@ -22,6 +22,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "ppo": ("rlhfkit.policy.ppo", "PPOConfig", "PPO against a reward model (or GRPO / RLOO / REINFORCE), KL-penalised to the reference"),
     "best-of-n": ("rlhfkit.policy.best_of_n", "BestOfNConfig", "sample n responses per prompt, keep the reward model's favourite"),
     "dpo": ("rlhfkit.policy.dpo", "DPOConfig", "preference optimisation without a reward model: DPO, cDPO, IPO, SimPO, KTO, ORPO"),
+    "online-dpo": ("rlhfkit.policy.online_dpo", "OnlineDPOConfig",
+                   "iterative DPO: each round samples pairs from the policy, a reward model labels them, DPO trains"),
     "label": ("rlhfkit.feedback.cli", "LabelConfig",
               "human feedback: create projects, add users, serve the labelling app, export, simulate annotators"),
     "cai": ("rlhfkit.feedback.ai", "CAIConfig",
