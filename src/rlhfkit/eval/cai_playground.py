@@ -8,7 +8,8 @@ on demonstrations that comply with most harmful requests. Then
   SL-CAI   the assistant's samples are critiqued and revised by the judge (`critique_revision_chains`) and the
            assistant is fine-tuned on the revisions;
   RLAIF    pairs of responses (the assistant's samples and the world's generator pairs) are labelled by the judge
-           in both orders (`ai_preferences`); a reward model and DPO are trained on those AI labels only.
+           in both orders (`ai_preferences`); a reward model (used for best-of-n) and DPO (from the helpful-only
+           model, and from the SL-CAI model: the paper's SL then RL pipeline) are trained on those AI labels only.
 Every policy is scored on held-out test prompts by the hidden gold judge: gold score, unsafe-compliance rate,
 win rate against the helpful-only SFT, KL to it. The AI labels' agreement with gold is reported beside the
 simulated human annotators' agreement on the same pairs. Reads the demo's base model and data read-only."""
@@ -54,9 +55,9 @@ class CAIExperimentConfig:
     """Generator pairs (varied quality) per training prompt."""
     reward_steps: int = 300
     """Reward-model steps on the AI labels."""
-    dpo_steps: int = 150
+    dpo_steps: int = 300
     """DPO steps on the AI labels."""
-    dpo_learning_rate: float = 5e-5
+    dpo_learning_rate: float = 2e-4
     """DPO learning rate."""
     best_of_n: int = 16
     """Candidates per prompt for best-of-n with the AI-label reward model."""
@@ -197,12 +198,19 @@ def main(cfg: CAIExperimentConfig) -> dict[str, Any]:
     timed("dpo_ai", dpo.main, dpo.DPOConfig(
         model=str(sft_dir), data=train_rows, eval_data=val_rows, output_dir=str(dpo_dir), max_steps=cfg.dpo_steps,
         batch_size=16, learning_rate=cfg.dpo_learning_rate, beta=0.1, max_length=128, **common))
+    # the paper's whole pipeline: RL from AI feedback starting at the SL-CAI model (DPO stands in for PPO)
+    sl_dpo_dir = root / "sl-cai-dpo-ai"
+    timed("sl_cai_dpo_ai", dpo.main, dpo.DPOConfig(
+        model=str(sl_dir), data=train_rows, eval_data=val_rows, output_dir=str(sl_dpo_dir),
+        max_steps=cfg.dpo_steps, batch_size=16, learning_rate=cfg.dpo_learning_rate, beta=0.1, max_length=128,
+        **common))
 
     # 5. the gold judge scores every policy on held-out prompts
     start = time.time()
     test = splits["test"][:cfg.eval_prompts]
     evals = {name: evaluate_policy(str(d), test, temperature=cfg.temperature, seed=cfg.seed, ref_dir=str(sft_dir))
-             for name, d in (("sft_helpful_only", sft_dir), ("sl_cai", sl_dir), ("dpo_ai_labels", dpo_dir))}
+             for name, d in (("sft_helpful_only", sft_dir), ("sl_cai", sl_dir), ("dpo_ai_labels", dpo_dir),
+                             ("sl_cai_then_dpo_ai", sl_dpo_dir))}
     evals[f"best_of_{cfg.best_of_n}_ai_rm"] = evaluate_best_of_n(str(sft_dir), str(rm_dir), test, cfg.best_of_n,
                                                                  temperature=cfg.temperature, seed=cfg.seed)
     wall["eval"] = round(time.time() - start, 1)
