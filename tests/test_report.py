@@ -80,3 +80,11 @@ def test_report_renders_in_headless_chromium_without_network(tmp_path):
     leaky.write_text(html.replace("</body>", "<img src='http://127.0.0.1:9/x.png'></body>"))
     with pytest.raises(AssertionError, match="requests beyond its own file"):
         check_report_in_browser(leaky)
+
+
+def test_report_shows_the_dpo_beta_sweep(tmp_path):
+    sweep = [{"beta": b, "gold_score": g, "gold_se": 0.05, "kl_to_sft": kl, "unsafe_rate": 0.1}
+             for b, g, kl in ((0.03, 0.2, 3.0), (0.1, 0.45, 1.0), (1.0, 0.15, 0.1))]
+    html = write_report(tmp_path, {"dpo_beta_sweep": sweep}).read_text()
+    assert "DPO gold score against KL to SFT" in html and html.count("<circle") == 3
+    assert "<td>0.03</td><td>3.00</td><td>+0.200</td>" in html

@@ -36,16 +36,18 @@ class DemoConfig:
     """Optimizer steps of SFT on demonstrations (quick: 100)."""
     reward_steps: int = 300
     """Optimizer steps of reward-model training (quick: 100)."""
-    dpo_steps: int = 150
+    dpo_steps: int = 200
     """Optimizer steps of DPO from the SFT model (quick: 60)."""
     dpo_beta: float = 0.1
     """DPO's KL coefficient beta."""
+    dpo_beta_sweep: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0])
+    """betas of the DPO sweep (full demo only): the trade-off between KL to SFT and gold score."""
     reward_ensemble: int = 3
     """Reward-model ensemble members (bootstrap resamples, different seeds); PPO penalises their disagreement
     (quick: 2)."""
     ppo_steps: int = 120
     """PPO rollout steps from the SFT model (quick: 40)."""
-    ppo_learning_rate: float = 2e-5
+    ppo_learning_rate: float = 5e-5
     """PPO's peak learning rate."""
     ppo_kl_coef: float = 0.05
     """PPO's KL coefficient (the leash to the SFT model)."""
@@ -59,6 +61,8 @@ class DemoConfig:
     """Candidates per prompt for the best-of-n policy (SFT samples, reward model picks)."""
     eval_prompts: int = 200
     """Held-out test prompts scored by the gold judge (quick: 100)."""
+    eval_samples: int = 4
+    """Responses sampled per test prompt for each policy's gold score (more samples, smaller standard error)."""
     rebuild: bool = False
     """Ignore cached stages and run everything again."""
     progress: bool = True
@@ -141,9 +145,14 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     dpo_cfg = dpo.DPOConfig(
         model=str(root / "sft"), data=str(data / "preferences_train.jsonl"),
         eval_data=str(data / "preferences_val.jsonl"), output_dir=str(root / "dpo"), max_steps=dpo_steps,
-        batch_size=16, learning_rate=5e-5, beta=cfg.dpo_beta, max_length=128,
+        batch_size=16, learning_rate=1e-4, beta=cfg.dpo_beta, max_length=128,
         eval_every=max(1, dpo_steps // 3), **common)
     run_stage("dpo", dpo_cfg, dpo.main, root, cfg.rebuild or "label" in wall, wall)
+    # the beta sweep: the same DPO run at other KL strengths (full demo only)
+    betas = [] if cfg.quick else [b for b in cfg.dpo_beta_sweep if b != cfg.dpo_beta]
+    for beta in betas:
+        run_stage(f"dpo_beta_{beta:g}", replace(dpo_cfg, output_dir=str(root / f"dpo_beta_{beta:g}"), beta=beta),
+                  dpo.main, root, cfg.rebuild or "label" in wall, wall)
 
     # PPO against the reward-model ensemble, KL-leashed to SFT; the gold judge only watches (judge/score on 64
     # validation prompts, feeding the over-optimisation monitor), it never shapes the reward
@@ -173,9 +182,16 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     reward_dir = str(root / "reward")
     for name in ("base", "sft", "ppo", "dpo", *variants):
         evals[name] = evaluate_policy(str(root / name), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
-                                      keep_samples=12, reward_dir=reward_dir)
+                                      keep_samples=12, reward_dir=reward_dir, samples_per_prompt=cfg.eval_samples)
     evals["best_of_n"] = evaluate_best_of_n(str(root / "sft"), reward_dir, test_prompts, n=cfg.best_of_n,
                                             seed=cfg.seed)
+    beta_sweep = []
+    for beta in sorted({cfg.dpo_beta, *betas}) if betas else []:
+        ev = evals["dpo"] if beta == cfg.dpo_beta else evaluate_policy(
+            str(root / f"dpo_beta_{beta:g}"), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
+            reward_dir=reward_dir, samples_per_prompt=cfg.eval_samples)
+        beta_sweep.append({"beta": beta, "gold_score": ev.gold_score, "gold_se": ev.gold_se, "kl_to_sft": ev.kl_to_ref,
+                           "proxy_score": ev.proxy_score, "unsafe_rate": ev.unsafe_rate})
     klcut = evaluate_policy(str(root / "ppo_klcut"), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
                             reward_dir=reward_dir)
     overoptimization = overoptimisation_sweeps(root, test_prompts, evals["sft"], klcut, sweep_n, cfg)
@@ -196,6 +212,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         "policies": policies,
         "reward_model": reward_model,
         "overoptimization": overoptimization,
+        "dpo_beta_sweep": beta_sweep,
         "wall_seconds": {**wall, "total": round(time.time() - t0, 1)},
         "samples": {name: ev.samples for name, ev in evals.items()},
         "config": to_dict(cfg),

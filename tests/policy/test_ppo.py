@@ -116,3 +116,12 @@ def test_monitor_with_a_falling_judge_stops_the_run(tmp_path, tiny_model, world)
     first_rise = next(i for i in range(1, len(proxy)) if proxy[i] > proxy[i - 1]) + 1
     assert flagged == [first_rise] and metrics[-1]["step"] == first_rise and summary["steps"] == first_rise
     assert summary["overoptimisation_flagged"] is True
+
+
+def test_bf16_scores_reference_and_policy_in_the_same_precision(tmp_path, tiny_model, world):
+    """With precision bf16 the reference log-probs run under the same autocast as the policy's, so the KL of the
+    first step (policy == reference) is zero, not bf16 rounding noise (and on a GPU the reference and reward
+    passes run in bf16 instead of fp32)."""
+    out = tmp_path / "bf16"
+    ppo.main(cfg(tiny_model, world, out, precision="bf16", cpu=True, max_steps=1, ppo_epochs=1, minibatches=1))
+    assert read_metrics(out / "metrics.jsonl")[0]["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -106,7 +106,7 @@ def evaluate_policy(
         proxy_score=proxy,
         by_kind={k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
         samples=[{"prompt": p.text, "response": r, "gold": b.total}
-                 for p, r, b in list(zip(owners, rollout.texts, parts))[:keep_samples]],
+                 for p, r, b in list(zip(owners, rollout.texts, parts))[::samples_per_prompt][:keep_samples]],
         scores=[b.total for b in parts],
     )
 

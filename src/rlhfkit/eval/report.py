@@ -193,6 +193,17 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
     plots = [svg_lines(series, title) for series, title in curves]
     html.append("<h2>Training curves</h2><div class='plots'>" + "".join(p for p in plots if p) + "</div>")
     html += _overoptimisation_section(root, summary.get("overoptimization"))
+    sweep = summary.get("dpo_beta_sweep")
+    if sweep:
+        pts = sorted((p["kl_to_sft"], p["gold_score"]) for p in sweep if p.get("kl_to_sft") is not None)
+        html.append("<h2>DPO: the β sweep</h2><p>A smaller β lets the policy move further from SFT (more KL); the gold "
+                    "score shows what that buys.</p><div class='plots'>" +
+                    svg_lines({"gold score": pts, "DPO runs": pts}, "DPO gold score against KL to SFT", x_label="KL",
+                              dots=("DPO runs",)) + "</div><table><tr><th>β</th><th>KL to SFT</th><th>gold score</th>"
+                    "<th>± s.e.</th><th>unsafe rate</th></tr>" +
+                    "".join(f"<tr><td>{_num(p['beta'], 'g')}</td><td>{_num(p.get('kl_to_sft'), '.2f')}</td>"
+                            f"<td>{_num(p['gold_score'], '+.3f')}</td><td>{_num(p['gold_se'])}</td>"
+                            f"<td>{_num(p.get('unsafe_rate'), '.2f')}</td></tr>" for p in sweep) + "</table>")
     samples = summary.get("samples", {})
     if samples:
         names = list(samples)

@@ -259,7 +259,9 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1).to(device)  # (B, P+R)
         mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1).to(device)  # (B, P+R)
         rmask = rollout.response_mask.to(device).float()  # (B, R), 1 = real response token incl. EOS
-        with torch.no_grad():
+        # the reference and the reward model run under the policy's autocast (Accelerate wraps only the prepared
+        # policy's forward): same precision for log pi and log pi_ref, and no fp32 passes on a GPU in bf16 runs
+        with torch.no_grad(), run.accelerator.autocast():
             model.eval()
             old_logprobs, old_values = response_forward(model, ids, mask, P, cfg.temperature)
             ref_logprobs = reference_logprobs(ref, net.policy, ids, mask, P, cfg.temperature)

@@ -68,6 +68,12 @@ class Run:
         # process launched by `accelerate launch --multi_gpu` would silently train alone.
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
         cpu = cfg.cpu or (multi and not torch.cuda.is_available())
+        # Accelerate keeps precision and device in a process-wide singleton and refuses a second Accelerator with
+        # other settings; a run started earlier in this process (a notebook, the demo, a benchmark) must not fix
+        # this run's precision. The process group (PartialState) is kept.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
         if cpu and multi and "OMP_NUM_THREADS" not in os.environ:
             # N processes x all-cores threads each oversubscribe the CPU; OpenMP spin-waiting then makes every
