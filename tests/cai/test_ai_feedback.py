@@ -370,3 +370,24 @@ def test_an_unknown_principle_is_named(tmp_path, playground_model, capsys):
     assert main(["cai", "label", "--model", str(model), "--prompts", str(prompts), "--output-dir",
                  str(tmp_path / "o"), "--principle", "funny"]) == 2
     assert "no principle 'funny'" in capsys.readouterr().err
+
+
+def test_a_local_hugging_face_model_can_be_the_judge(tmp_path, playground_model):
+    """--judge.backend hf: comparisons from the model's option log-probs, critiques and revisions generated; the
+    on-disk cache answers the rerun."""
+    from rlhfkit.cli import main
+
+    model, prompts = playground_model
+    common = ["--model", str(model), "--prompts", str(prompts), "--max-new-tokens", "6", "--judge.backend", "hf",
+              "--judge.model", str(model), "--judge.max-new-tokens", "6", "--judge.device", "cpu"]
+    assert main(["cai", "label", "--output-dir", str(tmp_path / "l"), *common]) == 0
+    summary = json.loads((tmp_path / "l" / "summary.json").read_text())
+    assert summary["methods"] == {"logprobs": 2 * summary["pairs"]} and summary["judge"].startswith("hf:")
+    assert summary["judge_cache"]["misses"] == 2 * summary["pairs"]
+    assert main(["cai", "revise", "--output-dir", str(tmp_path / "r"), *common]) == 0
+    chains = [json.loads(line) for line in (tmp_path / "r" / "chains.jsonl").read_text().splitlines()]
+    assert len(chains) == 6 and all(isinstance(c["steps"][0]["critique"], str) for c in chains)
+    # a random model may write an empty revision; the response is then kept, never erased
+    assert all(c["final"] == (c["steps"][0]["revision"] or c["initial"]) and c["final"] for c in chains)
+    assert main(["cai", "label", "--output-dir", str(tmp_path / "l"), "--overwrite", *common]) == 0
+    assert json.loads((tmp_path / "l" / "summary.json").read_text())["judge_cache"]["misses"] == 0
