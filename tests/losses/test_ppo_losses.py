@@ -120,3 +120,28 @@ def test_overoptimisation_monitor_fires_only_when_proxy_rises_and_judge_falls():
     fired = [hacked.update(p, j) for p, j in [(0, 1.0), (1, 1.2), (2, 0.5), (3, 0.2)]]
     # windows [(0,1),(1,1.2)] -> [(2,0.5),(3,0.2)]: proxy mean 0.5 -> 2.5 up, judge 1.1 -> 0.35 down
     assert fired == [False, False, False, True]
+
+
+def test_overoptimisation_monitor_ignores_a_fall_within_the_judges_noise():
+    from rlhfkit.policy.ppo import OveroptimisationMonitor
+
+    # window 1: the judge falls by 0.3 while the proxy rises. Each evaluation's SE is 0.2, so the difference of
+    # two evaluations has SE sqrt(0.2^2 + 0.2^2) = 0.283 and z = 2 needs a fall above 0.566: not noise-proof yet.
+    noisy = OveroptimisationMonitor(window=1, z=2.0)
+    assert [noisy.update(p, j, 0.2) for p, j in [(0.0, 1.0), (0.5, 0.7)]] == [False, False]
+    # the same fall measured ten times more precisely (SE 0.02 -> threshold 0.057) is a real fall
+    precise = OveroptimisationMonitor(window=1, z=2.0)
+    assert [precise.update(p, j, 0.02) for p, j in [(0.0, 1.0), (0.5, 0.7)]] == [False, True]
+    # window 2: SE of a window mean is sqrt(2 * 0.1^2) / 2 = 0.0707, of the difference 0.1; threshold 0.2
+    w2 = OveroptimisationMonitor(window=2, z=2.0)
+    fired = [w2.update(p, j, 0.1) for p, j in [(0, 1.0), (1, 1.0), (2, 0.9), (3, 0.9), (4, 0.65), (5, 0.65)]]
+    # against the peak window (mean 1.0): 0.9 is a fall of 0.1 (no), then 0.775 and 0.65 fall 0.225 and 0.35
+    assert fired == [False, False, False, False, True, True]
+    # a slow decline: no two neighbouring windows differ by 2 SE, but the fall from the peak adds up
+    slow = OveroptimisationMonitor(window=1, z=2.0)
+    fired = [slow.update(p, j, 0.05) for p, j in enumerate([1.0, 0.95, 0.9, 0.85, 0.8, 0.75])]
+    assert fired == [False, False, False, True, True, True]  # threshold 2 * sqrt(2) * 0.05 = 0.141
+    # an old checkpoint's (proxy, judge) pairs load with a zero standard error
+    restored = OveroptimisationMonitor(window=1)
+    restored.load_state_dict({"history": [[0.0, 1.0]]})
+    assert restored.history == [(0.0, 1.0, 0.0)]

@@ -111,9 +111,10 @@ def test_monitor_with_a_falling_judge_stops_the_run(tmp_path, tiny_model, world)
     metrics = read_metrics(out / "metrics.jsonl")
     assert all("judge/score" in m for m in metrics)
     flagged = [m["step"] for m in metrics if m.get("monitor/overoptimising")]
-    # with a falling judge the run stops at the first step whose proxy rose over the previous one
+    # with a judge that falls every step (and no spread), the run stops at the first step whose proxy rose above
+    # the proxy at the judge's peak (step 1)
     proxy = [m["reward/score"] for m in metrics]
-    first_rise = next(i for i in range(1, len(proxy)) if proxy[i] > proxy[i - 1]) + 1
+    first_rise = next(i for i in range(1, len(proxy)) if proxy[i] > proxy[0]) + 1
     assert flagged == [first_rise] and metrics[-1]["step"] == first_rise and summary["steps"] == first_rise
     assert summary["overoptimisation_flagged"] is True
 
@@ -125,3 +126,23 @@ def test_bf16_scores_reference_and_policy_in_the_same_precision(tmp_path, tiny_m
     out = tmp_path / "bf16"
     ppo.main(cfg(tiny_model, world, out, precision="bf16", cpu=True, max_steps=1, ppo_epochs=1, minibatches=1))
     assert read_metrics(out / "metrics.jsonl")[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_held_out_monitor_prompts_are_judged_without_touching_the_training_stream(tmp_path, tiny_model, world):
+    d, prompts = world
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"held out question {i} ?"} for i in range(5)])
+    seen = []
+
+    def judge(ps, rs):
+        seen.append(list(ps))
+        return [float(len(r)) for r in rs]
+
+    plain = tmp_path / "plain"
+    ppo.main(cfg(tiny_model, world, plain, eval_every=2), judge=lambda ps, rs: [0.0] * len(rs))
+    held_run = tmp_path / "held"
+    ppo.main(cfg(tiny_model, world, held_run, eval_every=2, eval_prompts=str(held), eval_samples=3), judge=judge)
+    # the judge saw the first 3 held-out prompts at steps 2 and 4, never the training rollouts
+    assert seen == [[f"held out question {i} ?" for i in range(3)]] * 2
+    a, b = read_metrics(plain / "metrics.jsonl"), read_metrics(held_run / "metrics.jsonl")
+    assert [m["reward/score"] for m in a] == [m["reward/score"] for m in b]  # same rollouts, same updates
+    assert [m["step"] for m in b if "eval/proxy" in m] == [2, 4]

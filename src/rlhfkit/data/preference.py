@@ -609,7 +609,10 @@ def _collate_sequences(ids: list[list[int]], response_mask: list[list[int]], pad
 
 def encode_responses(tokenizer: Any, prompt: Text, responses: list[Text], max_length: int) -> dict[str, torch.Tensor]:
     """Score-ready batch for one prompt's responses, encoded exactly as training pairs are (over-long responses
-    are cut at max_length: scoring, unlike training data, must not stop on a long policy sample)."""
+    are cut at max_length: scoring, unlike training data, must not stop on a long policy sample). A plain-text
+    response to a message-list prompt (what a sampler returns) is scored as the assistant's turn."""
+    if isinstance(prompt, list):
+        responses = [[{"role": "assistant", "content": r}] if isinstance(r, str) else r for r in responses]
     prompt_ids, encoded = _encode(tokenizer, prompt, list(responses))
     fitted, _ = _fit(prompt_ids, encoded, [f"response {i}" for i in range(len(encoded))], max_length,
                      "truncate", "<scoring>", 0)

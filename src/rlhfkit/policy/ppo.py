@@ -89,8 +89,16 @@ class PPOConfig(TrainConfig):
     judge_reward_model: str = ""
     """A held-out reward model (e.g. trained on other annotators) scored beside the proxy every eval_every steps
     to watch for over-optimisation; the playground demo passes its gold judge instead."""
+    eval_prompts: str = ""
+    """Held-out prompts (rows with "prompt" or "text") answered every eval_every steps: their proxy reward and judge
+    score feed the over-optimisation monitor. Empty: the step's own rollouts (a smaller, noisier sample)."""
+    eval_samples: int = 64
+    """How many of eval_prompts to answer at each evaluation (the same ones, with the same sampling seed, every
+    time, so the curve moves with the policy rather than with the draw)."""
     monitor_window: int = 3
     """Judge evaluations per window of the over-optimisation monitor (compares the last window to the one before)."""
+    monitor_z: float = 2.0
+    """The judge must fall by more than this many standard errors (from its per-sample spread) between windows."""
     stop_on_overoptimisation: bool = False
     """Stop (saving the model) when the monitor fires, instead of only warning."""
 
@@ -101,6 +109,8 @@ class PPOConfig(TrainConfig):
         if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ConfigError(f"advantage {self.advantage} compares the samples of a prompt: set "
                               "samples_per_prompt to 2 or more.")
+        if self.eval_samples < 1:
+            raise ConfigError(f"eval_samples must be at least 1, got {self.eval_samples}.")
         if self.temperature <= 0:
             raise ConfigError("temperature must be positive for PPO (greedy decoding has no log-probs to train).")
         if (self.batch_size * self.samples_per_prompt) % self.minibatches:
@@ -129,26 +139,44 @@ class KLController:
 
 class OveroptimisationMonitor:
     """Gao et al. 2022's signature of reward hacking: the proxy reward keeps rising while a held-out judge falls.
-    Fires when, between two consecutive windows of evaluations, the proxy mean rose and the judge mean fell."""
+    Windows are means of `window` consecutive evaluations. Fires when the latest window's judge mean sits more
+    than z standard errors below the best earlier window's (one that does not overlap it) while its proxy mean is
+    above that window's: the judge has come down from its peak as the proxy kept climbing. Each evaluation's
+    standard error comes from the spread of its per-sample judge scores, so evaluation noise alone does not raise
+    the alarm, and a slow steady decline is caught once it adds up."""
 
-    def __init__(self, window: int):
-        self.window = window
-        self.history: list[tuple[float, float]] = []  # (proxy, judge)
+    def __init__(self, window: int, z: float = 2.0):
+        self.window, self.z = window, z
+        self.history: list[tuple[float, float, float]] = []  # (proxy, judge, judge standard error)
 
-    def update(self, proxy: float, judge: float) -> bool:
-        self.history.append((proxy, judge))
-        w = self.window
-        if len(self.history) < 2 * w:
+    def _window(self, end: int) -> tuple[float, float, float]:
+        """(proxy mean, judge mean, SE of the judge mean) over history[end - window : end]."""
+        xs = self.history[end - self.window : end]
+        w = len(xs)
+        return (sum(x[0] for x in xs) / w, sum(x[1] for x in xs) / w, sum(x[2] ** 2 for x in xs) ** 0.5 / w)
+
+    def update(self, proxy: float, judge: float, judge_se: float = 0.0) -> bool:
+        self.history.append((proxy, judge, judge_se))
+        n, w = len(self.history), self.window
+        if n < 2 * w:
             return False
-        before, after = self.history[-2 * w : -w], self.history[-w:]
-        mean = lambda xs, i: sum(x[i] for x in xs) / len(xs)  # noqa: E731
-        return mean(after, 0) > mean(before, 0) and mean(after, 1) < mean(before, 1)
+        last = self._window(n)
+        peak = max((self._window(end) for end in range(w, n - w + 1)), key=lambda x: x[1])
+        se_diff = (last[2] ** 2 + peak[2] ** 2) ** 0.5  # the two windows are independent samples
+        return last[0] > peak[0] and peak[1] - last[1] > self.z * se_diff
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = [tuple(h) for h in state["history"]]
+        self.history = [tuple(h) if len(h) == 3 else (*h, 0.0) for h in state["history"]]
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, (var / n) ** 0.5
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -220,6 +248,22 @@ def reference_logprobs(ref: Any | None, policy_net: Any, ids: torch.Tensor, mask
     return token_logprobs(logits, ids, temperature)[:, P - 1 :]
 
 
+@torch.no_grad()
+def held_out_scores(policy: Any, tokenizer: Any, reward: Any, judge: Callable[[list[Any], list[str]], list[float]],
+                    prompts: list[Any], cfg: PPOConfig, seed: int) -> tuple[float, float, float]:
+    """Mean proxy reward, mean judge score and its standard error, of the policy's answers to fixed held-out prompts. Sampled under a
+    forked RNG with a fixed seed: the training RNG stream (and so exact resume) is untouched, and every
+    evaluation draws the same noise."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        texts = sample(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                       top_p=cfg.top_p, batch_size=len(prompts)).texts
+    proxy, _ = score_texts(reward, prompts, texts)
+    judge_mean, judge_se = _mean_se(list(judge(prompts, texts)))
+    return sum(proxy) / len(proxy), judge_mean, judge_se
+
+
 def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | None = None) -> dict[str, Any]:
     """judge: optional held-out scorer (prompts, responses) -> scores, logged beside the proxy reward every
     eval_every steps to watch for over-optimisation (the playground passes its gold judge; training code never
@@ -236,11 +280,12 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
     reward = load_reward_ensemble(cfg.reward_model, device=device)
     same_vocab = reward.tokenizer.get_vocab() == tokenizer.get_vocab()
     kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
-    monitor = OveroptimisationMonitor(cfg.monitor_window)
+    monitor = OveroptimisationMonitor(cfg.monitor_window, cfg.monitor_z)
     if judge is None and cfg.judge_reward_model:
         held_out = load_reward_ensemble(cfg.judge_reward_model, device=device)
         judge = lambda ps, rs: score_texts(held_out, ps, rs)[0]  # noqa: E731
 
+    eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_samples] if cfg.eval_prompts else None
     model, optimizer, scheduler, sampler, start_step = run.begin(PolicyWithValue(policy), len(prompts))
     if run.resumed_state is not None:
         kl_ctl.load_state_dict(run.resumed_state["kl_controller"])
@@ -339,8 +384,15 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         }
         stop = False
         if judge is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            metrics["judge/score"] = sum(judge(step_prompts, rollout.texts)) / len(rollout.texts)
-            if monitor.update(metrics["reward/score"], metrics["judge/score"]):
+            if eval_prompts:
+                proxy, metrics["judge/score"], judge_se = held_out_scores(net.policy, tokenizer, reward, judge,
+                                                                          eval_prompts, cfg, seed=cfg.seed)
+                metrics["eval/proxy"] = proxy
+            else:
+                proxy = metrics["reward/score"]
+                metrics["judge/score"], judge_se = _mean_se(list(judge(step_prompts, rollout.texts)))
+            metrics["judge/se"] = judge_se
+            if monitor.update(proxy, metrics["judge/score"], judge_se):
                 metrics["monitor/overoptimising"] = 1.0
                 flagged = True
                 log.warning("step %d: over-optimisation: the proxy reward rose over the last %d evaluations while "
