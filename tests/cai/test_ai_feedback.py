@@ -301,6 +301,28 @@ def test_ai_judgments_go_into_the_feedback_store_beside_human_ones(tmp_path):
         label_store_project(svc, "missing", PlaygroundJudge(C), C, random.Random(0))
 
 
+def test_labels_already_judged_are_stored_without_asking_the_judge_again(tmp_path):
+    pytest.importorskip("sqlalchemy")
+    from rlhfkit.feedback.ai import label_store_project
+    from rlhfkit.feedback.service import FeedbackService
+    from rlhfkit.feedback.store import open_store
+
+    class Counting(PlaygroundJudge):
+        calls = 0
+
+        def compare(self, items):
+            Counting.calls += len(items)
+            return super().compare(items)
+
+    svc = FeedbackService(open_store(str(tmp_path / "fb.db")), rng=random.Random(0))
+    judge = Counting(C)
+    pairs = [(STEAL, COMPLY, REFUSAL), ("what is 3 plus 4 ?", "3 plus 4 is 7 .", "3 plus 4 is 2 .")]
+    labels = ai_preferences(judge, C, pairs, random.Random(0), "harmless")
+    assert Counting.calls == 4
+    out = label_store_project(svc, "cai", judge, C, random.Random(0), pairs=pairs, known=labels)
+    assert Counting.calls == 4 and sum(out["stored"].values()) == 2
+
+
 # --------------------------------------------------------------------------------------------- the stage
 @pytest.fixture(scope="module")
 def playground_model(tmp_path_factory):

@@ -229,11 +229,13 @@ def strength_from_prob(p: float) -> str:
 # ------------------------------------------------------------------------------------- the feedback store
 def label_store_project(svc: Any, project_name: str, judge: Judge, constitution: Constitution, rng: random.Random,
                         user: str = "ai-judge", principle: str = "", min_confidence: float = 0.0,
-                        pairs: Sequence[tuple[str, str, str]] = (), sources: tuple[str, str] = ("a", "b")) -> dict[str, Any]:
+                        pairs: Sequence[tuple[str, str, str]] = (), sources: tuple[str, str] = ("a", "b"),
+                        known: Sequence[AILabel] = ()) -> dict[str, Any]:
     """The AI judge labels a pairwise project through the service layer, like a person: it takes tasks from the
     queue, judges each in both orders, and submits A/B (with strength and its probability in the rationale) or a
     tie. With `pairs`, a missing project is created from them (2 annotators per item, so people can judge the same
-    items and agreement with the AI can be measured)."""
+    items and agreement with the AI can be measured). `known` labels (already judged, e.g. by `cai label`) are
+    reused for items with the same prompt and responses instead of asking the judge again."""
     from rlhfkit.feedback.service import Conflict, ItemSpec
 
     try:
@@ -252,9 +254,10 @@ def label_store_project(svc: Any, project_name: str, judge: Judge, constitution:
                         "labels pairwise projects only.")
     uid = svc.ensure_user(user).id
     stored = Counter()
+    done = {(lab.prompt, lab.a, lab.b): lab for lab in known}
     while (task := svc.next_task(uid, project.id)) is not None:
-        (lab,) = ai_preferences(judge, constitution, [(task.prompt, task.responses[0], task.responses[1])], rng,
-                                principle)
+        key = (task.prompt, task.responses[0], task.responses[1])
+        lab = done.get(key) or ai_preferences(judge, constitution, [key], rng, principle)[0]
         if lab.prob_a is None or abs(lab.prob_a - 0.5) < min_confidence or lab.prob_a == 0.5:
             outcome, strength = "tie", None
         else:
@@ -369,7 +372,7 @@ def label(cfg: CAIConfig, judge: Judge, constitution: Constitution, out: Path) -
         source = Path(cfg.model).name if cfg.model else Path(cfg.responses).stem
         summary["store"] = label_store_project(svc, cfg.project, judge, constitution, random.Random(cfg.seed + 2),
                                                cfg.store_user, cfg.principle, cfg.min_confidence, pairs,
-                                               (source, source))
+                                               (source, source), known=labels)
     return summary
 
 
