@@ -199,7 +199,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     policies = {}
     for name, ev in evals.items():
         policies[name] = {**ev.summary(), "kl_to_sft": ev.kl_to_ref,
-                          "win_rate_vs_sft": win_rate(ev.scores, evals["sft"].scores)}
+                          "win_rate_vs_sft": win_rate(ev.scores, evals["sft"].scores, prompts=len(test_prompts))}
     val_rows = [json.loads(line) for line in (data / "preferences_val.jsonl").read_text().splitlines() if line]
     reward_summary = json.loads((root / "reward" / "summary.json").read_text())
     reward_model = {

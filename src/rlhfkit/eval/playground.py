@@ -38,11 +38,24 @@ class PolicyEval:
         return out
 
 
-def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
-    """Share of paired samples (same prompt) where the policy's gold score beats the baseline's; ties count half."""
-    if len(scores) != len(baseline) or not scores:
-        raise ValueError("win_rate needs two equally long, non-empty score lists from the same prompts")
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)) / len(scores)
+def win_rate(scores: Sequence[float], baseline: Sequence[float], prompts: int | None = None) -> float:
+    """Probability that the policy's answer beats the baseline's answer to the same prompt by gold score (ties
+    count half). Scores are in prompt order, k consecutive samples per prompt; with `prompts` given, the two
+    sides may have different k (best-of-n's one pick against SFT's several samples): every pair of samples of a
+    prompt is compared, then prompts are averaged."""
+    if not scores or not baseline:
+        raise ValueError("win_rate needs two non-empty score lists from the same prompts")
+    if prompts is None:  # one sample per prompt on each side
+        prompts = len(scores) if len(scores) == len(baseline) else 0
+    if not prompts or len(scores) % prompts or len(baseline) % prompts:
+        raise ValueError(f"win_rate got {len(scores)} and {len(baseline)} scores, which do not split evenly over "
+                         f"{prompts} prompts; pass prompts= the number of prompts both were sampled on")
+    ka, kb = len(scores) // prompts, len(baseline) // prompts
+    total = 0.0
+    for i in range(prompts):
+        mine, theirs = scores[i * ka : (i + 1) * ka], baseline[i * kb : (i + 1) * kb]
+        total += sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in mine for b in theirs) / (ka * kb)
+    return total / prompts
 
 
 @torch.no_grad()
