@@ -19,15 +19,15 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["policies"] == summary["policies"]
     base, sft, dpo = summary["policies"]["base"], summary["policies"]["sft"], summary["policies"]["dpo"]
-    ppo = summary["policies"]["ppo"]
-    for policy in (base, sft, dpo, ppo):
+    ppo, grpo = summary["policies"]["ppo"], summary["policies"]["grpo"]
+    for policy in (base, sft, dpo, ppo, grpo):
         for key in ("gold_score", "gold_se", "win_rate_vs_sft", "kl_to_sft", "mean_length", "unsafe_rate"):
             assert isinstance(policy[key], float), key
     # SFT on contractor demonstrations beats the web-text base model by a wide, significant margin
     assert sft["gold_score"] - base["gold_score"] > 3 * (sft["gold_se"] ** 2 + base["gold_se"] ** 2) ** 0.5
     assert base["win_rate_vs_sft"] < 0.35 and sft["win_rate_vs_sft"] == 0.5
     assert sft["kl_to_sft"] == pytest.approx(0.0, abs=1e-6) and base["kl_to_sft"] > 1.0
-    assert {"pretrain", "sft", "label", "reward", "dpo", "ppo", "ppo_klcut", "eval", "total"} <= set(summary["wall_seconds"])
+    assert {"pretrain", "sft", "label", "reward", "dpo", "ppo", "grpo", "grpo_klcut", "eval", "total"} <= set(summary["wall_seconds"])
     rm = summary["reward_model"]
     assert rm["pairs"] > 100 and rm["gold_accuracy"] > 0.6  # well above chance even in the quick run
     assert 0.6 < rm["label_gold_accuracy"] < 0.85  # the annotators are noisy like people
@@ -60,7 +60,7 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
 
     # a rerun reuses both finished training stages and reproduces the evaluation exactly (deterministic seed)
     again = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
-    for stage in ("pretrain", "sft", "label", "reward", "dpo", "ppo", "ppo_klcut"):
+    for stage in ("pretrain", "sft", "label", "reward", "dpo", "ppo", "grpo", "grpo_klcut"):
         assert stage not in again["wall_seconds"], stage
     assert again["policies"] == summary["policies"]
 

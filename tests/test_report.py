@@ -58,7 +58,7 @@ def test_report_draws_overoptimisation_curves_fits_and_the_kl_cut(tmp_path):
     html = write_report(tmp_path, summary).read_text()
     # PPO training curves, best-of-n and RL over-optimisation plots, and the KL-cut curves
     assert html.count("<svg") == 4
-    assert "over-optimisation: best-of-n, n = 1 … 8" in html and "over-optimisation: PPO checkpoints" in html
+    assert "over-optimisation: best-of-n, n = 1 … 8" in html and "over-optimisation: RL checkpoints" in html
     assert "R² = 0.990" in html and "peak at d = 1.50" in html and "no peak within the fit" in html
     assert html.count("<circle") == 2 * len(bon) + 2 * len(rl)
     assert "proxy reward moved by +0.800 while the gold score moved by -0.700" in html

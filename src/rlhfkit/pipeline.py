@@ -51,8 +51,8 @@ class DemoConfig:
     """PPO's peak learning rate."""
     ppo_kl_coef: float = 0.05
     """PPO's KL coefficient (the leash to the SFT model)."""
-    rl_variants: list[str] = field(default_factory=lambda: ["grpo", "rloo"])
-    """Critic-free estimators also trained and evaluated in the full demo (grpo, rloo, reinforce)."""
+    rl_variants: list[str] = field(default_factory=lambda: ["rloo"])
+    """Critic-free estimators trained and evaluated beside PPO and GRPO in the full demo (rloo, reinforce)."""
     kl_cut_coef: float = 0.0
     """KL coefficient of the reward-hacking demonstration run (the leash cut)."""
     sweep_n: int = 64
@@ -165,22 +165,25 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     judge = functools.partial(_gold_judge)
     ppo_redo = cfg.rebuild or "reward" in wall
     run_stage("ppo", ppo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
-    # the reward-hacking demonstration: the same run with the KL leash cut and no ensemble penalty
-    cut_cfg = replace(ppo_cfg, output_dir=str(root / "ppo_klcut"), kl_coef=cfg.kl_cut_coef, ensemble_penalty=0.0)
-    run_stage("ppo_klcut", cut_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
-    # the critic-free estimators in the same loop: 4 samples per prompt, 4 prompts per step (the same 16
-    # completions per step as PPO)
-    variants = [] if cfg.quick else list(cfg.rl_variants)
+    # GRPO in the same loop (4 samples per prompt, 4 prompts per step: PPO's 16 completions per step), with
+    # checkpoints along the way for the RL over-optimisation curve
+    grpo_cfg = replace(ppo_cfg, output_dir=str(root / "grpo"), advantage="grpo", batch_size=4, samples_per_prompt=4)
+    run_stage("grpo", grpo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
+    # the reward-hacking demonstration: the same GRPO run with the KL leash cut and no ensemble penalty. GRPO's
+    # group baseline climbs the proxy fast enough to show over-optimisation within the demo's steps
+    cut_cfg = replace(grpo_cfg, output_dir=str(root / "grpo_klcut"), kl_coef=cfg.kl_cut_coef, ensemble_penalty=0.0)
+    run_stage("grpo_klcut", cut_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
+    # the other critic-free estimators, full demo only
+    variants = [] if cfg.quick else [v for v in cfg.rl_variants if v != "grpo"]
     for advantage in variants:
-        var_cfg = replace(ppo_cfg, output_dir=str(root / advantage), advantage=advantage, batch_size=4,
-                          samples_per_prompt=4, save_every=0)
+        var_cfg = replace(grpo_cfg, output_dir=str(root / advantage), advantage=advantage, save_every=0)
         run_stage(advantage, var_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
 
     test_prompts = read_prompts(data / "prompts_test.jsonl")[:n_eval]
     start = time.time()
     evals = {}
     reward_dir = str(root / "reward")
-    for name in ("base", "sft", "ppo", "dpo", *variants):
+    for name in ("base", "sft", "ppo", "grpo", *variants, "dpo"):
         evals[name] = evaluate_policy(str(root / name), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
                                       keep_samples=12, reward_dir=reward_dir, samples_per_prompt=cfg.eval_samples)
     evals["best_of_n"] = evaluate_best_of_n(str(root / "sft"), reward_dir, test_prompts, n=cfg.best_of_n,
@@ -192,8 +195,8 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
             reward_dir=reward_dir, samples_per_prompt=cfg.eval_samples)
         beta_sweep.append({"beta": beta, "gold_score": ev.gold_score, "gold_se": ev.gold_se, "kl_to_sft": ev.kl_to_ref,
                            "proxy_score": ev.proxy_score, "unsafe_rate": ev.unsafe_rate})
-    klcut = evaluate_policy(str(root / "ppo_klcut"), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
-                            reward_dir=reward_dir)
+    klcut = evaluate_policy(str(root / "grpo_klcut"), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
+                            reward_dir=reward_dir, samples_per_prompt=cfg.eval_samples)
     overoptimization = overoptimisation_sweeps(root, test_prompts, evals["sft"], klcut, sweep_n, cfg)
     wall["eval"] = round(time.time() - start, 1)
     policies = {}
@@ -252,6 +255,7 @@ def check_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
     beats("sft", "base")
     beats("ppo", "sft")
+    beats("grpo", "sft")
     beats("dpo", "sft")
     over = summary.get("overoptimization", {})
     if "r2" in over.get("best_of_n", {}):
@@ -300,7 +304,7 @@ def overoptimisation_sweeps(root: Path, prompts: list[Any], sft_eval: Any, klcut
     out: dict[str, Any] = {"best_of_n": {**fit_best_of_n([p["d"] for p in bon], [p["gold_delta"] for p in bon])
                                          .to_dict(), "points": bon}}
     rl = []
-    for run in ("ppo", "ppo_klcut"):
+    for run in ("grpo", "grpo_klcut"):
         for ckpt in checkpoint_dirs(root / run):
             ev = evaluate_policy(str(ckpt / "model"), prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
                                  reward_dir=str(root / "reward"), tokenizer_dir=str(root / "sft"))
@@ -311,13 +315,14 @@ def overoptimisation_sweeps(root: Path, prompts: list[Any], sft_eval: Any, klcut
     rl.sort(key=lambda p: p["d"])
     out["rl"] = {**(fit_rl([p["d"] for p in rl], [p["gold_delta"] for p in rl]).to_dict() if len(rl) >= 3 else {}),
                  "points": rl}
-    summaries = {run: json.loads((root / run / "summary.json").read_text()) for run in ("ppo", "ppo_klcut")}
+    summaries = {run: json.loads((root / run / "summary.json").read_text()) for run in ("grpo", "grpo_klcut")}
     out["kl_cut"] = {
         "proxy_delta": klcut_eval.proxy_score - sft_eval.proxy_score,
         "gold_delta": klcut_eval.gold_score - sft_eval.gold_score,
         "kl": klcut_eval.kl_to_ref, "kl_coef": cfg.kl_cut_coef, "default_kl_coef": cfg.ppo_kl_coef,
-        "monitor_flagged": bool(summaries["ppo_klcut"].get("overoptimisation_flagged")),
-        "default_monitor_flagged": bool(summaries["ppo"].get("overoptimisation_flagged")),
+        "monitor_flagged": bool(summaries["grpo_klcut"].get("overoptimisation_flagged")),
+        "default_monitor_flagged": bool(summaries["grpo"].get("overoptimisation_flagged")),
+        "runs": {"default": "grpo", "cut": "grpo_klcut"},
         "unsafe_rate": klcut_eval.unsafe_rate, "mean_length": klcut_eval.mean_length,
     }
     return out

@@ -108,7 +108,7 @@ def _overoptimisation_section(root: Path, over: dict[str, Any] | None) -> list[s
             "rises less and eventually falls. Dots are measurements, lines the paper's functional forms.</p>",
             "<div class='plots'>"]
     notes = []
-    for key, label in (("best_of_n", "best-of-n, n = 1 … " ), ("rl", "PPO checkpoints")):
+    for key, label in (("best_of_n", "best-of-n, n = 1 … " ), ("rl", "RL checkpoints")):
         part = over.get(key)
         if not part or not part.get("points"):
             continue
@@ -125,7 +125,8 @@ def _overoptimisation_section(root: Path, over: dict[str, Any] | None) -> list[s
     cut = over.get("kl_cut")
     if cut:
         series = {}
-        for run, name in (("ppo", "default KL"), ("ppo_klcut", "KL cut")):
+        runs = cut.get("runs", {"default": "ppo", "cut": "ppo_klcut"})
+        for run, name in ((runs["default"], "default KL"), (runs["cut"], "KL cut")):
             metrics = root / run / "metrics.jsonl"
             series[f"proxy, {name}"] = read_curve(metrics, "eval/proxy") or read_curve(metrics, "reward/score")
             series[f"gold, {name}"] = read_curve(root / run / "metrics.jsonl", "judge/score")
@@ -135,7 +136,7 @@ def _overoptimisation_section(root: Path, over: dict[str, Any] | None) -> list[s
         html.append("<ul>" + "".join(notes) + "</ul>")
     if cut:
         html.append(
-            "<h3>Reward hacking: the KL leash cut</h3><p>The same PPO run with the KL coefficient set to "
+            "<h3>Reward hacking: the KL leash cut</h3><p>The same RL run with the KL coefficient set to "
             f"{_num(cut.get('kl_coef'), 'g')} instead of {_num(cut.get('default_kl_coef'), 'g')}: on the held-out "
             f"test prompts the proxy reward moved by {_num(cut.get('proxy_delta'), '+.3f')} while the gold score "
             f"moved by {_num(cut.get('gold_delta'), '+.3f')} (KL to SFT {_num(cut.get('kl'), '.2f')}). "
