@@ -54,6 +54,10 @@ class PPOConfig(TrainConfig):
     """Sampling temperature; training log-probs divide the logits by it too."""
     top_p: float = 1.0
     """Nucleus sampling; keep 1.0 for PPO (top-p makes the sampler differ from the policy being trained)."""
+    sampler: Literal["auto", "hf", "static"] = "auto"
+    """Rollout backend: our static-KV-cache decode loop, Hugging Face generate, or auto (static where supported)."""
+    compile_sampler: bool = False
+    """torch.compile the static loop's one-token decode step (CUDA graphs on a GPU; compiles once, ~1 min)."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
     minibatches: int = 1
@@ -299,7 +303,8 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         step_prompts = [prompts[i] for i in indices for _ in range(k)]  # groups of k are contiguous
         # ---- rollouts: left-padded prompts, sampled at the training temperature
         rollout = sample(net.policy, tokenizer, step_prompts, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(step_prompts))
+                         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(step_prompts),
+                         backend=cfg.sampler, compile=cfg.compile_sampler)
         P = rollout.prompt_ids.shape[1]
         ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1).to(device)  # (B, P+R)
         mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1).to(device)  # (B, P+R)
