@@ -274,6 +274,8 @@ def run_once(spec: dict[str, Any], side: str, workload: str, rep: int) -> dict[s
         gc.collect()
         if CUDA:
             torch.cuda.empty_cache()
+            # what this repetition left allocated (a persistent worker's next repetition starts on top of it)
+            result["leftover_mb"] = torch.cuda.memory_allocated() / 2**20
     return result
 
 

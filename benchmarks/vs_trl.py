@@ -45,10 +45,10 @@ SIZES: dict[str, dict[str, Any]] = {
 # RL: `batch` prompts x `k` samples each = completions per step, one optimizer step per batch on both sides.
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "playground": {
-        "sft": dict(batch=8, steps=40, warmup=5, lr=1e-4),
-        "rm": dict(batch=8, steps=40, warmup=5, lr=5e-5),
-        "dpo": dict(batch=8, steps=40, warmup=5, lr=1e-5, beta=0.1),
-        "rl": dict(batch=4, k=4, steps=8, warmup=2, lr=1e-5, beta=0.04, temperature=1.0, max_new_tokens=32),
+        "sft": dict(batch=8, steps=30, warmup=5, lr=1e-4),
+        "rm": dict(batch=8, steps=30, warmup=5, lr=5e-5),
+        "dpo": dict(batch=8, steps=30, warmup=5, lr=1e-5, beta=0.1),
+        "rl": dict(batch=4, k=4, steps=6, warmup=2, lr=1e-5, beta=0.04, temperature=1.0, max_new_tokens=32),
     },
     "0.4b": {
         "sft": dict(batch=8, steps=12, warmup=3, lr=1e-5),
@@ -77,6 +77,9 @@ QUALITY = {"sft": "training loss, mean of the last {n} steps", "rm": "training l
            "rl": "mean reward-model score of the trained policy's samples on the first batch of prompts, sampled "
                  "and scored identically for both sides (train_reward: the trainer's own logged reward)"}
 ALL_WORKLOADS = ["sft", "rm", "dpo", "grpo", "ppo", "rloo"]
+TARGETS = {"cpu": {"sft": 1.3, "rm": 1.3, "dpo": 1.3, "grpo": 2.0, "rloo": 2.0, "ppo": 2.0},
+           "cuda": {"dpo": 1.5, "grpo": 4.0, "rloo": 4.0, "ppo": 4.0}}
+"""Issue #10's throughput targets (rlhfkit / TRL); peak memory must also be at most TRL's."""
 BUDGET_WEIGHT = {"sft": 0.8, "rm": 0.8, "dpo": 1.0, "grpo": 1.8, "rloo": 1.8, "ppo": 1.8}
 """Relative time each workload group needs (RL steps generate, so they take longest)."""
 
@@ -361,7 +364,12 @@ def rows_of(group: str, results: dict[tuple[str, str], list[dict[str, Any]]], sp
             "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
             "reps": len(ratios), "steps": s["steps"], "warmup_steps": s["warmup"], "batch": s["batch"],
             "errors": [r["error"] for r in runs + trl_runs if "error" in r],
+            "target_ratio": TARGETS[spec["device"]].get(w),
         }
+        row["target_met"] = (None if row["target_ratio"] is None or row["ratio"] is None else
+                             row["ratio"] >= row["target_ratio"] and row["ours_peak_mb"] <= row["trl_peak_mb"])
+        if spec["device"] == "cuda":  # memory a repetition left allocated in its (persistent) worker
+            row["leftover_mb"] = max([r.get("leftover_mb", 0.0) for r in runs + trl_runs] or [0.0])
         if w in RL:
             row.update(samples_per_prompt=s["k"], max_new_tokens=s["max_new_tokens"], beta=s["beta"],
                        ours_gen_fraction=median([r["gen_fraction"] for r in ok_ours]),
@@ -392,7 +400,7 @@ def fmt(value: Any, spec: str = ".3g") -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["workload", "unit/s", "rlhfkit", "TRL", "ratio (min-max)", "peak MB ours/TRL", "quality ours/TRL",
-            "gen frac ours/TRL", "reps"]
+            "gen frac ours/TRL", "reps", "target"]
     lines = [head]
     for r in rows:
         lines.append([
@@ -403,6 +411,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{fmt(r.get('ours_gen_fraction'), '.0%')}/{fmt(r.get('trl_gen_fraction'), '.0%')}"
             if "ours_gen_fraction" in r else "",
             str(r["reps"]),
+            "" if r.get("target_met") is None else f"{r['target_ratio']}x: {'met' if r['target_met'] else 'MISSED'}",
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["| " + " | ".join(c.ljust(wd) for c, wd in zip(row, widths)) + " |" for row in lines]
