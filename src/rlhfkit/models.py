@@ -100,7 +100,8 @@ def train_word_tokenizer(texts: Iterable[str], min_frequency: int = 1, lowercase
     if lowercase:
         tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials, min_frequency=min_frequency))
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(
+        special_tokens=specials, min_frequency=min_frequency, vocab_size=2**31 - 1))  # keep every word: no silent <unk>
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])

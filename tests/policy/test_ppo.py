@@ -146,3 +146,14 @@ def test_held_out_monitor_prompts_are_judged_without_touching_the_training_strea
     a, b = read_metrics(plain / "metrics.jsonl"), read_metrics(held_run / "metrics.jsonl")
     assert [m["reward/score"] for m in a] == [m["reward/score"] for m in b]  # same rollouts, same updates
     assert [m["step"] for m in b if "eval/proxy" in m] == [2, 4]
+
+
+def test_target_kl_stops_the_epochs_early_and_the_schedule_still_anneals(tmp_path, tiny_model, world):
+    base = tmp_path / "plain"
+    ppo.main(cfg(tiny_model, world, base))
+    stopped = tmp_path / "stopped"
+    ppo.main(cfg(tiny_model, world, stopped, target_kl=1e-9))  # any drift at all stops the step's updates
+    a, b = read_metrics(base / "metrics.jsonl"), read_metrics(stopped / "metrics.jsonl")
+    assert all(m["early_stopped"] == 0.0 for m in a) and all(m["early_stopped"] == 1.0 for m in b)
+    assert [m["lr"] for m in a] == [m["lr"] for m in b]  # annealed once per rollout step either way
+    assert b[0]["reward/score"] == a[0]["reward/score"]  # same first rollouts; only the updates differ

@@ -247,3 +247,27 @@ def test_static_path_runs_other_architectures_gpt2_and_lora(tok, model):
     st, _, _ = generate_static(lora, ids, mask, max_new_tokens=8, temperature=0, **common(tok))
     plain, _, _ = generate_static(model, ids, mask, max_new_tokens=8, temperature=0, **common(tok))
     assert torch.equal(st, hf) and not torch.equal(st, plain)
+
+
+def test_a_cache_dtype_clash_falls_back_to_hf_generate(model, tok, caplog, monkeypatch):
+    """Seen on an H200 with a model whose forward Accelerate had patched to run under bf16 autocast: RoPE keeps
+    the keys in fp32 while the values come out in bf16, and the one-dtype static cache refuses them."""
+    def clash(*args, **kwargs):
+        raise RuntimeError("index_copy_(): self and source expected to have the same dtype, but got (self) Float "
+                           "and (source) BFloat16")
+
+    monkeypatch.setattr(rollout_mod, "generate_static", clash)
+    with caplog.at_level(logging.WARNING):
+        torch.manual_seed(0)
+        got = sample(model, tok, ["say hi", "say hello there"], max_new_tokens=6, temperature=0.0, backend="static")
+    torch.manual_seed(0)
+    want = sample(model, tok, ["say hi", "say hello there"], max_new_tokens=6, temperature=0.0, backend="hf")
+    assert torch.equal(got.response_ids, want.response_ids)
+    assert "using transformers' generate" in caplog.text
+
+    def other(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(rollout_mod, "generate_static", other)
+    with pytest.raises(RuntimeError, match="out of memory"):  # anything else is not swallowed
+        sample(model, tok, ["say hi"], max_new_tokens=2, backend="static")

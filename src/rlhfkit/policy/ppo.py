@@ -64,6 +64,10 @@ class PPOConfig(TrainConfig):
     """Minibatches per pass (lm-human-preferences: 1)."""
     clip: float = 0.2
     """Policy ratio clip epsilon."""
+    target_kl: float = 0.0
+    """Stop this step's remaining epochs once a minibatch's approximate KL(old || new) exceeds 1.5 x target_kl
+    (OpenAI Spinning Up's PPO early stopping); 0 = never. Guards against the rare update that moves a small
+    policy far in one step."""
     value_clip: float = 0.2
     """Value clip epsilon."""
     vf_coef: float = 0.1
@@ -349,7 +353,11 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         stats: dict[str, list[float]] = {k_: [] for k_ in ("policy_loss", "value_loss", "clip_frac", "approx_kl",
                                                            "value_clip_frac", "explained_var", "entropy")}
         grad_norm = 0.0
+        lr = scheduler.get_last_lr()[0]
+        early_stop = False
         for epoch in range(cfg.ppo_epochs):
+            if early_stop:
+                break
             order = torch.randperm(B).tolist()
             for j in range(cfg.minibatches):
                 sel = torch.tensor(order[j * mb : (j + 1) * mb], device=device)
@@ -365,13 +373,22 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
                         stats["value_clip_frac"].append(float(vs.clip_fraction))
                         stats["explained_var"].append(float(vs.explained_variance))
                     run.accelerator.backward(loss)
-                last_update = epoch == cfg.ppo_epochs - 1 and j == cfg.minibatches - 1
-                lr = scheduler.get_last_lr()[0]
-                grad_norm = run.step_optimizer(model, optimizer, scheduler, step, advance_schedule=last_update)
                 stats["policy_loss"].append(float(pl.detach()))
                 stats["clip_frac"].append(float(ps.clip_fraction))
                 stats["approx_kl"].append(float(ps.approx_kl))
                 stats["entropy"].append(float(masked_mean(ent.detach(), m)))
+                if cfg.target_kl:  # every process takes the same decision
+                    drift = float(run.all_sum(ps.approx_kl.detach().reshape(1)).sum()) / run.world
+                    if drift > 1.5 * cfg.target_kl:
+                        # Spinning Up's PPO early stop: this minibatch already sees a policy too far from the one
+                        # that sampled, so its update and the rest of this step's epochs are skipped
+                        optimizer.zero_grad(set_to_none=True)
+                        early_stop = True
+                        break
+                last_update = epoch == cfg.ppo_epochs - 1 and j == cfg.minibatches - 1
+                grad_norm = run.step_optimizer(model, optimizer, scheduler, step, advance_schedule=last_update)
+        if early_stop:
+            scheduler.step()  # the learning rate anneals once per rollout step, stopped early or not
         kl_seq = float(run.all_sum(kl.sum(-1).sum()) / (B * run.world))
         kl_ctl.update(kl_seq, B * run.world)
         metrics: dict[str, Any] = {
@@ -383,6 +400,7 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
             "kl_coef": kl_ctl.value,
             "response_length": float(rmask.sum(-1).mean()),
             "eos_fraction": float(ended.float().mean()),
+            "early_stopped": float(early_stop),
             "lr": lr,
             "grad_norm": grad_norm,
             **{key: sum(v) / len(v) for key, v in stats.items() if v},

@@ -254,17 +254,22 @@ def generate_static(
     Generation-config extras (repetition penalty, bad words ...) are not applied; use backend='hf' for those."""
     dec = _decoder(model, compile)
     use_compile = compile and not dec.compile_failed
+    # The static cache holds keys and values in one dtype. Under an enclosing autocast (a bf16 run's training
+    # context) Llama's values come out in bf16 while RoPE promotes the keys back to the fp32 of the weights, so the
+    # loop runs in the weights' own dtype: load the policy in bf16 to sample in bf16.
     try:
-        return _static_loop(dec, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                            temperature, top_p, top_k, use_compile)
+        with torch.autocast(input_ids.device.type, enabled=False):
+            return _static_loop(dec, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                                temperature, top_p, top_k, use_compile)
     except Exception as exc:  # noqa: BLE001 - any compile/dynamo/inductor failure: fall back to eager
         if not use_compile:
             raise
         log.warning("torch.compile of the decode step failed (%s: %s); sampling eagerly from now on",
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         dec.compile_failed, dec.compiled, dec.cache = True, None, None
-        return _static_loop(dec, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                            temperature, top_p, top_k, False)
+        with torch.autocast(input_ids.device.type, enabled=False):
+            return _static_loop(dec, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                                temperature, top_p, top_k, False)
 
 
 def _static_loop(dec, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
@@ -404,8 +409,18 @@ def sample(
             kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k)
             if chosen == "static":
-                response, lp, flp = generate_static(model, ids, mask, compile=compile, **kwargs)
-            else:
+                try:
+                    response, lp, flp = generate_static(model, ids, mask, compile=compile, **kwargs)
+                except RuntimeError as exc:
+                    # a forward patched to run under its own autocast (Accelerate's prepared models) writes keys
+                    # and values of different dtypes into the one-dtype static cache: such a model samples
+                    # through transformers' generate instead
+                    if "dtype" not in str(exc):
+                        raise
+                    log.warning("static-cache sampling failed (%s); using transformers' generate for this model",
+                                str(exc).splitlines()[0])
+                    chosen = "hf"
+            if chosen != "static":
                 response, lp, flp = generate_hf(model, ids, mask, **kwargs)
             parts.append((ids.cpu(), mask.cpu(), response.cpu(), lp.cpu(), flp.cpu()))
     finally:
