@@ -271,6 +271,10 @@ def run_once(spec: dict[str, Any], side: str, workload: str, rep: int) -> dict[s
     except Exception:  # reported in the table, not fatal for the other workloads
         result["error"] = traceback.format_exc()[-3000:]
     finally:
+        # the run directory holds a full model copy per repetition (1.5 GB at 0.4B); keep the disk bounded
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
         gc.collect()
         if CUDA:
             torch.cuda.empty_cache()

@@ -51,9 +51,9 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "rl": dict(batch=4, k=4, steps=6, warmup=2, lr=1e-5, beta=0.04, temperature=1.0, max_new_tokens=32),
     },
     "0.4b": {
-        "sft": dict(batch=8, steps=12, warmup=3, lr=1e-5),
-        "rm": dict(batch=8, steps=12, warmup=3, lr=1e-5),
-        "dpo": dict(batch=8, steps=12, warmup=3, lr=1e-6, beta=0.1),
+        "sft": dict(batch=8, steps=10, warmup=3, lr=1e-5),
+        "rm": dict(batch=8, steps=10, warmup=3, lr=1e-5),
+        "dpo": dict(batch=8, steps=10, warmup=3, lr=1e-6, beta=0.1),
         "rl": dict(batch=16, k=4, steps=3, warmup=1, lr=1e-6, beta=0.04, temperature=1.0, eval_max_new_tokens=32),
     },
     "tiny": {
@@ -80,7 +80,7 @@ ALL_WORKLOADS = ["sft", "rm", "dpo", "grpo", "ppo", "rloo"]
 TARGETS = {"cpu": {"sft": 1.3, "rm": 1.3, "dpo": 1.3, "grpo": 2.0, "rloo": 2.0, "ppo": 2.0},
            "cuda": {"dpo": 1.5, "grpo": 4.0, "rloo": 4.0, "ppo": 4.0}}
 """Issue #10's throughput targets (rlhfkit / TRL); peak memory must also be at most TRL's."""
-BUDGET_WEIGHT = {"sft": 0.8, "rm": 0.8, "dpo": 1.0, "grpo": 1.8, "rloo": 1.8, "ppo": 1.8}
+BUDGET_WEIGHT = {"sft": 0.8, "rm": 0.8, "dpo": 1.0, "grpo": 2.2, "rloo": 2.2, "ppo": 2.2}
 """Relative time each workload group needs (RL steps generate, so they take longest)."""
 
 
@@ -219,6 +219,17 @@ def build_spec(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the workers
+LIVE: set[Worker] = set()
+
+
+def stop_workers(signum: int, frame: Any) -> None:
+    """On SIGTERM (gpu.sh's `timeout`): kill the worker process groups, so nothing keeps the GPU after the run.
+    The rows of the workloads already finished are on disk."""
+    for worker in list(LIVE):
+        worker.kill()
+    sys.exit(128 + signum)
+
+
 class Worker:
     """A sides.py process for one arm (side, workload); it runs the repetitions it is sent on stdin."""
 
@@ -232,6 +243,7 @@ class Worker:
             self.proc = subprocess.Popen([sys.executable, str(HERE / "sides.py"), str(spec_path), side, workload],
                                          stdin=subprocess.PIPE, stdout=fh, stderr=subprocess.STDOUT, text=True,
                                          env=env, cwd=str(ROOT), start_new_session=True)
+        LIVE.add(self)
 
     def run(self, rep: int, deadline: float, last: bool) -> dict[str, Any]:
         path = self.workdir / f"result-{self.workload}-{self.side}-{rep}.json"
@@ -261,6 +273,7 @@ class Worker:
             return ""
 
     def kill(self) -> None:
+        LIVE.discard(self)
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -269,6 +282,7 @@ class Worker:
             self.proc.wait()
 
     def close(self) -> None:
+        LIVE.discard(self)
         try:
             if self.proc.stdin and not self.proc.stdin.closed:
                 self.proc.stdin.close()
@@ -483,6 +497,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--out", default=str(HERE / "results" / "latest.json"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_workers)
     args.model_size = args.model_size or ("0.4b" if args.device == "cuda" else "playground")
     persistent = args.persistent if args.persistent is not None else args.device == "cuda"
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
