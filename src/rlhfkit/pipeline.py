@@ -162,7 +162,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     # validation prompts, feeding the over-optimisation monitor), it never shapes the reward
     ppo_cfg = ppo.PPOConfig(
         model=str(root / "sft"), reward_model=str(root / "reward"), data=str(data / "prompts_train.jsonl"),
-        output_dir=str(root / "ppo"), max_steps=ppo_steps, batch_size=64, minibatches=4,
+        output_dir=str(root / "ppo"), max_steps=ppo_steps, batch_size=64, minibatches=4, target_kl=0.02,
         learning_rate=cfg.ppo_learning_rate,
         kl_coef=cfg.ppo_kl_coef, ensemble_penalty=0.5 if ensemble > 1 else 0.0, eval_every=max(1, ppo_steps // 12),
         eval_prompts=str(data / "prompts_val.jsonl"), eval_samples=64,
@@ -173,7 +173,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     # GRPO in the same loop (4 samples per prompt, 4 prompts per step), with
     # checkpoints along the way for the RL over-optimisation curve
     grpo_cfg = replace(ppo_cfg, output_dir=str(root / "grpo"), advantage="grpo", batch_size=4, samples_per_prompt=4,
-                       minibatches=1, max_steps=rl_steps, eval_every=max(1, rl_steps // 12),
+                       minibatches=1, target_kl=0.0, max_steps=rl_steps, eval_every=max(1, rl_steps // 12),
                        save_every=max(1, rl_steps // 6))
     run_stage("grpo", grpo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # the reward-hacking demonstration: the same GRPO run with the KL leash cut and no ensemble penalty. GRPO's
