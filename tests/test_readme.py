@@ -43,3 +43,10 @@ def test_readme_commands_run(tmp_path, tiny_model, sft_file):
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
     assert (tmp_path / "runs" / "my-sft" / "checkpoints" / "step-40").is_dir()
     assert (tmp_path / "runs" / "my-sft-ddp" / "model.safetensors").is_file()
+
+
+def test_readme_images_exist():
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text())
+    assert images, "the README shows what the demo's report looks like"
+    for path in images:
+        assert (README.parent / path).is_file(), path
