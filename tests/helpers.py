@@ -91,3 +91,14 @@ def interrupt_after(main, cfg, step: int) -> None:
     finally:
         Run.end_step = original
     raise AssertionError(f"the run finished before step {step}; nothing was interrupted")
+
+
+def tiny_reward_world(d: Path, model: Path, prompts: int = 24, reward_steps: int = 10) -> tuple[Path, Path]:
+    """A reward model trained briefly on synthetic preferences (d/rm) and a prompts file, for online RL tests."""
+    from rlhfkit.reward import train as rtrain
+
+    prefs = write_jsonl(d / "prefs.jsonl", preference_rows(40))
+    rtrain.main(rtrain.RewardConfig(model=str(model), data=str(prefs), output_dir=str(d / "rm"),
+                                    max_steps=reward_steps, batch_size=8, learning_rate=2e-3, report_to=["jsonl"],
+                                    progress=False, eval_fraction=0.0))
+    return d, write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows(prompts, seed=5)])

@@ -5,23 +5,17 @@ import json
 
 import pytest
 
-from helpers import preference_rows, write_jsonl
+from helpers import tiny_reward_world
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.policy import online_dpo
-from rlhfkit.reward import train as rtrain
 from rlhfkit.reward.model import load_reward_ensemble, score_texts
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("online")
-    prefs = write_jsonl(d / "prefs.jsonl", preference_rows(40))
-    rtrain.main(rtrain.RewardConfig(model=str(tiny_model), data=str(prefs), output_dir=str(d / "rm"), max_steps=5,
-                                    batch_size=8, learning_rate=2e-3, report_to=["jsonl"], progress=False,
-                                    eval_fraction=0.0))
-    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows(12, seed=5)])
-    return d, prompts
+    return tiny_reward_world(d, tiny_model, prompts=12, reward_steps=5)
 
 
 def make_cfg(tiny_model, setup, out, **kw):

@@ -6,21 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import interrupt_after, preference_rows, write_jsonl
+from helpers import interrupt_after, tiny_reward_world, write_jsonl
 from rlhfkit.policy import ppo
-from rlhfkit.reward import train as rtrain
 from rlhfkit.train import read_metrics
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("ppo")
-    prefs = write_jsonl(d / "prefs.jsonl", preference_rows(40))
-    rtrain.main(rtrain.RewardConfig(model=str(tiny_model), data=str(prefs), output_dir=str(d / "rm"), max_steps=10,
-                                    batch_size=8, learning_rate=2e-3, report_to=["jsonl"], progress=False,
-                                    eval_fraction=0.0))
-    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows(24, seed=5)])
-    return d, prompts
+    return tiny_reward_world(d, tiny_model, prompts=24, reward_steps=10)
 
 
 def cfg(tiny_model, world, out, **kw):

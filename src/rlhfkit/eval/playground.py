@@ -151,11 +151,9 @@ def reward_gold_accuracy(reward_dir: str, rows: Sequence[dict[str, Any]], min_ga
     return {"gold_accuracy": agree / max(1, n), "label_gold_accuracy": labels / max(1, n), "pairs": n}
 
 
-def evaluate_best_of_n(policy_dir: str, reward_dir: str, prompts: Sequence[Prompt], n: int,
-                       temperature: float = 0.7, max_new_tokens: int = 48, seed: int = 0) -> PolicyEval:
-    """Best-of-n as a policy: n samples per prompt from policy_dir, the reward model's favourite kept, then
-    scored by the gold judge. Its KL to the sampling policy is the analytic bound log n - (n - 1)/n."""
-    from rlhfkit.policy.best_of_n import best_of_n_kl
+def _scored_samples(policy_dir: str, reward_dir: str, prompts: Sequence[Prompt], n: int, temperature: float,
+                    max_new_tokens: int, seed: int) -> tuple[Rollout, list[float]]:
+    """n samples per prompt (prompt-major) from policy_dir under a seeded, forked RNG, and their proxy scores."""
     from rlhfkit.reward.model import load_reward_ensemble, score_texts
 
     tokenizer = load_tokenizer(policy_dir)
@@ -165,6 +163,16 @@ def evaluate_best_of_n(policy_dir: str, reward_dir: str, prompts: Sequence[Promp
         torch.manual_seed(seed)
         rollout = sample(model, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature)
     proxy, _ = score_texts(load_reward_ensemble(reward_dir), texts, rollout.texts)
+    return rollout, proxy
+
+
+def evaluate_best_of_n(policy_dir: str, reward_dir: str, prompts: Sequence[Prompt], n: int,
+                       temperature: float = 0.7, max_new_tokens: int = 48, seed: int = 0) -> PolicyEval:
+    """Best-of-n as a policy: n samples per prompt from policy_dir, the reward model's favourite kept, then
+    scored by the gold judge. Its KL to the sampling policy is the analytic bound log n - (n - 1)/n."""
+    from rlhfkit.policy.best_of_n import best_of_n_kl
+
+    rollout, proxy = _scored_samples(policy_dir, reward_dir, prompts, n, temperature, max_new_tokens, seed)
     picked = [max(range(i * n, (i + 1) * n), key=lambda j: proxy[j]) for i in range(len(prompts))]
     responses = [rollout.texts[j] for j in picked]
     parts = [gold_breakdown(p, r) for p, r in zip(prompts, responses)]
@@ -192,15 +200,9 @@ def best_of_n_sweep(policy_dir: str, reward_dir: str, prompts: Sequence[Prompt],
 
     from rlhfkit.eval.overopt import best_of_n_expectation
     from rlhfkit.policy.best_of_n import best_of_n_kl
-    from rlhfkit.reward.model import load_reward_ensemble, score_texts
 
-    tokenizer = load_tokenizer(policy_dir)
-    model = load_causal_lm(policy_dir, tokenizer).eval()
-    texts = [p.text for p in prompts for _ in range(max_n)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        rollout = sample(model, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature)
-    proxy = torch.tensor(score_texts(load_reward_ensemble(reward_dir), texts, rollout.texts)[0]).view(-1, max_n)
+    rollout, scores = _scored_samples(policy_dir, reward_dir, prompts, max_n, temperature, max_new_tokens, seed)
+    proxy = torch.tensor(scores).view(-1, max_n)  # (B, max_n)
     owners = [p for p in prompts for _ in range(max_n)]
     gold = torch.tensor([gold_breakdown(p, r).total for p, r in zip(owners, rollout.texts)]).view(-1, max_n)
     points = []
