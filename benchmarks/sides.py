@@ -293,7 +293,10 @@ def main(argv: list[str]) -> None:
     if side == "trl":
         import trl  # noqa: F401
     else:
-        import rlhfkit.policy.ppo  # noqa: F401
+        import importlib
+
+        importlib.import_module({"sft": "rlhfkit.policy.sft", "rm": "rlhfkit.reward.train",
+                                 "dpo": "rlhfkit.policy.dpo"}.get(workload, "rlhfkit.policy.ppo"))
     for line in sys.stdin:
         if not line.strip():
             continue

@@ -507,10 +507,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     workdir = Path(args.workdir or HERE / "results" / f"work-{args.model_size}-{args.device}").resolve()
     t0 = time.time()
     spec = build_spec(args, workdir)
-    from rlhfkit.config import coerce
-    from rlhfkit.policy.ppo import PPOConfig
+    if args.ours_ppo:  # imported only when used: a broken RL module must not stop the other workloads
+        from rlhfkit.config import coerce
+        from rlhfkit.policy.ppo import PPOConfig
 
-    hints = __import__("typing").get_type_hints(PPOConfig)
+        hints = __import__("typing").get_type_hints(PPOConfig)
     for item in args.ours_ppo:
         key, _, value = item.partition("=")
         if key not in hints:
