@@ -13,6 +13,7 @@ from rlhfkit.pipeline import DemoConfig, main
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the quick demo alone is about 7 minutes on the 2-core CI machine
 def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     out = tmp_path / "demo"
     summary = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
