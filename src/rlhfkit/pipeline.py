@@ -1,7 +1,9 @@
 """`rlhfkit demo`: the built-in playground pipeline, end to end on a CPU.
 
-base model (pretrained on mostly mediocre "web text") -> SFT on good demonstrations -> simulated annotators judge
-pairs of responses -> reward model -> DPO -> evaluation with the hidden gold judge. Every stage runs through its own public `main(cfg)`, writes its config to
+base model (pretrained on mostly mediocre "web text") -> SFT on contractor demonstrations -> simulated annotators
+label through the feedback store -> reward-model ensemble -> PPO, GRPO, RLOO, DPO (+ beta sweep), best-of-n ->
+over-optimisation sweeps and the KL-leash-cut demonstration -> evaluation with the hidden gold judge -> claims
+checked, summary.json and report.html. Every stage runs through its own public `main(cfg)`, writes its config to
 DIR/configs/<stage>.yaml (so `rlhfkit <stage> --config DIR/configs/<stage>.yaml` reruns it alone), and is
 reused on a rerun when its finished run directory holds the same config."""
 
@@ -167,7 +169,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         kl_coef=cfg.ppo_kl_coef, ensemble_penalty=0.5 if ensemble > 1 else 0.0, eval_every=max(1, ppo_steps // 12),
         eval_prompts=str(data / "prompts_val.jsonl"), eval_samples=64,
         save_every=0, keep_checkpoints=6, **common)
-    judge = functools.partial(_gold_judge)
+    judge = _gold_judge
     ppo_redo = cfg.rebuild or "reward" in wall
     run_stage("ppo", ppo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # GRPO in the same loop (4 samples per prompt, 4 prompts per step), with
