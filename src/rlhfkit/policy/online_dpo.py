@@ -32,7 +32,8 @@ Labeller = Callable[[Sequence[Any], Sequence[str], Sequence[str]], Sequence[int]
 
 @dataclass
 class OnlineDPOConfig(DPOConfig):
-    """Iterative DPO: --data is a prompts file (rows with "prompt" or "text"); pairs are sampled every round."""
+    """Iterative DPO. Note: --data is a prompts file here (rows with "prompt" or "text"), not preference pairs;
+    the pairs are sampled and labelled every round."""
 
     rounds: int = 3
     """Sample -> label -> train rounds."""
@@ -115,6 +116,7 @@ def sample_pairs(policy_dir: str, prompts: Sequence[Any], labeller: Labeller, te
 def main(cfg: OnlineDPOConfig, labeller: Labeller | None = None) -> dict[str, Any]:
     """labeller: optional callable (simulated annotators, an AI judge); default: cfg.reward_model."""
     cfg.validate()
+    prompts = read_prompts(cfg.data)  # a missing or malformed prompts file fails before any model loads
     if labeller is None:
         if not cfg.reward_model:
             raise ConfigError("--reward-model is required to label the pairs (a directory written by "
@@ -128,7 +130,6 @@ def main(cfg: OnlineDPOConfig, labeller: Labeller | None = None) -> dict[str, An
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    prompts = read_prompts(cfg.data)
     rng = random.Random(cfg.seed)
     policy = cfg.model
     rounds = []
