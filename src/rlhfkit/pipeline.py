@@ -296,7 +296,7 @@ def _gold_judge(prompts: list[Any], responses: list[str]) -> list[float]:
 
 def overoptimisation_sweeps(root: Path, prompts: list[Any], sft_eval: Any, klcut_eval: Any, sweep_n: int,
                             cfg: DemoConfig) -> dict[str, Any]:
-    """Gao et al.'s curves: best-of-n for n = 1..sweep_n and the PPO runs' checkpoints, each point's gold and
+    """Gao et al.'s curves: best-of-n for n = 1..sweep_n and the GRPO runs' checkpoints, each point's gold and
     proxy as the change from SFT against d = sqrt(KL to SFT), with the paper's forms fitted; and the KL-cut
     demonstration's deltas."""
     import math

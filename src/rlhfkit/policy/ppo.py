@@ -266,7 +266,8 @@ def held_out_scores(policy: Any, tokenizer: Any, reward: Any, judge: Callable[[l
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         texts = sample(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, batch_size=len(prompts)).texts
+                       top_p=cfg.top_p, batch_size=len(prompts), backend=cfg.sampler,
+                       compile=cfg.compile_sampler).texts
     proxy, _ = score_texts(reward, prompts, texts)
     judge_mean, judge_se = _mean_se(list(judge(prompts, texts)))
     return sum(proxy) / len(proxy), judge_mean, judge_se
