@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from .fb_helpers import arith_items
 from rlhfkit.data.preference import PreferencePair, Ranking, read_preferences
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.export import export_rows, write_export
+from rlhfkit.feedback.export import export_rows, majority_rows, write_export
 from rlhfkit.feedback.service import Conflict, FeedbackError, FeedbackService, Forbidden, ItemSpec
 from rlhfkit.feedback.store import Base, head_revision, open_store
 
@@ -227,6 +227,84 @@ def test_export_rows_read_back_as_preference_data(svc, tmp_path):
     assert [x["label"] for x in kto_rows] == [True, False, True, False, False, False]  # A, B, both_bad
     from rlhfkit.data.kto import parse_kto_row
     assert all(parse_kto_row(x, "k", i).desirable == x["label"] for i, x in enumerate(kto_rows))
+
+
+def _label_all(svc, project_id, answers):
+    """Each user (in turn, as the queue serves them) answers every item it gets: answers[user][prompt] is an
+    outcome, (outcome, strength) or a ranking list."""
+    for name, by_prompt in answers.items():
+        u = svc.ensure_user(name).id
+        while (t := svc.next_task(u, project_id)) is not None:
+            a = by_prompt[t.prompt]
+            if isinstance(a, list):
+                svc.submit(u, t.assignment_id, sid(), ranking=a)
+            else:
+                out, strength = a if isinstance(a, tuple) else (a, "better" if a in ("A", "B") else None)
+                svc.submit(u, t.assignment_id, sid(), outcome=out, strength=strength)
+
+
+def test_majority_rows_vote_pairs_and_count_what_they_leave_out(svc, tmp_path):
+    p = svc.create_project("overlap", annotators_per_item=3)
+    items = arith_items(6)
+    svc.add_items(p.id, items + [ItemSpec("what is 7 plus 7 ?", ["14 .", "15 ."], ["g", "b"], gold_outcome="A")])
+    q = [i.prompt for i in items]
+    votes = {  # per item: ann1, ann2, ann3
+        q[0]: [("A", "significantly_better"), ("A", "better"), ("B", "slightly_better")],  # A by 2-1
+        q[1]: [("B", "better"), ("B", "significantly_better"), ("B", "slightly_better")],  # B unanimous
+        q[2]: ["A", "B", "tie"],  # every outcome once: no majority
+        q[3]: ["tie", "tie", "A"],  # a tie wins
+        q[4]: ["both_bad", "both_bad", "B"],
+        q[5]: ["A", "skip", "B"],  # a skip is no vote: 1-1
+    }
+    answers = {f"ann{k}": {**{prompt: v[k] for prompt, v in votes.items()}, "what is 7 plus 7 ?": "A"}
+               for k in range(3)}
+    _label_all(svc, p.id, answers)
+    rows, report = majority_rows(svc, "overlap", conversational=True)
+    assert report.judgments == 21 and report.items == 6
+    assert report.skipped == {"gold item": 3, "skip": 1, "vote_tie": 2, "tie": 1, "both_bad": 1}
+    assert report.rows == len(rows) == 2
+    # every non-gold item gives a row or one counted reason: nothing is dropped silently
+    assert report.rows + sum(n for r, n in report.skipped.items() if r not in ("gold item", "skip")) == report.items
+    a, b = rows
+    assert a["votes"] == {"A": 2, "B": 1} and a["chosen_source"] == "good-model"
+    # strict voters' strengths (significantly_better, better) and one dissent counted as negligible: median better
+    assert a["strength"] == "better" and a["margin"] == pytest.approx(2 / 3)
+    assert b["chosen_source"] == "bad-model" and b["strength"] == "better" and b["annotator"] == "ann0+ann1+ann2"
+    back = read_preferences(str(write_export(tmp_path / "m.jsonl", rows)))
+    assert [x.chosen[0]["content"] for x in back] == [items[0].responses[0], items[1].responses[1]]
+
+    one = svc.create_project("single")  # with one judgment per item it agrees with export_rows
+    svc.add_items(one.id, arith_items(3))
+    _label_all(svc, one.id, {"ann0": {i.prompt: o for i, o in zip(arith_items(3), ["A", "B", "tie"])}})
+    single, _ = export_rows(svc, "single")
+    voted, rep = majority_rows(svc, "single")
+    assert [(r["chosen"], r["margin"]) for r in voted] == [(r["chosen"], r["margin"]) for r in single]
+    assert rep.skipped == {"tie": 1}
+
+
+def test_majority_rows_aggregate_rankings_by_borda_count(svc, tmp_path):
+    r = svc.create_project("rank3", mode="ranking", responses_per_item=3, annotators_per_item=3)
+    svc.add_items(r.id, [ItemSpec("say hi to ada .", ["hi ada !", "hello .", "no ."], ["m1", "m2", "m3"]),
+                         ItemSpec("say hi to bo .", ["hi bo !", "hey .", "go ."], ["m1", "m2", "m3"])])
+    rankings = {
+        # places: 0 -> 0, 1, 0 (sum 1); 1 -> 2, 0, 2 (4); 2 -> 1, 2, 1 (4): 0 first, then 1 and 2 tied
+        "say hi to ada .": [[[0], [2], [1]], [[1], [0], [2]], [[0], [2], [1]]],
+        # a cycle: every response has places 0 + 1 + 2
+        "say hi to bo .": [[[0], [1], [2]], [[1], [2], [0]], [[2], [0], [1]]],
+    }
+    _label_all(svc, r.id, {f"ann{k}": {q: v[k] for q, v in rankings.items()} for k in range(3)})
+    rows, report = majority_rows(svc, "rank3", rankings_as="ranking")
+    assert report.items == 2 and report.skipped == {"vote_tie": 1} and len(rows) == 1
+    assert rows[0]["ranking"] == [[0], [1, 2]] and rows[0]["annotator"] == "ann0+ann1+ann2"
+    k_way = read_preferences(str(write_export(tmp_path / "k.jsonl", rows)))
+    assert isinstance(k_way[0], Ranking) and k_way[0].ranking == [[0], [1, 2]]
+    pairs, _ = majority_rows(svc, "rank3")  # the tied tier forms no pair
+    assert [(x["chosen"], x["rejected"]) for x in pairs] == [("hi ada !", "hello ."), ("hi ada !", "no .")]
+    # a tied tier shares its mid-place: [[0, 1], [2]] gives 0 and 1 place 0.5 each
+    t = svc.create_project("rank-tied", mode="ranking", responses_per_item=3, annotators_per_item=2)
+    svc.add_items(t.id, [ItemSpec("say hi to cy .", ["hi cy !", "hey .", "go ."], ["m1", "m2", "m3"])])
+    _label_all(svc, t.id, {"ann0": {"say hi to cy .": [[0, 1], [2]]}, "ann1": {"say hi to cy .": [[1], [0], [2]]}})
+    assert majority_rows(svc, "rank-tied", rankings_as="ranking")[0][0]["ranking"] == [[1], [0], [2]]
 
 
 def test_export_trains_a_reward_model(svc, tmp_path, tiny_model):

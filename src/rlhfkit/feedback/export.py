@@ -1,16 +1,18 @@
 """Export judgments to the preference formats the trainers read (`rlhfkit.data.preference.read_preferences`):
 one TRL explicit-prompt row per A/B judgment with `margin` from its strength (Llama 2 §3.2.2), the C(K,2) pairs
-of each ranking written together (or one K-way row), and optionally KTO's unpaired rows. The annotator's name
-and the responses' source ids are kept on every row."""
+of each ranking written together (or one K-way row), and optionally KTO's unpaired rows; or, for projects with
+overlap (several annotators per item), one majority-vote row per item. The annotator's name and the responses'
+source ids are kept on every row."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit.data.preference import strength_to_margin
+from rlhfkit.data.preference import STRENGTHS, strength_to_margin
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.service import FeedbackService
 
@@ -22,6 +24,9 @@ class ExportReport:
     rows: int = 0
     judgments: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    """Judgments (export_rows) or items (majority_rows) that gave no row, by reason."""
+    items: int = 0
+    """Items whose judgments were read (majority_rows counts per item; export_rows leaves it 0)."""
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -99,6 +104,84 @@ def export_rows(service: FeedbackService, project: str | int, *, kto: bool = Fal
             rows += [unpaired(0, False), unpaired(1, False)]
         else:
             report.skip(outcome)
+    report.rows = len(rows)
+    return rows, report
+
+
+def majority_rows(service: FeedbackService, project: str | int, *,
+                  rankings_as: Literal["pairs", "ranking"] = "pairs", margin_scale: Literal["large", "small"] = "small",
+                  conversational: bool = False) -> tuple[list[dict[str, Any]], ExportReport]:
+    """One row per item, aggregating the item's judgments (a project with annotators_per_item > 1): how
+    InstructGPT and Anthropic's HH collection reduce label noise with overlap.
+
+    Pairwise: the outcome with the most votes (A, B, tie, both_bad) wins; a shared top count is skipped as
+    "vote_tie", a winning tie or "both bad" is skipped under its name. The row's strength is the median of the
+    strict voters' strengths, each dissenting vote counted as "negligible", so a split vote asks for no margin.
+    Rankings: Borda count (each response's mean place, tied tiers sharing their mid-place), equal means tie; a
+    ranking that comes out all tied is skipped as "vote_tie". Rows carry the pairwise `votes`, every voter in
+    `annotator` ("a+b+c") and the item id. Skips and gold items are left out and counted, as in export_rows."""
+    info = service.project(project)
+    report = ExportReport()
+    source = f"label:{info.name}"
+    by_item: dict[int, list[dict[str, Any]]] = {}
+    for j in service.judged_items(info.id):  # in queue order, so rows keep the item order
+        report.judgments += 1
+        if j["gold"]:
+            report.skip("gold item")
+        elif j["outcome"] == "skip":
+            report.skip("skip")
+        else:
+            by_item.setdefault(j["item_id"], []).append(j)
+    rows: list[dict[str, Any]] = []
+    for item_id, votes in by_item.items():
+        report.items += 1
+        first = votes[0]
+        prompt = _text(first["prompt"], "user", conversational)
+        responses, sources = first["responses"], first["sources"]
+        common = {"annotator": "+".join(v["annotator"] for v in votes), "source": source}
+
+        def pair(better: int, worse: int, strength: str | None) -> dict[str, Any]:
+            row: dict[str, Any] = {"prompt": prompt, "chosen": _text(responses[better], "assistant", conversational),
+                                   "rejected": _text(responses[worse], "assistant", conversational)}
+            if strength is not None:
+                row.update(margin=strength_to_margin(strength, margin_scale), strength=strength)
+            return {**row, **common, "chosen_source": sources[better], "rejected_source": sources[worse],
+                    "item_id": item_id}
+
+        if first["ranking"] is None:
+            counts = Counter(v["outcome"] for v in votes)
+            (top, n), *rest = counts.most_common()
+            if rest and rest[0][1] == n:
+                report.skip("vote_tie")
+                continue
+            if top not in ("A", "B"):
+                report.skip(top)
+                continue
+            levels = sorted(STRENGTHS.index(v["strength"] or STRENGTHS[-1]) if v["outcome"] == top
+                            else len(STRENGTHS) - 1 for v in votes if v["outcome"] in ("A", "B"))
+            strength = STRENGTHS[levels[(len(levels) - 1) // 2]] if levels else None  # lower (weaker) median
+            better, worse = (0, 1) if top == "A" else (1, 0)
+            rows.append({**pair(better, worse, strength), "votes": dict(counts)})
+            continue
+        # Borda: a response's place is its tier's mid-place (0-based); doubled so the sums stay integers
+        place2 = [0] * len(responses)
+        for v in votes:
+            start = 0
+            for tier in v["ranking"]:
+                for i in tier:
+                    place2[i] += 2 * start + len(tier) - 1
+                start += len(tier)
+        tiers = [[i for i in range(len(responses)) if place2[i] == p] for p in sorted(set(place2))]
+        if len(tiers) < 2:
+            report.skip("vote_tie")
+            continue
+        if rankings_as == "ranking":
+            rows.append({"prompt": prompt, "responses": [_text(r, "assistant", conversational) for r in responses],
+                         "ranking": tiers, **common, "sources": sources, "item_id": item_id})
+        else:
+            for t, better in enumerate(tiers):
+                for worse in tiers[t + 1 :]:
+                    rows += [pair(b, w, None) for b in better for w in worse]
     report.rows = len(rows)
     return rows, report
 
