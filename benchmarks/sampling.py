@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, help="default: 48 (tiny) or 128 (0.4b)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per backend (after one warm-up)")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant on CUDA")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampling.json"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cpu":  # sample()'s hf backend; on a GPU it only adds a copy of the logits
         variants.append(("hf generate + log-probs", lambda: generate_hf(model, ids, mask, **common), None))
     variants.append(("static cache loop", lambda: generate_static(model, ids, mask, **common), None))
-    if args.device == "cuda" and not args.no_compile:
+    if not args.no_compile:
         variants.append(("static cache + torch.compile",
                          lambda: generate_static(model, ids, mask, compile=True, **common), None))
     rows = []

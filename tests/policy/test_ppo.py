@@ -151,3 +151,31 @@ def test_target_kl_stops_the_epochs_early_and_the_schedule_still_anneals(tmp_pat
     assert all(m["early_stopped"] == 0.0 for m in a) and all(m["early_stopped"] == 1.0 for m in b)
     assert [m["lr"] for m in a] == [m["lr"] for m in b]  # annealed once per rollout step either way
     assert b[0]["reward/score"] == a[0]["reward/score"]  # same first rollouts; only the updates differ
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_one_epoch_one_minibatch_reuses_the_training_forward_and_takes_the_same_steps(
+        tmp_path, tiny_model, world, monkeypatch, advantage):
+    """At ppo_epochs = minibatches = 1 the old log-probs and values come from the training forward (no extra
+    no-grad pass); the steps taken must equal those of the separate-pass path, up to float rounding (Adam turns
+    rounding-level gradient differences into weight differences of a few 1e-6 at lr 1e-3)."""
+    kw = dict(advantage=advantage, samples_per_prompt=2, ppo_epochs=1, minibatches=1, max_steps=3)
+    calls = {"n": 0}
+    real = ppo.response_forward
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(ppo, "response_forward", counting)
+    ppo.main(cfg(tiny_model, world, tmp_path / "fused", **kw))
+    fused_calls, calls["n"] = calls["n"], 0
+    monkeypatch.setattr(ppo, "FUSE_SINGLE_PASS", False)
+    ppo.main(cfg(tiny_model, world, tmp_path / "separate", **kw))
+    assert (fused_calls, calls["n"]) == (3, 6)
+    a, b = read_metrics(tmp_path / "fused" / "metrics.jsonl"), read_metrics(tmp_path / "separate" / "metrics.jsonl")
+    for key in ("reward/score", "kl", "policy_loss", "approx_kl", "clip_frac"):
+        assert [m[key] for m in a] == pytest.approx([m[key] for m in b], abs=1e-5), key
+    wa, wb = load_file(str(tmp_path / "fused" / "model.safetensors")), load_file(str(tmp_path / "separate" / "model.safetensors"))
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert diff < 2e-5, diff

@@ -31,6 +31,10 @@ from rlhfkit.train import Run, check_finite
 
 log = logging.getLogger(__name__)
 
+# With one epoch over one minibatch, reuse the training forward for the old log-probs (tests switch it off to
+# check that both paths take the same step).
+FUSE_SINGLE_PASS = True
+
 
 @dataclass
 class PPOConfig(TrainConfig):
@@ -300,6 +304,7 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         kl_ctl.load_state_dict(run.resumed_state["kl_controller"])
         monitor.load_state_dict(run.resumed_state["monitor"])
     k = cfg.samples_per_prompt
+    single_pass = FUSE_SINGLE_PASS and cfg.ppo_epochs == 1 and cfg.minibatches == 1
     last: dict[str, Any] = {}
     flagged, step_done = False, start_step
     for step in range(start_step + 1, cfg.max_steps + 1):
@@ -316,9 +321,19 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         rmask = rollout.response_mask.to(device).float()  # (B, R), 1 = real response token incl. EOS
         # the reference and the reward model run under the policy's autocast (Accelerate wraps only the prepared
         # policy's forward): same precision for log pi and log pi_ref, and no fp32 passes on a GPU in bf16 runs
+        fused = None
+        if single_pass:
+            # one epoch over one minibatch: the policy that sampled is the one being updated, so the training
+            # forward's detached log-probs and values are the "old" ones (TRL's GRPO does the same at
+            # num_iterations=1); this saves a no-grad forward of the whole batch
+            model.train()
+            with run.micro_step(model, 0, 1):
+                fused = response_forward(model, ids, mask, P, cfg.temperature, entropy=True)
+            old_logprobs, old_values = fused[0].detach(), fused[1].detach()
         with torch.no_grad(), run.accelerator.autocast():
-            model.eval()
-            old_logprobs, old_values = response_forward(model, ids, mask, P, cfg.temperature)
+            if not single_pass:
+                model.eval()
+                old_logprobs, old_values = response_forward(model, ids, mask, P, cfg.temperature)
             ref_logprobs = reference_logprobs(ref, net.policy, ids, mask, P, cfg.temperature)
             # ---- reward: score at the last real token (the reward model reads it there itself)
             if same_vocab:
@@ -359,11 +374,17 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         for epoch in range(cfg.ppo_epochs):
             if early_stop:
                 break
-            order = torch.randperm(B).tolist()
+            order = torch.randperm(B).tolist()  # drawn either way: the RNG stream does not depend on fusing
+            if single_pass:
+                order = list(range(B))  # the fused forward holds the batch in its own order
             for j in range(cfg.minibatches):
                 sel = torch.tensor(order[j * mb : (j + 1) * mb], device=device)
                 with run.micro_step(model, 0, 1):
-                    lp, values, ent = response_forward(model, ids[sel], mask[sel], P, cfg.temperature, entropy=True)
+                    if fused is not None:
+                        lp, values, ent = fused
+                    else:
+                        lp, values, ent = response_forward(model, ids[sel], mask[sel], P, cfg.temperature,
+                                                           entropy=True)
                     m = rmask[sel]
                     pl, ps = ppo_policy_loss(lp, old_logprobs[sel], advantages[sel], m, cfg.clip)
                     loss = pl
