@@ -38,6 +38,19 @@ class DemoConfig:
     """Optimizer steps of SFT on demonstrations (quick: 100)."""
     reward_steps: int = 300
     """Optimizer steps of reward-model training (quick: 100)."""
+    policy_label_rounds: int = 4
+    """Rounds of SFT samples ranked for training: each round, 4 samples per training prompt, ranked by one
+    annotator (quick: 1)."""
+    generator_label_rounds: int = 18
+    """Rounds of training pairs from the world's response generator, one pair per training prompt each (quick:
+    2). Labels are the reward model's bottleneck: at 6 rounds (and 2 policy rounds) it agreed with the gold judge
+    on 0.69 of held-out pairs, at 18 (and 4) on 0.76."""
+    heldout_label_rounds: int = 3
+    """Rounds of held-out pairs, each one SFT pair and two generator pairs per validation prompt (~230 pairs a
+    round after ties and "both bad"); the reward model's gold accuracy is measured on them (quick: 1)."""
+    annotators_per_item: int = 1
+    """Annotators judging each training item, their judgments merged by majority vote (pairs) or Borda count
+    (rankings). At a fixed number of judgments, fresh items helped the reward model more than overlap did."""
     dpo_steps: int = 200
     """Optimizer steps of DPO from the SFT model (quick: 60)."""
     dpo_beta: float = 0.1
@@ -138,7 +151,13 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     run_stage("sft", sft_cfg, sft.main, root, cfg.rebuild or "pretrain" in wall, wall)
 
     # people (here: the simulated annotator pool) compare responses; only their labels reach training
-    labels = collect_labels(root, cfg.seed, quick=cfg.quick, redo=cfg.rebuild or "sft" in wall)
+    # split -> (samples per prompt, policy rounds, generator rounds); held-out pairs stay pairs (K = 2)
+    policy_rounds = min(cfg.policy_label_rounds, 1) if cfg.quick else cfg.policy_label_rounds
+    generator_rounds = min(cfg.generator_label_rounds, 2) if cfg.quick else cfg.generator_label_rounds
+    heldout_rounds = min(cfg.heldout_label_rounds, 1) if cfg.quick else cfg.heldout_label_rounds
+    plan = {"train": (4, policy_rounds, generator_rounds), "val": (2, heldout_rounds, 2 * heldout_rounds)}
+    labels = collect_labels(root, cfg.seed, quick=cfg.quick, redo=cfg.rebuild or "sft" in wall, plan=plan,
+                            overlap=cfg.annotators_per_item)
     if labels is not None:
         wall["label"] = labels
     reward_cfg = rtrain.RewardConfig(
@@ -233,8 +252,9 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(root, summary)
     print(format_table(policies))
-    print(f"\nreward model: {reward_model['gold_accuracy']:.3f} agreement with the gold judge on "
-          f"{reward_model['pairs']} held-out pairs (the annotators' labels: {reward_model['label_gold_accuracy']:.3f}); "
+    print(f"\nreward model: {reward_model['gold_accuracy']:.3f} ± {reward_model['gold_accuracy_se']:.3f} agreement "
+          f"with the gold judge on {reward_model['pairs']} held-out pairs "
+          f"(the annotators' labels: {reward_model['label_gold_accuracy']:.3f}); "
           f"held-out label accuracy {reward_model['heldout_accuracy']:.3f}, ECE {reward_model['ece']:.3f}, "
           f"score-length correlation {reward_model['length_correlation']:+.3f}")
     print("\nclaims:")
@@ -281,8 +301,10 @@ def check_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
                        "value": f"cut {cut['monitor_flagged']}, default {cut['default_monitor_flagged']}"})
     rm = summary.get("reward_model", {})
     if "gold_accuracy" in rm:
+        se = f" ± {rm['gold_accuracy_se']:.3f}" if "gold_accuracy_se" in rm else ""
         claims.append({"claim": "the reward model agrees with the gold judge on ≥ 75% of held-out pairs",
-                       "ok": rm["gold_accuracy"] >= 0.75, "value": f"{rm['gold_accuracy']:.3f}"})
+                       "ok": rm["gold_accuracy"] >= 0.75,
+                       "value": f"{rm['gold_accuracy']:.3f}{se} on {rm.get('pairs', '?')} pairs"})
     return claims
 
 
@@ -337,14 +359,16 @@ def overoptimisation_sweeps(root: Path, prompts: list[Any], sft_eval: Any, klcut
     return out
 
 
-def collect_labels(root: Path, seed: int, quick: bool, redo: bool) -> float | None:
+def collect_labels(root: Path, seed: int, quick: bool, redo: bool, plan: dict[str, tuple[int, int, int]],
+                   overlap: int = 1) -> float | None:
     """Simulated people label responses through the feedback store, exactly as humans using `rlhfkit label serve`
     would: projects are created in DIR/feedback.db, each simulated annotator takes tasks from the queue and
-    submits through the service, and the judgments are exported as preference rows. Train: K samples from the SFT
-    policy ranked (InstructGPT-style) plus generator pairs of varied quality; validation: pairs only.
-    Returns the seconds spent, or None when the finished labels were reused."""
+    submits through the service, and the judgments are exported as preference rows. plan maps a split (train,
+    val) to (K, policy rounds, generator rounds): K samples of the SFT policy per prompt and round, ranked
+    (InstructGPT-style) when K > 2, plus generator pairs of varied quality. overlap annotators judge each training
+    item, merged by majority vote. Returns the seconds spent, or None when labels from the same plan were reused."""
     from rlhfkit.feedback.cli import LabelConfig, simulate
-    from rlhfkit.feedback.export import export_rows
+    from rlhfkit.feedback.export import export_rows, majority_rows
     from rlhfkit.feedback.service import FeedbackService, ItemSpec
     from rlhfkit.feedback.store import open_store
     from rlhfkit.playground.preferences import generator_pairs, policy_groups
@@ -352,16 +376,15 @@ def collect_labels(root: Path, seed: int, quick: bool, redo: bool) -> float | No
 
     data = root / "data"
     stamp = data / "labels.json"
-    if not redo and stamp.exists() and json.loads(stamp.read_text()).get("quick") == quick:
+    recipe = {"quick": quick, "plan": {k: list(v) for k, v in plan.items()}, "overlap": overlap}
+    if not redo and stamp.exists() and {k: json.loads(stamp.read_text()).get(k) for k in recipe} == recipe:
         return None
     start = time.time()
     db = root / "feedback.db"
     for leftover in root.glob("feedback.db*"):  # a fresh store for fresh labels (also -wal / -shm files)
         leftover.unlink()
     svc = FeedbackService(open_store(str(db)))
-    report: dict[str, Any] = {"quick": quick, "db": str(db)}
-    # split -> (samples per prompt, policy rounds, generator rounds). Held-out pairs stay pairs (K = 2).
-    plan = {"train": (4, 1 if quick else 2, 2 if quick else 6), "val": (2, 1, 2)}
+    report: dict[str, Any] = {**recipe, "db": str(db)}
     for split, (k, policy_rounds, generator_rounds) in plan.items():
         prompts = read_prompts(data / f"prompts_{split}.jsonl")
         policy_items = [ItemSpec(p.text, g[:k], [f"sft-{r}"] * len(g[:k]))
@@ -374,13 +397,17 @@ def collect_labels(root: Path, seed: int, quick: bool, redo: bool) -> float | No
         rows: list[dict[str, Any]] = []
         for name, mode, items in ((f"{split}-sft", "ranking" if k > 2 else "pairwise", policy_items),
                                   (f"{split}-generator", "pairwise", pair_items)):
+            # overlap on training items only: held-out pairs keep one judgment each, so the evaluation set
+            # is drawn exactly as before (pairs one annotator found a strict preference in), not filtered by votes
+            per_item = overlap if split == "train" else 1
             project = svc.create_project(name, mode, "Which response is better? Helpful, correct, kind, safe.",
-                                         responses_per_item=k if mode == "ranking" else 2)
+                                         responses_per_item=k if mode == "ranking" else 2,
+                                         annotators_per_item=per_item)
             svc.add_items(project.id, items)
             simulate(LabelConfig(command="simulate", db=str(db), project=name, seed=seed + len(rows)))
             # held-out rankings become pairs: one accuracy per comparison
-            got, rep = export_rows(svc, name, rankings_as="ranking" if split == "train" else "pairs",
-                                   conversational=True)
+            export = majority_rows if per_item > 1 else export_rows
+            got, rep = export(svc, name, rankings_as="ranking" if split == "train" else "pairs", conversational=True)
             rows += got
             report[name] = {"items": len(items), "judgments": rep.judgments, "rows": rep.rows,
                             "left_out": rep.skipped}

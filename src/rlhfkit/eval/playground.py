@@ -126,8 +126,8 @@ def evaluate_policy(
 
 def reward_gold_accuracy(reward_dir: str, rows: Sequence[dict[str, Any]], min_gap: float = 0.0) -> dict[str, float]:
     """How often the reward model orders a pair the way the gold judge does (pairs the judge scores within
-    min_gap of each other are skipped as ties). Also reports the labels' own agreement with gold on those pairs,
-    the ceiling a reward model trained on them starts from."""
+    min_gap of each other are skipped as ties), with its binomial standard error. Also reports the labels' own
+    agreement with gold on those pairs, where a reward model trained on such labels starts from."""
     from rlhfkit.playground.gold import gold_score
     from rlhfkit.playground.tasks import lookup
     from rlhfkit.reward.model import load_reward_ensemble, score_texts
@@ -148,7 +148,9 @@ def reward_gold_accuracy(reward_dir: str, rows: Sequence[dict[str, Any]], min_ga
         n += 1
         agree += (c - r > 0) == (gap > 0)
         labels += gap > 0
-    return {"gold_accuracy": agree / max(1, n), "label_gold_accuracy": labels / max(1, n), "pairs": n}
+    accuracy = agree / max(1, n)
+    return {"gold_accuracy": accuracy, "gold_accuracy_se": (accuracy * (1 - accuracy) / max(1, n)) ** 0.5,
+            "label_gold_accuracy": labels / max(1, n), "pairs": n}
 
 
 def _scored_samples(policy_dir: str, reward_dir: str, prompts: Sequence[Prompt], n: int, temperature: float,

@@ -1,0 +1,53 @@
+"""The demo's labelling stage on a tiny world (through the feedback store) and its claim checks."""
+
+import json
+
+import pytest
+
+from rlhfkit.pipeline import check_claims, collect_labels
+
+pytest.importorskip("sqlalchemy", reason="the labelling stage needs the `web` extra: pip install -e '.[web]'")
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from rlhfkit.playground.tasks import make_prompts
+    from rlhfkit.playground.world import WorldSpec, build_initial_model
+
+    root = tmp_path_factory.mktemp("demo")
+    (root / "data").mkdir()
+    splits = make_prompts(seed=0, n_train=12, n_val=8, n_test=1)
+    for split in ("train", "val"):
+        (root / "data" / f"prompts_{split}.jsonl").write_text(
+            "".join(json.dumps(p.to_dict()) + "\n" for p in splits[split]))
+    # an untrained model samples word salad: the annotators judge whatever they are shown
+    build_initial_model(root / "sft", WorldSpec(hidden_size=32, num_layers=1, num_heads=2))
+    return root
+
+
+def test_collect_labels_with_overlap_merges_votes_and_reuses_the_same_plan(tiny_world):
+    plan = {"train": (4, 1, 2), "val": (2, 1, 2)}
+    assert collect_labels(tiny_world, 0, quick=True, redo=False, plan=plan, overlap=3) is not None
+    report = json.loads((tiny_world / "data" / "labels.json").read_text())
+    gen = report["train-generator"]
+    assert gen["items"] == 24 and gen["judgments"] == 3 * 24
+    # one row or one counted reason per training item (majority vote); held-out pairs keep one judgment each
+    assert gen["rows"] + sum(gen["left_out"].values()) == gen["items"]
+    val = report["val-generator"]
+    assert val["judgments"] == val["items"] == 16 and val["rows"] + sum(val["left_out"].values()) == 16
+    train = [json.loads(x) for x in (tiny_world / "data" / "preferences_train.jsonl").read_text().splitlines()]
+    assert len(train) == report["train_rows"] and all(len(r["annotator"].split("+")) == 3 for r in train)
+    assert collect_labels(tiny_world, 0, quick=True, redo=False, plan=plan, overlap=3) is None  # reused
+    assert collect_labels(tiny_world, 0, quick=True, redo=False, plan={**plan, "val": (2, 1, 3)}, overlap=3)
+    again = json.loads((tiny_world / "data" / "labels.json").read_text())
+    assert again["val-generator"]["items"] == 24 and again["overlap"] == 3
+
+
+def test_reward_model_claim_reports_its_standard_error_and_pairs():
+    def claim(acc):
+        rm = {"gold_accuracy": acc, "gold_accuracy_se": 0.016, "pairs": 680}
+        return [c for c in check_claims({"policies": {}, "reward_model": rm}) if "reward model" in c["claim"]][0]
+
+    assert claim(0.762) == {"claim": "the reward model agrees with the gold judge on ≥ 75% of held-out pairs",
+                            "ok": True, "value": "0.762 ± 0.016 on 680 pairs"}
+    assert claim(0.749)["ok"] is False
