@@ -87,6 +87,11 @@ class TrainConfig:
     """Mixed precision for the forward pass. Keep fp32 on CPUs: bf16 matmul is ~30x slower on many of them."""
     cpu: bool = False
     """Run on the CPU even when a GPU is present."""
+    compile: bool = False
+    """torch.compile the trained model's forward (and a frozen reference model's): fused kernels, fewer launches.
+    The first step of each new batch shape compiles (tens of seconds; after the second shape the graph is
+    compiled for dynamic shapes); pays off on a GPU and in long runs, barely on a CPU. Weights, checkpoints and
+    the saved model are unchanged."""
     log_every: int = 1
     """Write metrics every N optimizer steps."""
     save_every: int = 0

@@ -195,3 +195,22 @@ def test_nan_stops_the_run_naming_step_and_metric_before_corrupting_weights(tmp_
     assert proc.returncode == 2
     assert "step 1: metric 'loss' is nan" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "model.safetensors").exists()  # no final model written from a broken run
+
+
+@pytest.mark.slow
+def test_compile_takes_the_same_steps_and_saves_the_same_checkpoint_format(tmp_path, tiny_model, sft_file):
+    """TrainConfig.compile: torch.compile of the forward changes the kernels, not the step, the weights' names or
+    the saved format."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    sft.main(cfg(tiny_model, sft_file, eager, max_steps=3, eval_fraction=0.0))
+    sft.main(cfg(tiny_model, sft_file, compiled, max_steps=3, eval_fraction=0.0, compile=True, save_every=3))
+    la, lb = read_metrics(eager / "metrics.jsonl"), read_metrics(compiled / "metrics.jsonl")
+    assert [m["loss"] for m in la] == pytest.approx([m["loss"] for m in lb], rel=1e-5)
+    wa, wb = weights(eager), weights(compiled)
+    assert wa.keys() == wb.keys()
+    # Adam turns rounding-level gradient differences into weight differences far below one step (lr 3e-3)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    assert (compiled / "checkpoints" / "step-3").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(compiled)  # no "_orig_mod." prefixes

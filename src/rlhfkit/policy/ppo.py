@@ -290,6 +290,7 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
     if not (cfg.lora.enabled and not cfg.ref_model):
         ref = load_causal_lm(cfg.ref_model or cfg.model, tokenizer).eval().to(device)
         ref.requires_grad_(False)
+        run.maybe_compile(ref)
     reward = load_reward_ensemble(cfg.reward_model, device=device)
     same_vocab = reward.tokenizer.get_vocab() == tokenizer.get_vocab()
     kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)

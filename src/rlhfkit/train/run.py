@@ -183,7 +183,15 @@ class Run:
             start_step = resumed["step"]
         self.progress(start_step)
         model.train()
+        self.maybe_compile(self.accelerator.unwrap_model(model))
         return model, optimizer, scheduler, sampler, start_step
+
+    def maybe_compile(self, module: Any) -> Any:
+        """With cfg.compile, compile `module`'s forward in place (nn.Module.compile: the module, its parameters
+        and its state_dict keys stay as they are, so saving, checkpoints and unwrap_model are unaffected)."""
+        if self.cfg.compile and getattr(module, "_compiled_call_impl", None) is None:
+            module.compile()
+        return module
 
     @contextlib.contextmanager
     def micro_step(self, model: Any, index: int, count: int) -> Iterator[None]:
