@@ -73,7 +73,8 @@ def test_k2_ranking_equals_the_bradley_terry_pair_in_loss_and_gradient(rm):
     g_rank = _grads(model)
     model.zero_grad()
     assert loss_rank.item() == pytest.approx(loss_pair.item(), rel=1e-6)
-    torch.testing.assert_close(g_rank, g_pair, rtol=1e-5, atol=1e-7)
+    # equal up to float32 rounding of sums taken in another order (relative to the largest entry)
+    assert float((g_rank - g_pair).abs().max()) < 1e-5 * float(g_pair.abs().max())
 
 
 def test_k4_ranking_is_the_mean_of_its_six_pairwise_losses(rm):
@@ -188,3 +189,44 @@ def test_ensemble_members_differ_and_score_mean_and_std(tmp_path, tiny_model, pr
     assert (std > 0).all()
     with pytest.raises(Exception, match="already holds a reward run"):
         rtrain.main(cfg_for(tiny_model, pref_file, out, max_steps=10, ensemble_size=2))
+
+
+def test_pack_rows_places_every_sequence_once_within_the_longest_width():
+    from rlhfkit.data.preference import pack_rows
+
+    lengths = [9, 3, 5, 4, 9, 2, 6, 1]
+    rows = pack_rows(lengths)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 9 for r in rows)
+    assert len(rows) == 5  # 39 tokens in rows of 9: [9] [9] [6 3] [5 4] [2 1] by first-fit decreasing
+    assert pack_rows([4, 4, 4]) == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize("kind", ["pairs", "rankings"])
+def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind):
+    """Mixed lengths packed several to a row (block-diagonal mask, positions restarting) score, train and
+    backpropagate exactly like the right-padded batch."""
+    model, tok = rm
+    prompts = ["what is 2 plus 3 ?", "say hi .", "hi bo , i like red and blue and green . what is 1 plus 1 ?"]
+    answers = [("5 .", "2 plus 3 is 7 , ada , i like it ."), ("hi !", "no ."), ("2 .", "1 plus 1 is 2 , bo .")]
+    if kind == "pairs":
+        items = [_pair_item(tok, p, a, b) for p, (a, b) in zip(prompts, answers)]
+        batch = collate_pairs(items, tok.pad_token_id, padding_free=True)
+    else:
+        items = [tokenize_ranking(tok, Ranking(prompt=p, responses=[a, b, a + " ok"], ranking=[[2], [0], [1]]), 64)
+                 for p, (a, b) in zip(prompts, answers)]
+        batch = collate_rankings(items, tok.pad_token_id, padding_free=True)
+    assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] < batch["row_index"].shape[0]
+    results = []
+    for padding_free in (False, True):
+        cfg = rtrain.RewardConfig(model="m", data="d", output_dir="o", padding_free=padding_free, use_margin=False)
+        model.zero_grad()
+        loss, counts = rtrain.micro_batch_loss(model, items, tok.pad_token_id, cfg, "cpu", 1.0)
+        loss.backward()
+        results.append((loss.item(), counts, _grads(model)))
+    model.zero_grad()
+    (loss_a, counts_a, g_a), (loss_b, counts_b, g_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert counts_b["correct"] == counts_a["correct"]
+    # float32 sums in another order: differences at the rounding level of the largest gradient entries
+    assert float((g_b - g_a).abs().max()) < 1e-5 * float(g_a.abs().max()), float((g_b - g_a).abs().max())

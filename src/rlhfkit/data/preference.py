@@ -595,7 +595,68 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-def _collate_sequences(ids: list[list[int]], response_mask: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """First-fit-decreasing packing of sequences (by index) into rows no wider than the longest one; each row's
+    indices are in the order they are laid out. Rows are as wide as padding would make them, so attention costs
+    what it costs padded while the padding's share of the linear layers is mostly gone."""
+    width = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
+
+
+def _collate_packed_sequences(ids: list[list[int]], response_mask: list[list[int]], pad_id: int,
+                              rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Padding-free layout: the sequences laid end to end in len(rows) rows of width T = the longest sequence,
+    each attending only to itself (block-diagonal causal mask) with positions restarting at 0, so every
+    sequence's hidden states equal those of the padded layout.
+
+    Returns input_ids, position_ids, response_mask: (R, T); attention_mask: (R, 1, T, T) bool, True = may
+    attend; row_index, last_index: (N,) row and column of sequence n's last token; segment: (R, T) index of the
+    sequence at each position, -1 on padding."""
+    width = max(len(s) for s in ids)
+    R = len(rows)
+    input_ids = torch.full((R, width), pad_id, dtype=torch.long)  # (R, T)
+    resp = torch.zeros((R, width), dtype=torch.long)  # (R, T)
+    positions = torch.zeros((R, width), dtype=torch.long)  # (R, T)
+    segment = torch.full((R, width), -1, dtype=torch.long)  # (R, T)
+    row_index = torch.zeros(len(ids), dtype=torch.long)  # (N,)
+    last_index = torch.zeros(len(ids), dtype=torch.long)  # (N,)
+    for r, members in enumerate(rows):
+        at = 0
+        for n in members:
+            k = len(ids[n])
+            input_ids[r, at : at + k] = torch.tensor(ids[n], dtype=torch.long)
+            resp[r, at : at + k] = torch.tensor(response_mask[n], dtype=torch.long)
+            positions[r, at : at + k] = torch.arange(k)
+            segment[r, at : at + k] = n
+            row_index[n], last_index[n] = r, at + k - 1
+            at += k
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))  # (T, T)
+    allowed = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0) & causal  # (R, T, T)
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no all-masked softmax row
+    return {"input_ids": input_ids, "attention_mask": allowed[:, None], "position_ids": positions,
+            "response_mask": resp, "row_index": row_index, "last_index": last_index, "segment": segment}
+
+
+def _collate_sequences(ids: list[list[int]], response_mask: list[list[int]], pad_id: int,
+                       padding_free: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded (N, T) batch; with padding_free, the packed layout of `_collate_packed_sequences` whenever
+    packing saves at least one row (else the padded one: nothing to gain, and a plain mask keeps the fastest
+    attention kernels)."""
+    if padding_free and len(ids) > 1:
+        rows = pack_rows([len(s) for s in ids])
+        if len(rows) < len(ids):
+            return _collate_packed_sequences(ids, response_mask, pad_id, rows)
     lengths = torch.tensor([len(s) for s in ids], dtype=torch.long)  # (N,)
     return {
         "input_ids": _pad(ids, pad_id),  # (N, T), right-padded
@@ -620,30 +681,32 @@ def encode_responses(tokenizer: Any, prompt: Text, responses: list[Text], max_le
     return _collate_sequences([s[0] for s in seqs], [s[2] for s in seqs], tokenizer.pad_token_id)
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = False) -> dict[str, torch.Tensor]:
     """One right-padded batch for a single forward pass: rows 0..B-1 are the chosen sequences and rows B..2B-1
     the rejected ones, in the same order (split the scores with `scores.split(B)` or [:B], [B:]).
 
     Returns input_ids, attention_mask, response_mask: (2B, T); last_index: (2B,) index of the last real token;
-    margin: (B,) float label margins, 0 where a pair has none (Bradley-Terry without a margin)."""
+    margin: (B,) float label margins, 0 where a pair has none (Bradley-Terry without a margin).
+    padding_free: the packed layout instead (see `_collate_packed_sequences`; sequence n is still n)."""
     ids = [p.chosen_input_ids for p in pairs] + [p.rejected_input_ids for p in pairs]
     resp = [p.chosen_response_mask for p in pairs] + [p.rejected_response_mask for p in pairs]
-    batch = _collate_sequences(ids, resp, pad_id)
+    batch = _collate_sequences(ids, resp, pad_id, padding_free)
     batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)  # (B,)
     return batch
 
 
-def collate_rankings(rankings: list[TokenizedRanking], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_rankings(rankings: list[TokenizedRanking], pad_id: int, padding_free: bool = False
+                     ) -> dict[str, torch.Tensor]:
     """All responses of G prompts in one right-padded batch of N = ΣK_g sequences, each scored once
     (InstructGPT: the K responses of a prompt are one batch element).
 
     Returns input_ids, attention_mask, response_mask: (N, T); last_index: (N,); group_index, slot_index: (N,)
     placing sequence n at rewards[group_index[n], slot_index[n]] of a (G, K) tensor, K = max K_g; beats:
     (G, K, K) bool, beats[g, i, j] = response i of prompt g ranked above response j (False for ties and
-    padding slots) — ready for `losses.reward.batched_ranking_loss`."""
+    padding slots) — ready for `losses.reward.batched_ranking_loss`. padding_free: as in `collate_pairs`."""
     ids = [s for r in rankings for s in r.input_ids]
     resp = [m for r in rankings for m in r.response_mask]
-    batch = _collate_sequences(ids, resp, pad_id)
+    batch = _collate_sequences(ids, resp, pad_id, padding_free)
     K = max(len(r.input_ids) for r in rankings)
     batch["group_index"] = torch.tensor([g for g, r in enumerate(rankings) for _ in r.input_ids])  # (N,)
     batch["slot_index"] = torch.tensor([k for r in rankings for k in range(len(r.input_ids))])  # (N,)

@@ -71,16 +71,23 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    last_index: torch.Tensor | None = None) -> torch.Tensor:
+                    last_index: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                    row_index: torch.Tensor | None = None) -> torch.Tensor:
     """Scalar reward per sequence, read at the last real token (never at padding: trl#3750; lm-human-preferences
-    reads the score at the end of the response). input_ids, attention_mask: (B, T). Returns (B,)."""
+    reads the score at the end of the response). input_ids, attention_mask: (B, T). Returns (B,).
+    A padding-free batch (`collate_pairs(..., padding_free=True)`) passes its (R, 1, T, T) mask, position_ids
+    and each sequence's row_index / last_index (N,); the result is then (N,)."""
     net = _unwrap(model)
     backbone = getattr(net, net.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state  # (B, T, H)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state  # (R, T, H)
     if last_index is None:
         last_index = last_token_index(attention_mask)
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # (B, H)
+    if row_index is None:
+        row_index = torch.arange(hidden.shape[0], device=hidden.device)
+    picked = hidden[row_index, last_index]  # (N, H)
     scores = net.score(picked).squeeze(-1).float()  # (B,)
     return scores + float(getattr(net.config, OFFSET_KEY, 0.0) or 0.0)
 
