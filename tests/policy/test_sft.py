@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import interrupt_after
+from helpers import interrupt_after, write_jsonl
 from rlhfkit.config import LoraConfig, load_config
 from rlhfkit.errors import UserError
 from rlhfkit.policy import sft
@@ -100,6 +100,30 @@ def test_packing_trains_on_the_same_tokens(tmp_path, tiny_model, sft_file):
     a, b = read_metrics(plain / "metrics.jsonl")[0], read_metrics(packed / "metrics.jsonl")[0]
     assert a["tokens"] == b["tokens"]  # every example in one packed row: the same loss tokens
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_padding_free_micro_batches_take_the_padded_steps(tmp_path, tiny_model, sft_file):
+    """Each micro-batch packed into rows as wide as its longest example: the same batches, losses and weights as
+    right padding, up to float rounding."""
+    from rlhfkit.data.sft import read_sft_examples
+    from rlhfkit.models import load_tokenizer
+
+    from helpers import sft_rows
+
+    # answers of very different lengths, so that short examples share rows
+    rows = [dict(r, completion=" ".join([r["completion"]] * (1 + i % 4))) for i, r in enumerate(sft_rows(48))]
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    examples, _ = read_sft_examples(str(data), load_tokenizer(str(tiny_model)), 512)
+    batch = sft.collate_padding_free(examples[:8], 0)
+    assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] < 8  # rows were saved
+    padded, packed = tmp_path / "padded", tmp_path / "packed"
+    sft.main(cfg(tiny_model, data, padded, max_steps=4, batch_size=8, padding_free=False, eval_fraction=0.0))
+    sft.main(cfg(tiny_model, data, packed, max_steps=4, batch_size=8, padding_free=True, eval_fraction=0.0))
+    a, b = read_metrics(padded / "metrics.jsonl"), read_metrics(packed / "metrics.jsonl")
+    assert [m["tokens"] for m in a] == [m["tokens"] for m in b]
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=1e-5)
+    wa, wb = weights(padded), weights(packed)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4  # Adam at lr 3e-3: rounding-level
 
 
 def test_lora_sft_trains_only_the_adapter_and_saves_a_plain_model(tmp_path, tiny_model, sft_file):

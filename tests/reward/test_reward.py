@@ -192,7 +192,7 @@ def test_ensemble_members_differ_and_score_mean_and_std(tmp_path, tiny_model, pr
 
 
 def test_pack_rows_places_every_sequence_once_within_the_longest_width():
-    from rlhfkit.data.preference import pack_rows
+    from rlhfkit.data.packing import pack_rows
 
     lengths = [9, 3, 5, 4, 9, 2, 6, 1]
     rows = pack_rows(lengths)

@@ -16,6 +16,7 @@ from typing import Any, Literal, Union
 
 import torch
 
+from rlhfkit.data.packing import pack_rows
 from rlhfkit.data.readers import read_rows
 from rlhfkit.data.sft import _messages
 from rlhfkit.errors import DataError, UserError
@@ -593,25 +594,6 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out
-
-
-def pack_rows(lengths: list[int]) -> list[list[int]]:
-    """First-fit-decreasing packing of sequences (by index) into rows no wider than the longest one; each row's
-    indices are in the order they are laid out. Rows are as wide as padding would make them, so attention costs
-    what it costs padded while the padding's share of the linear layers is mostly gone."""
-    width = max(lengths)
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(width - lengths[i])
-    return rows
 
 
 def _collate_packed_sequences(ids: list[list[int]], response_mask: list[list[int]], pad_id: int,
