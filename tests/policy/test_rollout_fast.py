@@ -271,3 +271,40 @@ def test_a_cache_dtype_clash_falls_back_to_hf_generate(model, tok, caplog, monke
     monkeypatch.setattr(rollout_mod, "generate_static", other)
     with pytest.raises(RuntimeError, match="out of memory"):  # anything else is not swallowed
         sample(model, tok, ["say hi"], max_new_tokens=2, backend="static")
+
+
+def test_low_precision_sampling_uses_a_bf16_copy_refreshed_from_the_current_weights(tiny_model, tok):
+    """dtype=bf16 on an fp32 model samples exactly as a bf16 copy of it does, leaves the fp32 weights alone, and
+    sees weight updates made between calls (the copy is refreshed, not frozen at the first call)."""
+    import copy
+
+    model = load_causal_lm(str(tiny_model), tok).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        for p in model.parameters():
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=0.3)
+    ids, mask = prompt_batch(tok)
+    kw = dict(max_new_tokens=10, temperature=0, **common(tok))
+
+    def bf16_copy():
+        twin = copy.deepcopy(model)
+        for p in twin.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        return twin
+
+    for round_ in range(2):
+        got, lp, _ = generate_static(model, ids, mask, dtype=torch.bfloat16, **kw)
+        want, want_lp, _ = generate_static(bf16_copy(), ids, mask, **kw)
+        assert torch.equal(got, want), round_
+        torch.testing.assert_close(lp, want_lp)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        with torch.no_grad():  # an optimizer step between rollouts
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.mul_(-1.0)
+    fp32, _, _ = generate_static(model, ids, mask, **kw)
+    assert fp32.shape[0] == len(PROMPTS)
+    # through sample(), the hf backend runs under autocast instead
+    out = sample(model, tok, PROMPTS, max_new_tokens=6, temperature=0, backend="hf", dtype=torch.bfloat16)
+    assert out.response_ids.shape[0] == len(PROMPTS)

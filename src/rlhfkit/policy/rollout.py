@@ -179,6 +179,8 @@ class _Decoder:
     def __init__(self, model: Any):
         # a weak reference: _DECODERS is keyed weakly by the model, and a strong one here would keep it alive
         self._model = weakref.ref(_base_model(model))
+        self.shadow: Any = None  # a low-precision copy of the weights to sample with (see use_dtype)
+        self.active: Any = None  # what the loop runs: the model itself or its shadow
         self.cache_kw = _cache_kwarg(self.model)
         self.compiled: Callable | None = None
         self.compile_failed = False
@@ -187,7 +189,30 @@ class _Decoder:
 
     @property
     def model(self) -> Any:
-        return self._model()
+        return self.active if self.active is not None else self._model()
+
+    def use_dtype(self, dtype: torch.dtype | None) -> None:
+        """Sample with the weights in `dtype` (bf16 / fp16) when the model's own are another dtype: a copy made
+        once and refreshed from the model's current weights on every call (an in-place copy, so a compiled
+        step's captured buffers stay valid). Buffers such as RoPE's inverse frequencies stay in fp32."""
+        base = self._model()
+        if dtype is None or next(base.parameters()).dtype == dtype:
+            self.active = None
+            return
+        if self.shadow is None or next(self.shadow.parameters()).dtype != dtype:
+            import copy
+
+            self.shadow = copy.deepcopy(base).eval()
+            for param in self.shadow.parameters():
+                param.requires_grad_(False)
+                param.grad = None
+                param.data = param.data.to(dtype)
+            self.compiled, self.cache, self.cache_key = None, None, None
+        else:
+            with torch.no_grad():
+                for mine, theirs in zip(self.shadow.parameters(), base.parameters()):
+                    mine.copy_(theirs)
+        self.active = self.shadow
 
     def forward(self, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
         return _last_logits(self.model, self.cache_kw, input_ids, position_ids, attention_mask, cache)
@@ -225,9 +250,10 @@ def _steps_between_checks(device: torch.device) -> int:
     return 8 if device.type == "cuda" else 1
 
 
-def _decoder(model: Any, compile: bool) -> _Decoder:
-    """The compiled decoder state lives as long as the model; an eager call needs none kept."""
-    if not compile:
+def _decoder(model: Any, compile: bool, dtype: torch.dtype | None = None) -> _Decoder:
+    """The compiled decoder state (and a low-precision weight copy) lives as long as the model; an eager
+    full-precision call needs none kept."""
+    if not compile and dtype is None:
         return _DECODERS.get(model) or _Decoder(model)
     if model not in _DECODERS:
         _DECODERS[model] = _Decoder(model)
@@ -246,13 +272,17 @@ def generate_static(
     top_p: float = 1.0,
     top_k: int = 0,
     compile: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefill + decode over a preallocated StaticCache. input_ids, attention_mask: (B, P) left-padded, mask
     1 = real token. Returns (response_ids, logprobs, filtered_logprobs), each (B, R) with R <= max_new_tokens
     (the loop stops once every row has emitted EOS); after a row's EOS it holds pad_token_id and log-prob 0.
     compile=True wraps the decode step in torch.compile; if that fails the call reruns eagerly (warning logged).
+    dtype: sample with a copy of the weights in this dtype (e.g. bf16 for a bf16-autocast run whose master
+    weights are fp32), refreshed from the model on every call.
     Generation-config extras (repetition penalty, bad words ...) are not applied; use backend='hf' for those."""
-    dec = _decoder(model, compile)
+    dec = _decoder(model, compile, dtype)
+    dec.use_dtype(dtype)
     use_compile = compile and not dec.compile_failed
     # The static cache holds keys and values in one dtype. Under an enclosing autocast (a bf16 run's training
     # context) Llama's values come out in bf16 while RoPE promotes the keys back to the fp32 of the weights, so the
@@ -392,11 +422,15 @@ def sample(
     chat: bool = True,
     backend: Backend = "auto",
     compile: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts for several). temperature 0 means greedy.
 
     backend: 'hf' (transformers generate), 'static' (our static-cache loop) or 'auto' (the faster one for the
-    model's device). compile: torch.compile the static loop's decode step (worth it on a GPU only)."""
+    model's device). compile: torch.compile the static loop's decode step (worth it on a GPU only).
+    dtype: the static loop samples with a copy of the weights in this dtype (bf16 / fp16: what a mixed-precision
+    run computes in; fp32 master weights would make every decode step a full-precision one); the hf backend runs
+    under autocast to it instead."""
     device = next(model.parameters()).device
     chosen = resolve_backend(model, backend)
     was_training = model.training
@@ -410,7 +444,7 @@ def sample(
                           pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k)
             if chosen == "static":
                 try:
-                    response, lp, flp = generate_static(model, ids, mask, compile=compile, **kwargs)
+                    response, lp, flp = generate_static(model, ids, mask, compile=compile, dtype=dtype, **kwargs)
                 except RuntimeError as exc:
                     # a forward patched to run under its own autocast (Accelerate's prepared models) writes keys
                     # and values of different dtypes into the one-dtype static cache: such a model samples
@@ -421,7 +455,9 @@ def sample(
                                 str(exc).splitlines()[0])
                     chosen = "hf"
             if chosen != "static":
-                response, lp, flp = generate_hf(model, ids, mask, **kwargs)
+                low = dtype is not None and dtype != next(model.parameters()).dtype
+                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=low):
+                    response, lp, flp = generate_hf(model, ids, mask, **kwargs)
             parts.append((ids.cpu(), mask.cpu(), response.cpu(), lp.cpu(), flp.cpu()))
     finally:
         model.train(was_training)
