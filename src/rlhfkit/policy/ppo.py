@@ -330,15 +330,6 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         rmask = rollout.response_mask.to(device).float()  # (B, R), 1 = real response token incl. EOS
         # the reference and the reward model run under the policy's autocast (Accelerate wraps only the prepared
         # policy's forward): same precision for log pi and log pi_ref, and no fp32 passes on a GPU in bf16 runs
-        fused = None
-        if single_pass:
-            # one epoch over one minibatch: the policy that sampled is the one being updated, so the training
-            # forward's detached log-probs and values are the "old" ones (TRL's GRPO does the same at
-            # num_iterations=1); this saves a no-grad forward of the whole batch
-            model.train()
-            with run.micro_step(model, 0, 1):
-                fused = response_forward(model, ids, mask, P, cfg.temperature, entropy=True)
-            old_logprobs, old_values = fused[0].detach(), fused[1].detach()
         with torch.no_grad(), run.accelerator.autocast():
             if not single_pass:
                 model.eval()
@@ -354,6 +345,17 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
             score = raw_score - cfg.ensemble_penalty * std.float() - cfg.length_penalty * rmask.sum(-1)
             ended = rollout.ended.to(device)
             score = torch.where(ended, score, torch.full_like(score, cfg.missing_eos_penalty))  # no-EOS penalty
+        fused = None
+        if single_pass:
+            # one epoch over one minibatch: the policy that sampled is the one being updated, so the training
+            # forward's detached log-probs and values are the "old" ones (TRL's GRPO does the same at
+            # num_iterations=1); this saves a no-grad forward of the whole batch. It runs after the reference
+            # and reward passes, so their activations and its autograd graph are never held at the same time.
+            model.train()
+            with run.micro_step(model, 0, 1):
+                fused = response_forward(model, ids, mask, P, cfg.temperature, entropy=True)
+            old_logprobs, old_values = fused[0].detach(), fused[1].detach()
+        with torch.no_grad():
             rewards, kl = kl_penalised_rewards(score, old_logprobs, ref_logprobs, rmask, kl_ctl.value,
                                                cfg.kl_estimator)
             if cfg.advantage == "gae":
