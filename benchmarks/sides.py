@@ -258,6 +258,11 @@ def rl_eval(spec: dict[str, Any], w: dict[str, Any], model: Any, tokenizer: Any)
 def run_once(spec: dict[str, Any], side: str, workload: str, rep: int) -> dict[str, Any]:
     w = spec["workloads"][workload]
     out = Path(spec["workdir"]) / "runs" / f"{workload}-{side}-{rep}"
+    # a directory left by a killed earlier run would hand rlhfkit's DPO a finished reference cache (a pass not
+    # timed); every repetition starts from nothing
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
     clock = Clock()
     gc.collect()
     if CUDA:
@@ -272,8 +277,6 @@ def run_once(spec: dict[str, Any], side: str, workload: str, rep: int) -> dict[s
         result["error"] = traceback.format_exc()[-3000:]
     finally:
         # the run directory holds a full model copy per repetition (1.5 GB at 0.4B); keep the disk bounded
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)
         gc.collect()
         if CUDA:
