@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -178,7 +179,14 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     # the beta sweep: the same DPO run at other KL strengths (full demo only)
     betas = [] if cfg.quick else [b for b in cfg.dpo_beta_sweep if b != cfg.dpo_beta]
     for beta in betas:
-        run_stage(f"dpo_beta_{beta:g}", replace(dpo_cfg, output_dir=str(root / f"dpo_beta_{beta:g}"), beta=beta),
+        sweep_dir = root / f"dpo_beta_{beta:g}"
+        # the reference log-probs do not depend on beta: hand the main run's cache on (DPO checks its fingerprint
+        # against the data and reference model, and recomputes it if anything differs)
+        cache = Path(dpo_cfg.output_dir) / dpo.REF_CACHE
+        if cache.exists():
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache, sweep_dir / dpo.REF_CACHE)
+        run_stage(f"dpo_beta_{beta:g}", replace(dpo_cfg, output_dir=str(sweep_dir), beta=beta),
                   dpo.main, root, cfg.rebuild or "label" in wall, wall)
 
     # PPO against the reward-model ensemble, KL-leashed to SFT; the gold judge only watches (judge/score on 64
