@@ -12,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 
 from .fb_helpers import arith_items
 from rlhfkit.data.preference import PreferencePair, Ranking, read_preferences
-from rlhfkit.errors import UserError
+from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.feedback.export import export_rows, majority_rows, write_export
 from rlhfkit.feedback.service import Conflict, FeedbackError, FeedbackService, Forbidden, ItemSpec
 from rlhfkit.feedback.store import Base, head_revision, open_store
@@ -345,6 +345,14 @@ def test_cli_create_simulate_export(tmp_path, monkeypatch):
     assert run("simulate", "--db", db, "--project", "sim", "--annotators", "3")["judgments_stored"] == 0
     exported = run("export", "--db", db, "--project", "sim", "--output", str(tmp_path / "out.jsonl"))
     assert exported["rows"] == len(read_preferences(str(tmp_path / "out.jsonl"))) > 0
+    # two annotators per item: --majority merges them to at most one row per item, every other item counted
+    merged = run("export", "--db", db, "--project", "sim", "--output", str(tmp_path / "maj.jsonl"), "--majority")
+    assert merged["judgments"] == 2 * created["items"]
+    per_item = {k: v for k, v in merged["left_out"].items() if k not in ("skip", "gold item")}  # by item
+    assert merged["rows"] + sum(per_item.values()) == merged["items"] <= created["items"]
+    assert 0 < merged["rows"] == len(read_preferences(str(tmp_path / "maj.jsonl"))) <= exported["rows"]
+    with pytest.raises(ConfigError, match="drop --kto"):
+        run("export", "--db", db, "--project", "sim", "--output", str(tmp_path / "x.jsonl"), "--majority", "--kto")
     monkeypatch.delenv("RLHFKIT_PASSWORD", raising=False)
     monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
     with pytest.raises(UserError, match="no default"):

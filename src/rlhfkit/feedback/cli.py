@@ -94,6 +94,9 @@ class LabelConfig:
     """export: strength-to-margin map, large = 3/2/1/0 or small = 1, 2/3, 1/3, 0 (Llama 2 section 3.2.2)."""
     conversational: bool = False
     """export: write prompts and responses as chat messages (for chat models that sampled through a template)."""
+    majority: bool = False
+    """export: one row per item, its annotators' judgments merged by majority vote (pairs) or Borda count
+    (rankings), for projects with overlap (--annotators-per-item > 1); without it, one row per judgment."""
     annotators: int = 13
     """simulate: size of the simulated annotator pool (users sim-00, sim-01, ... without passwords)."""
 
@@ -274,14 +277,23 @@ def serve(cfg: LabelConfig) -> None:
 
 # ------------------------------------------------------------------------------------------------- export
 def export(cfg: LabelConfig) -> dict:
-    from rlhfkit.feedback.export import export_rows, write_export
+    from rlhfkit.feedback.export import export_rows, majority_rows, write_export
 
     _need(cfg, "project", "output")
-    rows, report = export_rows(_service(cfg), cfg.project, kto=cfg.kto, rankings_as=cfg.rankings_as,
-                               include_gold=cfg.include_gold, margin_scale=cfg.margin_scale,
-                               conversational=cfg.conversational)
+    if cfg.majority:
+        if cfg.kto or cfg.include_gold:
+            raise ConfigError("label export --majority writes merged preference rows: drop --kto and "
+                              "--include-gold (gold items check annotators, they are not merged).")
+        rows, report = majority_rows(_service(cfg), cfg.project, rankings_as=cfg.rankings_as,
+                                     margin_scale=cfg.margin_scale, conversational=cfg.conversational)
+    else:
+        rows, report = export_rows(_service(cfg), cfg.project, kto=cfg.kto, rankings_as=cfg.rankings_as,
+                                   include_gold=cfg.include_gold, margin_scale=cfg.margin_scale,
+                                   conversational=cfg.conversational)
     write_export(cfg.output, rows)
     summary = {"output": cfg.output, "rows": report.rows, "judgments": report.judgments, "left_out": report.skipped}
+    if cfg.majority:
+        summary["items"] = report.items
     print(json.dumps(summary))
     return summary
 
