@@ -145,3 +145,34 @@ def test_overoptimisation_monitor_ignores_a_fall_within_the_judges_noise():
     restored = OveroptimisationMonitor(window=1)
     restored.load_state_dict({"history": [[0.0, 1.0]]})
     assert restored.history == [(0.0, 1.0, 0.0)]
+    assert restored.per_prompt == [None]
+
+
+def test_overoptimisation_monitor_pairs_the_fall_prompt_by_prompt():
+    """Hard and easy prompts spread the judge's scores widely (per-sample SE 1.0 here), but every prompt fell
+    by about 0.3: as a paired difference that fall is far outside the noise; unpaired it is not."""
+    from rlhfkit.policy.ppo import OveroptimisationMonitor
+
+    before = [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]
+    after = [b - 0.3 + 0.05 * (-1) ** i for i, b in enumerate(before)]  # falls of 0.25 and 0.35 in turn
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    unpaired = OveroptimisationMonitor(window=1, z=2.0)
+    assert [unpaired.update(p, mean(j), 1.0) for p, j in [(0.0, before), (0.5, after)]] == [False, False]
+    paired = OveroptimisationMonitor(window=1, z=2.0)
+    fired = [paired.update(p, mean(j), 1.0, j) for p, j in [(0.0, before), (0.5, after)]]
+    # differences 0.25/0.35 alternate: mean 0.3, sample sd 0.0548, SE 0.0224 -> threshold 0.045 < 0.3
+    assert fired == [False, True]
+    # the same per-prompt fall with the proxy falling too is not reward hacking
+    honest = OveroptimisationMonitor(window=1, z=2.0)
+    assert [honest.update(p, mean(j), 1.0, j) for p, j in [(0.5, before), (0.0, after)]] == [False, False]
+    # a prompt whose score went up offsets the others: falls 0.3, 0.3, 0.3, 0.3, 0.3 and a rise of 1.5 -> mean 0
+    mixed = OveroptimisationMonitor(window=1, z=2.0)
+    up = [b - 0.3 for b in before[:-1]] + [before[-1] + 1.5]
+    assert [mixed.update(p, mean(j), 1.0, j) for p, j in [(0.0, before), (0.5, up)]] == [False, False]
+    # an evaluation without per-prompt means falls back to the unpaired SE; the state round-trips
+    partial = OveroptimisationMonitor(window=1, z=2.0)
+    assert [partial.update(0.0, mean(before), 1.0, before), partial.update(0.5, mean(after), 1.0)] == [False, False]
+    restored = OveroptimisationMonitor(window=1, z=2.0)
+    restored.load_state_dict(__import__("json").loads(__import__("json").dumps(paired.state_dict())))
+    lower = [a - 0.1 for a in after]
+    assert restored.per_prompt == paired.per_prompt and restored.update(1.0, mean(lower), 1.0, lower)

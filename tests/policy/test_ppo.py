@@ -140,6 +140,15 @@ def test_held_out_monitor_prompts_are_judged_without_touching_the_training_strea
     a, b = read_metrics(plain / "metrics.jsonl"), read_metrics(held_run / "metrics.jsonl")
     assert [m["reward/score"] for m in a] == [m["reward/score"] for m in b]  # same rollouts, same updates
     assert [m["step"] for m in b if "eval/proxy" in m] == [2, 4]
+    # more answers than prompts: the prompts are asked in turn (the monitor then pairs them prompt by prompt)
+    seen.clear()
+    few = write_jsonl(tmp_path / "few.jsonl", [{"prompt": f"held out question {i} ?"} for i in range(3)])
+    ppo.main(cfg(tiny_model, world, tmp_path / "cycled", eval_every=4, eval_prompts=str(few), eval_samples=7,
+                 save_every=4),
+             judge=judge)
+    assert seen == [[f"held out question {i % 3} ?" for i in range(7)]]
+    state = json.loads(next((tmp_path / "cycled" / "checkpoints").glob("step-*/trainer_state.json")).read_text())
+    assert len(state["monitor"]["per_prompt"][0]) == 3
 
 
 def test_target_kl_stops_the_epochs_early_and_the_schedule_still_anneals(tmp_path, tiny_model, world):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable, Literal
 
 import torch
@@ -105,8 +106,9 @@ class PPOConfig(TrainConfig):
     """Held-out prompts (rows with "prompt" or "text") answered every eval_every steps: their proxy reward and judge
     score feed the over-optimisation monitor. Empty: the step's own rollouts (a smaller, noisier sample)."""
     eval_samples: int = 64
-    """How many of eval_prompts to answer at each evaluation (the same ones, with the same sampling seed, every
-    time, so the curve moves with the policy rather than with the draw)."""
+    """Answers per evaluation: the first eval_samples of eval_prompts, or all of them answered in turn until
+    eval_samples answers are drawn when there are fewer (the same prompts with the same sampling seed every time,
+    so the curve moves with the policy rather than with the draw, and the monitor compares prompt by prompt)."""
     monitor_window: int = 3
     """Judge evaluations per window of the over-optimisation monitor (compares the last window to the one before)."""
     monitor_z: float = 2.0
@@ -153,13 +155,18 @@ class OveroptimisationMonitor:
     """Gao et al. 2022's signature of reward hacking: the proxy reward keeps rising while a held-out judge falls.
     Windows are means of `window` consecutive evaluations. Fires when the latest window's judge mean sits more
     than z standard errors below the best earlier window's (one that does not overlap it) while its proxy mean is
-    above that window's: the judge has come down from its peak as the proxy kept climbing. Each evaluation's
-    standard error comes from the spread of its per-sample judge scores, so evaluation noise alone does not raise
-    the alarm, and a slow steady decline is caught once it adds up."""
+    above that window's: the judge has come down from its peak as the proxy kept climbing.
+
+    The standard error of that fall: when every evaluation in both windows judged the same fixed prompts and
+    passed its per-prompt judge means, the fall is a paired difference and its SE comes from the spread of the
+    per-prompt differences (how hard a prompt is cancels out, so a real fall is seen sooner). Otherwise it comes
+    from each evaluation's own SE (per-sample spread), the two windows taken as independent. Either way
+    evaluation noise alone does not raise the alarm, and a slow steady decline is caught once it adds up."""
 
     def __init__(self, window: int, z: float = 2.0):
         self.window, self.z = window, z
         self.history: list[tuple[float, float, float]] = []  # (proxy, judge, judge standard error)
+        self.per_prompt: list[list[float] | None] = []  # per-prompt judge means of each evaluation, if given
 
     def _window(self, end: int) -> tuple[float, float, float]:
         """(proxy mean, judge mean, SE of the judge mean) over history[end - window : end]."""
@@ -167,21 +174,40 @@ class OveroptimisationMonitor:
         w = len(xs)
         return (sum(x[0] for x in xs) / w, sum(x[1] for x in xs) / w, sum(x[2] ** 2 for x in xs) ** 0.5 / w)
 
-    def update(self, proxy: float, judge: float, judge_se: float = 0.0) -> bool:
+    def _prompt_means(self, end: int) -> list[float] | None:
+        """Per-prompt judge means over the window ending at `end`, or None when an evaluation lacks them."""
+        vs = self.per_prompt[end - self.window : end]
+        if any(v is None for v in vs) or len({len(v) for v in vs}) != 1:  # type: ignore[arg-type]
+            return None
+        return [sum(col) / len(col) for col in zip(*vs)]  # type: ignore[misc]
+
+    def _fall_se(self, peak_end: int, last_end: int) -> float:
+        a, b = self._prompt_means(peak_end), self._prompt_means(last_end)
+        if a is not None and b is not None and len(a) == len(b) and len(a) > 1:
+            diffs = [x - y for x, y in zip(a, b)]
+            return _mean_se(diffs)[1]
+        return (self._window(peak_end)[2] ** 2 + self._window(last_end)[2] ** 2) ** 0.5  # independent windows
+
+    def update(self, proxy: float, judge: float, judge_se: float = 0.0,
+               per_prompt: Sequence[float] | None = None) -> bool:
+        """Record one evaluation; per_prompt: its judge mean for each held-out prompt (same prompts, same order
+        every time). Returns whether the monitor fires now."""
         self.history.append((proxy, judge, judge_se))
+        self.per_prompt.append(None if per_prompt is None else [float(v) for v in per_prompt])
         n, w = len(self.history), self.window
         if n < 2 * w:
             return False
         last = self._window(n)
-        peak = max((self._window(end) for end in range(w, n - w + 1)), key=lambda x: x[1])
-        se_diff = (last[2] ** 2 + peak[2] ** 2) ** 0.5  # the two windows are independent samples
-        return last[0] > peak[0] and peak[1] - last[1] > self.z * se_diff
+        peak_end = max(range(w, n - w + 1), key=lambda end: self._window(end)[1])
+        peak = self._window(peak_end)
+        return last[0] > peak[0] and peak[1] - last[1] > self.z * self._fall_se(peak_end, n)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, "per_prompt": self.per_prompt}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [tuple(h) if len(h) == 3 else (*h, 0.0) for h in state["history"]]
+        self.per_prompt = list(state.get("per_prompt") or [None] * len(self.history))
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -269,19 +295,23 @@ def reference_logprobs(ref: Any | None, policy_net: Any, ids: torch.Tensor, mask
 
 @torch.no_grad()
 def held_out_scores(policy: Any, tokenizer: Any, reward: Any, judge: Callable[[list[Any], list[str]], list[float]],
-                    prompts: list[Any], cfg: PPOConfig, seed: int) -> tuple[float, float, float]:
-    """Mean proxy reward, mean judge score and its standard error, of the policy's answers to fixed held-out prompts. Sampled under a
+                    prompts: list[Any], cfg: PPOConfig, seed: int) -> tuple[float, float, float, list[float]]:
+    """Mean proxy reward, mean judge score, its standard error, and the judge's mean per prompt, of the policy's
+    answers to fixed held-out prompts (cfg.eval_samples answers, the prompts taken in turn). Sampled under a
     forked RNG with a fixed seed: the training RNG stream (and so exact resume) is untouched, and every
     evaluation draws the same noise."""
+    asked = [prompts[i % len(prompts)] for i in range(max(cfg.eval_samples, len(prompts)))]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        texts = sample(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, batch_size=len(prompts), backend=cfg.sampler,
+        texts = sample(policy, tokenizer, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                       top_p=cfg.top_p, batch_size=len(asked), backend=cfg.sampler,
                        compile=cfg.compile_sampler, dtype=sampling_dtype(cfg)).texts
-    proxy, _ = score_texts(reward, prompts, texts)
-    judge_mean, judge_se = _mean_se(list(judge(prompts, texts)))
-    return sum(proxy) / len(proxy), judge_mean, judge_se
+    proxy, _ = score_texts(reward, asked, texts)
+    scores = list(judge(asked, texts))
+    judge_mean, judge_se = _mean_se(scores)
+    per_prompt = [_mean_se(scores[i :: len(prompts)])[0] for i in range(len(prompts))]
+    return sum(proxy) / len(proxy), judge_mean, judge_se, per_prompt
 
 
 def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | None = None) -> dict[str, Any]:
@@ -441,14 +471,14 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         stop = False
         if judge is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             if eval_prompts:
-                proxy, metrics["judge/score"], judge_se = held_out_scores(net.policy, tokenizer, reward, judge,
-                                                                          eval_prompts, cfg, seed=cfg.seed)
+                proxy, metrics["judge/score"], judge_se, per_prompt = held_out_scores(
+                    net.policy, tokenizer, reward, judge, eval_prompts, cfg, seed=cfg.seed)
                 metrics["eval/proxy"] = proxy
-            else:
-                proxy = metrics["reward/score"]
+            else:  # fresh prompts every step: nothing to pair
+                proxy, per_prompt = metrics["reward/score"], None
                 metrics["judge/score"], judge_se = _mean_se(list(judge(step_prompts, rollout.texts)))
             metrics["judge/se"] = judge_se
-            if monitor.update(proxy, metrics["judge/score"], judge_se):
+            if monitor.update(proxy, metrics["judge/score"], judge_se, per_prompt):
                 metrics["monitor/overoptimising"] = 1.0
                 flagged = True
                 log.warning("step %d: over-optimisation: the proxy reward rose over the last %d evaluations while "
