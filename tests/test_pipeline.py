@@ -51,3 +51,17 @@ def test_reward_model_claim_reports_its_standard_error_and_pairs():
     assert claim(0.762) == {"claim": "the reward model agrees with the gold judge on ≥ 75% of held-out pairs",
                             "ok": True, "value": "0.762 ± 0.016 on 680 pairs"}
     assert claim(0.749)["ok"] is False
+
+
+def test_kl_cut_claims_need_a_fall_beyond_noise_and_the_monitor_on_the_cut_run_only():
+    def claims(proxy, gold, se, cut_flag=True, default_flag=False):
+        over = {"kl_cut": {"proxy_delta": proxy, "gold_delta": gold, "gold_delta_se": se,
+                           "monitor_flagged": cut_flag, "default_monitor_flagged": default_flag}}
+        got = check_claims({"policies": {}, "overoptimization": over})
+        return [c["ok"] for c in got if "leash cut" in c["claim"]] + [c["ok"] for c in got if "monitor" in c["claim"]]
+
+    assert claims(0.5, -0.38, 0.1) == [True, True]
+    assert claims(0.5, -0.15, 0.1) == [False, True]  # within 2 standard errors of SFT: not shown
+    assert claims(-0.1, -0.5, 0.1) == [False, True]  # the proxy fell too: a worse policy, not reward hacking
+    assert claims(0.5, -0.5, 0.1, cut_flag=True, default_flag=True) == [True, False]
+    assert claims(0.5, -0.5, 0.1, cut_flag=False) == [True, False]

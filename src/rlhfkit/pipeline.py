@@ -77,6 +77,14 @@ class DemoConfig:
     """Critic-free estimators trained and evaluated beside PPO and GRPO in the full demo (rloo, reinforce)."""
     kl_cut_coef: float = 0.0
     """KL coefficient of the reward-hacking demonstration run (the leash cut)."""
+    kl_cut_steps: int = 300
+    """GRPO steps of the reward-hacking demonstration run (quick: rl_steps). Longer than the leashed run: with
+    the reward model of 0.76 gold agreement, 120 unleashed steps reached only the top of Gao et al.'s curve (gold
+    +0.67 over SFT, below the leashed run's +0.94, proxy still rising); by 300 the gold score has come back down
+    while the proxy kept climbing."""
+    monitor_samples: int = 200
+    """Answers to the 100 validation prompts (each asked in turn) at every evaluation of the PPO/GRPO runs, judged
+    by the gold judge for the over-optimisation monitor."""
     sweep_n: int = 64
     """Largest n of the best-of-n over-optimisation sweep (quick: 16)."""
     best_of_n: int = 16
@@ -197,7 +205,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         output_dir=str(root / "ppo"), max_steps=ppo_steps, batch_size=64, minibatches=4, target_kl=0.02,
         learning_rate=cfg.ppo_learning_rate,
         kl_coef=cfg.ppo_kl_coef, ensemble_penalty=0.5 if ensemble > 1 else 0.0, eval_every=max(1, ppo_steps // 12),
-        eval_prompts=str(data / "prompts_val.jsonl"), eval_samples=64,
+        eval_prompts=str(data / "prompts_val.jsonl"), eval_samples=cfg.monitor_samples,
         save_every=0, keep_checkpoints=6, **common)
     judge = _gold_judge
     ppo_redo = cfg.rebuild or "reward" in wall
@@ -208,9 +216,11 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
                        minibatches=1, target_kl=0.0, max_steps=rl_steps, eval_every=max(1, rl_steps // 12),
                        save_every=max(1, rl_steps // 6))
     run_stage("grpo", grpo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
-    # the reward-hacking demonstration: the same GRPO run with the KL leash cut and no ensemble penalty. GRPO's
-    # group baseline climbs the proxy fast enough to show over-optimisation within the demo's steps
-    cut_cfg = replace(grpo_cfg, output_dir=str(root / "grpo_klcut"), kl_coef=cfg.kl_cut_coef, ensemble_penalty=0.0)
+    # the reward-hacking demonstration: the same GRPO run with the KL leash cut and no ensemble penalty, run for
+    # longer (kl_cut_steps) so the policy walks far enough from SFT to find what the reward model gets wrong
+    cut_steps = rl_steps if cfg.quick else cfg.kl_cut_steps
+    cut_cfg = replace(grpo_cfg, output_dir=str(root / "grpo_klcut"), kl_coef=cfg.kl_cut_coef, ensemble_penalty=0.0,
+                      max_steps=cut_steps, save_every=max(1, cut_steps // 6))
     run_stage("grpo_klcut", cut_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # the other critic-free estimators, full demo only
     variants = [] if cfg.quick else [v for v in cfg.rl_variants if v != "grpo"]
@@ -280,8 +290,8 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def check_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The demo's headline claims, each checked against the numbers it just measured (printed, written to
-    summary.json and the report; CI fails when one does not hold)."""
+    """The demo's headline claims, each checked against the numbers it just measured: printed ([ok] or [NOT MET]),
+    written to summary.json and the report. They are measurements, not assertions: the demo exits 0 either way."""
     pol = summary["policies"]
     claims = []
 
@@ -304,9 +314,11 @@ def check_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
                        "value": f"{r2:.3f}"})
     cut = over.get("kl_cut")
     if cut:
-        claims.append({"claim": "with the KL leash cut, the proxy reward rises while the gold score falls",
-                       "ok": cut["proxy_delta"] > 0 > cut["gold_delta"],
-                       "value": f"proxy {cut['proxy_delta']:+.3f}, gold {cut['gold_delta']:+.3f}"})
+        se = cut.get("gold_delta_se", 0.0)
+        claims.append({"claim": "with the KL leash cut, the proxy reward rises above SFT's while the gold score falls "
+                                "below SFT's by more than 2 standard errors",
+                       "ok": cut["proxy_delta"] > 0 and cut["gold_delta"] < -2 * se,
+                       "value": f"proxy {cut['proxy_delta']:+.3f}, gold {cut['gold_delta']:+.3f} (2 s.e. = {2 * se:.3f})"})
         claims.append({"claim": "the over-optimisation monitor flags the KL-cut run and not the default one",
                        "ok": cut["monitor_flagged"] and not cut["default_monitor_flagged"],
                        "value": f"cut {cut['monitor_flagged']}, default {cut['default_monitor_flagged']}"})
@@ -361,6 +373,8 @@ def overoptimisation_sweeps(root: Path, prompts: list[Any], sft_eval: Any, klcut
     out["kl_cut"] = {
         "proxy_delta": klcut_eval.proxy_score - sft_eval.proxy_score,
         "gold_delta": klcut_eval.gold_score - sft_eval.gold_score,
+        "gold_delta_se": (klcut_eval.gold_se ** 2 + sft_eval.gold_se ** 2) ** 0.5,
+        "steps": json.loads((root / "grpo_klcut" / "summary.json").read_text()).get("steps"),
         "kl": klcut_eval.kl_to_ref, "kl_coef": cfg.kl_cut_coef, "default_kl_coef": cfg.ppo_kl_coef,
         "monitor_flagged": bool(summaries["grpo_klcut"].get("overoptimisation_flagged")),
         "default_monitor_flagged": bool(summaries["grpo"].get("overoptimisation_flagged")),

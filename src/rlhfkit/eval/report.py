@@ -135,11 +135,14 @@ def _overoptimisation_section(root: Path, over: dict[str, Any] | None) -> list[s
     if notes:
         html.append("<ul>" + "".join(notes) + "</ul>")
     if cut:
+        steps = f" and trained for {cut['steps']} steps" if cut.get("steps") else ""
+        gold_se = f" ± {cut['gold_delta_se']:.3f}" if cut.get("gold_delta_se") is not None else ""
         html.append(
             "<h3>Reward hacking: the KL leash cut</h3><p>The same RL run with the KL coefficient set to "
-            f"{_num(cut.get('kl_coef'), 'g')} instead of {_num(cut.get('default_kl_coef'), 'g')}: on the held-out "
-            f"test prompts the proxy reward moved by {_num(cut.get('proxy_delta'), '+.3f')} while the gold score "
-            f"moved by {_num(cut.get('gold_delta'), '+.3f')} (KL to SFT {_num(cut.get('kl'), '.2f')}). "
+            f"{_num(cut.get('kl_coef'), 'g')} instead of {_num(cut.get('default_kl_coef'), 'g')}{steps}: on the "
+            f"held-out test prompts, against SFT, the proxy reward moved by {_num(cut.get('proxy_delta'), '+.3f')} "
+            f"while the gold score moved by {_num(cut.get('gold_delta'), '+.3f')}{gold_se}"
+            f" (KL to SFT {_num(cut.get('kl'), '.2f')}). "
             f"The over-optimisation monitor {'flagged' if cut.get('monitor_flagged') else 'did not flag'} the cut "
             f"run and {'flagged' if cut.get('default_monitor_flagged') else 'did not flag'} the default one.</p>")
     return html
