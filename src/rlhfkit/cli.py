@@ -55,6 +55,16 @@ def _load_stage(name: str) -> tuple[Any, type]:
     return module, getattr(module, cls_name)
 
 
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, leave the process group before the interpreter exits. Left to interpreter
+    teardown, gloo's threads can be destroyed while still joinable, and one process of a 2-process CPU run
+    aborted ("terminate called without an active exception") after its work was done."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -85,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         parse = getattr(module, "parse_stage_args", None)
         cfg = parse(rest) if parse is not None else parse_args(cfg_cls, rest, prog=f"rlhfkit {name}")
         module.main(cfg)
+        _leave_process_group()
     except UserError as exc:
         sys.stderr.write(f"rlhfkit {name}: error: {exc}\n")
         return 2
