@@ -93,6 +93,74 @@ def test_queue_never_repeats_an_item_and_respects_overlap(svc):
     assert svc.progress(p.id).judgments == 10
 
 
+def _reference_order(store, project_id, user_id, cutoff):
+    """next_task's rule as one query over every item of the project (what the service ran before it kept hints):
+    the items this user may be given now, best first. Not given to them before; gold, or held (judged, or
+    assigned after cutoff) by fewer than annotators_per_item people; the most-held first, then by position."""
+    from sqlalchemy import func, or_, select
+
+    from rlhfkit.feedback.store import Assignment, Gold, Item, Project
+
+    with store.session() as s:
+        k = s.get(Project, project_id).annotators_per_item
+        held = (select(Assignment.item_id, func.count().label("n"))
+                .where(or_(Assignment.completed_at.is_not(None), Assignment.created_at > cutoff))
+                .group_by(Assignment.item_id).subquery())
+        mine = select(Assignment.item_id).where(Assignment.user_id == user_id)
+        n_held = func.coalesce(held.c.n, 0)
+        return list(s.scalars(select(Item.id).outerjoin(held, held.c.item_id == Item.id)
+                              .outerjoin(Gold, Gold.item_id == Item.id)
+                              .where(Item.project_id == project_id, Item.id.not_in(mine),
+                                     or_(Gold.item_id.is_not(None), n_held < k))
+                              .order_by(n_held.desc(), Item.position)))
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_queue_picks_what_one_query_over_all_items_would(store, processes):
+    """The queue keeps hints so a request looks at the items in play, not the whole project. Checked against the
+    rule written as one query over every item, through overlap, gold items, skips, tasks left open and expiring,
+    and items added while labelling runs: one service picks exactly the rule's first item every time; two
+    services on one store (two server processes) only ever pick an item the rule allows, and run dry only when
+    it does."""
+    from sqlalchemy import select, update
+
+    from rlhfkit.feedback.store import Assignment, Item, now
+
+    rng = random.Random(processes)
+    services = [FeedbackService(store, rng=random.Random(i)) for i in range(processes)]
+    ttl = services[0].assignment_ttl_s
+    users = [services[0].add_user(f"q{i}", "annotator", "password1").id for i in range(4)]
+    compared = 0
+    for k in (1, 2, 3):
+        p = services[0].create_project(f"hints-{k}", annotators_per_item=k)
+        other = services[0].create_project(f"other-{k}")  # another project's items interleave the ids
+        for batch in range(3):
+            services[0].add_items(other.id, arith_items(3, start=batch))
+            gold = [ItemSpec("what is 1 plus 1 ?", ["1 plus 1 is 2 .", "1 plus 1 is 3 ."], gold_outcome="A")]
+            services[0].add_items(p.id, arith_items(6, start=10 * batch) + (gold if batch == 1 else []))
+            for _ in range(60):
+                svc, user = rng.choice(services), rng.choice(users)
+                if rng.random() < 0.1:  # the open tasks expire (their annotators walked away)
+                    with store.session() as s, s.begin():
+                        s.execute(update(Assignment).where(Assignment.completed_at.is_(None))
+                                  .values(created_at=Assignment.created_at - 2 * ttl))
+                with store.session() as s:  # an open task of this user is served again before anything new
+                    has_open = s.scalar(select(Assignment.id).join(Item, Item.id == Assignment.item_id).where(
+                        Assignment.user_id == user, Item.project_id == p.id, Assignment.completed_at.is_(None)))
+                allowed = _reference_order(store, p.id, user, now() - ttl)
+                task = svc.next_task(user, p.id)
+                if has_open is None:
+                    assert (task is None) == (not allowed), (k, batch)
+                    if task is not None:
+                        assert task.item_id == allowed[0] if processes == 1 else task.item_id in allowed
+                    compared += 1
+                if task is not None and rng.random() < 0.8:  # the rest are left open
+                    outcome = "skip" if rng.random() < 0.2 else "A"
+                    svc.submit(user, task.assignment_id, sid(), outcome=outcome,
+                               strength="better" if outcome == "A" else None)
+    assert compared > 200
+
+
 def test_display_order_is_random_and_recorded(svc):
     p = svc.create_project("order")
     svc.add_items(p.id, arith_items(40))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Sequence
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.data.preference import STRENGTHS
@@ -216,6 +216,9 @@ class FeedbackService:
         self.store = store
         self.rng = rng or random.SystemRandom()
         self.assignment_ttl_s = assignment_ttl_s
+        # per project [done_below, frontier] item ids: hints that keep next_task's queries to the few items in
+        # play (see _pick_item); they are only hints, every pick is checked exactly in SQL
+        self._hints: dict[int, list[int]] = {}
 
     # ---------------------------------------------------------------------------------------------- users
     def add_user(self, name: str, role: str, password: str | None) -> UserInfo:
@@ -360,24 +363,9 @@ class FeedbackService:
                 a, item = open_one
                 return Task(a.id, item.id, _project_info(project), item.prompt,
                             [r["text"] for r in item.responses], list(a.display_order))
-            cutoff = now() - self.assignment_ttl_s
-            # counted within this project only: a store holding many projects must not make each request scan
-            # every assignment ever made (the demo's labelling slowed down quadratically before)
-            in_project = select(Item.id).where(Item.project_id == project_id)
-            held = (select(Assignment.item_id, func.count().label("n"))
-                    .where(Assignment.item_id.in_(in_project),
-                           or_(Assignment.completed_at.is_not(None), Assignment.created_at > cutoff))
-                    .group_by(Assignment.item_id).subquery())
-            mine = select(Assignment.item_id).where(Assignment.user_id == user_id, Assignment.item_id.in_(in_project))
-            n_held = func.coalesce(held.c.n, 0)
-            row = s.execute(
-                select(Item).outerjoin(held, held.c.item_id == Item.id).outerjoin(Gold, Gold.item_id == Item.id)
-                .where(Item.project_id == project_id, Item.id.not_in(mine),
-                       or_(Gold.item_id.is_not(None), n_held < project.annotators_per_item))
-                .order_by(n_held.desc(), Item.position).limit(1)).first()
-            if row is None:
+            item = self._pick_item(s, project, user_id, now() - self.assignment_ttl_s)
+            if item is None:
                 return None
-            item = row[0]
             order = list(range(len(item.responses)))
             self.rng.shuffle(order)  # position bias: which response is shown first is random and recorded
             a = Assignment(item_id=item.id, user_id=user_id, display_order=order)
@@ -385,6 +373,66 @@ class FeedbackService:
             s.flush()
             return Task(a.id, item.id, _project_info(project), item.prompt, [r["text"] for r in item.responses],
                         order)
+
+    def _pick_item(self, s: Any, project: Project, user_id: int, cutoff: float) -> Item | None:
+        """The item next_task hands out: not given to this user before, gold or held by fewer than
+        annotators_per_item people (a judgment, or an assignment younger than the TTL), the most-held first, then
+        by position. Exactly what one query over every item of the project would pick, without that query: it
+        grew with the project, and handing out n items cost O(n^2) (a 21,600-item project took minutes).
+
+        Items are handed out in position order, so at any time the project splits into a done prefix (every
+        non-gold item judged annotators_per_item times: never eligible again, as judgments are never deleted and
+        the count is fixed), a short window in play, and a fresh tail nobody was ever given. done_below (an item
+        id under which everything non-gold is done) and frontier (the highest item id this service handed out)
+        bound the window; gold items are always looked at. Another process may hand out items meanwhile: the
+        window then misses only items it started past our frontier, which the fresh-tail query steps over (and
+        the window takes in once the frontier passes them, or at the end of the project), so no item is ever
+        given out wrongly."""
+        k = project.annotators_per_item
+        hints = self._hints.get(project.id)
+        if hints is None:
+            frontier = s.scalar(select(func.max(Item.id)).join(Assignment, Assignment.item_id == Item.id)
+                                .where(Item.project_id == project.id)) or 0
+            hints = self._hints.setdefault(project.id, [0, frontier])
+        is_gold = exists().where(Gold.item_id == Item.id)
+        judged = (select(func.count()).select_from(Assignment)
+                  .where(Assignment.item_id == Item.id, Assignment.completed_at.is_not(None))
+                  .correlate(Item).scalar_subquery())
+        # walked in id order from the hint, stopping at the first open item (a min() would visit the whole tail)
+        first_open = s.scalar(select(Item.id).where(Item.project_id == project.id, Item.id >= hints[0], ~is_gold,
+                                                    judged < k).order_by(Item.id).limit(1))
+        if first_open is None:  # everything non-gold is done: past the last item
+            first_open = (s.scalar(select(func.max(Item.id)).where(Item.project_id == project.id)) or 0) + 1
+        hints[0] = max(hints[0], first_open)
+        held = (select(func.count()).select_from(Assignment)
+                .where(Assignment.item_id == Item.id,
+                       or_(Assignment.completed_at.is_not(None), Assignment.created_at > cutoff))
+                .correlate(Item).scalar_subquery())
+        mine = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user_id)
+
+        def best_in_play() -> tuple[Item, int] | None:
+            in_play = or_(Item.id.between(hints[0], hints[1]), is_gold)
+            row = s.execute(select(Item, held).where(Item.project_id == project.id, in_play, ~mine,
+                                                     or_(is_gold, held < k))
+                            .order_by(held.desc(), Item.position).limit(1)).first()
+            return None if row is None else (row[0], row[1])
+
+        started = best_in_play()
+        if started is not None and started[1] > 0:
+            return started[0]  # items already started complete before new ones open
+        # in id order, which is position order within a project (add_items numbers both in insertion order)
+        fresh = s.scalar(select(Item).where(Item.project_id == project.id, Item.id > hints[1],
+                                            ~exists().where(Assignment.item_id == Item.id))
+                         .order_by(Item.id).limit(1))
+        if fresh is None:
+            last = s.scalar(select(func.max(Item.id)).where(Item.project_id == project.id)) or 0
+            if last > hints[1]:  # items past the frontier that other processes started: take them in
+                hints[1] = last
+                started = best_in_play()
+            return None if started is None else started[0]
+        pick = fresh if started is None or fresh.position < started[0].position else started[0]
+        hints[1] = max(hints[1], pick.id)
+        return pick
 
     def task(self, user_id: int, assignment_id: int) -> Task:
         """An assignment of this user (Forbidden for someone else's)."""
