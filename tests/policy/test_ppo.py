@@ -113,6 +113,21 @@ def test_monitor_with_a_falling_judge_stops_the_run(tmp_path, tiny_model, world)
     assert summary["overoptimisation_flagged"] is True
 
 
+def test_monitor_warns_when_it_starts_firing_not_at_every_evaluation(tmp_path, tiny_model, world, caplog,
+                                                                      monkeypatch):
+    pattern = iter([False, True, True, False, True, True, True, False])
+    monkeypatch.setattr(ppo.OveroptimisationMonitor, "update", lambda self, *a, **k: next(pattern))
+    out = tmp_path / "warned"
+    with caplog.at_level("INFO", logger="rlhfkit.policy.ppo"):
+        summary = ppo.main(cfg(tiny_model, world, out, max_steps=8, eval_every=1),
+                           judge=lambda ps, rs: [0.0] * len(rs))
+    flagged = [m["step"] for m in read_metrics(out / "metrics.jsonl") if m.get("monitor/overoptimising")]
+    assert flagged == [2, 3, 5, 6, 7] and summary["overoptimisation_flagged"] is True
+    warned = [r.message for r in caplog.records if r.levelname == "WARNING" and "over-optimisation" in r.message]
+    assert [w.split(":")[0] for w in warned] == ["step 2", "step 5"]  # once per episode, not per evaluation
+    assert any("step 4: the over-optimisation monitor no longer fires" in r.message for r in caplog.records)
+
+
 def test_bf16_scores_reference_and_policy_in_the_same_precision(tmp_path, tiny_model, world):
     """With precision bf16 the reference log-probs run under the same autocast as the policy's, so the KL of the
     first step (policy == reference) is zero, not bf16 rounding noise (and on a GPU the reference and reward

@@ -344,7 +344,7 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
     k = cfg.samples_per_prompt
     single_pass = FUSE_SINGLE_PASS and cfg.ppo_epochs == 1 and cfg.minibatches == 1
     last: dict[str, Any] = {}
-    flagged, step_done = False, start_step
+    flagged, firing, step_done = False, False, start_step
     for step in range(start_step + 1, cfg.max_steps + 1):
         net = run.accelerator.unwrap_model(model)
         indices = run.shard(sampler.next_indices(cfg.batch_size * run.world))
@@ -478,13 +478,20 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
                 proxy, per_prompt = metrics["reward/score"], None
                 metrics["judge/score"], judge_se = _mean_se(list(judge(step_prompts, rollout.texts)))
             metrics["judge/se"] = judge_se
-            if monitor.update(proxy, metrics["judge/score"], judge_se, per_prompt):
+            firing_now = monitor.update(proxy, metrics["judge/score"], judge_se, per_prompt)
+            if firing_now:
                 metrics["monitor/overoptimising"] = 1.0
                 flagged = True
-                log.warning("step %d: over-optimisation: the proxy reward rose over the last %d evaluations while "
-                            "the held-out judge fell; raise kl_coef, add ensemble_penalty, or stop here%s", step,
-                            cfg.monitor_window, " (stopping: stop_on_overoptimisation)" if cfg.stop_on_overoptimisation else "")
                 stop = cfg.stop_on_overoptimisation
+                if not firing or stop:  # said once when it starts (the metric records every evaluation)
+                    log.warning("step %d: over-optimisation: over the last %d evaluations the held-out judge sits "
+                                "more than %g standard errors below its best while the proxy reward is higher; "
+                                "raise kl_coef, add ensemble_penalty, or stop here%s", step, cfg.monitor_window,
+                                cfg.monitor_z, " (stopping: stop_on_overoptimisation)" if stop else
+                                " (monitor/overoptimising in the metrics marks each evaluation that agrees)")
+            elif firing:
+                log.info("step %d: the over-optimisation monitor no longer fires", step)
+            firing = firing_now
         check_finite(metrics, step)
         run.log(step, metrics, headline=("reward/score", "kl", "judge/score"))
         run.end_step(step, model, optimizer, scheduler, {"sampler": sampler.state_dict(),
