@@ -80,8 +80,8 @@ class DemoConfig:
     kl_cut_steps: int = 300
     """GRPO steps of the reward-hacking demonstration run (quick: rl_steps). Longer than the leashed run: with
     the reward model of 0.76 gold agreement, 120 unleashed steps reached only the top of Gao et al.'s curve (gold
-    +0.67 over SFT, below the leashed run's +0.94, proxy still rising); by 300 the gold score has come back down
-    while the proxy kept climbing."""
+    +0.67 over SFT, below the leashed run's +0.94, proxy still rising); at 300 the proxy ends +0.48 above SFT's
+    and the gold score 0.57 below it."""
     monitor_samples: int = 200
     """Answers to the 100 validation prompts (each asked in turn) at every evaluation of the PPO/GRPO runs, judged
     by the gold judge for the over-optimisation monitor."""
