@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Sequence
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.data.preference import STRENGTHS
@@ -411,11 +411,15 @@ class FeedbackService:
         mine = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user_id)
 
         def best_in_play() -> tuple[Item, int] | None:
-            in_play = or_(Item.id.between(hints[0], hints[1]), is_gold)
-            row = s.execute(select(Item, held).where(Item.project_id == project.id, in_play, ~mine,
-                                                     or_(is_gold, held < k))
-                            .order_by(held.desc(), Item.position).limit(1)).first()
-            return None if row is None else (row[0], row[1])
+            # two queries, not one with an OR: the window is an id range and gold items are looked up from their
+            # table (an OR, or a join SQLite may start from items, walks every item of the project)
+            window = select(Item, held).where(Item.id.between(hints[0], hints[1]), Item.project_id == project.id,
+                                              ~mine, or_(is_gold, held < k))
+            gold = select(Item, held).where(Item.id.in_(select(Gold.item_id)), Item.project_id == project.id, ~mine)
+            rows = [row for q in (window, gold)
+                    if (row := s.execute(q.order_by(held.desc(), Item.position).limit(1)).first()) is not None]
+            best = min(rows, key=lambda row: (-row[1], row[0].position), default=None)
+            return None if best is None else (best[0], best[1])
 
         started = best_in_play()
         if started is not None and started[1] > 0:
