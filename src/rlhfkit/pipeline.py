@@ -84,7 +84,7 @@ class DemoConfig:
     and the gold score 0.57 below it."""
     monitor_samples: int = 200
     """Answers to the 100 validation prompts (each asked in turn) at every evaluation of the PPO/GRPO runs, judged
-    by the gold judge for the over-optimisation monitor."""
+    by the gold judge for the over-optimisation monitor (quick: 64)."""
     sweep_n: int = 64
     """Largest n of the best-of-n over-optimisation sweep (quick: 16)."""
     best_of_n: int = 16
@@ -139,6 +139,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     rl_steps = min(cfg.rl_steps, 40) if cfg.quick else cfg.rl_steps
     ensemble = min(cfg.reward_ensemble, 2) if cfg.quick else cfg.reward_ensemble
     sweep_n = min(cfg.sweep_n, 16) if cfg.quick else cfg.sweep_n
+    monitor_samples = min(cfg.monitor_samples, 64) if cfg.quick else cfg.monitor_samples
     wall: dict[str, float] = {}
     t0 = time.time()
 
@@ -205,7 +206,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         output_dir=str(root / "ppo"), max_steps=ppo_steps, batch_size=64, minibatches=4, target_kl=0.02,
         learning_rate=cfg.ppo_learning_rate,
         kl_coef=cfg.ppo_kl_coef, ensemble_penalty=0.5 if ensemble > 1 else 0.0, eval_every=max(1, ppo_steps // 12),
-        eval_prompts=str(data / "prompts_val.jsonl"), eval_samples=cfg.monitor_samples,
+        eval_prompts=str(data / "prompts_val.jsonl"), eval_samples=monitor_samples,
         save_every=0, keep_checkpoints=6, **common)
     judge = _gold_judge
     ppo_redo = cfg.rebuild or "reward" in wall
