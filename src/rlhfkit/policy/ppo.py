@@ -9,9 +9,9 @@ Details of RLHF with PPO" (Huang et al. 2023) is named where it is implemented."
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Callable, Literal
 
 import torch
