@@ -375,7 +375,7 @@ def overoptimisation_sweeps(root: Path, prompts: list[Any], sft_eval: Any, klcut
         "proxy_delta": klcut_eval.proxy_score - sft_eval.proxy_score,
         "gold_delta": klcut_eval.gold_score - sft_eval.gold_score,
         "gold_delta_se": (klcut_eval.gold_se ** 2 + sft_eval.gold_se ** 2) ** 0.5,
-        "steps": json.loads((root / "grpo_klcut" / "summary.json").read_text()).get("steps"),
+        "steps": summaries["grpo_klcut"].get("steps"),
         "kl": klcut_eval.kl_to_ref, "kl_coef": cfg.kl_cut_coef, "default_kl_coef": cfg.ppo_kl_coef,
         "monitor_flagged": bool(summaries["grpo_klcut"].get("overoptimisation_flagged")),
         "default_monitor_flagged": bool(summaries["grpo"].get("overoptimisation_flagged")),
