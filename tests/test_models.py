@@ -99,3 +99,21 @@ def test_missing_or_wrong_model_dir_is_a_clear_error(tmp_path):
 def test_lora_target_typo_is_named(tiny_model):
     with pytest.raises(UserError, match=r"lora.target_modules \['qq_proj'\]"):
         load_causal_lm(str(tiny_model), lora=LoraConfig(enabled=True, target_modules=["qq_proj"]))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_disable_dropout_reaches_the_attention_modules_own_copy(family):
+    """LlamaAttention / Qwen2Attention copy attention_dropout when built; zeroing the config alone left two
+    train-mode forwards different."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from rlhfkit.models import disable_dropout
+
+    cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if family == "llama" else (Qwen2ForCausalLM, Qwen2Config)
+    torch.manual_seed(0)
+    model = cls(cfg_cls(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5)).train()
+    ids = torch.randint(0, 50, (2, 12))
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is live
+    disable_dropout(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)

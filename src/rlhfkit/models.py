@@ -157,6 +157,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        # attention modules copy their rate from the config when built (LlamaAttention.attention_dropout, Qwen2's,
+        # Mistral's ...) and pass it to the attention kernel themselves, so the config alone is not enough
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if config is not None and hasattr(config, name) and isinstance(getattr(config, name), float):
@@ -244,6 +249,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def model_mask(attention_mask: torch.Tensor, model: Any) -> torch.Tensor:
+    """A 4-D additive mask (packed rows) in the model's dtype (sdpa wants the query's dtype or bool); a 2-D
+    padding mask as it is."""
+    if attention_mask.dim() == 4 and attention_mask.is_floating_point():
+        param = next(model.parameters(), None)
+        if param is not None and param.dtype != attention_mask.dtype:
+            return attention_mask.to(param.dtype)
+    return attention_mask
+
+
 def logprobs_of(
     model: Any,
     input_ids: torch.Tensor,
@@ -260,7 +275,8 @@ def logprobs_of(
     attention_mask may also be a 4D (B, 1, T, T) additive mask (packed sequences); then pass position_ids."""
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    out = model(input_ids=input_ids, attention_mask=model_mask(attention_mask, model), position_ids=position_ids,
+                use_cache=False)
     return token_logprobs(out.logits, input_ids, temperature, return_entropy)
 
 

@@ -213,9 +213,11 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     run_stage("ppo", ppo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # GRPO in the same loop (4 samples per prompt, 4 prompts per step), with
     # checkpoints along the way for the RL over-optimisation curve
+    # whiten=True: the demo's critic-free runs were tuned with their group advantages re-whitened over the batch
+    # (a documented option; the estimators' own default leaves them as published)
     grpo_cfg = replace(ppo_cfg, output_dir=str(root / "grpo"), advantage="grpo", batch_size=4, samples_per_prompt=4,
                        minibatches=1, target_kl=0.0, max_steps=rl_steps, eval_every=max(1, rl_steps // 12),
-                       save_every=max(1, rl_steps // 6))
+                       save_every=max(1, rl_steps // 6), whiten=True)
     run_stage("grpo", grpo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # the reward-hacking demonstration: the same GRPO run with the KL leash cut and no ensemble penalty, run for
     # longer (kl_cut_steps) so the policy walks far enough from SFT to find what the reward model gets wrong

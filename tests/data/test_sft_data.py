@@ -74,7 +74,10 @@ def test_row_with_no_completion_left_after_truncation_is_an_error(tmp_path, tok)
         read_sft_examples(str(path), tok, 8, overlong="truncate")
 
 
-def test_packed_batch_gives_the_same_loss_terms_as_separate_rows(tmp_path, tok):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_gives_the_same_loss_terms_as_separate_rows(tmp_path, tok, attn):
+    """Under eager attention too: transformers adds a 4-D mask to the scores there, so a boolean block-diagonal
+    mask let packed examples see each other."""
     from helpers import sft_rows
 
     path = write_jsonl(tmp_path / "d.jsonl", sft_rows(6))
@@ -83,6 +86,7 @@ def test_packed_batch_gives_the_same_loss_terms_as_separate_rows(tmp_path, tok):
     assert len(rows) < len(examples)
     assert sorted(e.row for r in rows for e in r.examples) == [e.row for e in examples]  # none lost
     model = build_llama(tok, hidden_size=32, num_layers=2, num_heads=4, max_positions=128).eval()
+    model.set_attn_implementation(attn)
     packed = collate_packed(rows, tok.pad_token_id)
     plain = collate_sft(examples, tok.pad_token_id)
     with torch.no_grad():

@@ -43,3 +43,23 @@ def test_whiten_by_hand_and_padding_stays_zero():
     assert out.tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0])
     kept = whiten(values, mask, shift_mean=False, eps=0.0)
     assert kept.tolist() == pytest.approx([2 - 1 / math.sqrt(2), 2 + 1 / math.sqrt(2), 0.0])
+
+
+def test_whiten_of_a_single_real_entry_centres_it_instead_of_raising():
+    """One response that is a lone EOS on this process: one real advantage token (PPO whitening raised)."""
+    values, mask = torch.tensor([[0.7, 0.0, 0.0]]), torch.tensor([[1, 0, 0]])
+    assert whiten(values, mask).tolist() == [[0.0, 0.0, 0.0]]
+    assert whiten(values, mask, shift_mean=False)[0].tolist() == pytest.approx([0.7, 0.0, 0.0])
+
+
+def test_loss_aggregations_by_hand():
+    from rlhfkit.losses.masked import aggregate
+
+    # two responses: [1, 2, 3] (3 tokens) and [10, pad, pad] (1 token)
+    values = torch.tensor([[1.0, 2.0, 3.0], [10.0, 99.0, 99.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate(values, mask, "token_mean").item() == pytest.approx(16 / 4)
+    assert aggregate(values, mask, "sequence_mean").item() == pytest.approx((2.0 + 10.0) / 2)
+    assert aggregate(values, mask, "constant", max_tokens=4).item() == pytest.approx(16 / (2 * 4))
+    with pytest.raises(ValueError, match="max_tokens"):
+        aggregate(values, mask, "constant")

@@ -176,3 +176,26 @@ def test_overoptimisation_monitor_pairs_the_fall_prompt_by_prompt():
     restored.load_state_dict(__import__("json").loads(__import__("json").dumps(paired.state_dict())))
     lower = [a - 0.1 for a in after]
     assert restored.per_prompt == paired.per_prompt and restored.update(1.0, mean(lower), 1.0, lower)
+
+
+def test_critic_free_defaults_are_the_estimators_as_published():
+    """GRPO / RLOO advantages are not re-whitened by default: a group whose rewards are all equal keeps zero
+    advantage and signs never flip inside a group (re-whitening shifted them by a length-weighted batch mean)."""
+    from rlhfkit.losses import whiten
+    from rlhfkit.policy.ppo import PPOConfig, SEQUENCE_ADVANTAGES, loss_aggregation_of, whitens
+
+    base = dict(model="m", data="d", output_dir="o", reward_model="r", samples_per_prompt=2)
+    for name in ("grpo", "dr_grpo", "rloo", "reinforce"):
+        assert not whitens(PPOConfig(**base, advantage=name))
+    assert whitens(PPOConfig(**base)) and whitens(PPOConfig(**base, advantage="grpo", whiten=True))
+    assert loss_aggregation_of(PPOConfig(**base, advantage="dr_grpo")) == "constant"
+    assert loss_aggregation_of(PPOConfig(**base, advantage="grpo")) == "token_mean"
+    # group 0: equal rewards; group 1: [1, 0]; responses of 1, 3, 2 and 1 tokens
+    rewards = torch.tensor([0.5, 0.5, 1.0, 0.0])
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    for name in ("grpo", "dr_grpo", "rloo"):
+        adv = SEQUENCE_ADVANTAGES[name](rewards, 2)
+        assert adv[:2].tolist() == [0.0, 0.0] and adv[2] > 0 > adv[3]
+        rewhitened = whiten(adv[:, None] * mask, mask)
+        assert rewhitened[0, 0] != 0  # what the old default did to the equal group
+    assert SEQUENCE_ADVANTAGES["dr_grpo"](rewards, 2).tolist() == [0.0, 0.0, 0.5, -0.5]  # no std division

@@ -202,11 +202,15 @@ def test_pack_rows_places_every_sequence_once_within_the_longest_width():
     assert pack_rows([4, 4, 4]) == [[0], [1], [2]]
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["pairs", "rankings"])
-def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind):
+def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind, attn):
     """Mixed lengths packed several to a row (block-diagonal mask, positions restarting) score, train and
-    backpropagate exactly like the right-padded batch."""
+    backpropagate exactly like the right-padded batch -- under eager attention too, which adds a 4-D mask to
+    the scores (a boolean mask there let packed sequences see each other: scores off by ~0.015)."""
     model, tok = rm
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(attn)
     prompts = ["what is 2 plus 3 ?", "say hi .", "hi bo , i like red and blue and green . what is 1 plus 1 ?"]
     answers = [("5 .", "2 plus 3 is 7 , ada , i like it ."), ("hi !", "no ."), ("2 .", "1 plus 1 is 2 , bo .")]
     if kind == "pairs":
@@ -225,6 +229,7 @@ def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind)
         loss.backward()
         results.append((loss.item(), counts, _grads(model)))
     model.zero_grad()
+    model.set_attn_implementation(previous)
     (loss_a, counts_a, g_a), (loss_b, counts_b, g_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     assert counts_b["correct"] == counts_a["correct"]

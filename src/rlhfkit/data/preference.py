@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 
 import torch
 
-from rlhfkit.data.packing import pack_rows
+from rlhfkit.data.packing import block_diagonal_mask, pack_rows
 from rlhfkit.data.readers import read_rows
 from rlhfkit.data.sft import _messages
 from rlhfkit.errors import DataError, UserError
@@ -602,9 +602,9 @@ def _collate_packed_sequences(ids: list[list[int]], response_mask: list[list[int
     each attending only to itself (block-diagonal causal mask) with positions restarting at 0, so every
     sequence's hidden states equal those of the padded layout.
 
-    Returns input_ids, position_ids, response_mask: (R, T); attention_mask: (R, 1, T, T) bool, True = may
-    attend; row_index, last_index: (N,) row and column of sequence n's last token; segment: (R, T) index of the
-    sequence at each position, -1 on padding."""
+    Returns input_ids, position_ids, response_mask: (R, T); attention_mask: (R, 1, T, T) additive float, 0 = may
+    attend (`packing.block_diagonal_mask`); row_index, last_index: (N,) row and column of sequence n's last
+    token; segment: (R, T) index of the sequence at each position, -1 on padding."""
     width = max(len(s) for s in ids)
     R = len(rows)
     input_ids = torch.full((R, width), pad_id, dtype=torch.long)  # (R, T)
@@ -623,10 +623,7 @@ def _collate_packed_sequences(ids: list[list[int]], response_mask: list[list[int
             segment[r, at : at + k] = n
             row_index[n], last_index[n] = r, at + k - 1
             at += k
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))  # (T, T)
-    allowed = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0) & causal  # (R, T, T)
-    allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no all-masked softmax row
-    return {"input_ids": input_ids, "attention_mask": allowed[:, None], "position_ids": positions,
+    return {"input_ids": input_ids, "attention_mask": block_diagonal_mask(segment), "position_ids": positions,
             "response_mask": resp, "row_index": row_index, "last_index": last_index, "segment": segment}
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import torch
 
+from rlhfkit.data.packing import block_diagonal_mask
 from rlhfkit.data.readers import read_rows
 from rlhfkit.errors import DataError, UserError
 
@@ -191,7 +192,8 @@ def pack_examples(examples: list[SFTExample], max_length: int) -> list[PackedRow
 
 def collate_packed(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
     """Packed batch with a block-diagonal causal mask so examples sharing a row stay independent, and positions
-    restarting at 0 for each example. attention_mask is boolean (B, 1, T, T), True = may attend."""
+    restarting at 0 for each example. attention_mask is additive float (B, 1, T, T): 0 = may attend
+    (`packing.block_diagonal_mask`)."""
     width = max(r.length for r in rows)
     B = len(rows)
     ids = torch.full((B, width), pad_id, dtype=torch.long)  # (B, T)
@@ -207,8 +209,4 @@ def collate_packed(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor
             pos[i, at : at + n] = torch.arange(n)
             segment[i, at : at + n] = j
             at += n
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))  # (T, T)
-    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)  # (B, T, T)
-    allowed = same & causal
-    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves: no all-masked softmax
-    return {"input_ids": ids, "attention_mask": allowed[:, None], "position_ids": pos, "loss_mask": loss}
+    return {"input_ids": ids, "attention_mask": block_diagonal_mask(segment), "position_ids": pos, "loss_mask": loss}

@@ -29,16 +29,31 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLEst
 
 def kl_penalised_rewards(
     scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float,
-    kind: KLEstimator = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """r_t = -beta * KL_t + [t = T] * score (Ziegler et al. 2019; N implementation details of RLHF: per-token KL
-    penalty plus the reward-model score at the last real token). Returns (rewards, kl), each (B, R)."""
+    penalty plus the reward-model score at the last real token), KL_t the k1 estimate log pi - log pi_ref.
+    Returns (rewards, kl), each (B, R).
+
+    Only k1 belongs in a detached reward: policy-gradient on the reward -k1 follows grad KL(pi || pi_ref), while
+    k2 or k3 as a reward is a different objective whose gradient moves the policy away from the reference (one
+    step on a pure KL penalty raises the KL). k2 / k3 are used as a loss term instead (`kl_loss`)."""
     mask = mask.to(logprobs.dtype)
-    kl = kl_per_token(logprobs, ref_logprobs, kind) * mask  # (B, R)
+    kl = kl_per_token(logprobs, ref_logprobs, "k1") * mask  # (B, R)
     rewards = -kl_coef * kl  # (B, R)
     last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,) index of the last real token (EOS when it ended)
     rewards = rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
     return rewards * mask, kl
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kind: KLEstimator = "k3",
+            ) -> torch.Tensor:
+    """KL(pi || pi_ref) as a loss term with gradient through logprobs (B, R), on tokens sampled from pi: the
+    GRPO paper's k3 (Shao et al. 2024, Eq. 4) or k2, whose gradient E_pi[(log pi - log pi_ref) grad log pi] is
+    exactly grad KL(pi || pi_ref) on-policy. k1 is refused: as a loss on fixed samples its expected gradient
+    E_pi[grad log pi] is zero, so it would not pull the policy back. Returns (B, R) per-token values."""
+    if kind == "k1":
+        raise ValueError("k1 as a KL loss term has zero expected gradient; use k2 or k3 (or k1 in the reward)")
+    return kl_per_token(logprobs, ref_logprobs, kind) * mask.to(logprobs.dtype)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
@@ -67,7 +82,8 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
     """GRPO (Shao et al. 2024, outcome supervision): A_i = (R_i - mean_group R) / std_group R for the G samples
-    of one prompt; scale=False is Dr. GRPO's unscaled form. scores: (B,) with groups contiguous. Returns (B,)."""
+    of one prompt; scale=False is Dr. GRPO's unscaled form (Liu et al. 2025: the std division over-weights
+    prompts that are too easy or too hard). scores: (B,) with groups contiguous. Returns (B,)."""
     grouped = scores.view(-1, group_size)  # (B/G, G)
     centred = grouped - grouped.mean(-1, keepdim=True)
     if scale:

@@ -4,7 +4,11 @@ Mask polarity everywhere: mask = 1 (or True) marks a real token that counts, 0 m
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+Aggregation = Literal["token_mean", "sequence_mean", "constant"]
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -44,8 +48,33 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, ep
     of the total reward survives; advantages are whitened with the shift)."""
     mask = mask.to(values.dtype)
     mean = masked_mean(values, mask)
+    if mask.sum() < 2:
+        # one real entry (one response that is a lone EOS on this process) has no spread to divide by: it is
+        # centred (shift_mean) or left as it is, never an error
+        return ((values - mean) if shift_mean else values) * mask
     var = masked_var(values, mask)
     out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return out * mask
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, how: Aggregation = "token_mean",
+              max_tokens: int | None = None) -> torch.Tensor:
+    """Reduce per-token losses (B, R) to a scalar.
+
+    token_mean: mean over every real token of the batch (long responses weigh more; DAPO's token-level loss).
+    sequence_mean: mean over tokens within each sequence, then over sequences (the GRPO paper, Shao et al. 2024,
+    Eq. 3: 1/G sum_i 1/|o_i| sum_t). constant: sum over real tokens / (B * max_tokens), Dr. GRPO's constant
+    normaliser (Liu et al. 2025), which removes the per-sequence length bias of sequence_mean."""
+    mask = mask.to(values.dtype)
+    if how == "token_mean":
+        return masked_mean(values, mask)
+    if how == "sequence_mean":
+        per_seq = masked_mean(values, mask, dim=-1)  # (B,)
+        return per_seq.mean()
+    if how == "constant":
+        if not max_tokens or max_tokens < 1:
+            raise ValueError("aggregation 'constant' needs max_tokens >= 1 (the longest response allowed)")
+        return masked_sum(values, mask) / (values.shape[0] * max_tokens)
+    raise ValueError(f"unknown loss aggregation {how!r}; use token_mean, sequence_mean or constant")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.losses.masked import masked_mean, masked_var
+from rlhfkit.losses.masked import Aggregation, aggregate, masked_mean, masked_var
 
 
 @dataclass
@@ -16,7 +16,8 @@ class PolicyStats:
     clip_fraction: torch.Tensor
     """Share of tokens whose ratio left [1 - eps, 1 + eps] in the direction the clip binds."""
     approx_kl: torch.Tensor
-    """k3 estimate of KL(pi_old || pi_new) over the minibatch (how far one update moved the policy)."""
+    """k3 estimate of KL(pi_old || pi_new) over the minibatch (how far one update moved the policy): with
+    r = pi_new / pi_old on tokens sampled from pi_old, (r - 1) - log r (Schulman, "Approximating KL divergence")."""
     ratio_mean: torch.Tensor
 
 
@@ -28,18 +29,21 @@ class ValueStats:
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, PolicyStats]:
-    """L = E[max(-A rho, -A clip(rho, 1 - eps, 1 + eps))], rho = exp(log pi - log pi_old), averaged over real
-    tokens (REFERENCE.md, PPO for language models)."""
+                    mask: torch.Tensor, clip: float = 0.2, aggregation: Aggregation = "token_mean",
+                    max_tokens: int | None = None) -> tuple[torch.Tensor, PolicyStats]:
+    """L = E[max(-A rho, -A clip(rho, 1 - eps, 1 + eps))], rho = exp(log pi - log pi_old) (Schulman et al. 2017),
+    reduced over real tokens by `aggregation` (see `masked.aggregate`: token_mean, sequence_mean as in the GRPO
+    paper, or Dr. GRPO's constant normaliser max_tokens)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
     with torch.no_grad():
         stats = PolicyStats(
             clip_fraction=masked_mean((clipped > unclipped).float(), mask),
-            approx_kl=masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+            # KL(old || new) from samples of old: with r = new / old, E_old[(r - 1) - log r]
+            approx_kl=masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             ratio_mean=masked_mean(ratio, mask),
         )
     return loss, stats

@@ -21,9 +21,9 @@ from rlhfkit.data.readers import read_prompts
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import masked_mean
 from rlhfkit.losses.advantages import (
-    KLEstimator, gae, grpo_advantages, kl_penalised_rewards, reinforce_advantages, rloo_advantages,
-    whiten_advantages,
+    gae, grpo_advantages, kl_loss, kl_penalised_rewards, reinforce_advantages, rloo_advantages, whiten_advantages,
 )
+from rlhfkit.losses.masked import aggregate
 from rlhfkit.losses.ppo import ppo_policy_loss, ppo_value_loss
 from rlhfkit.models import load_causal_lm, load_tokenizer, position_ids_from_mask, token_logprobs
 from rlhfkit.policy.rollout import sample
@@ -49,8 +49,10 @@ class PPOConfig(TrainConfig):
     """Reward model (or ensemble) directory written by `rlhfkit reward`."""
     ref_model: str = ""
     """Reference policy for the KL penalty (default: --model). With LoRA the adapter-disabled policy is used."""
-    advantage: Literal["gae", "grpo", "rloo", "reinforce"] = "gae"
-    """Advantage estimator: PPO's GAE with a value head, or a critic-free one over the samples of a prompt."""
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce"] = "gae"
+    """Advantage estimator: PPO's GAE with a value head, or a critic-free one over the samples of a prompt:
+    grpo (Shao et al. 2024: group mean and std), dr_grpo (Liu et al. 2025: group mean only, and by default the
+    constant loss normaliser), rloo (Ahmadian et al. 2024: leave-one-out mean), reinforce (batch-mean baseline)."""
     samples_per_prompt: int = 1
     """Responses sampled per prompt (GRPO and RLOO need at least 2)."""
     max_new_tokens: int = 48
@@ -89,16 +91,29 @@ class PPOConfig(TrainConfig):
     """Target KL (nats per sequence) of the adaptive controller."""
     kl_horizon: int = 10_000
     """Horizon of the adaptive controller, in samples."""
-    kl_estimator: KLEstimator = "k1"
-    """Per-token KL estimator in the reward: k1, k2 or k3."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference acts: "reward" subtracts kl_coef x KL_t from each token's reward (Ziegler et
+    al. 2019; InstructGPT); "loss" adds kl_coef x KL_t to the policy loss with its gradient (the GRPO paper), the
+    reward then holds the score alone."""
+    kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
+    """Per-token KL estimator (Schulman, "Approximating KL divergence"). In the reward only k1 is correct (k2 / k3
+    as a detached reward push the policy away from the reference); in the loss k2 or k3 (k1's expected gradient
+    there is zero). auto: k1 in the reward, k3 in the loss."""
     missing_eos_penalty: float = -1.0
     """Score given to responses that never emitted EOS (N implementation details: penalise no-EOS)."""
     ensemble_penalty: float = 0.0
     """lambda in score = mean - lambda * std over the reward ensemble (Coste et al. 2023)."""
     length_penalty: float = 0.0
     """Score minus this times the response length in tokens."""
-    whiten: bool = True
-    """Whiten advantages per batch (N implementation details)."""
+    whiten: bool | None = None
+    """Whiten advantages over the batch's tokens (mean 0, std 1). Default (None): as each estimator was published
+    -- on for gae (N implementation details), off for the critic-free ones, whose group-relative advantages are
+    already centred per prompt (re-whitening shifts them by a length-weighted batch mean, so a group with equal
+    rewards gets non-zero advantages and signs can flip within a group)."""
+    loss_aggregation: Literal["auto", "token_mean", "sequence_mean", "constant"] = "auto"
+    """How per-token policy losses are reduced: token_mean (every real token of the minibatch weighs the same),
+    sequence_mean (per-response mean, then over responses: the GRPO paper's form), constant (sum / (responses x
+    max_new_tokens): Dr. GRPO). auto: constant for dr_grpo, token_mean otherwise."""
     judge_reward_model: str = ""
     """A held-out reward model (e.g. trained on other annotators) scored beside the proxy every eval_every steps
     to watch for over-optimisation; the playground demo passes its gold judge instead."""
@@ -120,15 +135,47 @@ class PPOConfig(TrainConfig):
         super().validate()
         if not self.reward_model:
             raise ConfigError("--reward-model is required: pass a directory written by `rlhfkit reward`.")
-        if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
-            raise ConfigError(f"advantage {self.advantage} compares the samples of a prompt: set "
-                              "samples_per_prompt to 2 or more.")
         if self.eval_samples < 1:
             raise ConfigError(f"eval_samples must be at least 1, got {self.eval_samples}.")
+        if self.advantage in ("grpo", "dr_grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ConfigError(f"advantage {self.advantage} compares the samples of a prompt: set "
+                              "samples_per_prompt to 2 or more.")
+        if self.kl_penalty == "reward" and self.kl_estimator in ("k2", "k3"):
+            raise ConfigError(f"kl_estimator {self.kl_estimator} cannot be used in the reward: as a detached "
+                              "per-token reward only k1 follows the gradient of KL (k2 / k3 push the policy away "
+                              "from the reference); use kl_estimator k1, or kl_penalty loss with k2 or k3.")
+        if self.kl_penalty == "loss" and self.kl_estimator == "k1":
+            raise ConfigError("kl_estimator k1 cannot be used as a loss term (its expected gradient is zero); use "
+                              "k2 or k3 with kl_penalty loss, or kl_penalty reward with k1.")
         if self.temperature <= 0:
             raise ConfigError("temperature must be positive for PPO (greedy decoding has no log-probs to train).")
         if (self.batch_size * self.samples_per_prompt) % self.minibatches:
             raise ConfigError("batch_size x samples_per_prompt must split evenly into minibatches.")
+
+
+# critic-free estimators: (sequence rewards (B,), group size) -> sequence advantages (B,)
+SEQUENCE_ADVANTAGES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "grpo": grpo_advantages,
+    "dr_grpo": lambda r, k: grpo_advantages(r, k, scale=False),
+    "rloo": rloo_advantages,
+    "reinforce": lambda r, k: reinforce_advantages(r, r.mean()),
+}
+
+
+def kl_estimator_of(cfg: PPOConfig) -> str:
+    if cfg.kl_estimator != "auto":
+        return cfg.kl_estimator
+    return "k1" if cfg.kl_penalty == "reward" else "k3"
+
+
+def whitens(cfg: PPOConfig) -> bool:
+    return cfg.advantage == "gae" if cfg.whiten is None else cfg.whiten
+
+
+def loss_aggregation_of(cfg: PPOConfig) -> str:
+    if cfg.loss_aggregation != "auto":
+        return cfg.loss_aggregation
+    return "constant" if cfg.advantage == "dr_grpo" else "token_mean"
 
 
 class KLController:
@@ -342,6 +389,7 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         kl_ctl.load_state_dict(run.resumed_state["kl_controller"])
         monitor.load_state_dict(run.resumed_state["monitor"])
     k = cfg.samples_per_prompt
+    estimator, aggregation = kl_estimator_of(cfg), loss_aggregation_of(cfg)
     single_pass = FUSE_SINGLE_PASS and cfg.ppo_epochs == 1 and cfg.minibatches == 1
     last: dict[str, Any] = {}
     flagged, firing, step_done = False, False, start_step
@@ -386,29 +434,25 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
                 fused = response_forward(model, ids, mask, P, cfg.temperature, entropy=True)
             old_logprobs, old_values = fused[0].detach(), fused[1].detach()
         with torch.no_grad():
-            rewards, kl = kl_penalised_rewards(score, old_logprobs, ref_logprobs, rmask, kl_ctl.value,
-                                               cfg.kl_estimator)
+            # the KL in the reward (k1 only), or -- kl_penalty loss -- in the policy loss below, the reward then
+            # holding the score alone; `kl` (k1, per token) is logged either way
+            reward_kl_coef = kl_ctl.value if cfg.kl_penalty == "reward" else 0.0
+            rewards, kl = kl_penalised_rewards(score, old_logprobs, ref_logprobs, rmask, reward_kl_coef)
             if cfg.advantage == "gae":
                 advantages, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)
             else:
                 # critic-free: the sequence reward (score minus the summed KL penalty) gets one advantage,
                 # spread over every token of the response
-                seq_reward = rewards.sum(-1)
-                if cfg.advantage == "grpo":
-                    seq_adv = grpo_advantages(seq_reward, k)
-                elif cfg.advantage == "rloo":
-                    seq_adv = rloo_advantages(seq_reward, k)
-                else:
-                    seq_adv = reinforce_advantages(seq_reward, seq_reward.mean())
+                seq_adv = SEQUENCE_ADVANTAGES[cfg.advantage](rewards.sum(-1), k)  # (B,)
                 advantages, returns = seq_adv[:, None] * rmask, None
-            if cfg.whiten:
+            if whitens(cfg):
                 advantages = whiten_advantages(advantages, rmask)
         model.train()
         # ---- several epochs of clipped updates over minibatches
         B = ids.shape[0]
         mb = B // cfg.minibatches
         stats: dict[str, list[float]] = {k_: [] for k_ in ("policy_loss", "value_loss", "clip_frac", "approx_kl",
-                                                           "value_clip_frac", "explained_var", "entropy")}
+                                                           "value_clip_frac", "explained_var", "entropy", "kl_loss")}
         grad_norm = 0.0
         lr = scheduler.get_last_lr()[0]
         early_stop = False
@@ -427,8 +471,14 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
                         lp, values, ent = response_forward(model, ids[sel], mask[sel], P, cfg.temperature,
                                                            entropy=True)
                     m = rmask[sel]
-                    pl, ps = ppo_policy_loss(lp, old_logprobs[sel], advantages[sel], m, cfg.clip)
+                    pl, ps = ppo_policy_loss(lp, old_logprobs[sel], advantages[sel], m, cfg.clip,
+                                             aggregation, cfg.max_new_tokens)
                     loss = pl
+                    if cfg.kl_penalty == "loss":
+                        kl_term = aggregate(kl_loss(lp, ref_logprobs[sel], m, estimator), m, aggregation,
+                                            cfg.max_new_tokens)
+                        loss = loss + kl_ctl.value * kl_term
+                        stats["kl_loss"].append(float(kl_term.detach()))
                     if returns is not None:
                         vl, vs = ppo_value_loss(values, old_values[sel], returns[sel], m, cfg.value_clip)
                         loss = loss + cfg.vf_coef * vl

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhfkit.errors import UserError
-from rlhfkit.models import is_peft, load_tokenizer, position_ids_from_mask, quiet_transformers
+from rlhfkit.models import is_peft, load_tokenizer, model_mask, position_ids_from_mask, quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     backbone = getattr(net, net.base_model_prefix)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    hidden = backbone(input_ids=input_ids, attention_mask=model_mask(attention_mask, net), position_ids=position_ids,
                       use_cache=False).last_hidden_state  # (R, T, H)
     if last_index is None:
         last_index = last_token_index(attention_mask)
