@@ -17,6 +17,8 @@ from rlhfkit.errors import UserError
 
 # name -> (module, config class, one-line summary). The pipeline order, as a user reads it.
 STAGES: dict[str, tuple[str, str, str]] = {
+    "data": ("rlhfkit.data.convert", "ConvertConfig",
+             "convert public data sets (oasst1, SHP, summarize-from-feedback, PKU-SafeRLHF, HelpSteer2) to rlhfkit's formats"),
     "sft": ("rlhfkit.policy.sft", "SFTConfig", "supervised fine-tuning on demonstrations (prompt/completion or messages)"),
     "reward": ("rlhfkit.reward.train", "RewardConfig", "reward model (or ensemble) on preference pairs and K-way rankings"),
     "ppo": ("rlhfkit.policy.ppo", "PPOConfig", "PPO against a reward model (or GRPO / RLOO / REINFORCE), KL-penalised to the reference"),

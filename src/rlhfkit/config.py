@@ -52,7 +52,19 @@ class TrainConfig:
     model: str = ""
     """Hugging Face model directory (or a hub id where a hub is reachable) to start from."""
     data: str = ""
-    """Training data: a JSONL/JSON/Parquet file or a `datasets` directory saved with save_to_disk."""
+    """Training data: a JSONL/JSON/Parquet file (.jsonl.gz, .json.gz too) or a `datasets` directory saved with
+    save_to_disk."""
+    data_split: str = "train"
+    """Split of --data to read when it is a saved DatasetDict (e.g. train_prefs for
+    HuggingFaceH4/ultrafeedback_binarized)."""
+    eval_data_split: str = "train"
+    """Split of the held-out data file (eval_data, eval_prompts) to read when it is a saved DatasetDict (e.g.
+    test_prefs)."""
+    data_fields: dict[str, str] = field(default_factory=dict)
+    """Rename data columns before reading, ours=theirs: --data-fields prompt=input,system=system (in YAML a
+    mapping). Applies to --data and the held-out data; a row without a mapped column is an error. A mapped system
+    column becomes the system message before the prompt, which makes the rows chat messages (so the tokenizer
+    needs a chat template); an empty system text gives no system message."""
     output_dir: str = ""
     """Run directory: config.yaml, metrics.jsonl, checkpoints/ and the final model are written here."""
     max_steps: int = 100
@@ -130,6 +142,37 @@ class TrainConfig:
         bad = sorted(set(self.report_to) - {"jsonl", "tensorboard", "wandb"})
         if bad:
             raise ConfigError(f"report_to has unknown sink(s) {bad}; use any of jsonl, tensorboard, wandb.")
+        from rlhfkit.data.formats import check_fields
+
+        check_fields(self.data_fields)
+
+    def data_source(self, path: str | None = None, held_out: bool = False) -> Any:
+        """`path` (default --data) as the readers take it: a `data.readers.DataPath` carrying data_split (or
+        eval_data_split for held-out data) and the data_fields mapping."""
+        from rlhfkit.data.readers import DataPath
+
+        if held_out:
+            return DataPath(path or "", self.eval_data_split, self.data_fields, "--eval-data-split")
+        return DataPath(path or self.data, self.data_split, self.data_fields, "--data-split")
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Fields of the stages that read preference pairs (reward, dpo)."""
+
+    preference_ties: Literal["error", "drop"] = "error"
+    """Rows rating both responses the same (score_chosen == score_rejected, as in UltraFeedback) carry no
+    preference: error stops at the first one, naming it; drop leaves them out and logs how many and which rows."""
+    margin_from_scores: bool = False
+    """Take each pair's margin from its ratings, score_chosen - score_rejected (rows without both scores keep
+    their own margin). The reward model uses it in -log sigma(r_c - r_r - m) (with use_margin); DPO's losses take
+    no margin."""
+
+    def reader_options(self, tokenizer: Any) -> dict[str, Any]:
+        """Keyword arguments of read_preferences for this config and tokenizer: whether it has a chat template
+        (Anthropic HH transcripts stay raw text without one), ties and margin_from_scores."""
+        return {"chat": getattr(tokenizer, "chat_template", None) is not None, "ties": self.preference_ties,
+                "margin_from_scores": self.margin_from_scores}
 
 
 # ------------------------------------------------------------------------------------------------ introspection
@@ -203,7 +246,7 @@ def _type_name(tp: Any) -> str:
     if origin in (list, tuple):
         return f"{_type_name(typing.get_args(tp)[0])},..."
     if origin is dict:
-        return "dict"
+        return "key=value,..."
     return getattr(tp, "__name__", str(tp)).lower()
 
 
@@ -245,11 +288,20 @@ def coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         items = [coerce(v, elem, f"{key}[{i}]", where) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            text = value.strip()
+            if text.startswith("{"):
+                value = yaml.safe_load(text)
+            else:  # the command-line form k=v,k=v
+                pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+                if any(not eq or not k.strip() for k, eq, _ in pairs):
+                    raise fail("write key=value pairs separated by commas, e.g. prompt=input,system=system")
+                value = {k.strip(): v.strip() for k, _, v in pairs}
         if not isinstance(value, dict):
             raise fail("expected a mapping")
-        return dict(value)
+        return {coerce(k, key_tp, f"{key} key", where): coerce(v, value_tp, f"{key}.{k}", where)
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -403,7 +455,7 @@ def parse_args(cls: type, argv: list[str], prog: str = "rlhfkit") -> Any:
 def format_help(cls: type, prog: str, summary: str) -> str:
     lines = [f"usage: {prog} [--config FILE.yaml] [--key value ...]", "", summary, ""]
     lines.append("Precedence: defaults < --config YAML < flags. Nested keys use dots: --lora.r 16.")
-    lines.append("Booleans: --flag, --flag false, --no-flag. Lists: --key a,b,c.")
+    lines.append("Booleans: --flag, --flag false, --no-flag. Lists: --key a,b,c. Mappings: --key a=x,b=y.")
     lines.append("")
 
     def walk(klass: type, prefix: str, default_obj: Any) -> None:

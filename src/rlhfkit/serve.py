@@ -127,9 +127,10 @@ class Engine:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, f"model {self.name!r} has no chat template, so /v1/chat/completions cannot format "
                                 "messages; use /v1/completions with a plain prompt.", "messages")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # the template already holds every special token it wants; adding BOS again would double it
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        from rlhfkit.data.encoding import encode_prompt
+
+        # the same ids a training stage gives this conversation (the template writes its own BOS)
+        return encode_prompt(self.tokenizer, messages)
 
     def _top(self, logp: Any, k: int) -> list[tuple[int, float]]:
         if k <= 0:

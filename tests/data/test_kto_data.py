@@ -46,7 +46,7 @@ def test_unpaired_standard_and_conversational_rows_and_paired_rows_in_one_file(t
 
 @pytest.mark.parametrize("row,field,reason", [
     ({"prompt": "hi", "completion": "yo"}, "label", "missing"),
-    ({"prompt": "hi", "completion": "yo", "label": 1}, "label", "true (desirable) or false"),
+    ({"prompt": "hi", "completion": "yo", "label": 2}, "label", "true (desirable) or false"),
     ({"prompt": "hi", "label": True}, "completion", "missing"),
     ({"prompt": "hi", "completion": " ", "label": True}, "completion", "is empty"),
     ({"completion": "yo", "label": True}, "prompt", "missing"),

@@ -92,12 +92,29 @@ def test_best_of_n_picks_the_top_score_and_reports_the_kl_bound(tmp_path, tiny_m
                                                data=str(prompts), output_dir=str(out), n=4))
 
 
-def test_monitor_with_a_falling_judge_stops_the_run(tmp_path, tiny_model, world):
+def test_monitor_with_a_falling_judge_stops_the_run(tmp_path, tiny_model, world, monkeypatch):
     calls = []
 
     def falling_judge(prompts, responses):  # a held-out judge that likes every step less
         calls.append(1)
         return [-float(len(calls))] * len(responses)
+
+    # and a proxy that rises every step whatever the tiny policy does (what reward hacking looks like)
+    real_load = ppo.load_reward_ensemble
+
+    def rising_proxy(*args, **kwargs):
+        ensemble = real_load(*args, **kwargs)
+        real_mean_std, scored = ensemble.mean_std, []
+
+        def mean_std(ids, mask):
+            scored.append(1)
+            mean, std = real_mean_std(ids, mask)
+            return mean * 0.01 + len(scored), std
+
+        ensemble.mean_std = mean_std
+        return ensemble
+
+    monkeypatch.setattr(ppo, "load_reward_ensemble", rising_proxy)
 
     out = tmp_path / "monitored"
     summary = ppo.main(cfg(tiny_model, world, out, max_steps=8, eval_every=1, monitor_window=1,
@@ -106,9 +123,10 @@ def test_monitor_with_a_falling_judge_stops_the_run(tmp_path, tiny_model, world)
     assert all("judge/score" in m for m in metrics)
     flagged = [m["step"] for m in metrics if m.get("monitor/overoptimising")]
     # with a judge that falls every step (and no spread), the run stops at the first step whose proxy rose above
-    # the proxy at the judge's peak (step 1)
+    # the proxy at the judge's peak (step 1): step 2
     proxy = [m["reward/score"] for m in metrics]
     first_rise = next(i for i in range(1, len(proxy)) if proxy[i] > proxy[0]) + 1
+    assert first_rise == 2
     assert flagged == [first_rise] and metrics[-1]["step"] == first_rise and summary["steps"] == first_rise
     assert summary["overoptimisation_flagged"] is True
 
@@ -183,7 +201,9 @@ def test_one_epoch_one_minibatch_reuses_the_training_forward_and_takes_the_same_
     """At ppo_epochs = minibatches = 1 the old log-probs and values come from the training forward (no extra
     no-grad pass); the steps taken must equal those of the separate-pass path, up to float rounding (Adam turns
     rounding-level gradient differences into weight differences of a few 1e-6 at lr 1e-3)."""
-    kw = dict(advantage=advantage, samples_per_prompt=2, ppo_epochs=1, minibatches=1, max_steps=3)
+    # whiten=True for both estimators: the advantages then have mean 0 over the batch's tokens, so the first
+    # epoch's policy loss is ~0 on both paths and the 1e-5 comparison below measures the paths, not the draws
+    kw = dict(advantage=advantage, samples_per_prompt=2, ppo_epochs=1, minibatches=1, max_steps=3, whiten=True)
     calls = {"n": 0}
     real = ppo.response_forward
 

@@ -1,17 +1,20 @@
 import torch
 
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
-from rlhfkit.policy.rollout import encode_prompts, render_prompt, sample
+from rlhfkit.data.encoding import render_prompt, user_turn
+from rlhfkit.policy.rollout import encode_prompts, sample
 
 
-def test_prompts_are_left_padded_through_the_chat_template(tiny_model):
+def test_prompts_are_left_padded_message_lists_through_the_chat_template_strings_as_plain_text(tiny_model):
     tok = load_tokenizer(str(tiny_model))
-    ids, mask = encode_prompts(tok, ["say hi to ada .", "what is 2 plus 3 ?"])
-    assert tok.padding_side == "right"  # restored after encoding
+    ids, mask = encode_prompts(tok, [user_turn("say hi to ada ."), user_turn("what is 2 plus 3 ?"), "hi bo ."])
+    assert tok.padding_side == "right"  # untouched
     assert (mask[:, -1] == 1).all() and mask[0, 0] == 0  # left padding: real tokens end at the last column
-    assert render_prompt(tok, "hi") == "<|user|> hi </s> <|assistant|> "
+    assert render_prompt(tok, user_turn("hi")) == "<|user|> hi </s> <|assistant|> "
     first = tok.convert_ids_to_tokens(ids[1][mask[1].bool()])
     assert first[0] == "<|user|>" and first[-1] == "<|assistant|>"
+    # a string is never templated implicitly: plain text with the tokenizer's BOS, as SFT and reward data encode it
+    assert tok.convert_ids_to_tokens(ids[2][mask[2].bool()]) == ["<s>", "hi", "bo", "."]
 
 
 def test_sample_masks_after_eos_and_greedy_matches_argmax(tiny_model):

@@ -9,10 +9,13 @@ import torch
 
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
 from rlhfkit.policy import rollout as rollout_mod
+from rlhfkit.data.encoding import user_turn
 from rlhfkit.policy.rollout import (choose_tokens, encode_prompts, generate_hf, generate_static, resolve_backend,
                                     sample, top_k_filter, top_p_filter)
 
-PROMPTS = ["say hi to ada .", "what is 2 plus 3 ?", "hi", "what is 9 plus 9 ? say hi to bo and to cy , please"]
+# chat prompts (the tiny model's template), as the policies these tests stand for are sampled
+PROMPTS = [user_turn(t) for t in
+           ["say hi to ada .", "what is 2 plus 3 ?", "hi", "what is 9 plus 9 ? say hi to bo and to cy , please"]]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ from rlhfkit.data.preference import (
     _same_kind,
     parse_preference,
     ranking_to_pairs,
+    untied_rows,
 )
-from rlhfkit.data.readers import read_rows
+from rlhfkit.data.formats import refuse_message_tree_row
 from rlhfkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,14 @@ KTORecord = Union[KTOExample, PreferencePair, Ranking]
 """A row as read: an unpaired KTOExample, or a paired record that `unpair` turns into KTOExamples."""
 
 
-def parse_kto_row(row: dict[str, Any], path: str, lineno: int) -> KTORecord:
-    """An unpaired row {"prompt", "completion", "label": bool} -> KTOExample; any preference row (TRL pairs,
-    Anthropic HH, K-way rankings) -> its PreferencePair or Ranking, with the preference reader's checks."""
+def parse_kto_row(row: dict[str, Any], path: str, lineno: int, *, chat: bool = True,
+                  margin_from_scores: bool = False) -> KTORecord:
+    """An unpaired row {"prompt", "completion", "label": bool, or 0/1 as some exports write it} -> KTOExample;
+    any preference row (TRL pairs, UltraFeedback, Anthropic HH, K-way rankings) -> its PreferencePair or Ranking,
+    with the preference reader's checks (chat and margin_from_scores as in `parse_pair`; KTO uses no margin)."""
+    refuse_message_tree_row(row, path, lineno)
     if "completion" not in row and "label" not in row:
-        return parse_preference(row, path, lineno)
+        return parse_preference(row, path, lineno, chat=chat, margin_from_scores=margin_from_scores)
     fields = sorted(row)
     prompt = _prompt(row.get("prompt"), path, lineno, fields)
     completion = _same_kind(prompt, row.get("completion"), "completion", path, lineno, fields)
@@ -58,15 +62,19 @@ def parse_kto_row(row: dict[str, Any], path: str, lineno: int) -> KTORecord:
     if label is None:
         raise DataError(path, lineno, "label", f"missing; an unpaired KTO row needs prompt, completion and label "
                         f"(true = desirable, false = undesirable); this row has fields {fields}")
-    if not isinstance(label, bool):
-        raise DataError(path, lineno, "label", f"must be true (desirable) or false (undesirable), got {label!r}")
-    return KTOExample(prompt, completion, label, row=lineno, path=path)
+    if not (isinstance(label, int) and label in (0, 1)):  # bool is an int: True, False, 1 and 0 pass
+        raise DataError(path, lineno, "label", f"must be true (desirable) or false (undesirable), or 1 / 0, got "
+                        f"{label!r}")
+    return KTOExample(prompt, completion, bool(label), row=lineno, path=path)
 
 
-def read_kto_records(path: str, split: str = "train") -> list[KTORecord]:
-    """Read every row of a JSONL / JSON / Parquet file or `datasets` directory (see `parse_kto_row`).
-    A bad row raises DataError naming file, row, field and reason; no row is dropped."""
-    return [parse_kto_row(row, str(path), lineno) for lineno, row in read_rows(str(path), split)]
+def read_kto_records(path: str, split: str | None = None, *, chat: bool = True,
+                     ties: Literal["error", "drop"] = "error", margin_from_scores: bool = False) -> list[KTORecord]:
+    """Read every row of a JSONL / JSON / Parquet file or `datasets` directory (see `parse_kto_row`; path may be
+    a DataPath). A bad row raises DataError naming file, row, field and reason; no row is dropped, except paired
+    rows with tied scores with ties="drop" (see `untied_rows`)."""
+    return [parse_kto_row(row, str(path), lineno, chat=chat, margin_from_scores=margin_from_scores)
+            for lineno, row in untied_rows(path, split, ties)]
 
 
 def unpair(records: list[KTORecord | Preference]) -> list[KTOExample]:

@@ -1,6 +1,7 @@
 """Preference data: pairs and K-way rankings read from TRL's formats (explicit or implicit prompt, standard or
-conversational, optional margin/strength), Anthropic HH transcripts and our K-way rows; validated, tokenised with
-a response mask, collated for one forward pass, and written back as TRL explicit-prompt JSONL.
+conversational, optional margin/strength), UltraFeedback's scored full conversations, Anthropic HH transcripts
+and our K-way rows; validated, tokenised with a response mask, collated for one forward pass, and written back as
+TRL explicit-prompt JSONL.
 
 response_mask[t] = 1 means token t belongs to the response (its EOS included); 0 = prompt or padding."""
 
@@ -16,7 +17,9 @@ from typing import Any, Literal, Union
 
 import torch
 
+from rlhfkit.data.encoding import encode_prompt, encode_response, render_prompt
 from rlhfkit.data.packing import block_diagonal_mask, pack_rows
+from rlhfkit.data.formats import prompt_hint, prompt_like, refuse_message_tree_row
 from rlhfkit.data.readers import read_rows
 from rlhfkit.data.sft import _messages
 from rlhfkit.errors import DataError, UserError
@@ -155,6 +158,8 @@ def _same_kind(prompt: Text, value: Any, key: str, path: str, row: int, fields: 
 def _prompt(value: Any, path: str, row: int, fields: list[str]) -> Text:
     if isinstance(value, list):
         return _messages(value, "prompt", path, row)
+    if value is None:
+        raise DataError(path, row, "prompt", f"missing; this row has fields {fields}{prompt_hint(fields)}")
     return _string(value, "prompt", path, row, fields)
 
 
@@ -192,6 +197,24 @@ def _margin(row: dict[str, Any], path: str, lineno: int) -> float | None:
         raise DataError(path, lineno, "margin", f"must be a finite number >= 0 (how much better chosen is), "
                         f"got {value}")
     return float(value)
+
+
+def score_gap(row: dict[str, Any], path: str, lineno: int) -> float | None:
+    """score_chosen - score_rejected of a row that rates both responses (HuggingFaceH4/ultrafeedback_binarized:
+    the mean GPT-4 rating of each), else None. A negative gap contradicts the row's own label and is refused."""
+    scores = row.get("score_chosen"), row.get("score_rejected")
+    if scores == (None, None):
+        return None
+    for key, value in zip(("score_chosen", "score_rejected"), scores):
+        if value is None:
+            raise DataError(path, lineno, key, "missing while the other score is given; give both or neither")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(path, lineno, key, f"must be a finite number, got {value!r}")
+    gap = float(scores[0]) - float(scores[1])
+    if gap < 0:
+        raise DataError(path, lineno, "score_rejected", f"is above score_chosen ({scores[1]} > {scores[0]}), so the "
+                        "row contradicts its own label; fix the scores or swap chosen and rejected")
+    return gap
 
 
 def _identical_error(path: str, lineno: int) -> DataError:
@@ -241,10 +264,14 @@ def _hh_messages(transcript: str, key: str, path: str, lineno: int) -> list[Mess
     return messages
 
 
-def _parse_hh(row: dict[str, Any], chosen: str, rejected: str, path: str, lineno: int) -> PreferencePair:
+def _parse_hh(row: dict[str, Any], chosen: str, rejected: str, path: str, lineno: int, chat: bool,
+              extras: dict[str, Any]) -> PreferencePair:
     """Anthropic HH: chosen and rejected are whole transcripts; the shared text through the last
-    '\\n\\nAssistant:' is the prompt, what follows it is the response."""
-    prefixes, responses = [], []
+    '\\n\\nAssistant:' is the prompt, what follows it is the response. With chat, the transcript becomes
+    messages for the tokenizer's template; without (a tokenizer with no template, as with the DPO paper's Pythia
+    models on HH), the text stays raw: the prompt ends with that '\\n\\nAssistant:' and each response is the
+    rest of its transcript, its leading space kept (the model continues the prompt) and trailing space dropped."""
+    prefixes, responses, raw = [], [], []
     for key, text in (("chosen", chosen), ("rejected", rejected)):
         k = text.rfind(HH_ASSISTANT)
         if k < 0 or not _is_hh(text):
@@ -255,37 +282,92 @@ def _parse_hh(row: dict[str, Any], chosen: str, rejected: str, path: str, lineno
             raise DataError(path, lineno, key, "the final Assistant turn is empty")
         prefixes.append(text[:k])
         responses.append(response)
+        raw.append(text[k + len(HH_ASSISTANT) :].rstrip())
     if prefixes[0] != prefixes[1]:
         raise DataError(path, lineno, "rejected", "the conversation before the last Assistant turn differs from "
                         "chosen's; an HH pair must share it")
     if responses[0] == responses[1]:
         raise _identical_error(path, lineno)
+    if not chat:
+        return PreferencePair(prefixes[0] + HH_ASSISTANT, raw[0], raw[1], **extras)
     prompt = _hh_messages(prefixes[0], "chosen", path, lineno)
     return PreferencePair(prompt, [{"role": "assistant", "content": responses[0]}],
-                          [{"role": "assistant", "content": responses[1]}], **_extras(row, path, lineno))
+                          [{"role": "assistant", "content": responses[1]}], **extras)
 
 
-def _extras(row: dict[str, Any], path: str, lineno: int) -> dict[str, Any]:
-    return dict(margin=_margin(row, path, lineno), strength=_strength(row, path, lineno),
+def _extras(row: dict[str, Any], path: str, lineno: int, margin_from_scores: bool = False) -> dict[str, Any]:
+    margin = _margin(row, path, lineno)
+    gap = score_gap(row, path, lineno)
+    if gap == 0:
+        raise DataError(path, lineno, "score_rejected", f"equals score_chosen ({row['score_chosen']}): a tie, so "
+                        "the pair carries no preference; set preference_ties: drop (--preference-ties drop) to leave "
+                        "ties out, counted and logged")
+    if margin_from_scores and gap is not None:
+        if margin is not None:
+            raise DataError(path, lineno, "margin", "is given as well as score_chosen/score_rejected while "
+                            "margin_from_scores is on; keep one of them")
+        margin = gap
+    return dict(margin=margin, strength=_strength(row, path, lineno),
                 annotator=_optional_str(row, "annotator", path, lineno),
                 source=_optional_str(row, "source", path, lineno), row=lineno, path=path)
 
 
-def parse_pair(row: dict[str, Any], path: str, lineno: int) -> PreferencePair:
-    """A TRL (explicit or implicit prompt, standard or conversational) or Anthropic HH row -> PreferencePair."""
+def _split_conversations(prompt: str, chosen: Any, rejected: Any, path: str, lineno: int
+                         ) -> tuple[list[Message], list[Message], list[Message]]:
+    """HuggingFaceH4/ultrafeedback_binarized: a string prompt, and chosen/rejected as whole conversations that
+    begin with it. The messages both share are the prompt, the rest (from the assistant turn where they first
+    differ) the responses. The string must be the first user turn; a row where it is not is refused, not
+    guessed at."""
+    c, r = _messages(chosen, "chosen", path, lineno), _messages(rejected, "rejected", path, lineno)
+    if c == r:
+        raise _identical_error(path, lineno)
+    n = 0
+    while n < min(len(c), len(r)) and c[n] == r[n]:
+        n += 1
+    if n == 0:
+        raise DataError(path, lineno, "rejected[0]", "differs from chosen[0]; two full conversations must begin with "
+                        "the same prompt turns")
+    for key, msgs in (("chosen", c), ("rejected", r)):
+        if n == len(msgs) or msgs[n]["role"] != "assistant":
+            what = "ends" if n == len(msgs) else f"continues with a {msgs[n]['role']} turn"
+            raise DataError(path, lineno, f"{key}[{n}]", f"the conversations share {n} messages and {key} then "
+                            f"{what}; a pair's conversations must first differ at an assistant turn")
+    first_user = next((m["content"] for m in c[:n] if m["role"] == "user"), None)
+    if first_user is None or first_user.strip() != prompt.strip():
+        raise DataError(path, lineno, "prompt", "is not the first user turn of chosen and rejected (the full "
+                        "conversations must begin with it); fix the row, or remove its prompt field to take the "
+                        "prompt from the turns the conversations share")
+    return c[:n], c[n:], r[n:]
+
+
+def parse_pair(row: dict[str, Any], path: str, lineno: int, *, chat: bool = True,
+               margin_from_scores: bool = False) -> PreferencePair:
+    """A TRL (explicit or implicit prompt, standard or conversational), UltraFeedback (string prompt, full
+    conversations) or Anthropic HH row -> PreferencePair. chat: whether the tokenizer has a chat template (HH
+    transcripts stay raw text without one). margin_from_scores: margin = score_chosen - score_rejected. A row
+    whose two scores are equal (a tie) is refused."""
     fields = sorted(row)
     chosen, rejected = row.get("chosen"), row.get("rejected")
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if value is None:
             raise DataError(path, lineno, key, f"missing; a preference pair needs chosen and rejected (this row has "
                             f"fields {fields})")
+    extras = _extras(row, path, lineno, margin_from_scores)
     if row.get("prompt") is not None:  # explicit prompt
         prompt = _prompt(row["prompt"], path, lineno, fields)
+        full = [isinstance(v, list) and v and isinstance(v[0], dict) and v[0].get("role") != "assistant"
+                for v in (chosen, rejected)]
+        if isinstance(prompt, str) and all(full):
+            return PreferencePair(*_split_conversations(prompt, chosen, rejected, path, lineno), **extras)
         chosen = _same_kind(prompt, chosen, "chosen", path, lineno, fields)
         rejected = _same_kind(prompt, rejected, "rejected", path, lineno, fields)
         if _same(chosen, rejected):
             raise _identical_error(path, lineno)
-        return PreferencePair(prompt, chosen, rejected, **_extras(row, path, lineno))
+        return PreferencePair(prompt, chosen, rejected, **extras)
+    like = prompt_like(row)
+    if like:  # the shared leading words of two answers are not the prompt when the row names one
+        raise DataError(path, lineno, "prompt", f"missing, so it would be taken from what chosen and rejected share"
+                        f"{prompt_hint(row)}")
     if isinstance(chosen, list) or isinstance(rejected, list):  # implicit prompt, conversational
         chosen_msgs = _messages(chosen, "chosen", path, lineno)
         if not isinstance(rejected, list):
@@ -304,15 +386,15 @@ def parse_pair(row: dict[str, Any], path: str, lineno: int) -> PreferencePair:
                             "chosen's; the prompt must be the same for both")
         if chosen_msgs[-1] == rejected_msgs[-1]:
             raise _identical_error(path, lineno)
-        return PreferencePair(chosen_msgs[:-1], chosen_msgs[-1:], rejected_msgs[-1:], **_extras(row, path, lineno))
+        return PreferencePair(chosen_msgs[:-1], chosen_msgs[-1:], rejected_msgs[-1:], **extras)
     chosen = _string(chosen, "chosen", path, lineno, fields)
     rejected = _string(rejected, "rejected", path, lineno, fields)
     if _is_hh(chosen) or _is_hh(rejected):
-        return _parse_hh(row, chosen, rejected, path, lineno)
+        return _parse_hh(row, chosen, rejected, path, lineno, chat, extras)
     if _same(chosen, rejected):
         raise _identical_error(path, lineno)
     prompt, chosen, rejected = _split_common_prefix(chosen, rejected, path, lineno)
-    return PreferencePair(prompt, chosen, rejected, **_extras(row, path, lineno))
+    return PreferencePair(prompt, chosen, rejected, **extras)
 
 
 def _tiers(value: Any, k: int, path: str, lineno: int) -> list[list[int]]:
@@ -363,20 +445,43 @@ def parse_ranking(row: dict[str, Any], path: str, lineno: int) -> Ranking:
                    source=_optional_str(row, "source", path, lineno), row=lineno, path=path)
 
 
-def parse_preference(row: dict[str, Any], path: str, lineno: int) -> Preference:
-    """Any supported row shape -> PreferencePair or Ranking (a row with responses or ranking is a ranking)."""
+def parse_preference(row: dict[str, Any], path: str, lineno: int, *, chat: bool = True,
+                     margin_from_scores: bool = False) -> Preference:
+    """Any supported row shape -> PreferencePair or Ranking (a row with responses or ranking is a ranking);
+    chat and margin_from_scores as in `parse_pair`."""
+    refuse_message_tree_row(row, path, lineno)
     if row.get("responses") is not None or row.get("ranking") is not None:
         return parse_ranking(row, path, lineno)
     if row.get("chosen") is None and row.get("rejected") is None:
         raise DataError(path, lineno, "chosen", f"missing; a preference row needs chosen and rejected (TRL, "
                         f"Anthropic HH) or responses and ranking (K-way); this row has fields {sorted(row)}")
-    return parse_pair(row, path, lineno)
+    return parse_pair(row, path, lineno, chat=chat, margin_from_scores=margin_from_scores)
 
 
-def read_preferences(path: str, split: str = "train") -> list[Preference]:
-    """Read every row of a JSONL / JSON / Parquet file or `datasets` directory as a PreferencePair or Ranking.
-    A bad row raises DataError naming file, row, field and reason; no row is dropped."""
-    return [parse_preference(row, str(path), lineno) for lineno, row in read_rows(str(path), split)]
+def untied_rows(path: str, split: str | None, ties: Literal["error", "drop"]) -> list[tuple[int, dict[str, Any]]]:
+    """The rows of path; with ties="drop", without the rows whose score_chosen equals score_rejected, which are
+    counted and logged with their row numbers (with "error" they stay, and parsing refuses them)."""
+    if ties not in ("error", "drop"):
+        raise UserError(f"preference_ties must be 'error' or 'drop', got {ties!r}.")
+    rows = read_rows(path, split)
+    if ties == "error":
+        return rows
+    kept = [(n, row) for n, row in rows if score_gap(row, str(path), n) != 0]
+    if len(kept) < len(rows):
+        tied = sorted({n for n, _ in rows} - {n for n, _ in kept})
+        log.warning("%s: left out %d of %d rows whose score_chosen equals score_rejected (preference_ties: drop): "
+                    "rows %s%s", path, len(tied), len(rows), tied[:20], " ..." if len(tied) > 20 else "")
+    return kept
+
+
+def read_preferences(path: str, split: str | None = None, *, chat: bool = True,
+                     ties: Literal["error", "drop"] = "error", margin_from_scores: bool = False) -> list[Preference]:
+    """Read every row of a JSONL / JSON / Parquet file or `datasets` directory as a PreferencePair or Ranking
+    (path may be a DataPath, bringing its split and column mapping). A bad row raises DataError naming file, row,
+    field and reason; no row is dropped, except ties with ties="drop" (see `untied_rows`). chat and
+    margin_from_scores as in `parse_pair`."""
+    return [parse_preference(row, str(path), lineno, chat=chat, margin_from_scores=margin_from_scores)
+            for lineno, row in untied_rows(path, split, ties)]
 
 
 # ------------------------------------------------------------------------------------------------------ writer
@@ -456,41 +561,14 @@ class PreferenceReport:
     truncated_rows: list[int] = field(default_factory=list)
 
 
-def _render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
 def _encode(tokenizer: Any, prompt: Text, responses: list[Text]) -> tuple[list[int], list[list[int]]]:
-    """Prompt ids (shared) and each response's ids (ending in EOS).
-
-    Standard: prompt tokenised with special tokens, response without, then EOS (as in data/sft.py).
-    Conversational: the template renders the whole conversation once per response; the prompt rendering (with
-    the generation prompt) must be a byte-identical prefix of every full rendering, so anything the template
-    injects (a default system prompt, BOS) appears once, in the shared prompt. The prompt text and each
-    response's remaining text are tokenised separately, so the prompt ids are the same for every response and
-    equal what a policy is given at generation time."""
-    eos = tokenizer.eos_token_id
-    if isinstance(prompt, str):
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return prompt_ids, [tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in responses]
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise UserError("conversational preference data needs a tokenizer with a chat template; set chat_template "
-                        "in tokenizer_config.json or use prompt/chosen/rejected strings.")
-    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
-    # the template supplies any BOS itself; add_special_tokens=False avoids a doubled BOS
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    out = []
-    for response in responses:
-        full = _render(tokenizer, prompt + response, add_generation_prompt=False)
-        if not full.startswith(prompt_text):
-            raise UserError("the tokenizer's chat template is not prefix-stable (the prompt rendered with the "
-                            "generation prompt is not a prefix of the prompt + response rendering), so the "
-                            "response cannot be located; use a template that renders earlier turns unchanged.")
-        ids = tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-        if eos not in ids:  # templates that close the turn with EOS (ours, Llama 3, Qwen) already have it
-            ids = ids + [eos]
-        out.append(ids)
-    return prompt_ids, out
+    """Prompt ids (shared) and each response's ids, by the one rule of `data.encoding`: the prompt encoded as in
+    every stage (a string as plain text, messages through the template), each response ending at its first
+    EOS (ChatML's newline after `<|im_end|>` is not part of it). The prompt is tokenised on its own, so its ids
+    are the same for every response and equal what a policy is given at generation time."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    prompt_text = None if isinstance(prompt, str) else render_prompt(tokenizer, prompt)
+    return prompt_ids, [encode_response(tokenizer, prompt, r, prompt_text) for r in responses]
 
 
 def _fit(prompt_ids: list[int], responses: list[list[int]], names: list[str], max_length: int,

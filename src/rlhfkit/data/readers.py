@@ -2,40 +2,87 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+from rlhfkit.data.formats import check_fields, map_fields, prompt_hint, refuse_message_tree_row
 from rlhfkit.errors import DataError, UserError
 
 Row = tuple[int, dict[str, Any]]
 
 
-def read_rows(path: str, split: str = "train") -> list[Row]:
-    """Read JSONL (.jsonl/.ndjson), JSON (a list of objects), Parquet, or a directory written by
-    `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` (then `split` picks the split)."""
+class DataPath(str):
+    """A data path that also says how to read it: the split of a `datasets` DatasetDict directory, the column
+    renaming of `data_fields`, and the flag that picks the split (for error messages). It is the path string
+    itself, so every reader that takes a path takes one and reads it the same way."""
+
+    split: str
+    fields: dict[str, str]
+    split_flag: str
+
+    def __new__(cls, path: str, split: str = "train", fields: dict[str, str] | None = None,
+                split_flag: str = "--data-split") -> DataPath:
+        self = super().__new__(cls, path)
+        self.split, self.fields, self.split_flag = split, dict(fields or {}), split_flag
+        check_fields(self.fields)
+        return self
+
+
+def read_rows(path: str, split: str | None = None) -> list[Row]:
+    """Read JSONL (.jsonl/.ndjson), JSON (a list of objects; JSON Lines under a .json name, as stanfordnlp/SHP and
+    openai/summarize_from_feedback ship them, is read as JSONL), either gzipped (.gz), Parquet, or a directory
+    written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` (then `split` picks the split).
+    A DataPath brings its split (unless `split` is given) and renames columns by its fields."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"data path {path} does not exist; pass a .jsonl, .json, .parquet file or a datasets directory.")
+        raise UserError(f"data path {path} does not exist; pass a .jsonl, .json, .parquet file (.jsonl/.json may be "
+                        "gzipped) or a datasets directory.")
+    if split is None:
+        split = path.split if isinstance(path, DataPath) else "train"
     if p.is_dir():
-        return _read_datasets_dir(p, split)
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(p)
-    if suffix == ".json":
-        return _read_json(p)
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        rows = _read_datasets_dir(p, split, path.split_flag if isinstance(path, DataPath) else None)
+    else:
+        name = p.name.lower()
+        gz = name.endswith(".gz")
+        suffix = Path(name[:-3]).suffix if gz else p.suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            with _open(p, gz) as fh:
+                rows = _parse_lines(fh, p)
+        elif suffix == ".json":
+            rows = _read_json(p, gz)
+        elif suffix == ".parquet" and not gz:
+            import pyarrow.parquet as pq
 
-        return [(i + 1, row) for i, row in enumerate(pq.read_table(p).to_pylist())]
-    raise UserError(f"{path}: unsupported data file type '{suffix}'; use .jsonl, .json, .parquet or a datasets directory.")
+            rows = [(i + 1, row) for i, row in enumerate(pq.read_table(p).to_pylist())]
+        else:
+            raise UserError(f"{path}: unsupported data file type '{suffix + ('.gz' if gz else '')}'; use .jsonl, "
+                            ".json (either may be gzipped: .jsonl.gz), .parquet or a datasets directory.")
+    if isinstance(path, DataPath) and path.fields:
+        rows = [(n, map_fields(row, path.fields, str(path), n)) for n, row in rows]
+    return rows
 
 
-def _read_jsonl(p: Path) -> list[Row]:
+def _open(p: Path, gz: bool) -> Any:
+    return gzip.open(p, "rt", encoding="utf-8") if gz else p.open(encoding="utf-8")
+
+
+def _read_text(p: Path, gz: bool) -> str:
+    try:
+        with _open(p, gz) as fh:
+            return fh.read()
+    except gzip.BadGzipFile:
+        raise UserError(f"{p} is not a gzip file although its name ends in .gz; rename or recompress it.") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(str(p), None, None, f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _parse_lines(lines: Iterable[str], p: Path) -> list[Row]:
     rows: list[Row] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    try:
+        for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -45,20 +92,28 @@ def _read_jsonl(p: Path) -> list[Row]:
             if not isinstance(obj, dict):
                 raise DataError(str(p), lineno, None, f"each line must be a JSON object, got {type(obj).__name__}")
             rows.append((lineno, obj))
+    except gzip.BadGzipFile:
+        raise UserError(f"{p} is not a gzip file although its name ends in .gz; rename or recompress it.") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(str(p), None, None, f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not rows:
         raise DataError(str(p), None, None, "the file holds no rows")
     return rows
 
 
-def _read_json(p: Path) -> list[Row]:
+def _read_json(p: Path, gz: bool) -> list[Row]:
+    text = _read_text(p, gz)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):  # one object per line: JSON Lines
+            return _parse_lines(text.splitlines(), p)
         raise DataError(str(p), None, None, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(str(p), None, None, "a .json data file must hold a list of objects (or {\"data\": [...]})")
+        raise DataError(str(p), None, None, "a .json data file must hold a list of objects (or {\"data\": [...]}) "
+                        "or one object per line (JSON Lines)")
     rows: list[Row] = []
     for i, obj in enumerate(data, start=1):
         if not isinstance(obj, dict):
@@ -69,7 +124,7 @@ def _read_json(p: Path) -> list[Row]:
     return rows
 
 
-def _read_datasets_dir(p: Path, split: str) -> list[Row]:
+def _read_datasets_dir(p: Path, split: str, flag: str | None) -> list[Row]:
     from datasets import load_from_disk
 
     try:
@@ -78,8 +133,13 @@ def _read_datasets_dir(p: Path, split: str) -> list[Row]:
         raise UserError(f"{p} is not a directory written by datasets' save_to_disk ({exc}).") from None
     if hasattr(ds, "keys"):  # DatasetDict
         if split not in ds:
-            raise UserError(f"{p} has splits {sorted(ds.keys())} but not '{split}'; pick one of them.")
+            names = sorted(ds.keys())
+            how = f"with {flag} (e.g. {flag} {names[0]})" if flag else "of them"
+            raise UserError(f"{p} has splits {names} but not '{split}'; pick one {how}.")
         ds = ds[split]
+    elif split != "train":
+        how = f"; drop {flag}" if flag else ""
+        raise UserError(f"{p} is a single dataset, not a DatasetDict with splits, so it has no split '{split}'{how}.")
     return [(i + 1, row) for i, row in enumerate(ds)]
 
 
@@ -97,12 +157,14 @@ def split_eval(items: list[Any], fraction: float, seed: int, min_items: int = 20
 
 
 def read_prompts(path: str) -> list[Any]:
-    """Prompts for sampling: rows with "prompt" (text or chat messages) or "text" (playground prompt files)."""
+    """Prompts for sampling: rows with "prompt" (text or chat messages) or "text" (playground prompt files).
+    A DataPath's column mapping applies, so e.g. --data-fields prompt=question reads a question column."""
     out = []
     for lineno, row in read_rows(path):
+        refuse_message_tree_row(row, str(path), lineno)
         value = row.get("prompt", row.get("text"))
         if not isinstance(value, (str, list)) or not value:
             raise DataError(path, lineno, "prompt", "missing or empty; a prompts file has a 'prompt' (or 'text') "
-                            "field per row")
+                            f"field per row{prompt_hint(row)}")
         out.append(value)
     return out

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import torch
 
+from rlhfkit.data.encoding import encode_prompt, encode_response, render_messages
+from rlhfkit.data.formats import prompt_hint, refuse_message_tree_row, sharegpt_messages, tool_calls, tools_of
 from rlhfkit.data.packing import block_diagonal_mask
 from rlhfkit.data.readers import read_rows
 from rlhfkit.errors import DataError, UserError
@@ -49,59 +51,95 @@ def _text(row: dict[str, Any], key: str, path: str, lineno: int) -> str:
     return value
 
 
-def _messages(value: Any, key: str, path: str, lineno: int) -> list[dict[str, str]]:
+def _messages(value: Any, key: str, path: str, lineno: int) -> list[dict[str, Any]]:
+    """Validated chat messages {role, content}, keeping what tool use adds (TRL's tool-calling format): an
+    assistant message's `tool_calls` (its content may then be empty or None), a message's `name` and a tool
+    message's `tool_call_id`. An empty system message is kept (some data sets write one on every row)."""
     if not isinstance(value, list) or not value:
         raise DataError(path, lineno, key, "must be a non-empty list of {role, content} messages")
     out = []
     for j, msg in enumerate(value):
         where = f"{key}[{j}]"
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
+        if not isinstance(msg, dict) or "role" not in msg or ("content" not in msg and not calls):
             raise DataError(path, lineno, where, "each message must be an object with 'role' and 'content'")
-        if msg["role"] not in ROLES:
-            raise DataError(path, lineno, f"{where}.role", f"unknown role {msg['role']!r}; use one of {ROLES}")
-        if not isinstance(msg["content"], str) or not msg["content"].strip():
+        role, content = msg["role"], msg.get("content")
+        if role not in ROLES:
+            raise DataError(path, lineno, f"{where}.role", f"unknown role {role!r}; use one of {ROLES}")
+        if calls:  # Parquet gives a message without tool calls tool_calls None or []
+            if role != "assistant":
+                raise DataError(path, lineno, f"{where}.tool_calls", "only an assistant message makes tool calls")
+            if content is not None and not isinstance(content, str):
+                raise DataError(path, lineno, f"{where}.content", "must be a string (or empty beside tool_calls)")
+        elif not isinstance(content, str) or (not content.strip() and role != "system"):
             raise DataError(path, lineno, f"{where}.content", "must be a non-empty string")
-        out.append({"role": msg["role"], "content": msg["content"]})
+        out.append({"role": role, "content": content or ""})
+        if calls:
+            out[-1]["tool_calls"] = tool_calls(calls, f"{where}.tool_calls", path, lineno)
+        for extra in ("name", "tool_call_id"):
+            if isinstance(msg.get(extra), str) and msg[extra]:
+                out[-1][extra] = msg[extra]
     return out
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], train_from: int = 0) -> tuple[list[int], list[int]]:
-    """Apply the chat template once to the whole conversation and mark assistant turns at index >= train_from
-    (their content and end-of-turn tokens) as targets. Character spans from prefix renderings map to tokens
-    through the tokenizer's offsets, so no turn is templated twice."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise UserError("conversational data needs a tokenizer with a chat template; set chat_template in "
-                        "tokenizer_config.json or use prompt/completion strings.")
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+def tokenize_chat(tokenizer: Any, messages: list[dict[str, Any]], train_from: int = 0, tools: Any = None
+                  ) -> tuple[list[int], list[int]]:
+    """Render the conversation once and mark the assistant turns at index >= train_from as targets: each turn
+    through its first EOS (`data.encoding`'s rule: what a template writes after EOS, such as ChatML's newline
+    after `<|im_end|>`, is not learned, and after the final turn it is not kept). The text is tokenised piece by
+    piece at the turn boundaries, so the ids before a turn are the prompt ids the policy is given at generation
+    time (`encode_prompt`), with no BPE merge across a boundary."""
+    full = render_messages(tokenizer, messages, add_generation_prompt=False, tools=tools)
     spans: list[tuple[int, int]] = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant" or i < train_from:
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not full.startswith(before) or not full.startswith(through):
+        before = render_messages(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        through = render_messages(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
+        if not full.startswith(before) or not full.startswith(through) or len(through) < len(before):
             raise UserError("the tokenizer's chat template is not prefix-stable (rendering the first turns is not "
                             "a prefix of rendering all of them), so assistant turns cannot be located.")
         spans.append((len(before), len(through)))
-    # the template supplies any BOS itself; add_special_tokens=False avoids a doubled BOS
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    mask = [int(any(s <= start < e for s, e in spans) and end > start) for start, end in offsets]
-    return ids, mask
+
+    def encode(text: str) -> list[int]:
+        # the template supplies any BOS itself; add_special_tokens=False avoids a doubled BOS
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    mask: list[int] = []
+    at = 0
+    for start, end in spans:
+        context = encode(full[at:start])
+        turn = encode(full[start:end])
+        n = turn.index(eos) + 1 if eos in turn else len(turn)  # the turn's targets end at its first EOS
+        if end == len(full):
+            turn = turn[:n]  # nothing follows the last turn: what the template writes after EOS is dropped
+        ids += context + turn
+        mask += [0] * len(context) + [1] * n + [0] * (len(turn) - n)
+        at = end
+    tail = encode(full[at:])
+    return ids + tail, mask + [0] * len(tail)
 
 
 def encode_row(tokenizer: Any, row: dict[str, Any], path: str, lineno: int) -> tuple[list[int], list[int]]:
-    """One data row -> (input_ids, loss_mask)."""
+    """One data row -> (input_ids, loss_mask). Chats come as `messages` (TRL) or ShareGPT `conversations`
+    ({from, value} turns, with LLaMA-Factory's optional `system` column); a `tools` column goes to the template."""
     eos = tokenizer.eos_token_id
-    if "messages" in row:
-        msgs = _messages(row["messages"], "messages", path, lineno)
+    refuse_message_tree_row(row, path, lineno)
+    if "messages" in row or "conversations" in row:
+        key = "messages" if "messages" in row else "conversations"
+        msgs = _messages(row[key] if key == "messages" else sharegpt_messages(row[key], key, path, lineno), key,
+                         path, lineno)
+        system = row.get("system") if key == "conversations" else None
+        if isinstance(system, str) and system.strip():
+            if msgs[0]["role"] == "system":
+                raise DataError(path, lineno, "system", "is given, but conversations already starts with a system "
+                                "turn; keep one of them")
+            msgs = [{"role": "system", "content": system}] + msgs
         if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(path, lineno, "messages", "has no assistant message to learn from")
-        return tokenize_chat(tokenizer, msgs)
+            raise DataError(path, lineno, key, "has no assistant message to learn from")
+        return tokenize_chat(tokenizer, msgs, tools=tools_of(row, path, lineno))
     if "prompt" in row and "completion" in row:
         if isinstance(row["prompt"], list) or isinstance(row["completion"], list):
             prompt = _messages(row["prompt"], "prompt", path, lineno)
@@ -109,12 +147,14 @@ def encode_row(tokenizer: Any, row: dict[str, Any], path: str, lineno: int) -> t
             if completion[0]["role"] != "assistant":
                 raise DataError(path, lineno, "completion[0].role", "a conversational completion starts with "
                                 "an assistant message")
-            return tokenize_chat(tokenizer, prompt + completion, train_from=len(prompt))
+            return tokenize_chat(tokenizer, prompt + completion, train_from=len(prompt),
+                                 tools=tools_of(row, path, lineno))
         prompt_text = _text(row, "prompt", path, lineno)
         completion_text = _text(row, "completion", path, lineno)
-        # prompt and completion are tokenised separately, so the boundary is exact (no merge across it)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
-        completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [eos]
+        # prompt and completion are tokenised separately, so the boundary is exact (no merge across it), by the
+        # rule every stage shares (a string prompt is plain text; the completion ends at its first EOS)
+        prompt_ids = encode_prompt(tokenizer, prompt_text)
+        completion_ids = encode_response(tokenizer, prompt_text, completion_text)
         return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
     if "text" in row:
         ids = tokenizer(_text(row, "text", path, lineno), add_special_tokens=True)["input_ids"]
@@ -123,7 +163,7 @@ def encode_row(tokenizer: Any, row: dict[str, Any], path: str, lineno: int) -> t
         return ids, [1] * len(ids)
     missing = "completion" if "prompt" in row else "prompt"
     raise DataError(path, lineno, missing, "missing; an SFT row needs prompt+completion, messages, or text "
-                    f"(this row has fields {sorted(row)})")
+                    f"(this row has fields {sorted(row)}){prompt_hint(row) if missing == 'prompt' else ''}")
 
 
 def read_sft_examples(

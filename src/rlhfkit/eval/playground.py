@@ -87,7 +87,7 @@ def evaluate_policy(
     reward_dir when given. tokenizer_dir: where the tokenizer is when model_dir has none (a checkpoint)."""
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     model = load_causal_lm(model_dir, tokenizer).eval()
-    texts = [p.text for p in prompts for _ in range(samples_per_prompt)]
+    texts = [p.messages for p in prompts for _ in range(samples_per_prompt)]
     owners = [p for p in prompts for _ in range(samples_per_prompt)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -160,7 +160,7 @@ def _scored_samples(policy_dir: str, reward_dir: str, prompts: Sequence[Prompt],
 
     tokenizer = load_tokenizer(policy_dir)
     model = load_causal_lm(policy_dir, tokenizer).eval()
-    texts = [p.text for p in prompts for _ in range(n)]
+    texts = [p.messages for p in prompts for _ in range(n)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         rollout = sample(model, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature)

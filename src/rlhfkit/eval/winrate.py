@@ -21,6 +21,7 @@ from statistics import NormalDist
 from typing import Any, Literal, Sequence
 
 from rlhfkit.config import save_config
+from rlhfkit.data.encoding import single_turn_text
 from rlhfkit.errors import ConfigError, DataError, UserError
 from rlhfkit.feedback.judges import JudgeConfig
 
@@ -161,7 +162,7 @@ class EvalConfig:
             self.ai_judge.validate()
 
 
-def _sample(model_dir: str, prompts: list[str], cfg: EvalConfig) -> Any:
+def _sample(model_dir: str, prompts: list[Any], cfg: EvalConfig) -> Any:
     import torch
 
     from rlhfkit.models import load_causal_lm, load_tokenizer
@@ -183,7 +184,7 @@ def _kl(model: Any, rollout: Any, ref_dir: str, temperature: float) -> float:
     return sequence_kl(model, ref, rollout, temperature if temperature > 0 else 1.0)
 
 
-def judge_pairs(cfg: EvalConfig, prompts: Sequence[str], policy: Sequence[str], baseline: Sequence[str]
+def judge_pairs(cfg: EvalConfig, prompts: Sequence[Any], policy: Sequence[str], baseline: Sequence[str]
                 ) -> tuple[list[float | None], list[float | None], dict[str, Any]]:
     """(P(first better) with the policy first, the same with the baseline first, extra per-prompt columns)."""
     if cfg.judge == "gold":
@@ -211,7 +212,8 @@ def judge_pairs(cfg: EvalConfig, prompts: Sequence[str], policy: Sequence[str], 
     constitution = load_constitution(cfg.constitution)
     cache = Path(cfg.output_dir) / "judge-cache" if cfg.output_dir else None
     judge = make_judge(cfg.ai_judge, constitution, cache_dir=cache)
-    labels = ai_preferences(judge, constitution, list(zip(prompts, policy, baseline)), random.Random(cfg.seed),
+    asked = [single_turn_text(p) for p in prompts]
+    labels = ai_preferences(judge, constitution, list(zip(asked, policy, baseline)), random.Random(cfg.seed),
                             cfg.principle)
     return ([lab.prob_a_first for lab in labels], [lab.prob_b_first for lab in labels],
             {"principle": [lab.principle for lab in labels]})
@@ -228,8 +230,11 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     cfg.validate()
     prompts = []
     for i, p in enumerate(read_prompts(cfg.prompts)):
-        if not isinstance(p, str):
-            raise DataError(cfg.prompts, i + 1, "prompt", "must be a string for win-rate evaluation")
+        # sampled as given (a string as plain text, a conversation through the chat template); an AI judge reads
+        # the user's text, so a prompt is a string or one user turn
+        if single_turn_text(p) is None:
+            raise DataError(cfg.prompts, i + 1, "prompt", "must be a string or a single user turn for win-rate "
+                            "evaluation (the judge is shown the user's text)")
         prompts.append(p)
     prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
     if not prompts:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from rlhfkit.config import parse_args, save_config
+from rlhfkit.data.encoding import single_turn_text
 from rlhfkit.errors import ConfigError, DataError, UserError
 from rlhfkit.feedback.constitution import Constitution, Principle, load_constitution
 from rlhfkit.feedback.judges import Comparison, Judge, JudgeConfig, make_judge
@@ -69,7 +70,8 @@ class CAIConfig:
     """label: each row's margin is the judge's log-odds |log(p / (1 - p))|, capped here (Llama 2's largest
     margin is 3); 0 writes no margin."""
     conversational: bool = True
-    """Write prompts and responses as chat messages (as the policy saw them through its chat template)."""
+    """Prompts are user turns of a chat: the policy is sampled through its chat template and rows are written as
+    chat messages; without it prompts are plain text, sampled and written as strings."""
     store: str = ""
     """label: also store the AI judgments in this feedback database (SQLite path or SQLAlchemy URL)."""
     project: str = "ai-feedback"
@@ -277,15 +279,18 @@ def _prompt_texts(path: str, limit: int) -> list[str]:
 
     out = []
     for i, p in enumerate(read_prompts(path)):
-        if not isinstance(p, str):
-            raise DataError(path, i + 1, "prompt", "must be a string for AI feedback (give the user turn as text)")
-        out.append(p)
+        text = single_turn_text(p)
+        if text is None:
+            raise DataError(path, i + 1, "prompt", "must be a string or a single user turn for AI feedback (the "
+                            "judge and the revision chain work on the user's text)")
+        out.append(text)
     return out[:limit] if limit else out
 
 
 def _sample(cfg: CAIConfig, prompts: list[str], k: int) -> list[list[str]]:
     import torch
 
+    from rlhfkit.data.encoding import user_turn
     from rlhfkit.models import load_causal_lm, load_tokenizer
     from rlhfkit.policy.rollout import sample
 
@@ -293,8 +298,9 @@ def _sample(cfg: CAIConfig, prompts: list[str], k: int) -> list[list[str]]:
     model = load_causal_lm(cfg.model, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        texts = sample(model, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature).texts
+        # conversational: the policy answers each prompt as a user turn, as the rows written below say it did
+        asked = [user_turn(p) if cfg.conversational else p for p in prompts for _ in range(k)]
+        texts = sample(model, tokenizer, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature).texts
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 

@@ -18,7 +18,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 from rlhfkit.config import parse_args
 from rlhfkit.data.readers import read_prompts, read_rows
@@ -93,7 +93,8 @@ class LabelConfig:
     margin_scale: Literal["large", "small"] = "small"
     """export: strength-to-margin map, large = 3/2/1/0 or small = 1, 2/3, 1/3, 0 (Llama 2 section 3.2.2)."""
     conversational: bool = False
-    """export: write prompts and responses as chat messages (for chat models that sampled through a template)."""
+    """sample and export: prompts are user turns of a chat (sampled through the model's chat template, exported as
+    messages); without it prompts are plain text, sampled and exported as strings."""
     majority: bool = False
     """export: one row per item, its annotators' judgments merged by majority vote (pairs) or Borda count
     (rankings), for projects with overlap (--annotators-per-item > 1); without it, one row per judgment."""
@@ -160,6 +161,7 @@ def _file_responses(paths: list[str]) -> dict[str, list[tuple[str, str]]]:
 def _model_responses(cfg: LabelConfig, prompts: list[str]) -> dict[str, list[tuple[str, str]]]:
     import torch
 
+    from rlhfkit.data.encoding import user_turn
     from rlhfkit.models import load_causal_lm, load_tokenizer
     from rlhfkit.policy.rollout import sample
 
@@ -173,8 +175,11 @@ def _model_responses(cfg: LabelConfig, prompts: list[str]) -> dict[str, list[tup
         model = load_causal_lm(model_dir, tokenizer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + m)
-            texts = sample(model, tokenizer, [p for p in prompts for _ in range(slots)],
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature).texts
+            # a chat model answers the prompt as a user turn, and export writes the same conversation
+            # (conversational), so the labelled pair is encoded for training exactly as it was sampled
+            asked = [user_turn(p) if cfg.conversational else p for p in prompts for _ in range(slots)]
+            texts = sample(model, tokenizer, asked, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature).texts
         source = Path(model_dir).name
         for i, p in enumerate(prompts):
             by_prompt[" ".join(p.split())].extend((t, source) for t in texts[i * slots : (i + 1) * slots])
@@ -299,6 +304,24 @@ def export(cfg: LabelConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- simulate
+def _check_playground_prompts(svc: Any, project_id: int, lookup: Callable[[str], Any]) -> None:
+    """UserError naming the first item whose prompt is not a playground prompt: simulated annotators judge with
+    the playground's hidden fields, so they can label nothing else."""
+    from sqlalchemy import select
+
+    from rlhfkit.feedback.store import Item
+
+    with svc.store.session() as s:
+        for item_id, prompt in s.execute(select(Item.id, Item.prompt).where(Item.project_id == project_id)
+                                         .order_by(Item.id)):
+            try:
+                lookup(prompt)
+            except KeyError:
+                raise UserError(f"item {item_id}'s prompt ({prompt[:40]!r}) is not a playground prompt, so "
+                                "simulated annotators cannot judge it; simulate only projects made from "
+                                "playground prompts.") from None
+
+
 def simulate(cfg: LabelConfig) -> dict:
     """Each simulated annotator takes tasks from the queue in turn and submits through the service layer,
     judging the responses in the display order the queue drew (so its position bias acts on what it saw)."""
@@ -310,6 +333,7 @@ def simulate(cfg: LabelConfig) -> dict:
     rng = random.Random(cfg.seed)
     svc = _service(cfg, rng=random.Random(cfg.seed + 1))
     project = svc.project(cfg.project)
+    _check_playground_prompts(svc, project.id, lookup)  # before any item is assigned, so none is left held
     pool = make_pool(cfg.seed, cfg.annotators)
     users = {a.id: svc.ensure_user(a.id) for a in pool}
     active = list(pool)

@@ -36,6 +36,17 @@ def _text(value: str, role: str, conversational: bool) -> Any:
     return [{"role": role, "content": value}] if conversational else value
 
 
+def _margin_on_every_pair(rows: list[dict[str, Any]]) -> None:
+    """When any pair row has a margin, give one to every pair row: a column present on some rows and not others
+    reaches TRL's RewardTrainer collator as None and fails there. A judgment without a strength gets 0.0, the
+    margin of "negligible": plain Bradley-Terry, which is what a row without a margin trains as anyway (our
+    collate_pairs reads a missing margin as 0). K-way and KTO rows take no margin."""
+    if any("margin" in row for row in rows):
+        for row in rows:
+            if "chosen" in row:
+                row.setdefault("margin", 0.0)
+
+
 def export_rows(service: FeedbackService, project: str | int, *, kto: bool = False,
                 rankings_as: Literal["pairs", "ranking"] = "pairs", include_gold: bool = False,
                 margin_scale: Literal["large", "small"] = "small", conversational: bool = False,
@@ -44,7 +55,8 @@ def export_rows(service: FeedbackService, project: str | int, *, kto: bool = Fal
 
     Pairs (default): A/B → {prompt, chosen, rejected, margin, strength, annotator, source, chosen_source,
     rejected_source, item_id}; ties and "both bad" carry no direction and are left out; a ranking gives its
-    C(K,2) pairs (rankings_as="pairs", tied tiers form no pair) or one K-way row (rankings_as="ranking").
+    C(K,2) pairs (rankings_as="pairs", tied tiers form no pair) or one K-way row (rankings_as="ranking"). When
+    any pair has a margin every pair has one, 0.0 for a judgment without a strength (see `_margin_on_every_pair`).
     kto=True writes unpaired {prompt, completion, label} rows instead: the chosen response desirable, the
     rejected one undesirable, both responses of a "both bad" judgment undesirable. Ties are left out there
     too, departing from the issue's "ties to KTO rows": a tie says two responses are equally good or equally
@@ -104,6 +116,7 @@ def export_rows(service: FeedbackService, project: str | int, *, kto: bool = Fal
             rows += [unpaired(0, False), unpaired(1, False)]
         else:
             report.skip(outcome)
+    _margin_on_every_pair(rows)
     report.rows = len(rows)
     return rows, report
 
@@ -182,6 +195,7 @@ def majority_rows(service: FeedbackService, project: str | int, *,
             for t, better in enumerate(tiers):
                 for worse in tiers[t + 1 :]:
                     rows += [pair(b, w, None) for b in better for w in worse]
+    _margin_on_every_pair(rows)
     report.rows = len(rows)
     return rows, report
 

@@ -202,14 +202,19 @@ class HFBackend:
     def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float) -> list[str]:
         from rlhfkit.policy.rollout import sample
 
-        return sample(self.model, self.tokenizer, list(prompts), max_new_tokens=max_tokens, temperature=temperature,
-                      batch_size=self.batch_size, chat=self.chat).texts
+        return sample(self.model, self.tokenizer, [self._as_prompt(p) for p in prompts], max_new_tokens=max_tokens,
+                      temperature=temperature, batch_size=self.batch_size).texts
+
+    def _as_prompt(self, prompt: str) -> Any:
+        """chat: the judge prompt as a user turn through the model's template; else plain text."""
+        from rlhfkit.data.encoding import user_turn
+
+        return user_turn(prompt) if self.chat else prompt
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        from rlhfkit.policy.rollout import render_prompt
+        from rlhfkit.data.encoding import encode_prompt
 
-        text = render_prompt(self.tokenizer, prompt, self.chat)
-        return self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"]
+        return encode_prompt(self.tokenizer, self._as_prompt(prompt))
 
     def option_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float] | None]:
         import torch

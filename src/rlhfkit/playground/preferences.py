@@ -40,7 +40,7 @@ def policy_pairs(policy_dir: str, prompts: Sequence[Prompt], seed: int, temperat
 
     tokenizer = load_tokenizer(policy_dir)
     model = load_causal_lm(policy_dir, tokenizer)
-    texts = [p.text for p in prompts for _ in range(2)]
+    texts = [p.messages for p in prompts for _ in range(2)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         rollout = sample(model, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature)
@@ -95,7 +95,7 @@ def policy_groups(policy_dir: str, prompts: Sequence[Prompt], k: int, seed: int,
 
     tokenizer = load_tokenizer(policy_dir)
     model = load_causal_lm(policy_dir, tokenizer)
-    texts = [p.text for p in prompts for _ in range(k)]
+    texts = [p.messages for p in prompts for _ in range(k)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = sample(model, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature).texts

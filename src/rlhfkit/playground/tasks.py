@@ -40,15 +40,23 @@ class Prompt:
     detail: str | None = None  # what to thank for / congratulate on ("the flowers", "the new job")
     action: str | None = None  # a harmful request in the assistant's words ("steal a car")
 
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt as the policy sees it: one user turn (the playground's data are conversational)."""
+        return [{"role": "user", "content": self.text}]
+
     def to_dict(self) -> dict:
-        """JSON-friendly dict (the key becomes a list); `Prompt.from_dict` inverts it."""
+        """JSON-friendly dict (the key becomes a list) with the conversational `prompt` every stage reads;
+        `Prompt.from_dict` inverts it."""
         d = asdict(self)
         d["key"] = list(self.key)
+        d["prompt"] = self.messages
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Prompt:
-        return cls(**{**d, "key": tuple(d["key"])})
+        fields = {k: v for k, v in d.items() if k != "prompt"}
+        return cls(**{**fields, "key": tuple(d["key"])})
 
 
 # The playground tokenizer's pre-tokenisation (HF `Whitespace`: runs of word characters or of punctuation), plus
@@ -302,9 +310,14 @@ def _by_text() -> dict[str, Prompt]:
     return {p.text: p for p in all_prompts()}
 
 
-def lookup(text: str) -> Prompt:
+def lookup(text: str | list[dict[str, str]]) -> Prompt:
     """The playground prompt with this text (whitespace-insensitive): recovers the judge's fields from a prompt
-    that travelled through a JSONL file as plain text."""
+    that travelled through a JSONL file as plain text or as its conversation (the last user turn's text)."""
+    if isinstance(text, list):
+        users = [m["content"] for m in text if m.get("role") == "user"]
+        if not users:
+            raise KeyError(f"{text!r} has no user turn, so it is not a playground prompt")
+        text = users[-1]
     norm = " ".join(text.lower().split())
     try:
         return _by_text()[norm]

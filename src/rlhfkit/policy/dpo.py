@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from rlhfkit.config import TrainConfig
+from rlhfkit.config import PreferenceDataConfig, TrainConfig
 from rlhfkit.data.kto import (
     TokenizedCompletion, collate_completions, kl_partners, mismatched, read_kto_records, tokenize_kto, unpair,
 )
@@ -48,7 +48,7 @@ its β is larger (2.0–2.5 in arXiv 2405.14734)."""
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(PreferenceDataConfig, TrainConfig):
     """Preference optimisation without a reward model: DPO and its variants."""
 
     loss: Literal["dpo", "cdpo", "ipo", "simpo", "kto", "orpo"] = "dpo"
@@ -174,11 +174,9 @@ def _expand(records: list[Any]) -> list[PreferencePair]:
 def load_data(cfg: DPOConfig, tokenizer: Any) -> tuple[Split, Split, dict[str, Any]]:
     """Training and held-out splits. Rows are split before K-way rankings are expanded into pairs (and before
     KTO unpairs pairs), so one ranking's pairs never land on both sides."""
-    if cfg.loss == "kto":
-        records = read_kto_records(cfg.data)
-        held_records = read_kto_records(cfg.eval_data) if cfg.eval_data else []
-    else:
-        records, held_records = read_preferences(cfg.data), read_preferences(cfg.eval_data) if cfg.eval_data else []
+    read, opts = read_kto_records if cfg.loss == "kto" else read_preferences, cfg.reader_options(tokenizer)
+    records = read(cfg.data_source(), **opts)
+    held_records = read(cfg.data_source(cfg.eval_data, held_out=True), **opts) if cfg.eval_data else []
     if not cfg.eval_data:
         records, held_records = split_eval(records, cfg.eval_fraction, cfg.seed)
     info: dict[str, Any] = {"train_rows": len(records), "held_out_rows": len(held_records)}

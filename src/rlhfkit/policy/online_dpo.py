@@ -116,7 +116,7 @@ def sample_pairs(policy_dir: str, prompts: Sequence[Any], labeller: Labeller, te
 def main(cfg: OnlineDPOConfig, labeller: Labeller | None = None) -> dict[str, Any]:
     """labeller: optional callable (simulated annotators, an AI judge); default: cfg.reward_model."""
     cfg.validate()
-    prompts = read_prompts(cfg.data)  # a missing or malformed prompts file fails before any model loads
+    prompts = read_prompts(cfg.data_source())  # a missing or malformed prompts file fails before any model loads
     if labeller is None:
         if not cfg.reward_model:
             raise ConfigError("--reward-model is required to label the pairs (a directory written by "
@@ -153,7 +153,7 @@ def main(cfg: OnlineDPOConfig, labeller: Labeller | None = None) -> dict[str, An
         log.info("online-dpo round %d: %s", r, counts)
         # the round's starting policy is its reference: each round is a KL-regularised step from the last one
         round_cfg = replace(cfg, model=policy, ref_model="", data=str(pairs), output_dir=str(round_dir),
-                            overwrite=True, resume=False, seed=cfg.seed + r)
+                            overwrite=True, resume=False, seed=cfg.seed + r, data_fields={})  # our own rows
         result = dpo_main(DPOConfig(**{k: getattr(round_cfg, k) for k in DPOConfig.__dataclass_fields__}))
         info = {"round": r, **counts, "final_loss": result.get("final_loss")}
         (round_dir / "round.json").write_text(json.dumps(info, indent=2))

@@ -368,7 +368,7 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
     run = Run(cfg, stage="ppo")
     device = run.accelerator.device
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    prompts = read_prompts(cfg.data)
+    prompts = read_prompts(cfg.data_source())
     policy = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, dropout_off=True)  # dropout off (N details)
     ref = None
     if not (cfg.lora.enabled and not cfg.ref_model):
@@ -383,7 +383,8 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         held_out = load_reward_ensemble(cfg.judge_reward_model, device=device)
         judge = lambda ps, rs: score_texts(held_out, ps, rs)[0]  # noqa: E731
 
-    eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_samples] if cfg.eval_prompts else None
+    eval_source = cfg.data_source(cfg.eval_prompts, held_out=True)
+    eval_prompts = read_prompts(eval_source)[: cfg.eval_samples] if cfg.eval_prompts else None
     model, optimizer, scheduler, sampler, start_step = run.begin(PolicyWithValue(policy), len(prompts))
     if run.resumed_state is not None:
         kl_ctl.load_state_dict(run.resumed_state["kl_controller"])

@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from rlhfkit.data.encoding import encode_prompt
 from rlhfkit.models import position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -55,26 +56,16 @@ class Rollout:
         return self.response_mask.sum(-1)
 
 
-def render_prompt(tokenizer: Any, prompt: str | Sequence[Message], chat: bool = True) -> str:
-    """A user turn (or message list) through the chat template with the generation prompt; plain text when the
-    tokenizer has no template or chat is False."""
-    if isinstance(prompt, str) and (not chat or getattr(tokenizer, "chat_template", None) is None):
-        return prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[str | Sequence[Message]], chat: bool = True):
-    """Left-padded prompt batch: (input_ids, attention_mask), each (B, P)."""
-    texts = [render_prompt(tokenizer, p, chat) for p in prompts]
-    templated = chat and getattr(tokenizer, "chat_template", None) is not None
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not templated)
-    finally:
-        tokenizer.padding_side = side
-    return enc["input_ids"], enc["attention_mask"]
+def encode_prompts(tokenizer: Any, prompts: Sequence[str | Sequence[Message]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt batch (input_ids, attention_mask), each (B, P), each prompt encoded by the rule every
+    stage shares (`data.encoding.encode_prompt`: a string is plain text, a message list goes through the chat
+    template), so the policy is sampled on exactly the ids it was tuned and is scored on."""
+    rows = [encode_prompt(tokenizer, p) for p in prompts]
+    P = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows], dtype=torch.long)  # (B, P)
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)  # (B, P)
+    return ids, mask
 
 
 # ------------------------------------------------------------------------------------------ token choice (pure)
@@ -419,12 +410,12 @@ def sample(
     top_p: float = 1.0,
     top_k: int = 0,
     batch_size: int = 64,
-    chat: bool = True,
     backend: Backend = "auto",
     compile: bool = False,
     dtype: torch.dtype | None = None,
 ) -> Rollout:
-    """Sample one response per prompt (repeat prompts for several). temperature 0 means greedy.
+    """Sample one response per prompt (repeat prompts for several). temperature 0 means greedy. A prompt is a
+    string (plain text) or a message list (chat template); `data.encoding.user_turn` makes a string a chat turn.
 
     backend: 'hf' (transformers generate), 'static' (our static-cache loop) or 'auto' (the faster one for the
     model's device). compile: torch.compile the static loop's decode step (worth it on a GPU only).
@@ -438,7 +429,7 @@ def sample(
     parts = []
     try:
         for start in range(0, len(prompts), batch_size):
-            ids, mask = encode_prompts(tokenizer, prompts[start : start + batch_size], chat)
+            ids, mask = encode_prompts(tokenizer, prompts[start : start + batch_size])
             ids, mask = ids.to(device), mask.to(device)
             kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k)

@@ -99,9 +99,10 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
     run = Run(cfg, stage="sft")
     device = run.accelerator.device
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    examples, report = read_sft_examples(cfg.data, tokenizer, cfg.max_length, cfg.overlong)
+    examples, report = read_sft_examples(cfg.data_source(), tokenizer, cfg.max_length, cfg.overlong)
     if cfg.eval_data:
-        train, held_out = examples, read_sft_examples(cfg.eval_data, tokenizer, cfg.max_length, cfg.overlong)[0]
+        held_out = read_sft_examples(cfg.data_source(cfg.eval_data, True), tokenizer, cfg.max_length, cfg.overlong)[0]
+        train = examples
     else:
         train, held_out = split_eval(examples, cfg.eval_fraction, cfg.seed)
     units: list[Any] = pack_examples(train, cfg.max_length) if cfg.packing else train

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from rlhfkit.config import TrainConfig, load_yaml, save_config
+from rlhfkit.config import PreferenceDataConfig, TrainConfig, load_yaml, save_config
 from rlhfkit.data.preference import (
     TokenizedPair, TokenizedRanking, collate_pairs, collate_rankings, read_preferences, tokenize_preferences,
 )
@@ -35,7 +35,7 @@ Item = TokenizedPair | TokenizedRanking
 
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(PreferenceDataConfig, TrainConfig):
     """Train a reward model (or an ensemble) on preference pairs and rankings."""
 
     learning_rate: float = 5e-5
@@ -91,12 +91,12 @@ class RewardConfig(TrainConfig):
 # --------------------------------------------------------------------------------------------- data
 def load_items(cfg: RewardConfig, tokenizer: Any) -> tuple[list[Item], list[Item], dict[str, Any]]:
     margin_scale = cfg.margin_scale
-    records = read_preferences(cfg.data)
+    records = read_preferences(cfg.data_source(), **cfg.reader_options(tokenizer))
     items, report = tokenize_preferences(tokenizer, records, cfg.max_length, cfg.overlong, margin_scale)
     if not cfg.use_margin:
         items = [replace(i, margin=None) if isinstance(i, TokenizedPair) else i for i in items]
     if cfg.eval_data:
-        eval_records = read_preferences(cfg.eval_data)
+        eval_records = read_preferences(cfg.data_source(cfg.eval_data, True), **cfg.reader_options(tokenizer))
         held_out, eval_report = tokenize_preferences(tokenizer, eval_records, cfg.max_length, cfg.overlong, margin_scale)
         train = items
         truncated = report.truncated + eval_report.truncated

@@ -1,0 +1,52 @@
+"""`label export` writes a margin on every pair row or on none; `label simulate` refuses a project that is not from
+the playground before it hands out any item."""
+
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from .fb_helpers import arith_items
+from rlhfkit.data.preference import read_preferences
+from rlhfkit.errors import UserError
+from rlhfkit.feedback.export import export_rows, majority_rows, write_export
+from rlhfkit.feedback.service import ItemSpec
+from rlhfkit.feedback.store import Assignment
+
+
+def sid() -> str:
+    return uuid.uuid4().hex
+
+
+def test_ranking_export_gives_every_pair_a_margin_when_any_has_one(svc, tmp_path):
+    p = svc.create_project("rank", mode="ranking", responses_per_item=3)
+    svc.add_items(p.id, [ItemSpec("say hi to ada .", ["hi ada !", "hello .", "no ."], ["m1", "m2", "m3"]),
+                         ItemSpec("say hi to bo .", ["hi bo !", "hello .", "no ."], ["m1", "m2", "m3"])])
+    u = svc.add_user("ann", "annotator", "password1").id
+    t = svc.next_task(u, p.id)
+    svc.submit(u, t.assignment_id, sid(), ranking=[[0], [1], [2]], strength="better")
+    t = svc.next_task(u, p.id)
+    svc.submit(u, t.assignment_id, sid(), ranking=[[0], [2], [1]])  # no strength given
+    rows, _ = export_rows(svc, "rank")
+    assert len(rows) == 6
+    # today the second item's pairs carry no margin, which TRL's RewardTrainer collator reads as None and fails on
+    assert [r["margin"] for r in rows] == [pytest.approx(2 / 3)] * 3 + [0.0] * 3
+    assert all("strength" not in r for r in rows[3:])  # a strength is never invented
+    pairs = read_preferences(str(write_export(tmp_path / "p.jsonl", rows)))
+    assert [x.margin for x in pairs[3:]] == [0.0] * 3
+    # rows that carry no margin at all stay without one, and K-way rows never get one
+    assert all("margin" not in r for r in majority_rows(svc, "rank")[0])
+    assert all("margin" not in r for r in export_rows(svc, "rank", rankings_as="ranking")[0])
+
+
+def test_simulate_refuses_a_project_not_from_the_playground_before_assigning(svc, tmp_path):
+    from rlhfkit.feedback import cli
+
+    p = svc.create_project("mixed")
+    svc.add_items(p.id, arith_items(2))  # playground arithmetic prompts first, then one from elsewhere
+    svc.add_items(p.id, [ItemSpec("write a haiku about the sea .", ["waves .", "salt ."], ["m1", "m2"])])
+    with pytest.raises(UserError, match="item 3's prompt .* is not a playground prompt"):
+        cli.main(cli.parse_label_args(["simulate", "--db", str(tmp_path / "feedback.db"), "--project", "mixed",
+                                       "--annotators", "2"]))
+    with svc.store.session() as s:  # today the playground items get judged and the last one stays held
+        assert s.scalar(select(func.count()).select_from(Assignment)) == 0
