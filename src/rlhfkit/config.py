@@ -60,6 +60,11 @@ class TrainConfig:
     eval_data_split: str = "train"
     """Split of the held-out data file (eval_data, eval_prompts) to read when it is a saved DatasetDict (e.g.
     test_prefs)."""
+    chat: bool = False
+    """Read plain-string prompts as one user turn (and string responses as the assistant's turn), rendered by the
+    chat template in every stage, for chat models trained on data that stores prompts as text (e.g. the `prompt`
+    column of HuggingFaceH4/ultrafeedback_binarized). Default: a string prompt is plain text and only message
+    lists are templated (TRL's rule), the same in every stage."""
     data_fields: dict[str, str] = field(default_factory=dict)
     """Rename data columns before reading, ours=theirs: --data-fields prompt=input,system=system (in YAML a
     mapping). Applies to --data and the held-out data; a row without a mapped column is an error. A mapped system
@@ -152,8 +157,8 @@ class TrainConfig:
         from rlhfkit.data.readers import DataPath
 
         if held_out:
-            return DataPath(path or "", self.eval_data_split, self.data_fields, "--eval-data-split")
-        return DataPath(path or self.data, self.data_split, self.data_fields, "--data-split")
+            return DataPath(path or "", self.eval_data_split, self.data_fields, "--eval-data-split", self.chat)
+        return DataPath(path or self.data, self.data_split, self.data_fields, "--data-split", self.chat)
 
 
 @dataclass

@@ -223,3 +223,26 @@ def test_one_epoch_one_minibatch_reuses_the_training_forward_and_takes_the_same_
     wa, wb = load_file(str(tmp_path / "fused" / "model.safetensors")), load_file(str(tmp_path / "separate" / "model.safetensors"))
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert diff < 2e-5, diff
+
+
+def test_best_of_n_reads_a_datasetdict_split_through_a_column_mapping(tmp_path, tiny_model, world):
+    """Prompts as a public data set ships them: a DatasetDict whose split is not train, the prompt in `question`."""
+    from datasets import Dataset, DatasetDict
+
+    from rlhfkit.policy import best_of_n
+
+    d, prompts = world
+    rows = [{"question": json.loads(line)["prompt"], "id": i}
+            for i, line in enumerate(prompts.read_text().splitlines()[:3])]
+    DatasetDict({"test_gen": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "ds"))
+    base = dict(model=str(tiny_model), reward_model=str(d / "rm"), data=str(tmp_path / "ds"), n=2,
+                max_new_tokens=4)
+    with pytest.raises(Exception, match="--data-fields"):  # no prompt column: the error names the mapping flag
+        best_of_n.main(best_of_n.BestOfNConfig(**base, output_dir=str(tmp_path / "a"), data_split="test_gen"))
+    with pytest.raises(Exception, match="test_gen"):  # the split list is named
+        best_of_n.main(best_of_n.BestOfNConfig(**base, output_dir=str(tmp_path / "b"),
+                                               data_fields={"prompt": "question"}))
+    best_of_n.main(best_of_n.BestOfNConfig(**base, output_dir=str(tmp_path / "c"), data_split="test_gen",
+                                           data_fields={"prompt": "question"}))
+    got = [json.loads(line)["prompt"] for line in (tmp_path / "c" / "samples.jsonl").read_text().splitlines()]
+    assert got == [r["question"] for r in rows]

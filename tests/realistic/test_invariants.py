@@ -108,3 +108,31 @@ def test_sampler_logprobs_equal_training_logprobs_and_rollouts_end_at_eos(family
         n = int(m.sum())
         if ended:  # PPO reads the reward at the last real token: the EOS, as the reward model was trained
             assert row[n - 1] == tok.eos_token_id and (row[: n - 1] != tok.eos_token_id).all()
+
+
+def test_chat_flag_reads_string_prompts_as_a_user_turn_in_every_stage(family_dir, tmp_path):
+    """--chat: data that stores prompts as text (UltraFeedback's `prompt` column) used with a chat model; every
+    reader then gives the same templated prompt ids."""
+    import json
+
+    from rlhfkit.data.readers import DataPath, read_prompts
+    from rlhfkit.data.preference import read_preferences, tokenize_preferences
+    from rlhfkit.data.sft import read_sft_examples
+
+    tok = load_tokenizer(str(family_dir("qwen2").path))
+    q = "What is 3 + 4?"
+    want = encode_prompt(tok, user_turn(q))
+    files = {"prefs": {"prompt": q, "chosen": "Seven.", "rejected": "Eight."},
+             "sft": {"prompt": q, "completion": "Seven."}, "prompts": {"prompt": q}}
+    for name, row in files.items():
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+    chat = lambda name: DataPath(str(tmp_path / f"{name}.jsonl"), chat=True)  # noqa: E731
+    (pair,), _ = tokenize_preferences(tok, read_preferences(chat("prefs")), 256)
+    (example,), _ = read_sft_examples(chat("sft"), tok, 256)
+    (prompt,) = read_prompts(chat("prompts"))
+    assert pair.prompt_ids == want and example.input_ids[: len(want)] == want
+    assert encode_prompt(tok, prompt) == want
+    assert example.input_ids == pair.chosen_input_ids  # and the response the same ids, ending at <|im_end|>
+    # without the flag the same files are plain text everywhere
+    (plain,), _ = tokenize_preferences(tok, read_preferences(str(tmp_path / "prefs.jsonl")), 256)
+    assert plain.prompt_ids == encode_prompt(tok, q) != want

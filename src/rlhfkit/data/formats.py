@@ -63,14 +63,7 @@ def _fold_system(row: dict[str, Any], source: str, path: str, lineno: int) -> di
     head = [{"role": "system", "content": system}] if system and system.strip() else []
     prompt = row.get("prompt")
     if isinstance(prompt, str):
-        row["prompt"] = head + [{"role": "user", "content": prompt}]
-        for key in ("chosen", "rejected", "completion"):
-            if isinstance(row.get(key), str):
-                row[key] = [{"role": "assistant", "content": row[key]}]
-        if isinstance(row.get("responses"), list):
-            row["responses"] = [[{"role": "assistant", "content": r}] if isinstance(r, str) else r
-                                for r in row["responses"]]
-        return row
+        return as_chat(row, head)
     key = "prompt" if isinstance(prompt, list) else next(
         (k for k in ("messages", "conversations") if isinstance(row.get(k), list)), None)
     if key is None:
@@ -81,6 +74,23 @@ def _fold_system(row: dict[str, Any], source: str, path: str, lineno: int) -> di
         raise DataError(path, lineno, source, f"is mapped to system, but {key} already starts with a system message; "
                         "keep one of them")
     row[key] = head + row[key]
+    return row
+
+
+def as_chat(row: dict[str, Any], head: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """A row whose prompt is a string, made conversational: the prompt one user turn (after `head`, e.g. a system
+    message), string responses (chosen, rejected, completion, each of responses) the assistant's turn. Rows
+    without a string prompt (already conversational, HH transcripts, plain text) are returned as they are."""
+    if not isinstance(row.get("prompt"), str):
+        return row
+    row = dict(row)
+    row["prompt"] = list(head or []) + [{"role": "user", "content": row["prompt"]}]
+    for key in ("chosen", "rejected", "completion"):
+        if isinstance(row.get(key), str):
+            row[key] = [{"role": "assistant", "content": row[key]}]
+    if isinstance(row.get("responses"), list):
+        row["responses"] = [[{"role": "assistant", "content": r}] if isinstance(r, str) else r
+                            for r in row["responses"]]
     return row
 
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from rlhfkit.data.formats import check_fields, map_fields, prompt_hint, refuse_message_tree_row
+from rlhfkit.data.formats import as_chat, check_fields, map_fields, prompt_hint, refuse_message_tree_row
 from rlhfkit.errors import DataError, UserError
 
 Row = tuple[int, dict[str, Any]]
@@ -22,11 +22,13 @@ class DataPath(str):
     split: str
     fields: dict[str, str]
     split_flag: str
+    chat: bool
+    """String prompts (and their string responses) are read as a user turn and the assistant's reply."""
 
     def __new__(cls, path: str, split: str = "train", fields: dict[str, str] | None = None,
-                split_flag: str = "--data-split") -> DataPath:
+                split_flag: str = "--data-split", chat: bool = False) -> DataPath:
         self = super().__new__(cls, path)
-        self.split, self.fields, self.split_flag = split, dict(fields or {}), split_flag
+        self.split, self.fields, self.split_flag, self.chat = split, dict(fields or {}), split_flag, chat
         check_fields(self.fields)
         return self
 
@@ -62,6 +64,8 @@ def read_rows(path: str, split: str | None = None) -> list[Row]:
                             ".json (either may be gzipped: .jsonl.gz), .parquet or a datasets directory.")
     if isinstance(path, DataPath) and path.fields:
         rows = [(n, map_fields(row, path.fields, str(path), n)) for n, row in rows]
+    if isinstance(path, DataPath) and path.chat:
+        rows = [(n, as_chat(row)) for n, row in rows]
     return rows
 
 

@@ -118,6 +118,12 @@ class EvalConfig:
     """The policy it is compared with (e.g. the SFT model)."""
     prompts: str = ""
     """Prompts file: rows with "prompt" or "text" (a playground prompts file works)."""
+    prompts_split: str = "train"
+    """Split of --prompts to read when it is a saved DatasetDict."""
+    prompts_fields: dict[str, str] = field(default_factory=dict)
+    """Rename prompt columns before reading, ours=theirs: --prompts-fields prompt=question."""
+    chat: bool = False
+    """Read plain-string prompts as one user turn (through the chat template), as the policies' training did."""
     judge: Literal["ai", "reward", "gold"] = "ai"
     """ai: an AI judge asked the constitution's comparison questions (see --ai-judge.*); reward: a reward model
     (--reward-model); gold: the playground's hidden gold judge (playground prompts only)."""
@@ -225,11 +231,12 @@ def _scalar(a: Sequence[float], b: Sequence[float], tie: float) -> tuple[list[fl
 
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
-    from rlhfkit.data.readers import read_prompts
+    from rlhfkit.data.readers import DataPath, read_prompts
 
     cfg.validate()
     prompts = []
-    for i, p in enumerate(read_prompts(cfg.prompts)):
+    for i, p in enumerate(read_prompts(DataPath(cfg.prompts, cfg.prompts_split, cfg.prompts_fields,
+                                                "--prompts-split", cfg.chat))):
         # sampled as given (a string as plain text, a conversation through the chat template); an AI judge reads
         # the user's text, so a prompt is a string or one user turn
         if single_turn_text(p) is None:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhfkit.config import save_config
-from rlhfkit.data.readers import read_prompts
+from rlhfkit.data.readers import DataPath, read_prompts
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.policy.rollout import sample
@@ -32,6 +32,12 @@ class BestOfNConfig:
     """Reward model (or ensemble) directory written by `rlhfkit reward`."""
     data: str = ""
     """Prompts file ({"prompt": ...} or {"text": ...} rows)."""
+    data_split: str = "train"
+    """Split of --data to read when it is a saved DatasetDict."""
+    data_fields: dict[str, str] = field(default_factory=dict)
+    """Rename prompt columns before reading, ours=theirs: --data-fields prompt=question."""
+    chat: bool = False
+    """Read plain-string prompts as one user turn (through the chat template), as the policy's training did."""
     output_dir: str = ""
     """Where samples.jsonl (the chosen response per prompt, with every candidate's score) and summary.json go."""
     n: int = 16
@@ -76,7 +82,7 @@ def main(cfg: BestOfNConfig) -> dict[str, Any]:
         raise UserError(f"{out} already holds best-of-n samples; pass --overwrite or choose another --output-dir.")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    prompts = read_prompts(cfg.data)
+    prompts = read_prompts(DataPath(cfg.data, cfg.data_split, cfg.data_fields, chat=cfg.chat))
     tokenizer = load_tokenizer(cfg.model)
     policy = load_causal_lm(cfg.model, tokenizer)
     expanded = [p for p in prompts for _ in range(cfg.n)]

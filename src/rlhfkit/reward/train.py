@@ -22,7 +22,7 @@ from rlhfkit.config import PreferenceDataConfig, TrainConfig, load_yaml, save_co
 from rlhfkit.data.preference import (
     TokenizedPair, TokenizedRanking, collate_pairs, collate_rankings, read_preferences, tokenize_preferences,
 )
-from rlhfkit.data.readers import read_prompts, split_eval
+from rlhfkit.data.readers import DataPath, read_prompts, split_eval
 from rlhfkit.errors import ConfigError, DataError, UserError
 from rlhfkit.losses import batched_ranking_loss, bradley_terry_loss, centering_penalty
 from rlhfkit.models import load_tokenizer
@@ -228,7 +228,7 @@ def reference_samples(cfg: RewardConfig) -> tuple[list[Any], list[str]] | None:
     from rlhfkit.models import load_causal_lm
     from rlhfkit.policy.rollout import sample
 
-    prompts = read_prompts(cfg.normalize_prompts)
+    prompts = read_prompts(DataPath(cfg.normalize_prompts, chat=cfg.chat))  # as the policy will be sampled
     policy_dir = cfg.normalize_policy or cfg.model
     tokenizer = load_tokenizer(policy_dir)
     policy = load_causal_lm(policy_dir, tokenizer)
