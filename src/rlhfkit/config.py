@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import textwrap
 import types
@@ -142,8 +143,30 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}.")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}.")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        for name in ("adam_eps", "weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}.")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed} (torch seeds are 64-bit).")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) is more than max_steps ({self.max_steps}); the "
+                              "learning rate would never reach its peak. Lower warmup_steps.")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
+                              "output_dir, --overwrite replaces it; pass one of them.")
+        if self.lora.r < 1:
+            raise ConfigError(f"lora.r must be at least 1, got {self.lora.r}.")
+        if self.lora.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.lora.alpha}.")
+        if not 0.0 <= self.lora.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}.")
+        if self.lora.enabled and not self.lora.target_modules:
+            raise ConfigError("lora.target_modules is empty; name the modules to adapt (e.g. q_proj,v_proj).")
         bad = sorted(set(self.report_to) - {"jsonl", "tensorboard", "wandb"})
         if bad:
             raise ConfigError(f"report_to has unknown sink(s) {bad}; use any of jsonl, tensorboard, wandb.")
@@ -268,10 +291,13 @@ def coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         args = typing.get_args(tp)
         if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE_WORDS)):
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        for arg in options:
             try:
                 return coerce(value, arg, key, where)
-            except ConfigError:
+            except ConfigError as exc:
+                if len(options) == 1:  # an optional value: its own reason ("a finite number") is the useful one
+                    raise ConfigError(f"{exc} (or none)") from None
                 continue
         raise fail()
     if origin is Literal:
@@ -318,7 +344,7 @@ def coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise fail()
         if isinstance(value, int):
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
         if isinstance(value, str):
             try:
@@ -328,20 +354,24 @@ def coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                     as_float = float(value)
                 except ValueError:
                     raise fail() from None
-                if as_float.is_integer():
+                if math.isfinite(as_float) and as_float.is_integer():
                     return int(as_float)
         raise fail()
     if tp is float:
         if isinstance(value, bool):
             raise fail()
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise fail() from None
-        raise fail()
+        else:
+            raise fail()
+        if not math.isfinite(number):  # no setting means anything at NaN or infinity; they fail far from here
+            raise fail("a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -72,15 +72,25 @@ def ensure_pad_token(tokenizer: Any) -> bool:
     return True
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "vocab.txt")
+
+
 def load_tokenizer(path: str, padding_side: str = "right") -> Any:
     """AutoTokenizer with a pad token distinct from EOS. Right padding for scoring, left for generation."""
     from transformers import AutoTokenizer
 
     _require_dir(path, "tokenizer")
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+        raise UserError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                        "beside the model (tokenizer.save_pretrained(path)) or copy its files there.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not load a tokenizer from {path}: {exc}") from None
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"could not load a tokenizer from {path} ({first}); the directory needs the files "
+                        "tokenizer.save_pretrained writes (tokenizer.json and tokenizer_config.json for a fast "
+                        "tokenizer).") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer in {path} has no EOS token; set eos_token in its tokenizer_config.json.")
     ensure_pad_token(tokenizer)

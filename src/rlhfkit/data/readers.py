@@ -56,9 +56,7 @@ def read_rows(path: str, split: str | None = None) -> list[Row]:
         elif suffix == ".json":
             rows = _read_json(p, gz)
         elif suffix == ".parquet" and not gz:
-            import pyarrow.parquet as pq
-
-            rows = [(i + 1, row) for i, row in enumerate(pq.read_table(p).to_pylist())]
+            rows = _read_parquet(p)
         else:
             raise UserError(f"{path}: unsupported data file type '{suffix + ('.gz' if gz else '')}'; use .jsonl, "
                             ".json (either may be gzipped: .jsonl.gz), .parquet or a datasets directory.")
@@ -93,6 +91,8 @@ def _parse_lines(lines: Iterable[str], p: Path) -> list[Row]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(str(p), lineno, None, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(str(p), lineno, None, "nests JSON too deeply to read; flatten the row") from None
             if not isinstance(obj, dict):
                 raise DataError(str(p), lineno, None, f"each line must be a JSON object, got {type(obj).__name__}")
             rows.append((lineno, obj))
@@ -105,10 +105,27 @@ def _parse_lines(lines: Iterable[str], p: Path) -> list[Row]:
     return rows
 
 
+def _read_parquet(p: Path) -> list[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(str(p), None, None, f"is not a readable Parquet file ({str(exc).splitlines()[0]}); "
+                        "check the file was written completely") from None
+    rows = [(i + 1, row) for i, row in enumerate(table.to_pylist())]
+    if not rows:
+        raise DataError(str(p), None, None, "the file holds no rows")
+    return rows
+
+
 def _read_json(p: Path, gz: bool) -> list[Row]:
     text = _read_text(p, gz)
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError(str(p), None, None, "nests JSON too deeply to read; flatten the data") from None
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):  # one object per line: JSON Lines
             return _parse_lines(text.splitlines(), p)

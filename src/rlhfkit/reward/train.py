@@ -84,6 +84,9 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.center_eta < 0:
             raise ConfigError(f"center_eta must be 0 or more, got {self.center_eta}.")
+        if self.normalize_policy and not self.normalize_prompts:
+            raise ConfigError("--normalize-policy names the policy to sample for normalisation, but no prompts are "
+                              "given: add --normalize-prompts (a prompts file), or drop --normalize-policy.")
         if self.normalize_prompts and self.normalize_samples < 2:
             raise ConfigError("normalize_samples must be at least 2 to estimate a standard deviation.")
 

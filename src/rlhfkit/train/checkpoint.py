@@ -2,11 +2,15 @@
 
 Layout of checkpoints/step-N/: model/ (save_pretrained; a LoRA run saves the adapter), optimizer.pt,
 scheduler.pt, rng-rank{R}.pt for every process, and trainer_state.json (step, data cursor, controller states).
-A directory named step-N exists only once complete, because rename is atomic on one file system."""
+A directory named step-N exists only once complete, because rename is atomic on one file system.
+manifest.json, written last, holds every file's size and SHA-256: resume verifies it and falls back to the newest
+intact checkpoint (with a warning naming what is damaged) when a file was truncated, deleted or altered."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,6 +22,8 @@ import torch
 from rlhfkit.train.seeding import restore_rng_state, rng_state
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -32,6 +38,58 @@ def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Size and SHA-256 of every file under ckpt, in ckpt/manifest.json."""
+    files = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (ckpt / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ckpt cannot be trusted (a missing, truncated or altered file, an unreadable manifest), or None when
+    every file matches its manifest entry. A checkpoint from before manifests is trusted if its files exist."""
+    manifest = ckpt / MANIFEST
+    required = ["trainer_state.json", "optimizer.pt", "scheduler.pt"]
+    if not manifest.exists():
+        missing = [f for f in required if not (ckpt / f).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name in required:
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
+    for name, want in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want.get("bytes"):
+            return f"{name} has {path.stat().st_size} bytes, {want.get('bytes')} were written"
+        if _sha256(path) != want.get("sha256"):
+            return f"{name} does not match its checksum (the file was altered or damaged)"
+    return None
+
+
+def latest_intact_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files match their manifest, and a line for each newer one passed over."""
+    skipped: list[str] = []
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, skipped
+        skipped.append(f"{ckpt}: {problem}")
+    return None, skipped
 
 
 def _unwrap(accelerator: Any, model: Any) -> Any:
@@ -70,6 +128,7 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     accelerator.wait_for_everyone()
     if is_main:
+        write_manifest(tmp)  # last: it covers every process's files
         for fh_path in tmp.rglob("*"):  # make the bytes durable before the rename publishes them
             if fh_path.is_file():
                 with open(fh_path, "rb") as fh:

@@ -16,7 +16,7 @@ import torch
 
 from rlhfkit.config import TrainConfig, load_yaml, save_config, to_dict
 from rlhfkit.errors import ConfigError, UserError
-from rlhfkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.train.checkpoint import latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from rlhfkit.train.metrics import MetricsLogger, check_finite
 from rlhfkit.train.sampler import EpochSampler
 from rlhfkit.train.seeding import set_seed
@@ -38,6 +38,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + k] = v
     return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Config values equal, a path given as ./r1 or as /abs/.../r1 included (both name the same place)."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and a and b and (os.sep in a + b or a.startswith(".")):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return False
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -97,20 +106,49 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- run dir
     def _check_run_dir(self) -> Path | None:
+        """What --output-dir holds decides how the run starts: nothing (start), a run stopped before its first
+        checkpoint (nothing to lose: start again, with or without --resume), checkpoints (--resume continues from
+        the newest intact one, falling back past damaged ones), or a finished run (--resume or --overwrite)."""
         cfg = self.cfg
-        ckpt = latest_checkpoint(self.dir)
-        has_run = (self.dir / "config.yaml").exists()
-        if cfg.resume:
-            if ckpt is None:
-                if has_run:
-                    raise UserError(f"--resume: {self.dir} has no complete checkpoint to resume from; "
-                                    "set save_every > 0 or start again without --resume.")
-                log.warning("--resume given but %s holds no run yet; starting from scratch", self.dir)
-                return None
-            self._check_same_config(load_yaml(self.dir / "config.yaml"))
-            return ckpt
+        if self.dir.exists() and not self.dir.is_dir():
+            raise UserError(f"--output-dir {self.dir} is a file, not a directory; choose another --output-dir.")
         overwrite = getattr(cfg, "overwrite", False)
+        if cfg.resume and overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
+                              "output_dir, --overwrite replaces it; pass one of them.")
+        has_run = (self.dir / "config.yaml").exists()
+        finished = (self.dir / "summary.json").exists() or (self.dir / "config.json").exists()
+        ckpt, damaged = latest_intact_checkpoint(self.dir)
+        if cfg.resume:
+            for line in damaged:
+                log.warning("--resume: skipping damaged checkpoint %s", line)
+            if ckpt is None:
+                if damaged:
+                    raise UserError(f"--resume: no intact checkpoint in {self.dir} ({damaged[-1]}); start again "
+                                    "with --overwrite.")
+                if finished:
+                    raise UserError(f"--resume: {self.dir} holds a finished run with no checkpoint to continue "
+                                    "from; set save_every > 0 next time, or start again with --overwrite.")
+                if has_run:
+                    log.warning("--resume: %s holds a run stopped before its first checkpoint; starting it again "
+                                "from step 0", self.dir)
+                else:
+                    log.warning("--resume given but %s holds no run yet; starting from scratch", self.dir)
+                return None
+            saved = load_yaml(self.dir / "config.yaml")
+            self._check_same_config(saved)
+            step = self._checkpoint_step(ckpt)
+            if step > cfg.max_steps:
+                raise UserError(f"--resume: the newest checkpoint of {self.dir} is at step {step}, past --max-steps "
+                                f"{cfg.max_steps}; a run cannot be shortened after the fact. Raise --max-steps to "
+                                f"{step} or more, or start again with --overwrite.")
+            self._saved_max_steps = int(saved.get("max_steps", cfg.max_steps))
+            return ckpt
         if has_run and not overwrite:
+            if ckpt is None and not damaged and not finished:
+                log.warning("%s holds a %s run stopped before its first checkpoint (nothing to resume); starting "
+                            "it again", self.dir, self.stage)
+                return None
             raise UserError(
                 f"{self.dir} already holds a {self.stage} run; pass --resume to continue it, --overwrite to "
                 "replace it, or choose another --output-dir."
@@ -121,10 +159,16 @@ class Run:
             shutil.rmtree(self.dir / "checkpoints", ignore_errors=True)
         return None
 
+    @staticmethod
+    def _checkpoint_step(ckpt: Path) -> int:
+        import json
+
+        return int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
+
     def _check_same_config(self, saved: dict[str, Any]) -> None:
         now, before = _flatten(to_dict(self.cfg)), _flatten(saved)
         changed = sorted(k for k in now.keys() | before.keys()
-                         if k.split(".")[0] not in RESUME_MAY_CHANGE and now.get(k) != before.get(k))
+                         if k.split(".")[0] not in RESUME_MAY_CHANGE and not _same_value(now.get(k), before.get(k)))
         if changed:
             detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
             raise ConfigError(
@@ -164,7 +208,21 @@ class Run:
         """Load the newest complete checkpoint when --resume found one; returns its trainer_state or None."""
         if self.resume_from is None:
             return None
-        state = load_checkpoint(self.resume_from, self.accelerator, model, optimizer, scheduler, restore_rng)
+        try:
+            state = load_checkpoint(self.resume_from, self.accelerator, model, optimizer, scheduler, restore_rng)
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+            raise UserError(f"--resume: could not load {self.resume_from} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); delete that checkpoint directory to "
+                            "resume from the one before, or start again with --overwrite.") from None
+        if getattr(self, "_saved_max_steps", self.cfg.max_steps) != self.cfg.max_steps:
+            # Extended (--max-steps raised on resume): the schedule is the one a run started with the new max_steps
+            # follows, from the resumed step on; so the learning rate moves to that schedule's value here, at once
+            # (a linear decay that had reached 0 starts again from its value at this step of the longer run).
+            for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * fn(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+            log.info("--max-steps raised from %d to %d: the learning-rate schedule now spans %d steps",
+                     self._saved_max_steps, self.cfg.max_steps, self.cfg.max_steps)
         log.info("resumed from %s (step %d)", self.resume_from, state["step"])
         return state
 
