@@ -254,13 +254,13 @@ def _norm(key: str) -> str:
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(_norm(key), valid, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}")
 
 
 def _unknown_flag(flag: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(_norm(flag), valid, n=1, cutoff=0.6)
     hint = f"; did you mean '--{close[0].replace('_', '-')}'?" if close else "; see --help for the valid flags"
-    return ConfigError(f"unknown flag '--{flag}'{hint}")
+    return ConfigError(f"unknown flag {'--' + flag!r}{hint}")
 
 
 # ------------------------------------------------------------------------------------------------- conversion
@@ -449,7 +449,7 @@ def parse_args(cls: type, argv: list[str], prog: str = "rlhfkit") -> Any:
     while i < len(argv):
         token = argv[i]
         if not token.startswith("--"):
-            raise ConfigError(f"unexpected argument '{token}'; flags look like --key value (see {prog} --help).")
+            raise ConfigError(f"unexpected argument {token!r}; flags look like --key value (see {prog} --help).")
         name, has_eq, inline = token[2:].partition("=")
         key = _norm(name)
         if key == "config":

@@ -80,6 +80,20 @@ def test_keyboard_labelling_and_export_in_a_real_browser(tmp_path, tiny_model):
                 page.keyboard.press("Enter")
             assert page.is_visible("#done")
 
+            # the password page and the logout button work under the CSP, and logout ends the session for good
+            page.click("#account-link")
+            for box in ("#current", "#new", "#again"):
+                page.fill(box, PASSWORD if box == "#current" else "a-new-long-pw")
+            with page.expect_navigation():
+                page.click("#change")
+            assert "changed" in page.inner_text("#message")
+            (cookie,) = [c["value"] for c in page.context.cookies() if c["name"] == "rlhfkit_session"]
+            with page.expect_navigation():
+                page.click("#logout")
+            assert page.url.endswith("/login")
+            kept = httpx.get(base + "/", headers={"cookie": f"rlhfkit_session={cookie}"}, follow_redirects=False)
+            assert kept.status_code == 303
+
             page.context.clear_cookies()
             log_in("boss")
             page.goto(f"{base}/admin/p/{pairs.id}")

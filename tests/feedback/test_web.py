@@ -100,13 +100,15 @@ def test_another_users_task_and_session_are_refused(app, svc):
     # bob submits on ann's task with his own valid session and token
     r = bob.post(f"/p/{pid}/submit", data={**f, "csrf": bob_f["csrf"], "outcome": "tie"}, follow_redirects=False)
     assert r.status_code == 403
-    # a tampered cookie (ann's session with bob's user id) is no session at all
+    # a tampered cookie (ann's token with a character changed, or with bob's user id in front) is no session
     cookie = ann.cookies.get("rlhfkit_session")
     bob_id = svc.user_by_name("bob").id
-    forged = TestClient(app, base_url="http://127.0.0.1")
-    forged.cookies.set("rlhfkit_session", f"{bob_id}." + cookie.split(".", 1)[1])
-    assert forged.get("/", follow_redirects=False).status_code == 303
-    assert forged.post(f"/p/{pid}/submit", data={**f, "outcome": "tie"}, follow_redirects=False).status_code == 403
+    for tampered in (cookie[:-1] + ("A" if cookie[-1] != "A" else "B"), f"{bob_id}.{cookie}"):
+        forged = TestClient(app, base_url="http://127.0.0.1")
+        forged.cookies.set("rlhfkit_session", tampered)
+        assert forged.get("/", follow_redirects=False).status_code == 303
+        assert forged.post(f"/p/{pid}/submit", data={**f, "outcome": "tie"},
+                           follow_redirects=False).status_code == 403
     assert svc.judged_items(pid) == []
 
 

@@ -16,6 +16,9 @@ XSS = [
 SQLI = ["'; DROP TABLE judgments; --", "\" OR 1=1 --", "Robert'); DELETE FROM users WHERE ('1'='1",
         "1; UPDATE users SET role='admin'"]
 PASSWORD = "long-enough-pw"
+SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY", "referrer-policy": "no-referrer",
+                    "cache-control": "no-store"}
+"""Headers every response of the labelling app carries, error pages included (and its Content-Security-Policy)."""
 
 
 def populate(svc: FeedbackService, n_pairs: int = 6) -> dict:
@@ -61,3 +64,12 @@ def wait_until_serving(base: str, server, seconds: float = 60) -> None:
             pass
         assert time.time() < deadline and server.poll() is None, "the server did not start"
         time.sleep(0.2)
+
+
+def assert_secure_headers(r) -> None:
+    """r carries the app's security headers (a strict CSP and the rest of SECURITY_HEADERS)."""
+    where = f"{r.request.method} {str(r.request.url)[:80]} -> {r.status_code}"
+    csp = r.headers.get("content-security-policy", "")
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, f"{where}: CSP {csp!r}"
+    for name, value in SECURITY_HEADERS.items():
+        assert r.headers.get(name) == value, f"{where}: {name} is {r.headers.get(name)!r}"

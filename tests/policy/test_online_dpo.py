@@ -43,8 +43,9 @@ def test_rounds_chain_policies_and_the_reward_model_picks_chosen(tmp_path, tiny_
     rows = [json.loads(l) for l in (out / "round-1" / "pairs.jsonl").read_text().splitlines()]
     assert rows and len(rows) == summary["rounds"][0]["pairs"] <= 8
     prompts = [r["prompt"] for r in rows]
-    c, _ = score_texts(ens, prompts, [r["chosen"][0]["content"] for r in rows])
-    r_, _ = score_texts(ens, prompts, [r["rejected"][0]["content"] for r in rows])
+    assert all(isinstance(p, str) for p in prompts)  # plain-text prompts stay plain text: the ids it was sampled on
+    c, _ = score_texts(ens, prompts, [r["chosen"] for r in rows])
+    r_, _ = score_texts(ens, prompts, [r["rejected"] for r in rows])
     assert all(x > y for x, y in zip(c, r_))
     # the final policy is a plain Hugging Face directory
     tok = load_tokenizer(str(out))
@@ -61,7 +62,7 @@ def test_a_custom_labeller_decides_and_finished_rounds_are_reused(tmp_path, tiny
 
     online_dpo.main(make_cfg(tiny_model, setup, out, rounds=1), labeller=shorter_wins)
     rows = [json.loads(l) for l in (out / "round-1" / "pairs.jsonl").read_text().splitlines()]
-    assert rows and all(len(r["chosen"][0]["content"]) < len(r["rejected"][0]["content"]) for r in rows)
+    assert rows and all(len(r["chosen"]) < len(r["rejected"]) for r in rows)
     # a rerun with more rounds resumes: round 1 is not sampled or labelled again
     calls.clear()
     summary = online_dpo.main(make_cfg(tiny_model, setup, out, rounds=2, resume=True), labeller=shorter_wins)

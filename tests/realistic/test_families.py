@@ -31,10 +31,12 @@ def test_tokenizer_is_byte_level_bpe_with_merges(family):
     state = json.loads(tok.backend_tokenizer.to_str())
     assert state["model"]["type"] == "BPE" and len(state["model"]["merges"]) >= 200
     assert tok.convert_ids_to_tokens(tok(" the", add_special_tokens=False)["input_ids"]) == ["Ġthe"]
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
     # a merge across a boundary: the space ending one text and the word starting the next become one token
     # when encoded together, two when encoded apart (what a prompt/response split can do)
-    joint = tok("Say hello to Ada", add_special_tokens=False)["input_ids"]
-    apart = tok("Say hello to ", add_special_tokens=False)["input_ids"] + tok("Ada", add_special_tokens=False)["input_ids"]
+    joint, apart = ids("Say hello to Ada"), ids("Say hello to ") + ids("Ada")
     assert tok.convert_ids_to_tokens(joint)[-1] == "ĠAda" and len(apart) == len(joint) + 1
 
 
@@ -67,7 +69,8 @@ def test_qwen2_chatml_conventions(family_dir):
     tok = family_dir("qwen2").tokenizer()
     assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
     text = tok.apply_chat_template(CHAT, tokenize=False)
-    assert text == (f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\nSay hello to Bo, please.<|im_end|>\n"
+    assert text == (f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n"
+                    "<|im_start|>user\nSay hello to Bo, please.<|im_end|>\n"
                     "<|im_start|>assistant\nHello, Bo!<|im_end|>\n")
     with_system = [{"role": "system", "content": "Be brief."}] + CHAT[:1]
     prompt = tok.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)

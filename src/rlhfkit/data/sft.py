@@ -94,6 +94,9 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, Any]], train_from: in
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant" or i < train_from:
             continue
+        if i == 0:
+            raise UserError("the conversation starts with an assistant turn, so there is no prompt it answers; "
+                            "start it with a user (or system) message.")
         before = render_messages(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         through = render_messages(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not full.startswith(before) or not full.startswith(through) or len(through) < len(before):

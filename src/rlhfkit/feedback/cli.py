@@ -3,7 +3,8 @@ the playground's simulated annotators label through the same service layer as pe
 
     rlhfkit label create   --db F --project P --prompts prompts.jsonl (--responses a.jsonl,b.jsonl | --models m1,m2)
     rlhfkit label add-user --db F --user NAME --role admin|annotator   (password from RLHFKIT_PASSWORD, a file or a prompt)
-    rlhfkit label serve    --db F [--host 127.0.0.1 --port 8000]
+    rlhfkit label serve    --db F [--host 127.0.0.1 --port 8000 --trusted-proxy IP --secure-cookies]
+    rlhfkit label users    --db F   (and reset-password, deactivate, reactivate, unlock, revoke-sessions --user U)
     rlhfkit label export   --db F --project P --output prefs.jsonl [--kto]
     rlhfkit label simulate --db F --project P [--annotators 13]
 """
@@ -26,15 +27,21 @@ from rlhfkit.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("create", "add-user", "serve", "export", "simulate")
+COMMANDS = ("create", "add-user", "serve", "export", "simulate", "users", "reset-password", "deactivate", "reactivate",
+            "unlock", "revoke-sessions")
+MIN_BODY_BYTES = 64 * 1024
+"""The smallest --max-body-bytes: a labelling form with a full 5,000-character rationale fits in it."""
 
 
 @dataclass
 class LabelConfig:
     """Labelling: projects, users, the web app, export and simulated annotators."""
 
-    command: Literal["create", "add-user", "serve", "export", "simulate"] = "serve"
-    """What to do (the word after `rlhfkit label`)."""
+    command: Literal["create", "add-user", "serve", "export", "simulate", "users", "reset-password", "deactivate",
+                     "reactivate", "unlock", "revoke-sessions"] = "serve"
+    """What to do (the word after `rlhfkit label`). users lists accounts; reset-password (password read as for
+    add-user), deactivate, reactivate, unlock (lift a login lockout) and revoke-sessions act on --user; each of
+    reset-password, deactivate and revoke-sessions ends the user's sessions at once."""
     db: str = "runs/label/feedback.db"
     """The feedback database: a SQLite file path (created on first use) or a SQLAlchemy URL such as
     postgresql+psycopg://user@host/name."""
@@ -66,12 +73,12 @@ class LabelConfig:
     seed: int = 0
     """Seed for sampling (create --models) and for the simulated annotators and display orders (simulate)."""
     user: str = ""
-    """add-user: the user name."""
+    """add-user, reset-password, deactivate, reactivate, unlock, revoke-sessions: the user name."""
     role: Literal["admin", "annotator"] = "annotator"
     """add-user: admin (projects, progress, agreement, export) or annotator (labels)."""
     password_file: str = ""
-    """add-user: read the password from this file's first line; otherwise from the RLHFKIT_PASSWORD environment
-    variable, otherwise a prompt. Never a flag: command lines are visible to every local user."""
+    """add-user, reset-password: read the password from this file's first line; otherwise from the RLHFKIT_PASSWORD
+    environment variable, otherwise a prompt. Never a flag: command lines are visible to every local user."""
     host: str = "127.0.0.1"
     """serve: interface to bind; the default serves this machine only. Put a TLS proxy in front before
     binding to a public interface."""
@@ -82,6 +89,16 @@ class LabelConfig:
     (default: `secret_key` next to a SQLite database, else ~/.config/rlhfkit/secret_key)."""
     rate_limit: int = 120
     """serve: requests per minute allowed to each user (and to each address before login)."""
+    trusted_proxy: list[str] = field(default_factory=list)
+    """serve: addresses or networks (10.0.0.5, 10.0.0.0/8) of the reverse proxies in front of the app, whose
+    X-Forwarded-For and X-Forwarded-Proto headers are believed. Default none: the client address is the TCP peer's,
+    so no client can pick its own address to dodge the login rate limit. Behind a proxy, name it, or every client
+    shares the proxy's address and its rate limit."""
+    secure_cookies: bool = False
+    """serve: mark cookies Secure, so browsers send them only over HTTPS; set it behind a TLS proxy."""
+    max_body_bytes: int = 1024 * 1024
+    """serve: the largest request body accepted (a larger one is refused with 413 before it is read); at least
+    65536."""
     output: str = ""
     """export: the JSONL file to write."""
     kto: bool = False
@@ -116,8 +133,9 @@ def main(cfg: LabelConfig) -> object:
         import sqlalchemy  # noqa: F401
     except ImportError:
         raise UserError("labelling needs the web extra; install it with pip install 'rlhfkit[web]'.") from None
-    handler = {"create": create, "add-user": add_user, "serve": serve, "export": export,
-               "simulate": simulate}[cfg.command]
+    handler = {"create": create, "add-user": add_user, "serve": serve, "export": export, "simulate": simulate,
+               "users": users, "reset-password": reset_password, "deactivate": deactivate, "reactivate": reactivate,
+               "unlock": unlock, "revoke-sessions": revoke_sessions}[cfg.command]
     return handler(cfg)
 
 
@@ -270,14 +288,86 @@ def add_user(cfg: LabelConfig) -> dict:
     return {"user": info.name, "role": info.role}
 
 
+# ------------------------------------------------------------------------------------ user management
+def _named_user(cfg: LabelConfig) -> tuple[Any, Any]:
+    """(service, the --user's UserInfo); ConfigError when there is no such user."""
+    _need(cfg, "user")
+    svc = _service(cfg)
+    info = svc.user_by_name(cfg.user)
+    if info is None:
+        raise ConfigError(f"there is no user {cfg.user!r} in {cfg.db}; `rlhfkit label users --db {cfg.db}` lists "
+                          "them.")
+    return svc, info
+
+
+def _report(summary: dict) -> dict:
+    print(json.dumps(summary))
+    return summary
+
+
+def users(cfg: LabelConfig) -> list[dict]:
+    rows = [{"user": a.name, "role": a.role, "active": a.active, "can_log_in": a.can_log_in,
+             "failed_logins": a.failures, "locked": a.locked_until is not None, "sessions": a.sessions}
+            for a in _service(cfg).accounts()]
+    for row in rows:
+        print(json.dumps(row))
+    return rows
+
+
+def reset_password(cfg: LabelConfig) -> dict:
+    svc, info = _named_user(cfg)
+    svc.reset_password(info.id, _read_password(cfg))
+    return _report({"user": info.name, "password_reset": True, "sessions_ended": True})
+
+
+def deactivate(cfg: LabelConfig) -> dict:
+    svc, info = _named_user(cfg)
+    svc.set_active(info.id, False)
+    return _report({"user": info.name, "active": False})
+
+
+def reactivate(cfg: LabelConfig) -> dict:
+    svc, info = _named_user(cfg)
+    svc.set_active(info.id, True)
+    return _report({"user": info.name, "active": True})
+
+
+def unlock(cfg: LabelConfig) -> dict:
+    svc, info = _named_user(cfg)
+    return _report({"user": info.name, "unlocked": svc.unlock(info.name)})
+
+
+def revoke_sessions(cfg: LabelConfig) -> dict:
+    svc, info = _named_user(cfg)
+    return _report({"user": info.name, "sessions_ended": svc.revoke_sessions(info.id)})
+
+
 # -------------------------------------------------------------------------------------------------- serve
+def _proxy(value: str) -> str:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(f"--trusted-proxy {value!r} is not an IP address or network; name each proxy by address "
+                          "(10.0.0.5) or network (10.0.0.0/8), never '*' or a host name.") from None
+    return value
+
+
 def serve(cfg: LabelConfig) -> None:
     import importlib
 
+    proxies = [_proxy(p) for p in cfg.trusted_proxy]
+    if cfg.max_body_bytes < MIN_BODY_BYTES:
+        raise ConfigError(f"--max-body-bytes {cfg.max_body_bytes} is too small for a labelling form; use at least "
+                          f"{MIN_BODY_BYTES}.")
+    if cfg.rate_limit < 1:
+        raise ConfigError(f"--rate-limit must be at least 1 request per minute, got {cfg.rate_limit}.")
     # this module is the `rlhfkit label` entry point, the one place allowed to start the web app; the import is
     # dynamic so the import-rule test (nothing imports feedback.web) keeps guarding every library module
     run_server = importlib.import_module("rlhfkit.feedback.web.app").run_server
-    run_server(cfg.db, host=cfg.host, port=cfg.port, secret_file=cfg.secret_file, rate_limit=cfg.rate_limit)
+    run_server(cfg.db, host=cfg.host, port=cfg.port, secret_file=cfg.secret_file, rate_limit=cfg.rate_limit,
+               secure_cookies=cfg.secure_cookies, trusted_proxies=proxies, max_body_bytes=cfg.max_body_bytes)
 
 
 # ------------------------------------------------------------------------------------------------- export

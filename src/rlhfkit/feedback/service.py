@@ -2,7 +2,11 @@
 serve the queue, record judgments and read progress, agreement and gold accuracy.
 
 Every method runs in its own write transaction (BEGIN IMMEDIATE on SQLite, see store.py) and returns plain
-dataclasses, never ORM objects, so callers cannot touch the database behind the service's back."""
+dataclasses, never ORM objects, so callers cannot touch the database behind the service's back.
+
+Accounts: logins lock a name after repeated failures (with back-off, stored, so a restart does not reset it);
+sessions live in the database, so logout, an admin's revocation, a deactivation or a password change ends them
+at once."""
 
 from __future__ import annotations
 
@@ -26,10 +30,15 @@ from rlhfkit.data.preference import STRENGTHS
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.agreement import cohen_kappa, krippendorff_alpha_nominal, percent_agreement
 from rlhfkit.feedback.store import (
-    FLAGS, MODES, OUTCOMES, ROLES, Assignment, Gold, Item, Judgment, Project, Store, User, now,
+    FLAGS, MODES, OUTCOMES, ROLES, Assignment, AuthSession, Gold, Item, Judgment, LoginFailures, Project, Store,
+    User, now,
 )
 
 MAX_RATIONALE = 5000
+MIN_PASSWORD, MAX_PASSWORD = 8, 1024
+MAX_ID = 2**63 - 1
+"""Ids and integer fields are SQLite INTEGERs (signed 64-bit); a larger Python int cannot even be bound."""
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _SUBMISSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
@@ -51,6 +60,30 @@ class Forbidden(FeedbackError):
 
 class Conflict(FeedbackError):
     status = 409
+
+
+class AccountLocked(FeedbackError):
+    """Too many failed logins for this name; retry_after_s says when the next attempt is allowed."""
+
+    status = 429
+
+    def __init__(self, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        minutes = max(1, round(retry_after_s / 60))
+        super().__init__(f"too many failed logins: this account is locked for about {minutes} minute(s); try again "
+                         "then, or ask an admin to unlock it.")
+
+
+def _check_password(password: str, whose: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise FeedbackError(f"the password for {whose} is too short; use at least {MIN_PASSWORD} characters.")
+    if len(password) > MAX_PASSWORD:
+        raise FeedbackError(f"the password for {whose} is too long; use at most {MAX_PASSWORD} characters.")
+
+
+def _token_id(token: str) -> str:
+    # a session token is 256 random bits, so a plain SHA-256 (no salt, no stretching) cannot be reversed
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- passwords
@@ -94,6 +127,25 @@ class UserInfo:
     id: int
     name: str
     role: str
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user as the admin pages and `rlhfkit label users` show it."""
+
+    id: int
+    name: str
+    role: str
+    active: bool
+    can_log_in: bool
+    """False for simulated annotators (no password)."""
+    failures: int
+    """Failed logins since the last success."""
+    locked_until: float | None
+    """Unix time the lock ends, or None when not locked."""
+    sessions: int
+    """Sessions that still work (not expired, not revoked)."""
+    last_seen: float | None
 
 
 @dataclass(frozen=True)
@@ -210,12 +262,18 @@ def label_of(mode: str, outcome: str | None, ranking: list[list[int]] | None) ->
 
 class FeedbackService:
     """All reads and writes of labelling work. `rng` draws display orders (pass a seeded random.Random for
-    reproducible simulations); `assignment_ttl_s` frees an item slot held by someone who never submitted."""
+    reproducible simulations); `assignment_ttl_s` frees an item slot held by someone who never submitted.
 
-    def __init__(self, store: Store, rng: random.Random | None = None, assignment_ttl_s: float = 3600.0):
+    Logins: after `lockout_after` consecutive failures a name is locked for `lockout_base_s`, doubling with each
+    further failure up to `lockout_max_s` (OWASP's authentication cheat sheet: exponential back-off rather than a
+    permanent lock, which would let anyone lock anyone out for good)."""
+
+    def __init__(self, store: Store, rng: random.Random | None = None, assignment_ttl_s: float = 3600.0,
+                 lockout_after: int = 5, lockout_base_s: float = 60.0, lockout_max_s: float = 3600.0):
         self.store = store
         self.rng = rng or random.SystemRandom()
         self.assignment_ttl_s = assignment_ttl_s
+        self.lockout_after, self.lockout_base_s, self.lockout_max_s = lockout_after, lockout_base_s, lockout_max_s
         # per project [done_below, frontier] item ids: hints that keep next_task's queries to the few items in
         # play (see _pick_item); they are only hints, every pick is checked exactly in SQL
         self._hints: dict[int, list[int]] = {}
@@ -227,8 +285,8 @@ class FeedbackService:
             raise FeedbackError(f"user name {name!r} is not allowed; use 1-64 letters, digits, '_', '.', '@' or '-'.")
         if role not in ROLES:
             raise FeedbackError(f"role {role!r} is unknown; use one of {', '.join(ROLES)}.")
-        if password is not None and len(password) < 8:
-            raise FeedbackError(f"the password for {name} is too short; use at least 8 characters.")
+        if password is not None:
+            _check_password(password, name)
         hashed = hash_password(password) if password is not None else None
         with self.store.session() as s, s.begin():
             if s.scalar(select(User).where(User.name == name)) is not None:
@@ -249,19 +307,181 @@ class FeedbackService:
             return _user_info(user)
 
     def authenticate(self, name: str, password: str) -> UserInfo | None:
+        """The user when name and password match; None otherwise (a failure, counted towards the name's lock).
+        AccountLocked while the name is locked (the password is not even checked); Forbidden for the right
+        password of a deactivated account."""
+        if not _NAME_RE.match(name):  # no account can have this name; spend the time a real check takes
+            verify_password(password, _dummy_hash())
+            return None
+        self._check_lock(name)
         with self.store.session() as s:
             user = s.scalar(select(User).where(User.name == name))
             stored = user.password_hash if user is not None else None
             info = _user_info(user) if user is not None else None
+            active = user is not None and user.active
         if stored is None:
             # spend the same time as a real check, so response times do not reveal which names exist
             verify_password(password, _dummy_hash())
+            self._record_failure(name)
             return None
-        return info if verify_password(password, stored) else None
+        if not verify_password(password, stored):
+            self._record_failure(name)
+            return None
+        self._clear_failures(name)
+        if not active:
+            raise Forbidden(f"the account {name} is deactivated; ask an admin to reactivate it.")
+        return info
+
+    def _check_lock(self, name: str) -> None:
+        with self.store.session() as s:
+            row = s.get(LoginFailures, name)
+            t = now()
+            if row is not None and row.locked_until is not None and row.locked_until > t:
+                raise AccountLocked(row.locked_until - t)
+
+    def _record_failure(self, name: str) -> None:
+        t = now()
+        with self.store.session() as s, s.begin():
+            row = s.get(LoginFailures, name)
+            if row is None:
+                row = LoginFailures(name=name, failures=0, last_failure_at=t)
+                s.add(row)
+            row.failures += 1
+            row.last_failure_at = t
+            over = row.failures - self.lockout_after
+            if over >= 0:
+                row.locked_until = t + min(self.lockout_base_s * 2 ** min(over, 32), self.lockout_max_s)
+            # forget names nobody has tried for a day (guessed names would otherwise pile up)
+            s.execute(LoginFailures.__table__.delete().where(
+                LoginFailures.last_failure_at < t - 86400,
+                or_(LoginFailures.locked_until.is_(None), LoginFailures.locked_until < t)))
+
+    def _clear_failures(self, name: str) -> bool:
+        with self.store.session() as s, s.begin():
+            row = s.get(LoginFailures, name)
+            if row is not None:
+                s.delete(row)
+            return row is not None
+
+    def unlock(self, name: str) -> bool:
+        """Lift a name's lock and forget its failures (an admin's action); True if it had any."""
+        return self._clear_failures(name)
+
+    # ------------------------------------------------------------------------------------------- sessions
+    def create_session(self, user_id: int, ttl_s: float) -> str:
+        """A new session for the user, valid for ttl_s seconds; returns the token for the cookie (the database
+        keeps only its hash)."""
+        token = secrets.token_urlsafe(32)
+        t = now()
+        with self.store.session() as s, s.begin():
+            s.add(AuthSession(id=_token_id(token), user_id=user_id, created_at=t, last_seen_at=t,
+                              expires_at=t + ttl_s))
+            s.execute(AuthSession.__table__.delete().where(AuthSession.expires_at < t))  # expired: useless
+        return token
+
+    def session_user(self, token: str | None) -> tuple[UserInfo, str] | None:
+        """(user, session id) of a session that works: known, unexpired, not revoked, its user active."""
+        if not token or not _TOKEN_RE.match(token):
+            return None
+        t = now()
+        with self.store.session() as s, s.begin():
+            row = s.execute(select(AuthSession, User).join(User, User.id == AuthSession.user_id)
+                            .where(AuthSession.id == _token_id(token))).first()
+            if row is None:
+                return None
+            session, user = row
+            if session.revoked_at is not None or session.expires_at <= t or not user.active:
+                return None
+            if t - session.last_seen_at > 60:
+                session.last_seen_at = t
+            return _user_info(user), session.id
+
+    def end_session(self, session_id: str) -> None:
+        """Revoke one session (logout)."""
+        with self.store.session() as s, s.begin():
+            session = s.get(AuthSession, session_id)
+            if session is not None and session.revoked_at is None:
+                session.revoked_at = now()
+
+    def revoke_sessions(self, user_id: int, keep: str | None = None) -> int:
+        """Revoke every working session of the user except `keep`; returns how many were ended."""
+        t = now()
+        with self.store.session() as s, s.begin():
+            rows = s.scalars(select(AuthSession).where(AuthSession.user_id == user_id,
+                                                       AuthSession.revoked_at.is_(None),
+                                                       AuthSession.expires_at > t)).all()
+            ended = 0
+            for row in rows:
+                if row.id != keep:
+                    row.revoked_at = t
+                    ended += 1
+            return ended
+
+    # ------------------------------------------------------------------------------------- administration
+    def _user_row(self, s: Any, user_id: int) -> User:
+        user = s.get(User, user_id) if 0 < user_id <= MAX_ID else None
+        if user is None:
+            raise NotFound(f"user {user_id} does not exist.")
+        return user
+
+    def set_active(self, user_id: int, active: bool) -> UserInfo:
+        """Deactivate (every session ends at once) or reactivate a user."""
+        with self.store.session() as s, s.begin():
+            user = self._user_row(s, user_id)
+            user.active = active
+            info = _user_info(user)
+        if not active:
+            self.revoke_sessions(user_id)
+        return info
+
+    def reset_password(self, user_id: int, password: str, keep_session: str | None = None) -> UserInfo:
+        """Set a user's password (an admin's reset): ends the user's sessions (but keep_session) and lifts any
+        lock on the name."""
+        with self.store.session() as s:
+            name = self._user_row(s, user_id).name
+        _check_password(password, name)
+        hashed = hash_password(password)
+        with self.store.session() as s, s.begin():
+            user = self._user_row(s, user_id)
+            user.password_hash = hashed
+            info = _user_info(user)
+        self.revoke_sessions(user_id, keep=keep_session)
+        self._clear_failures(info.name)
+        return info
+
+    def change_password(self, user_id: int, current: str, new: str, keep_session: str | None) -> None:
+        """A user changes their own password: the current one must be right (a wrong one counts as a failed
+        login, so a stolen session cannot guess it), and every other session of theirs ends."""
+        with self.store.session() as s:
+            user = self._user_row(s, user_id)
+            name, stored = user.name, user.password_hash
+        self._check_lock(name)
+        if not verify_password(current, stored):
+            self._record_failure(name)
+            raise Forbidden("the current password is wrong.")
+        self._clear_failures(name)
+        self.reset_password(user_id, new, keep_session=keep_session)
+
+    def accounts(self) -> list[Account]:
+        t = now()
+        with self.store.session() as s:
+            users = s.scalars(select(User).order_by(User.name)).all()
+            failures = {f.name: f for f in s.scalars(select(LoginFailures))}
+            live = dict(s.execute(select(AuthSession.user_id, func.count()).where(
+                AuthSession.revoked_at.is_(None), AuthSession.expires_at > t).group_by(AuthSession.user_id)).all())
+            seen = dict(s.execute(select(AuthSession.user_id, func.max(AuthSession.last_seen_at))
+                                  .group_by(AuthSession.user_id)).all())
+        out = []
+        for u in users:
+            f = failures.get(u.name)
+            locked = f.locked_until if f is not None and f.locked_until is not None and f.locked_until > t else None
+            out.append(Account(u.id, u.name, u.role, u.active, u.password_hash is not None,
+                               f.failures if f is not None else 0, locked, live.get(u.id, 0), seen.get(u.id)))
+        return out
 
     def user(self, user_id: int) -> UserInfo | None:
         with self.store.session() as s:
-            u = s.get(User, user_id)
+            u = s.get(User, user_id) if abs(user_id) <= MAX_ID else None
             return _user_info(u) if u is not None else None
 
     def user_by_name(self, name: str) -> UserInfo | None:
@@ -296,7 +516,7 @@ class FeedbackService:
     def project(self, name_or_id: str | int) -> ProjectInfo:
         with self.store.session() as s:
             if isinstance(name_or_id, int):
-                p = s.get(Project, name_or_id)
+                p = s.get(Project, name_or_id) if abs(name_or_id) <= MAX_ID else None
             else:
                 p = s.scalar(select(Project).where(Project.name == name_or_id))
             if p is None:
@@ -441,7 +661,7 @@ class FeedbackService:
     def task(self, user_id: int, assignment_id: int) -> Task:
         """An assignment of this user (Forbidden for someone else's)."""
         with self.store.session() as s:
-            a = s.get(Assignment, assignment_id)
+            a = s.get(Assignment, assignment_id) if abs(assignment_id) <= MAX_ID else None
             if a is None:
                 raise NotFound(f"assignment {assignment_id} does not exist.")
             if a.user_id != user_id:
@@ -465,8 +685,10 @@ class FeedbackService:
             raise FeedbackError(f"unknown flag(s) {bad_flags}; use any of {', '.join(FLAGS)}.")
         if len(rationale) > MAX_RATIONALE:
             raise FeedbackError(f"the rationale is {len(rationale)} characters; keep it under {MAX_RATIONALE}.")
-        if time_spent_ms is not None and time_spent_ms < 0:
-            raise FeedbackError(f"time_spent_ms must be 0 or more, got {time_spent_ms}.")
+        if time_spent_ms is not None and not 0 <= time_spent_ms <= MAX_ID:
+            raise FeedbackError(f"time_spent_ms must be between 0 and {MAX_ID}, got {time_spent_ms}.")
+        if abs(assignment_id) > MAX_ID:
+            raise NotFound(f"assignment {assignment_id} does not exist.")
         try:
             with self.store.session() as s, s.begin():
                 existing = s.scalar(select(Judgment).where(Judgment.submission_id == submission_id))

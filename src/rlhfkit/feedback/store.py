@@ -3,22 +3,30 @@
 SQLite (the default) runs in WAL mode and every transaction starts with BEGIN IMMEDIATE, so a writer takes the
 write lock before it reads what it will change: two annotators asking for the last open slot of an item cannot
 both get it, and no acknowledged write is lost to a "database is locked" upgrade failure. PostgreSQL works by
-URL (`postgresql+psycopg://user@host/db`); there the unique constraints below do the same job."""
+URL (`postgresql+psycopg://user@host/db`); there the unique constraints below do the same job.
+
+The database holds password hashes and every judgment, so a SQLite file is created owner-only (0600); SQLite gives
+its -wal and -shm files the database file's mode."""
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
+    JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event, true,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rlhfkit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 ROLES = ("admin", "annotator")
 MODES = ("pairwise", "ranking")
@@ -44,6 +52,35 @@ class User(Base):
     password_hash: Mapped[str | None] = mapped_column(String(256), nullable=True)
     """None for simulated annotators: they submit through the service layer and cannot log in."""
     created_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True, server_default=true())
+    """False for a deactivated account: it cannot log in and its sessions stop working."""
+
+
+class AuthSession(Base):
+    """A login: the cookie holds a random token, this table only its SHA-256, so reading the database does not
+    let anyone act as a logged-in user. Logout and admins revoke rows; expired and revoked rows never work."""
+
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """SHA-256 (hex) of the session token."""
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+    last_seen_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+    """Updated at most once a minute, so a page view does not always write."""
+    expires_at: Mapped[float] = mapped_column(Float, nullable=False)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class LoginFailures(Base):
+    """Consecutive failed logins per name, with the lock they earned. Keyed by the name tried, not by user, so
+    unknown names lock exactly like real ones and the lock reveals no account; a success or an admin's unlock
+    deletes the row, and rows of names left alone for a day are pruned."""
+
+    __tablename__ = "login_failures"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_failure_at: Mapped[float] = mapped_column(Float, nullable=False)
+    locked_until: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Project(Base):
@@ -188,16 +225,41 @@ def upgrade(engine: Engine) -> None:
             command.upgrade(_alembic_config(conn), "head")
 
 
+def _private_sqlite_file(path: Path) -> None:
+    """Create the database file owner-only before SQLite opens it; tighten one an older rlhfkit left readable.
+
+    os.open's mode, not the umask: the umask is process-wide, so changing it would race with files other threads
+    create. SQLite creates -wal and -shm with the database file's mode (findCreateFileMode in os_unix.c), so
+    they are 0600 too."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        return
+    except FileExistsError:
+        pass
+    for p in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
+        try:
+            mode = os.stat(p).st_mode
+            if stat.S_ISREG(mode) and mode & 0o077:
+                os.chmod(p, 0o600)
+                log.warning("%s was readable by other users; made it owner-only (0600): it holds password hashes "
+                            "and judgments", p)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # someone else's file: say so, and open it anyway
+            log.warning("%s is readable by other users and cannot be made owner-only (%s)", p, exc)
+
+
 def open_store(db: str) -> Store:
     """Open (creating if needed) the feedback database at a file path or SQLAlchemy URL and migrate it."""
     url = database_url(db)
     if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1]
-        if path and path != ":memory:":
+        path = make_url(url).database
+        if path and path != ":memory:" and not path.startswith("file:"):
             parent = Path(path).parent
             if not parent.is_dir():
                 raise UserError(f"the directory {parent} for the feedback database does not exist; create it or "
                                 "pass another --db.")
+            _private_sqlite_file(Path(path))
         engine = _sqlite_engine(url)
     else:
         try:

@@ -77,13 +77,10 @@ def reward_model_labeller(reward_dir: str, gap: float = 0.0) -> Labeller:
     return label
 
 
-def _message(value: Any, role: str) -> list[dict[str, str]]:
-    return list(value) if isinstance(value, list) else [{"role": role, "content": value}]
-
-
 def sample_pairs(policy_dir: str, prompts: Sequence[Any], labeller: Labeller, temperature: float,
                  max_new_tokens: int, seed: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Two samples per prompt from the policy, labelled; conversational TRL rows for the pairs with a winner."""
+    """Two samples per prompt from the policy, labelled; TRL rows for the pairs with a winner, in the prompt's own
+    format (the same ids the policy was sampled on)."""
     import torch
 
     from rlhfkit.models import load_causal_lm, load_tokenizer
@@ -107,8 +104,13 @@ def sample_pairs(policy_dir: str, prompts: Sequence[Any], labeller: Labeller, te
             counts["no_preference"] += 1
             continue
         chosen, rejected = (a[i], b[i]) if v > 0 else (b[i], a[i])
-        rows.append({"prompt": _message(prompts[i], "user"), "chosen": _message(chosen, "assistant"),
-                     "rejected": _message(rejected, "assistant"), "source": "online"})
+        # the pair keeps the prompt as it was sampled: a string stays plain text (the DPO round then trains on
+        # the ids the policy answered), a conversation stays messages with the response as the assistant's turn
+        if isinstance(prompts[i], str):
+            rows.append({"prompt": prompts[i], "chosen": chosen, "rejected": rejected, "source": "online"})
+        else:
+            rows.append({"prompt": list(prompts[i]), "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}], "source": "online"})
     counts["pairs"] = len(rows)
     return rows, counts
 
