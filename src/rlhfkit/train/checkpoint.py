@@ -23,6 +23,8 @@ from rlhfkit.train.seeding import restore_rng_state, rng_state
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
+# Test hook: SIGKILL this process while it writes the checkpoint of step N (files written, nothing published).
+KILL_IN_CHECKPOINT_ENV = "RLHFKIT_KILL_IN_CHECKPOINT"
 log = logging.getLogger(__name__)
 
 
@@ -127,6 +129,10 @@ def save_checkpoint(
         state = {"step": step, "num_processes": accelerator.num_processes, **trainer_state}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     accelerator.wait_for_everyone()
+    if is_main and os.environ.get(KILL_IN_CHECKPOINT_ENV) == str(step):  # test hook: die mid-write
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     if is_main:
         write_manifest(tmp)  # last: it covers every process's files
         for fh_path in tmp.rglob("*"):  # make the bytes durable before the rename publishes them
