@@ -389,6 +389,10 @@ def _run(engine: Engine, ids: list[int], s: Sampling, budget: int, chat: bool = 
             yield new, step, done
             return
         ready = full[: max(len(sent), len(full) - hold)]
+        # a byte-level token can be one byte of a multi-byte character, which decodes alone as U+FFFD: hold it
+        # back until the character is complete, or the text sent so far would stop being a prefix of the reply
+        while len(ready) > len(sent) and ready.endswith("\ufffd"):
+            ready = ready[:-1]
         new = ready[len(sent):] if ready.startswith(sent) else ""
         sent = sent + new
         done.text = full
@@ -420,13 +424,16 @@ def _completion_logprobs(engine: Engine, steps: Sequence[Step | None], offsets: 
 
 
 def _generated_offsets(engine: Engine, context: list[int], steps: Sequence[Step], start: int) -> list[int]:
-    """Character offset of each generated token in prompt + completion text (the legacy API's convention),
-    pointing past the space that joins it to the text before."""
+    """Character offset of each generated token in prompt + completion text (the legacy API's convention:
+    text[offset:offset + len(token)] is the token). A byte-level BPE token carries its leading space, so it starts
+    at the space; a word-level or SentencePiece token does not, so it starts past the space that joins it."""
     out, ids = [], []
     for st in steps:
         before = engine.decode_after(context, ids)
         piece = engine.decode_after(context, ids + [st.token_id])[len(before):]
-        out.append(start + len(before) + len(piece) - len(piece.lstrip()))
+        token, lead = engine.token_text(st.token_id), len(piece) - len(piece.lstrip())
+        skip = 0 if piece.startswith(token) or not piece[lead:].startswith(token) else lead
+        out.append(start + len(before) + skip)
         ids.append(st.token_id)
     return out
 
