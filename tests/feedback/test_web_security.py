@@ -396,3 +396,21 @@ def test_uvicorn_trusts_forwarded_headers_only_from_named_proxies():
     assert uvicorn_options([])["proxy_headers"] is False
     named = uvicorn_options(["10.0.0.5", "192.168.0.0/24"])
     assert named["proxy_headers"] is True and named["forwarded_allow_ips"] == ["10.0.0.5", "192.168.0.0/24"]
+
+
+def test_a_secret_file_that_is_not_hex_and_a_db_that_is_not_sqlite_are_one_line_errors(tmp_path):
+    import os
+
+    from rlhfkit.errors import UserError
+    from rlhfkit.feedback.store import open_store
+    from rlhfkit.feedback.web.app import load_or_create_secret
+
+    secret = tmp_path / "secret"
+    secret.write_text("not hex at all")
+    os.chmod(secret, 0o600)
+    with pytest.raises(UserError, match="does not hold a hex key"):
+        load_or_create_secret(secret)
+    notdb = tmp_path / "notes.txt"
+    notdb.write_text("this is a text file, not a database\n" * 200)
+    with pytest.raises(UserError, match="not a usable feedback database"):
+        open_store(str(notdb))

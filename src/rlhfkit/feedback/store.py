@@ -22,6 +22,7 @@ from sqlalchemy import (
     JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event, true,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rlhfkit.errors import UserError
@@ -267,5 +268,11 @@ def open_store(db: str) -> Store:
         except Exception as exc:  # a missing driver or a malformed URL
             raise UserError(f"cannot use the database URL {url!r} ({exc}); check the URL and install its driver "
                             "(e.g. psycopg for postgresql+psycopg://).") from None
-    upgrade(engine)
+    try:
+        upgrade(engine)
+    except DatabaseError as exc:  # a file that is not SQLite ("file is not a database"), or a server refusing us
+        engine.dispose()
+        first = str(exc.orig).splitlines()[0] if getattr(exc, "orig", None) else type(exc).__name__
+        raise UserError(f"--db {db} is not a usable feedback database ({first}); pass a new file name or an "
+                        "existing rlhfkit feedback database.") from None
     return Store(url, engine, sessionmaker(engine, expire_on_commit=False))

@@ -83,7 +83,11 @@ def load_or_create_secret(path: str | Path) -> bytes:
         if mode & 0o077:
             raise UserError(f"the secret key file {p} is readable by other users (mode {oct(mode)}); run chmod 600 "
                             f"{p} or delete it to make a new one.") from None
-        key = bytes.fromhex(p.read_text().strip())
+        try:
+            key = bytes.fromhex(p.read_text(encoding="ascii").strip())
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"the secret key file {p} does not hold a hex key (what rlhfkit writes there); delete it "
+                            "to make a new one (sessions signed with the old key end).") from None
         if len(key) < 32:
             raise UserError(f"the secret key file {p} holds fewer than 32 bytes; delete it to make a new one.")
         return key
