@@ -57,7 +57,7 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
         seen = check_report_in_browser(out / "report.html")
         assert seen["plots"] == 8 and seen["table_rows"] == 1 + len(summary["policies"])
     for name in ("base", "sft"):
-        assert (out / name / "model.safetensors").exists() and (out / "configs" / f"pretrain.yaml").exists()
+        assert (out / name / "model.safetensors").exists() and (out / "configs" / "pretrain.yaml").exists()
 
     # a rerun reuses both finished training stages and reproduces the evaluation exactly (deterministic seed)
     again = main(DemoConfig(output_dir=str(out), quick=True, progress=False))

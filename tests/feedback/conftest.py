@@ -25,3 +25,16 @@ def svc(store):
     import random
 
     return FeedbackService(store, rng=random.Random(0))
+
+
+@pytest.fixture
+def app(svc, tmp_path):
+    """The labelling app over a populated store (web_helpers.populate), its ids in app.state.ids."""
+    from rlhfkit.feedback.web.app import create_app, load_or_create_secret
+
+    from .web_helpers import populate
+
+    ids = populate(svc)
+    application = create_app(svc, load_or_create_secret(tmp_path / "secret_key"), rate_limit=1000)
+    application.state.ids = ids
+    return application

@@ -6,7 +6,6 @@ install`: the system browser is used)."""
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -17,14 +17,6 @@ from rlhfkit.feedback.web.app import create_app, load_or_create_secret  # noqa: 
 from .web_helpers import SQLI, XSS, field, login, populate  # noqa: E402
 
 
-@pytest.fixture
-def app(svc, tmp_path):
-    ids = populate(svc)
-    application = create_app(svc, load_or_create_secret(tmp_path / "secret_key"), rate_limit=1000)
-    application.state.ids = ids
-    return application
-
-
 def client_for(app, name=None):
     c = TestClient(app, base_url="http://127.0.0.1")
     if name:

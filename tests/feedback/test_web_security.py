@@ -21,14 +21,6 @@ from .web_helpers import PASSWORD, assert_secure_headers, field, login, populate
 NEW_PASSWORD = "another-long-pw"
 
 
-@pytest.fixture
-def app(svc, tmp_path):
-    ids = populate(svc)
-    application = create_app(svc, load_or_create_secret(tmp_path / "secret_key"), rate_limit=1000)
-    application.state.ids = ids
-    return application
-
-
 def client_for(app, name=None, password=PASSWORD):
     c = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
     if name:

@@ -6,29 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import sft_rows, write_jsonl
+from policy.test_sft import cfg, weights
+
 from rlhfkit.config import parse_args
 from rlhfkit.errors import ConfigError, DataError, UserError
 from rlhfkit.policy import sft
 from rlhfkit.train import read_metrics
 from rlhfkit.train.checkpoint import MANIFEST, checkpoint_problem
-
-
-def cfg(model, data, out, **kw):
-    base = dict(model=str(model), data=str(data), output_dir=str(out), max_steps=6, batch_size=4,
-                learning_rate=3e-3, report_to=["jsonl"], progress=False, seed=1)
-    base.update(kw)
-    return sft.SFTConfig(**base)
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "model.safetensors"))
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -18,8 +18,8 @@ from typing import Any, Literal, Union
 import torch
 
 from rlhfkit.data.encoding import encode_prompt, encode_response, render_prompt
-from rlhfkit.data.packing import block_diagonal_mask, pack_rows
 from rlhfkit.data.formats import prompt_hint, prompt_like, refuse_message_tree_row
+from rlhfkit.data.packing import block_diagonal_mask, pack_rows
 from rlhfkit.data.readers import read_rows
 from rlhfkit.data.sft import _messages
 from rlhfkit.errors import DataError, UserError

@@ -24,7 +24,7 @@ from typing import Any, Literal, Sequence
 from rlhfkit.config import parse_args, save_config
 from rlhfkit.data.encoding import single_turn_text
 from rlhfkit.errors import ConfigError, DataError, UserError
-from rlhfkit.feedback.constitution import Constitution, Principle, load_constitution
+from rlhfkit.feedback.constitution import Constitution, load_constitution
 from rlhfkit.feedback.judges import Comparison, Judge, JudgeConfig, make_judge
 
 log = logging.getLogger(__name__)

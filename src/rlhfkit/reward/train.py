@@ -23,7 +23,7 @@ from rlhfkit.data.preference import (
     TokenizedPair, TokenizedRanking, collate_pairs, collate_rankings, read_preferences, tokenize_preferences,
 )
 from rlhfkit.data.readers import DataPath, read_prompts, split_eval
-from rlhfkit.errors import ConfigError, DataError, UserError
+from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.losses import batched_ranking_loss, bradley_terry_loss, centering_penalty
 from rlhfkit.models import load_tokenizer
 from rlhfkit.reward.model import ENSEMBLE_FILE, apply_normalisation, load_reward_model, sequence_scores
