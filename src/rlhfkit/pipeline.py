@@ -77,11 +77,14 @@ class DemoConfig:
     """Critic-free estimators trained and evaluated beside PPO and GRPO in the full demo (rloo, reinforce)."""
     kl_cut_coef: float = 0.0
     """KL coefficient of the reward-hacking demonstration run (the leash cut)."""
-    kl_cut_steps: int = 300
-    """GRPO steps of the reward-hacking demonstration run (quick: rl_steps). Longer than the leashed run: with
-    the reward model of 0.76 gold agreement, 120 unleashed steps reached only the top of Gao et al.'s curve (gold
-    +0.67 over SFT, below the leashed run's +0.94, proxy still rising); at 300 the proxy ends +0.48 above SFT's
-    and the gold score 0.57 below it."""
+    kl_cut_steps: int = 160
+    """GRPO steps of the reward-hacking demonstration run (quick: rl_steps)."""
+    kl_cut_learning_rate: float = 1.5e-4
+    """Peak learning rate of the reward-hacking demonstration run (3x the leashed runs'). With prompts and
+    responses encoded alike in sampling, scoring and reward normalisation, the unleashed run at the leashed
+    runs' rate drifted back to SFT's gold score (300 steps: proxy +0.41, gold -0.00; 500 steps: gold +0.07);
+    at 1.5e-4 the held-out gold score falls below SFT's by step 30 and stays there while the proxy keeps rising
+    (160 steps: proxy +0.63, gold -0.57 on the test prompts)."""
     monitor_samples: int = 200
     """Answers to the 100 validation prompts (each asked in turn) at every evaluation of the PPO/GRPO runs, judged
     by the gold judge for the over-optimisation monitor (quick: 64)."""
@@ -223,7 +226,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     # longer (kl_cut_steps) so the policy walks far enough from SFT to find what the reward model gets wrong
     cut_steps = rl_steps if cfg.quick else cfg.kl_cut_steps
     cut_cfg = replace(grpo_cfg, output_dir=str(root / "grpo_klcut"), kl_coef=cfg.kl_cut_coef, ensemble_penalty=0.0,
-                      max_steps=cut_steps, save_every=max(1, cut_steps // 6))
+                      max_steps=cut_steps, save_every=max(1, cut_steps // 6), learning_rate=cfg.kl_cut_learning_rate)
     run_stage("grpo_klcut", cut_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # the other critic-free estimators, full demo only
     variants = [] if cfg.quick else [v for v in cfg.rl_variants if v != "grpo"]
