@@ -156,12 +156,13 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     common = dict(seed=cfg.seed, progress=cfg.progress, report_to=["jsonl", "tensorboard"], log_every=10)
     pretrain = sft.SFTConfig(
         model=str(root / "init"), data=str(data / "pretrain.jsonl"), output_dir=str(root / "base"),
-        max_steps=pretrain_steps, batch_size=32, learning_rate=3e-3, warmup_steps=50, lr_schedule="cosine",
+        max_steps=pretrain_steps, batch_size=32, learning_rate=3e-3, warmup_steps=min(50, pretrain_steps),
+        lr_schedule="cosine",
         max_length=128, eval_fraction=0.01, eval_every=max(1, pretrain_steps // 4), save_every=0, **common)
     run_stage("pretrain", pretrain, sft.main, root, cfg.rebuild or "world" in wall, wall)
     sft_cfg = sft.SFTConfig(
         model=str(root / "base"), data=str(data / "sft.jsonl"), output_dir=str(root / "sft"),
-        max_steps=sft_steps, batch_size=32, learning_rate=1e-3, warmup_steps=10, max_length=128,
+        max_steps=sft_steps, batch_size=32, learning_rate=1e-3, warmup_steps=min(10, sft_steps), max_length=128,
         eval_fraction=0.05, eval_every=max(1, sft_steps // 4), **common)
     # a stage downstream of one that just ran must run again even when its own config is unchanged
     run_stage("sft", sft_cfg, sft.main, root, cfg.rebuild or "pretrain" in wall, wall)

@@ -146,7 +146,7 @@ def main(cfg: CAIExperimentConfig) -> dict[str, Any]:
     sft_dir = root / "sft-helpful-only"
     timed("sft_helpful_only", sft.main, sft.SFTConfig(
         model=cfg.base, data=str(ho_data), output_dir=str(sft_dir), max_steps=cfg.sft_steps, batch_size=32,
-        learning_rate=1e-3, warmup_steps=10, max_length=128, eval_fraction=0.05, **common))
+        learning_rate=1e-3, warmup_steps=min(10, cfg.sft_steps), max_length=128, eval_fraction=0.05, **common))
 
     # 2. SL-CAI: critique -> revision of the assistant's samples, then SFT on the revisions
     constitution = load_constitution()
@@ -165,7 +165,7 @@ def main(cfg: CAIExperimentConfig) -> dict[str, Any]:
     sl_dir = root / "sl-cai"
     timed("sl_cai_sft", sft.main, sft.SFTConfig(
         model=str(sft_dir), data=str(revised), output_dir=str(sl_dir), max_steps=cfg.sl_cai_steps, batch_size=32,
-        learning_rate=5e-4, warmup_steps=5, max_length=128, eval_fraction=0.05, **common))
+        learning_rate=5e-4, warmup_steps=min(5, cfg.sl_cai_steps), max_length=128, eval_fraction=0.05, **common))
 
     # 3. RLAIF labels: the judge compares pairs in both orders; the simulated annotators label the same pairs
     start = time.time()
