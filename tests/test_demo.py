@@ -67,7 +67,8 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
 
     # any stage reruns alone from the config the demo wrote
     proc = subprocess.run([sys.executable, "-m", "rlhfkit", "sft", "--config", str(out / "configs" / "sft.yaml"),
-                           "--output-dir", str(tmp_path / "sft-again"), "--max-steps", "2", "--progress", "false"],
+                           "--output-dir", str(tmp_path / "sft-again"), "--max-steps", "2", "--warmup-steps", "1",
+                           "--progress", "false"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "sft-again" / "model.safetensors").exists()
