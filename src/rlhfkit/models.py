@@ -72,7 +72,8 @@ def ensure_pad_token(tokenizer: Any) -> bool:
     return True
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "vocab.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "merges.txt", "vocab.txt")
 
 
 def load_tokenizer(path: str, padding_side: str = "right") -> Any:

@@ -16,7 +16,7 @@ import torch
 
 from rlhfkit.config import TrainConfig, load_yaml, save_config, to_dict
 from rlhfkit.errors import ConfigError, UserError
-from rlhfkit.train.checkpoint import latest_intact_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.train.checkpoint import checkpoint_dirs, latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from rlhfkit.train.metrics import MetricsLogger, check_finite
 from rlhfkit.train.sampler import EpochSampler
 from rlhfkit.train.seeding import set_seed
@@ -118,8 +118,8 @@ class Run:
                               "output_dir, --overwrite replaces it; pass one of them.")
         has_run = (self.dir / "config.yaml").exists()
         finished = (self.dir / "summary.json").exists() or (self.dir / "config.json").exists()
-        ckpt, damaged = latest_intact_checkpoint(self.dir)
         if cfg.resume:
+            ckpt, damaged = latest_intact_checkpoint(self.dir)  # verifies checksums: only when resuming
             for line in damaged:
                 log.warning("--resume: skipping damaged checkpoint %s", line)
             if ckpt is None:
@@ -145,7 +145,7 @@ class Run:
             self._saved_max_steps = int(saved.get("max_steps", cfg.max_steps))
             return ckpt
         if has_run and not overwrite:
-            if ckpt is None and not damaged and not finished:
+            if not checkpoint_dirs(self.dir) and not finished:
                 log.warning("%s holds a %s run stopped before its first checkpoint (nothing to resume); starting "
                             "it again", self.dir, self.stage)
                 return None
