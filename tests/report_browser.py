@@ -26,7 +26,7 @@ def check_report_in_browser(report: Path, screenshot: Path | None = None) -> dic
             rows = page.locator("table").first.locator("tr").count()
             svgs = page.locator("svg")
             sizes = [svgs.nth(i).bounding_box() for i in range(svgs.count())]
-            marks = page.locator("svg polyline, svg circle").count()
+            marks = page.locator("svg path, svg use").count()  # matplotlib: lines, markers, ticks, error bars
             if screenshot is not None:
                 page.screenshot(path=str(screenshot), full_page=True)
         finally:

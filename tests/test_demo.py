@@ -50,12 +50,13 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     assert bon["kl_to_sft"] == pytest.approx(math.log(16) - 15 / 16)  # the analytic bound for n = 16
     assert isinstance(bon["gold_score"], float) and 0.0 <= bon["win_rate_vs_sft"] <= 1.0
     report = (out / "report.html").read_text()
-    assert report.count("<svg") == 8 and "best_of_n" in report and "<script" not in report
+    # the gold score per policy, five training curves, best-of-n and RL over-optimisation, the KL cut
+    assert report.count("<svg") == 9 and "best_of_n" in report and "<script" not in report
     if shutil.which("chromium") and importlib.util.find_spec("playwright"):
         from tests.report_browser import check_report_in_browser
 
         seen = check_report_in_browser(out / "report.html")
-        assert seen["plots"] == 8 and seen["table_rows"] == 1 + len(summary["policies"])
+        assert seen["plots"] == 9 and seen["table_rows"] == 1 + len(summary["policies"])
     for name in ("base", "sft"):
         assert (out / name / "model.safetensors").exists() and (out / "configs" / "pretrain.yaml").exists()
 

@@ -1,80 +1,202 @@
-"""The demo's HTML report: one self-contained file (inline SVG plots, inline CSS, no scripts, no network) with
-the summary table, the reward model's numbers, training curves and sample responses side by side.
+"""The demo's HTML report: one self-contained file (inline SVG plots drawn by matplotlib, inline CSS, no scripts, no
+network) with the summary table, the reward model's numbers, training curves and sample responses side by side.
 
 Every string from a model or a data file is escaped: responses are untrusted text."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from html import escape
+from io import StringIO
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+import matplotlib
+from matplotlib.backends.backend_svg import FigureCanvasSVG
+from matplotlib.figure import Figure
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:72rem;color:#222;line-height:1.4}
 table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}.plots{display:flex;flex-wrap:wrap;gap:1rem}
 figure{margin:0;border:1px solid #ddd;padding:.5rem}figcaption{font-size:.9rem;color:#555}
+figure svg{display:block;max-width:100%;height:auto}
 .samples td{vertical-align:top;text-align:left;max-width:16rem;white-space:pre-wrap}small{color:#666}
 """
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+# Fixed settings on top of matplotlib's defaults, so the page does not depend on a user's matplotlibrc and two
+# reports from the same numbers are byte-identical: a fixed salt for the SVG ids matplotlib hashes, text kept as
+# <text> (selectable, searchable, small) and never parsed as TeX ("$" in a policy name stays a "$").
+RC = {
+    "svg.hashsalt": "rlhfkit-report",
+    "svg.fonttype": "none",
+    "text.parse_math": False,
+    "font.size": 9,
+    "font.sans-serif": ["DejaVu Sans", "Helvetica", "Arial"],
+    "axes.formatter.useoffset": False,
+    "axes.grid": True,
+    "grid.alpha": 0.35,
+    "legend.frameon": False,
+    "lines.linewidth": 1.5,
+}
+_SVG_PROLOG = re.compile(r"\A.*?(?=<svg\b)", re.DOTALL)
+_METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.DOTALL)
+_TAG = re.compile(r"(<[^>]*>)")  # text content never holds "<" or ">" (matplotlib escapes them)
+Point = tuple[float, float] | tuple[float, float, float | None]  # (x, y) or (x, y, standard error); None: no bar
 
 
-def read_curve(metrics_path: Path, key: str) -> list[tuple[float, float]]:
-    """(step, value) points of one metric from a run's metrics.jsonl (missing file or key: no points)."""
+def read_curve(metrics_path: Path, key: str, se_key: str | None = None) -> list[Point]:
+    """(step, value) points of one metric from a run's metrics.jsonl (missing file or key: no points); with
+    se_key, (step, value, standard error) points, the error None where a row does not log it."""
     if not metrics_path.exists():
         return []
-    points = []
+    points: list[Point] = []
     for line in metrics_path.read_text().splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
         value = row.get(key)
-        if isinstance(value, (int, float)) and value == value:  # skip NaN
-            points.append((float(row["step"]), float(value)))
+        if isinstance(value, (int, float)) and not math.isnan(value):
+            if se_key is None:
+                points.append((float(row["step"]), float(value)))
+            else:
+                se = row.get(se_key)
+                points.append((float(row["step"]), float(value),
+                               float(se) if isinstance(se, (int, float)) and math.isfinite(se) else None))
     return points
 
 
-def svg_lines(series: dict[str, Sequence[tuple[float, float]]], title: str, width: int = 420,
-              height: int = 240, x_label: str = "step", dots: Sequence[str] = ()) -> str:
-    """A small line chart as inline SVG: one polyline per series (or, for the series named in `dots`, one circle
-    per point: measurements beside a fitted curve), axes labelled with min and max."""
+@contextmanager
+def _style() -> Iterator[None]:
+    """matplotlib's own defaults plus RC, restored on exit; no pyplot, so nothing leaks between plots or callers."""
+    with matplotlib.rc_context():
+        matplotlib.rcdefaults()
+        matplotlib.rcParams.update(RC)
+        yield
+
+
+def _figure(width: int, height: int) -> Figure:
+    """A figure of width x height CSS pixels (SVG points are 4/3 px) whose layout keeps labels from overlapping,
+    on the SVG canvas: no pyplot, no interactive backend, no figure kept alive anywhere."""
+    fig = Figure(figsize=(width / 96, height / 96), layout="constrained")
+    FigureCanvasSVG(fig)
+    return fig
+
+
+def _inline_svg(fig: Figure, title: str) -> str:
+    """The figure as an <svg> element for an HTML page: no XML prolog, DOCTYPE or RDF metadata (their namespace
+    URLs are not requests, but the page should name no outside address), plain href for xlink:href, and every id
+    prefixed with a hash of the drawing and its title, since matplotlib numbers ids per figure ("axes_1",
+    "line2d_3") and several figures share one page."""
+    buf = StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    svg = _METADATA.sub("", _SVG_PROLOG.sub("", buf.getvalue(), count=1))
+    prefix = "p" + hashlib.sha1((title + "\0" + svg).encode()).hexdigest()[:10] + "-"
+
+    def fix_tag(tag: str) -> str:
+        tag = tag.replace(' xmlns:xlink="http://www.w3.org/1999/xlink"', "")
+        tag = tag.replace(' xmlns="http://www.w3.org/2000/svg"', "").replace("xlink:href=", "href=")
+        tag = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}{m.group(1)}"', tag)
+        tag = re.sub(r'\bhref="#([^"]+)"', lambda m: f'href="#{prefix}{m.group(1)}"', tag)
+        return re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{prefix}{m.group(1)})", tag)
+
+    svg = "".join(fix_tag(part) if part.startswith("<") else part for part in _TAG.split(svg.strip()))
+    return svg.replace("<svg ", f'<svg role="img" aria-label="{escape(title)}" ', 1)
+
+
+def _legend(fig: Figure, axes: Sequence[Any]) -> None:
+    """One legend for all axes (a twin axis included), below the plot where it cannot cover a curve."""
+    handles, labels = [], []
+    for ax in axes:
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    if handles:
+        ncols = min(len(labels), 2 if max(map(len, labels)) > 16 else 3)
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols)
+
+
+def svg_lines(series: dict[str, Sequence[Point]], title: str, width: int = 480, height: int = 300,
+              x_label: str = "step", dots: Sequence[str] = (), *, y_label: str = "", right: Sequence[str] = (),
+              right_label: str = "", dashed: Sequence[str] = (), colours: dict[str, str] | None = None,
+              point_labels: dict[str, Sequence[str]] | None = None) -> str:
+    """A line chart as an inline-SVG <figure>: one line per series, or, for the series named in `dots`, one marker
+    per point (measurements beside a fitted curve); ticks, gridlines and a legend; ± 1 standard error bars on
+    the points that carry one (x, y, se); the series named in `right` on a second y axis (KL beside rewards);
+    `dashed` series drawn dashed (fits); `colours` fixes a series' colour (a fit in its data's colour);
+    `point_labels` names each point of a series (the β of a DPO run). No series with points: ""."""
+    point_labels, colours = point_labels or {}, colours or {}
+    series = {name: [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])] for name, pts in series.items()}
     series = {name: pts for name, pts in series.items() if pts}
     if not series:
         return ""
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [y for pts in series.values() for _, y in pts]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    left, right, top, bottom = 48, 10, 10, 28
+    with _style():
+        fig = _figure(width, height)
+        ax = fig.add_subplot()
+        twin = ax.twinx() if any(name in right for name in series) else None
+        for i, (name, pts) in enumerate(series.items()):
+            target = twin if twin is not None and name in right else ax
+            colour = colours.get(name, f"C{i % 10}")
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            bars = [(p[0], p[1], p[2]) for p in pts if len(p) > 2 and p[2] is not None and math.isfinite(p[2])]
+            label = name + (" ± s.e." if bars else "") + (" [right axis]" if target is twin else "")
+            marker = "o" if name in dots or bars else ""
+            (line,) = target.plot(xs, ys, color=colour, marker=marker, markersize=4 if name in dots else 3,
+                                  linestyle="none" if name in dots else ("--" if name in dashed else "-"),
+                                  label=label)
+            line.set_gid(f"series-{i}")
+            if bars:
+                eb = target.errorbar([b[0] for b in bars], [b[1] for b in bars], yerr=[b[2] for b in bars],
+                                     fmt="none", ecolor=colour, elinewidth=1, capsize=2.5)
+                eb.lines[2][0].set_gid(f"errorbar-{i}")
+            for (x, y, *_), text in zip(pts, point_labels.get(name, ())):
+                target.annotate(text, (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8, color=colour,
+                                bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none",
+                                      "alpha": 0.8})  # readable where it crosses an error bar or a line
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        if twin is not None:
+            twin.set_ylabel(right_label)
+            twin.grid(False)  # one grid, the left axis's, or the two sets of lines cross
+        _legend(fig, [ax] + ([twin] if twin is not None else []))
+        svg = _inline_svg(fig, title)
+    return f"<figure>{svg}<figcaption>{escape(title)}</figcaption></figure>"
 
-    def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (width - left - right)
 
-    def py(y: float) -> float:
-        return top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)
-
-    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="{escape(title)}">',
-             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#999"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>',
-             f'<text x="2" y="{top + 10}" font-size="10">{y1:.3g}</text>',
-             f'<text x="2" y="{height - bottom}" font-size="10">{y0:.3g}</text>',
-             f'<text x="{left}" y="{height - 8}" font-size="10">{escape(x_label)} {x0:.3g}</text>',
-             f'<text x="{width - right - 70}" y="{height - 8}" font-size="10">{escape(x_label)} {x1:.3g}</text>']
-    for i, (name, pts) in enumerate(series.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        if name in dots:
-            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"/>' for x, y in pts]
-        else:
-            coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
-        per_row = 2 if max(len(n) for n in series) > 14 else 3  # long legend names get wider columns
-        row, col = divmod(i, per_row)
-        parts.append(f'<text x="{left + 8 + (360 // per_row) * col}" y="{top + 12 + 13 * row}" font-size="11" '
-                     f'fill="{colour}">{escape(name)}</text>')
-    parts.append("</svg>")
-    return f'<figure>{"".join(parts)}<figcaption>{escape(title)}</figcaption></figure>'
+def svg_estimates(estimates: dict[str, tuple[float, float | None]], title: str, x_label: str,
+                  reference: str | None = None, width: int = 480) -> str:
+    """Point estimates ± 1 standard error, one row per name (a policy's gold score), first name on top, with a
+    dashed line at the `reference` name's value (SFT). No finite estimates: ""."""
+    rows = [(name, value, se) for name, (value, se) in estimates.items()
+            if isinstance(value, (int, float)) and math.isfinite(value)]
+    if not rows:
+        return ""
+    with _style():
+        fig = _figure(width, max(220, 90 + 24 * len(rows)))
+        ax = fig.add_subplot()
+        ys = list(range(len(rows)))
+        (line,) = ax.plot([r[1] for r in rows], ys, "o", color="C0", markersize=5, label=x_label)
+        line.set_gid("series-0")
+        bars = [(r[1], y, r[2]) for r, y in zip(rows, ys) if isinstance(r[2], (int, float)) and math.isfinite(r[2])]
+        if bars:
+            line.set_label(f"{x_label} ± s.e.")
+            eb = ax.errorbar([b[0] for b in bars], [b[1] for b in bars], xerr=[b[2] for b in bars], fmt="none",
+                             ecolor="C0", elinewidth=1.2, capsize=3)
+            eb.lines[2][0].set_gid("errorbar-0")
+        ref = next((value for name, value, _ in rows if name == reference), None)
+        if ref is not None:
+            ax.axvline(ref, color="C3", linestyle="--", linewidth=1, label=f"{reference} level")
+        ax.set_yticks(ys, [r[0] for r in rows])
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # first name on top, as in the table
+        ax.grid(False, axis="y")
+        ax.set_xlabel(x_label)
+        _legend(fig, [ax])
+        svg = _inline_svg(fig, title)
+    return f"<figure>{svg}<figcaption>{escape(title)}</figcaption></figure>"
 
 
 def _num(value: Any, fmt: str = ".3f") -> str:
@@ -83,8 +205,6 @@ def _num(value: Any, fmt: str = ".3f") -> str:
 
 def _fit_line(fit: dict[str, Any], d_max: float, points: int = 40) -> list[tuple[float, float]]:
     """The fitted Gao et al. curve sampled on (0, d_max]."""
-    import math
-
     a, b = fit["alpha"], fit["beta"]
     ds = [d_max * (i + 1) / points for i in range(points)]
     if fit["form"] == "bon":
@@ -115,22 +235,29 @@ def _overoptimisation_section(root: Path, over: dict[str, Any] | None) -> list[s
         pts = part["points"]
         label = label + (str(pts[-1]["n"]) if key == "best_of_n" else "")
         d_max = max(p["d"] for p in pts)
-        series = {"gold Δ": [(p["d"], p["gold_delta"]) for p in pts],
-                  "proxy Δ": [(p["d"], p["proxy_delta"]) for p in pts]}
+        series: dict[str, list[Point]] = {
+            "gold Δ": [(p["d"], p["gold_delta"], p.get("gold_delta_se")) for p in pts],
+            "proxy Δ": [(p["d"], p["proxy_delta"], p.get("proxy_delta_se")) for p in pts]}
+        fit_name = f"fit {'d(α−βd)' if key == 'best_of_n' else 'd(α−β ln d)'}"
         if part.get("alpha") is not None:
-            series[f"fit {'d(α−βd)' if key == 'best_of_n' else 'd(α−β ln d)'}"] = _fit_line(part, d_max)
+            series[fit_name] = _fit_line(part, d_max)
             notes.append(f"<li>{escape(label)}: gold Δ = {'d(α − β d)' if key == 'best_of_n' else 'd(α − β ln d)'}"
                          f", {escape(_fit_text(part))}</li>")
-        html.append(svg_lines(series, f"over-optimisation: {label}", x_label="d", dots=("gold Δ", "proxy Δ")))
+        html.append(svg_lines(series, f"over-optimisation: {label}", x_label="d = √(KL to SFT)",
+                              dots=("gold Δ", "proxy Δ"), dashed=(fit_name,), colours={fit_name: "C0"},
+                              y_label="change from SFT"))
     cut = over.get("kl_cut")
     if cut:
         series = {}
+        colours = {}  # one colour per run; the proxy dashed, the gold solid with its error bars
         runs = cut.get("runs", {"default": "ppo", "cut": "ppo_klcut"})
-        for run, name in ((runs["default"], "default KL"), (runs["cut"], "KL cut")):
+        for run, name, colour in ((runs["default"], "default KL", "C0"), (runs["cut"], "KL cut", "C3")):
             metrics = root / run / "metrics.jsonl"
             series[f"proxy, {name}"] = read_curve(metrics, "eval/proxy") or read_curve(metrics, "reward/score")
-            series[f"gold, {name}"] = read_curve(root / run / "metrics.jsonl", "judge/score")
-        html.append(svg_lines(series, "reward hacking: the KL leash cut (held-out prompts)"))
+            series[f"gold, {name}"] = read_curve(metrics, "judge/score", se_key="judge/se")
+            colours[f"proxy, {name}"] = colours[f"gold, {name}"] = colour
+        html.append(svg_lines(series, "reward hacking: the KL leash cut (held-out prompts)", y_label="score",
+                              dashed=("proxy, default KL", "proxy, KL cut"), colours=colours))
     html.append("</div>")
     if notes:
         html.append("<ul>" + "".join(notes) + "</ul>")
@@ -155,12 +282,18 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
     html.append("<h2>Policies, scored by the hidden gold judge on held-out test prompts</h2><table><tr>"
                 "<th class='l'>policy</th><th>gold score</th><th>± s.e.</th><th>win rate vs SFT</th>"
                 "<th>KL to SFT</th><th>mean length</th><th>unsafe rate</th></tr>")
-    for name, p in summary.get("policies", {}).items():
+    policies = summary.get("policies", {})
+    for name, p in policies.items():
         html.append(f"<tr><td class='l'>{escape(name)}</td><td>{_num(p.get('gold_score'), '+.3f')}</td>"
                     f"<td>{_num(p.get('gold_se'))}</td><td>{_num(p.get('win_rate_vs_sft'), '.2f')}</td>"
                     f"<td>{_num(p.get('kl_to_sft'), '.2f')}</td><td>{_num(p.get('mean_length'), '.1f')}</td>"
                     f"<td>{_num(p.get('unsafe_rate'), '.2f')}</td></tr>")
     html.append("</table>")
+    estimates = {name: (p.get("gold_score"), p.get("gold_se")) for name, p in policies.items()}
+    gold_plot = svg_estimates(estimates, "gold score per policy (held-out test prompts)", "gold score",
+                              reference="sft" if "sft" in policies else None)
+    if gold_plot:
+        html.append(f"<div class='plots'>{gold_plot}</div>")
     claims = summary.get("claims")
     if claims:
         html.append("<h2>What this run shows</h2><table>")
@@ -181,29 +314,36 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
     rm_metrics = root / "reward" / "metrics.jsonl"
     if not rm_metrics.exists():  # an ensemble keeps one run per member
         rm_metrics = root / "reward" / "member-0" / "metrics.jsonl"
-    curves = [
+    curves: list[tuple[dict[str, list[Point]], str, dict[str, Any]]] = [
         ({"train": read_curve(root / "base" / "metrics.jsonl", "loss"),
-          "held-out": read_curve(root / "base" / "metrics.jsonl", "eval/loss")}, "pretraining loss"),
+          "held-out": read_curve(root / "base" / "metrics.jsonl", "eval/loss")}, "pretraining loss",
+         {"y_label": "loss"}),
         ({"train": read_curve(root / "sft" / "metrics.jsonl", "loss"),
-          "held-out": read_curve(root / "sft" / "metrics.jsonl", "eval/loss")}, "SFT loss"),
+          "held-out": read_curve(root / "sft" / "metrics.jsonl", "eval/loss")}, "SFT loss", {"y_label": "loss"}),
         ({"train": read_curve(rm_metrics, "accuracy"), "held-out": read_curve(rm_metrics, "eval/accuracy")},
-         "reward model pair accuracy" + (" (ensemble member 0)" if rm_metrics.parent.name == "member-0" else "")),
+         "reward model pair accuracy" + (" (ensemble member 0)" if rm_metrics.parent.name == "member-0" else ""),
+         {"y_label": "pair accuracy"}),
         ({"margin": read_curve(root / "dpo" / "metrics.jsonl", "rewards/margin"),
-          "accuracy": read_curve(root / "dpo" / "metrics.jsonl", "rewards/accuracy")}, "DPO implicit reward"),
+          "accuracy": read_curve(root / "dpo" / "metrics.jsonl", "rewards/accuracy")}, "DPO implicit reward",
+         {"y_label": "implicit reward margin", "right": ("accuracy",), "right_label": "pair accuracy"}),
         ({"proxy reward": read_curve(root / "ppo" / "metrics.jsonl", "reward/score"),
-          "gold (held-out)": read_curve(root / "ppo" / "metrics.jsonl", "judge/score"),
-          "KL to SFT": read_curve(root / "ppo" / "metrics.jsonl", "kl")}, "PPO: reward, gold and KL"),
+          "gold (held-out)": read_curve(root / "ppo" / "metrics.jsonl", "judge/score", se_key="judge/se"),
+          "KL to SFT": read_curve(root / "ppo" / "metrics.jsonl", "kl")}, "PPO: reward, gold and KL",
+         {"y_label": "score", "right": ("KL to SFT",), "right_label": "KL to SFT (nats)"}),
     ]
-    plots = [svg_lines(series, title) for series, title in curves]
+    plots = [svg_lines(series, title, **options) for series, title, options in curves]
     html.append("<h2>Training curves</h2><div class='plots'>" + "".join(p for p in plots if p) + "</div>")
     html += _overoptimisation_section(root, summary.get("overoptimization"))
     sweep = summary.get("dpo_beta_sweep")
     if sweep:
-        pts = sorted((p["kl_to_sft"], p["gold_score"]) for p in sweep if p.get("kl_to_sft") is not None)
+        runs = sorted((p for p in sweep if p.get("kl_to_sft") is not None), key=lambda p: p["kl_to_sft"])
+        name = "DPO runs, gold score"
+        plot = svg_lines({name: [(p["kl_to_sft"], p["gold_score"], p.get("gold_se")) for p in runs]},
+                         "DPO gold score against KL to SFT", x_label="KL to SFT (nats)", y_label="gold score",
+                         point_labels={name: [f"β = {p['beta']:g}" for p in runs]})
         html.append("<h2>DPO: the β sweep</h2><p>A smaller β lets the policy move further from SFT (more KL); the gold "
-                    "score shows what that buys.</p><div class='plots'>" +
-                    svg_lines({"gold score": pts, "DPO runs": pts}, "DPO gold score against KL to SFT", x_label="KL",
-                              dots=("DPO runs",)) + "</div><table><tr><th>β</th><th>KL to SFT</th><th>gold score</th>"
+                    "score shows what that buys.</p><div class='plots'>" + plot + "</div><table><tr><th>β</th>"
+                    "<th>KL to SFT</th><th>gold score</th>"
                     "<th>± s.e.</th><th>unsafe rate</th></tr>" +
                     "".join(f"<tr><td>{_num(p['beta'], 'g')}</td><td>{_num(p.get('kl_to_sft'), '.2f')}</td>"
                             f"<td>{_num(p['gold_score'], '+.3f')}</td><td>{_num(p['gold_se'])}</td>"
