@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.policy.rollout import generate_hf, generate_static
+from rlhfkit.generation import generate_hf, generate_static
 
 # name -> (LlamaConfig fields, default batch, prompt length, new tokens)
 SIZES = {
     # the playground's base model (WorldSpec: 128 hidden, 4 layers, 4 heads; its word vocabulary is ~380)
     "tiny": (dict(vocab_size=384, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=4), 16, 32, 48),
-    # the 0.4b Llama of the peer figures in REFERENCE.md (386.5M matmul params)
+    # a 0.4b Llama (386.5M matmul params), the size of published peer throughput figures
     "0.4b": (dict(vocab_size=32000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2), 64, 128, 128),
 }

@@ -236,7 +236,7 @@ def rl_eval(spec: dict[str, Any], w: dict[str, Any], model: Any, tokenizer: Any)
     sides (rlhfkit's sampler, the reward model read at the last real token of the policy's own tokens), so the
     number does not depend on how each trainer re-encodes text for its reward model."""
     from rlhfkit.data.readers import read_prompts
-    from rlhfkit.policy.rollout import sample
+    from rlhfkit.generation import sample
     from rlhfkit.reward.model import load_reward_ensemble
 
     n = w["batch"] * w["k"]

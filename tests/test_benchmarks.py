@@ -1,5 +1,5 @@
 """Smoke test of benchmarks/vs_trl.py: one repetition of DPO and GRPO on the tiny config, JSON schema checked.
-Timings are never asserted (STYLE.md: benchmarks print tables, tests check behaviour)."""
+Timings are never asserted: benchmarks print tables, tests check behaviour."""
 
 import json
 import subprocess

@@ -26,8 +26,12 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
             assert isinstance(policy[key], float), key
     # SFT on contractor demonstrations beats the web-text base model by a wide, significant margin
     assert sft["gold_score"] - base["gold_score"] > 3 * (sft["gold_se"] ** 2 + base["gold_se"] ** 2) ** 0.5
-    assert base["win_rate_vs_sft"] < 0.35 and sft["win_rate_vs_sft"] == 0.5
-    assert sft["kl_to_sft"] == pytest.approx(0.0, abs=1e-6) and base["kl_to_sft"] > 1.0
+    # the win rate against SFT (per prompt) agrees with the gold means wherever they differ by more than 2 s.e.
+    for name, policy in summary["policies"].items():
+        gap = policy["gold_score"] - sft["gold_score"]
+        if abs(gap) > 2 * (policy["gold_se"] ** 2 + sft["gold_se"] ** 2) ** 0.5:
+            assert (policy["win_rate_vs_sft"] > 0.5) == (gap > 0), name
+    assert base["win_rate_vs_sft"] < 0.35 and base["kl_to_sft"] > 1.0
     assert {"pretrain", "sft", "label", "reward", "dpo", "ppo", "grpo", "grpo_klcut", "eval", "total"} <= set(summary["wall_seconds"])
     rm = summary["reward_model"]
     assert rm["pairs"] > 100 and rm["gold_accuracy"] > 0.6  # well above chance even in the quick run
@@ -35,6 +39,8 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     for key in ("heldout_accuracy", "ece", "length_correlation"):
         assert isinstance(rm[key], float)
     assert dpo["kl_to_sft"] > 0 and ppo["kl_to_sft"] > 0
+    # the KL leash holds: the same GRPO run with it cut walks several times further from SFT
+    assert summary["overoptimization"]["kl_cut"]["kl"] > 3 * grpo["kl_to_sft"]
     # the labels went through the feedback store, and the reward model is an ensemble
     labels = json.loads((out / "data" / "labels.json").read_text())
     assert (out / "feedback.db").exists() and labels["train-sft"]["judgments"] > 50
@@ -42,8 +48,11 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     over = summary["overoptimization"]
     for key in ("best_of_n", "rl"):
         assert {"alpha", "beta", "r2", "peak_d"} <= set(over[key]), key
-    assert [p["n"] for p in over["best_of_n"]["points"]] == [1, 2, 4, 8, 16]
-    assert over["best_of_n"]["points"][0]["gold_delta"] == 0.0
+    points = over["best_of_n"]["points"]
+    assert [p["n"] for p in points] == [1, 2, 4, 8, 16]
+    # picking by the reward model raises its own score with n, and gold's too: it ranks candidates much as gold does
+    assert all(a["proxy_delta"] < b["proxy_delta"] for a, b in zip(points, points[1:]))
+    assert points[-1]["gold_delta"] > 0.3
     assert {"proxy_delta", "gold_delta", "monitor_flagged"} <= set(over["kl_cut"])
     assert {c["claim"] for c in summary["claims"]} and all(isinstance(c["ok"], bool) for c in summary["claims"])
     bon = summary["policies"]["best_of_n"]

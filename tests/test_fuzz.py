@@ -117,7 +117,8 @@ def test_sft_rows_encode_or_name_the_row(tok, row):
                                                                       HealthCheck.function_scoped_fixture])
 @given(st.lists(rows, min_size=1, max_size=2))
 def test_preferences_tokenise_or_name_the_row(tok, rows_):
-    from rlhfkit.data.preference import read_preferences, tokenize_preferences
+    from rlhfkit.data.preference import read_preferences
+    from rlhfkit.data.preference_tokens import tokenize_preferences
 
     path = _write(rows_)
     try:

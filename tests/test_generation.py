@@ -2,7 +2,7 @@ import torch
 
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
 from rlhfkit.data.encoding import render_prompt, user_turn
-from rlhfkit.policy.rollout import encode_prompts, sample
+from rlhfkit.generation import encode_prompts, sample
 
 
 def test_prompts_are_left_padded_message_lists_through_the_chat_template_strings_as_plain_text(tiny_model):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
-from rlhfkit.policy import rollout as rollout_mod
+from rlhfkit import generation as generation_mod
 from rlhfkit.data.encoding import user_turn
-from rlhfkit.policy.rollout import (choose_tokens, encode_prompts, generate_hf, generate_static, resolve_backend,
-                                    sample, top_k_filter, top_p_filter)
+from rlhfkit.generation import (choose_tokens, encode_prompts, generate_hf, generate_static, resolve_backend,
+                                sample, stream, top_k_filter, top_p_filter)
 
 # chat prompts (the tiny model's template), as the policies these tests stand for are sampled
 PROMPTS = [user_turn(t) for t in
@@ -119,7 +119,7 @@ def test_eos_stops_rows_and_masks_are_right(model, tok):
 @pytest.mark.parametrize("check_every", [1, 8])
 def test_loop_stops_once_every_row_has_ended(model, tok, monkeypatch, check_every):
     """check_every 8 is the GPU setting: the loop runs on to the next check, then trims the all-pad columns."""
-    monkeypatch.setattr(rollout_mod, "_steps_between_checks", lambda device: check_every)
+    monkeypatch.setattr(generation_mod, "_steps_between_checks", lambda device: check_every)
     ids, mask = prompt_batch(tok)
     step = {"n": 0}
 
@@ -194,7 +194,7 @@ def test_backend_choice_and_fallback_for_unsupported_models(model, tok, caplog, 
     assert resolve_backend(model, "static") == "static"
     assert resolve_backend(model, "auto") == "static"  # measured no slower on CPU either (benchmarks/sampling.py)
     monkeypatch.setattr(type(model), "_can_compile_fullgraph", False)
-    with caplog.at_level(logging.INFO, logger="rlhfkit.policy.rollout"):
+    with caplog.at_level(logging.INFO, logger="rlhfkit.generation"):
         assert resolve_backend(model, "static") == "hf"
     assert "does not declare static-cache support" in caplog.text and "Hugging Face generate" in caplog.text
     out = sample(model, tok, PROMPTS[:2], max_new_tokens=4, temperature=0, backend="static")  # still samples
@@ -210,11 +210,11 @@ def test_compile_failure_falls_back_to_eager(model, tok, caplog, monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(rollout_mod, "_DECODERS", type(rollout_mod._DECODERS)())
+    monkeypatch.setattr(generation_mod, "_DECODERS", type(generation_mod._DECODERS)())
     ids, mask = prompt_batch(tok)
     eager, _, _ = generate_static(model, ids, mask, max_new_tokens=6, temperature=0, **common(tok))
-    monkeypatch.setattr(rollout_mod, "_DECODERS", type(rollout_mod._DECODERS)())
-    with caplog.at_level(logging.WARNING, logger="rlhfkit.policy.rollout"):
+    monkeypatch.setattr(generation_mod, "_DECODERS", type(generation_mod._DECODERS)())
+    with caplog.at_level(logging.WARNING, logger="rlhfkit.generation"):
         out, _, _ = generate_static(model, ids, mask, max_new_tokens=6, temperature=0, compile=True, **common(tok))
     assert torch.equal(out, eager)
     assert "torch.compile of the decode step failed" in caplog.text and "inductor exploded" in caplog.text
@@ -259,7 +259,7 @@ def test_a_cache_dtype_clash_falls_back_to_hf_generate(model, tok, caplog, monke
         raise RuntimeError("index_copy_(): self and source expected to have the same dtype, but got (self) Float "
                            "and (source) BFloat16")
 
-    monkeypatch.setattr(rollout_mod, "generate_static", clash)
+    monkeypatch.setattr(generation_mod, "generate_static", clash)
     with caplog.at_level(logging.WARNING):
         torch.manual_seed(0)
         got = sample(model, tok, ["say hi", "say hello there"], max_new_tokens=6, temperature=0.0, backend="static")
@@ -271,7 +271,7 @@ def test_a_cache_dtype_clash_falls_back_to_hf_generate(model, tok, caplog, monke
     def other(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(rollout_mod, "generate_static", other)
+    monkeypatch.setattr(generation_mod, "generate_static", other)
     with pytest.raises(RuntimeError, match="out of memory"):  # anything else is not swallowed
         sample(model, tok, ["say hi"], max_new_tokens=2, backend="static")
 
@@ -311,3 +311,29 @@ def test_low_precision_sampling_uses_a_bf16_copy_refreshed_from_the_current_weig
     # through sample(), the hf backend runs under autocast instead
     out = sample(model, tok, PROMPTS, max_new_tokens=6, temperature=0, backend="hf", dtype=torch.bfloat16)
     assert out.response_ids.shape[0] == len(PROMPTS)
+
+
+def test_stream_equals_batched_sampling_greedy_and_reports_untempered_logprobs(model, tok):
+    """`rlhfkit serve` streams through `generation.stream`: greedy, it emits the batched sampler's tokens for the
+    same prompt, and each reported log-prob is the model's own (temperature-free) one, equal to the recomputation."""
+    ids, mask = encode_prompts(tok, PROMPTS[1:2])
+    batched = sample(model, tok, PROMPTS[1:2], max_new_tokens=8, temperature=0.0, backend="hf")
+    want = batched.response_ids[0][batched.response_mask[0].bool()].tolist()
+    steps = list(stream(model, ids[0].tolist(), 8, tok.eos_token_id, temperature=0.0, top_logprobs=3))
+    assert [s.token_id for s in steps] == want
+    full = torch.cat([ids, torch.tensor([want])], 1)
+    lp = logprobs_of(model, full, torch.ones_like(full))[0, ids.shape[1] - 1:]  # (R,): the response tokens'
+    torch.testing.assert_close(torch.tensor([s.logprob for s in steps]), lp[: len(steps)], rtol=1e-4, atol=1e-4)
+    assert all(len(s.top) == 3 and s.top[0][1] >= s.top[1][1] >= s.top[2][1] for s in steps)
+
+
+def test_stream_stops_when_asked_and_survives_degenerate_sampling_settings(model, tok):
+    ids = encode_prompts(tok, PROMPTS[:1])[0][0].tolist()
+    calls = []
+    out = list(stream(model, ids, 8, None, should_stop=lambda: calls.append(1) or len(calls) > 2))
+    assert len(out) == 2  # asked before each forward pass: the third ask stops it
+    g = torch.Generator().manual_seed(0)
+    # a top_p that underflows to 0 in float32 keeps the most likely token; a tiny temperature is greedy
+    greedy = [s.token_id for s in stream(model, ids, 4, None, temperature=0.0)]
+    assert [s.token_id for s in stream(model, ids, 4, None, temperature=1.0, top_p=1e-320, generator=g)] == greedy
+    assert [s.token_id for s in stream(model, ids, 4, None, temperature=1e-300, generator=g)] == greedy

@@ -48,7 +48,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    """Fields every training stage shares (DESIGN.md, 'Common fields')."""
+    """Fields every training stage shares (README, "Bring your own model and data")."""
 
     model: str = ""
     """Hugging Face model directory (or a hub id where a hub is reachable) to start from."""

@@ -1,4 +1,5 @@
-"""Batched sampling shared by PPO, best-of-n, labelling and evaluation.
+"""Generation below the stages: batched sampling for PPO, best-of-n, reward normalisation, labelling and
+evaluation, and token-by-token streaming for `rlhfkit serve`. Prompts are encoded by `data.encoding`'s one rule.
 
 Prompts are left-padded for generation (so every row's next token sits at the same column); responses come back
 right-padded with a mask that covers the real tokens up to and including EOS. PPO re-scores responses with
@@ -7,7 +8,8 @@ score).
 
 Two backends produce the tokens: Hugging Face `generate` (dynamic cache, any architecture) and `generate_static`,
 our own prefill + decode loop over a preallocated `StaticCache` whose single-token decode step can be
-`torch.compile`d on a GPU (generation is most of an RL step; HF's dynamic-cache loop is several times slower)."""
+`torch.compile`d on a GPU (generation is most of an RL step; HF's dynamic-cache loop is several times slower).
+`stream` samples one sequence a token at a time for a server, with the same token choice (`choose_tokens`)."""
 
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import logging
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 
+from rlhfkit.compat import declares_static_cache
 from rlhfkit.data.encoding import encode_prompt
 from rlhfkit.models import position_ids_from_mask
 
@@ -86,20 +89,24 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(-1) - probs  # (B, V) probability of the tokens ranked above this one
-    drop_sorted = mass_before >= p  # the set was already complete before this token; never drops the first
+    drop_sorted = mass_before >= p  # the set was already complete before this token
+    drop_sorted[..., 0] = False  # the most likely token always stays (p may underflow to 0 in float32)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
 def choose_tokens(
-    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pick one token per row from next-token logits (B, V): argmax at temperature <= 0, else a draw from
     softmax(logits / temperature) after top-k then top-p (HF's warper order). Returns (tokens, logprobs,
     filtered_logprobs), each (B,): log-probs of the chosen token under the full tempered distribution (what the
-    trainer recomputes) and under the truncated one that was sampled."""
+    trainer recomputes) and under the truncated one that was sampled. generator: the draw's random stream (a
+    server keeps one per request); None uses torch's global one."""
     logits = logits.float()
-    if temperature <= 0:
+    # a temperature that is 0 in float32 is greedy (dividing by it would make every logit inf or nan)
+    if temperature <= 0 or temperature < torch.finfo(torch.float32).tiny:
         tokens = logits.argmax(-1)  # (B,)
         logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, logprobs, logprobs
@@ -108,7 +115,11 @@ def choose_tokens(
     filtering = 0 < top_k < logits.shape[-1] or top_p < 1.0
     filtered_all = torch.log_softmax(top_p_filter(top_k_filter(scaled, top_k), top_p), -1) if filtering \
         else logprobs_all  # (B, V)
-    tokens = torch.multinomial(filtered_all.exp(), 1).squeeze(-1)  # (B,)
+    probs = filtered_all.exp()  # (B, V)
+    if generator is None:
+        tokens = torch.multinomial(probs, 1).squeeze(-1)  # (B,)
+    else:  # a CPU generator for a model on a GPU: draw on the generator's device
+        tokens = torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     logprobs = logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs, filtered_all.gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -142,7 +153,7 @@ def static_unsupported_reason(model: Any) -> str | None:
     name = type(base).__name__
     if getattr(config, "is_encoder_decoder", False):
         return f"{name} is an encoder-decoder"
-    if not (getattr(base, "_can_compile_fullgraph", False) or getattr(base, "_supports_static_cache", False)):
+    if not declares_static_cache(base):
         return f"{name} does not declare static-cache support (_can_compile_fullgraph)"
     if _cache_kwarg(base) is None or "position_ids" not in inspect.signature(base.forward).parameters:
         return f"{name}.forward takes no cache or position_ids argument"
@@ -384,7 +395,7 @@ _FELL_BACK: set[str] = set()
 
 def resolve_backend(model: Any, backend: Backend = "auto") -> Literal["hf", "static"]:
     """The backend that will run. 'auto' is the static loop on every device where the model supports it: several
-    times faster than HF generate on a GPU (REFERENCE.md) and 1.0-1.2x on the playground model on 2 CPU cores
+    times faster than HF generate on a GPU (benchmarks/RESULTS.md) and 1.0-1.2x on the playground model on 2 CPU cores
     (benchmarks/sampling.py), and it returns the log-probs without keeping every step's logits. 'static' and
     'auto' fall back to 'hf', with a log line, for architectures the static loop does not support."""
     if backend not in ("auto", "hf", "static"):
@@ -471,3 +482,59 @@ def sample(
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended, [t.strip() for t in texts],
                    logprobs, filtered)
+
+
+# ------------------------------------------------------------------------------------------------- streaming
+@dataclass
+class TokenStep:
+    token_id: int
+    logprob: float
+    """Log-prob of the token under the model's own (untempered, untruncated) distribution: what an
+    OpenAI-compatible API reports, whatever the sampling settings."""
+    top: list[tuple[int, float]]
+    """The `top_logprobs` most likely (token id, log-prob) pairs under the same distribution, most likely first."""
+
+
+def stream(
+    model: Any,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    top_logprobs: int = 0,
+    generator: torch.Generator | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[TokenStep]:
+    """Sample up to max_new_tokens tokens after one prompt's ids, yielding each as it is chosen and stopping
+    after EOS: one forward pass per token over the model's dynamic KV cache (any architecture). The token is
+    picked by `choose_tokens`, as in batched sampling. `should_stop` is asked before every forward pass; once it
+    returns True the stream ends early (a server whose client has gone)."""
+    device = next(model.parameters()).device
+    cache_kw = _cache_kwarg(model) or "past_key_values"
+    past = None
+    cur = torch.tensor([list(prompt_ids)], device=device)  # (1, P), then (1, 1)
+    for _ in range(max_new_tokens):
+        if should_stop is not None and should_stop():
+            return
+        # grad mode is per thread and a generator may resume on another one: set it for each step, never
+        # across a yield
+        with torch.inference_mode():
+            out = model(input_ids=cur, use_cache=True, **{cache_kw: past})
+            past = getattr(out, cache_kw, None)
+            logits = out.logits[:, -1].float()  # (1, V)
+            # shifted to max 0, so a tiny temperature divides into -inf at worst, never inf - inf
+            logits = logits - logits.max()
+            tokens, _, _ = choose_tokens(logits, temperature, top_k, top_p, generator)
+            token = int(tokens[0])
+            logp = torch.log_softmax(logits[0], dim=-1)  # (V,)
+            top: list[tuple[int, float]] = []
+            if top_logprobs > 0:
+                values, idx = logp.topk(top_logprobs)
+                top = [(int(i), float(v)) for v, i in zip(values, idx)]
+            step = TokenStep(token, float(logp[token]), top)
+        yield step
+        if token == eos_token_id:
+            return
+        cur = torch.tensor([[token]], device=device)

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhfkit.config import load_yaml, save_config, to_dict
+import yaml
+
+from rlhfkit.config import from_dict, load_yaml, save_config, to_dict
+from rlhfkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,31 @@ def _finished_with(run_dir: Path, cfg: Any) -> bool:
     return saved == {k: v for k, v in to_dict(cfg).items() if k not in ignore}
 
 
+PRESETS = "configs/demo.yaml"
+"""The demo's stage settings, shipped inside the package (rlhfkit/configs/demo.yaml)."""
+
+
+def demo_presets() -> dict[str, dict[str, Any]]:
+    """configs/demo.yaml: per stage, the fields its config dataclass is built with; `quick`, the --quick caps."""
+    from importlib import resources
+
+    data = yaml.safe_load(resources.files("rlhfkit").joinpath(PRESETS).read_text())
+    unknown = set(data.get("quick", {})) - set(DemoConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{PRESETS}: quick caps {sorted(unknown)} are not settings of rlhfkit demo.")
+    return data
+
+
+def stage_config(cls: type, presets: dict[str, dict[str, Any]], stage: str, base: Any = None,
+                 **fields: Any) -> Any:
+    """The stage's config: `base` (or the dataclass defaults), then the preset's common and stage settings, then
+    `fields` (paths, steps, values derived from them). A preset's warm-up is capped at the run's length."""
+    preset = dict(presets.get(stage, {})) if base is not None else {**presets["common"], **presets.get(stage, {})}
+    if "warmup_steps" in preset and "max_steps" in fields:
+        preset["warmup_steps"] = min(preset["warmup_steps"], fields["max_steps"])
+    return from_dict(cls, {**preset, **fields}, f"{PRESETS} ({stage})", base=base)
+
+
 def run_stage(name: str, cfg: Any, main: Callable[[Any], Any], root: Path, rebuild: bool,
               wall: dict[str, float]) -> None:
     """Write the stage's config for standalone reruns; run it unless an identical finished run exists."""
@@ -133,16 +161,16 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
 
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    pretrain_steps = min(cfg.pretrain_steps, 300) if cfg.quick else cfg.pretrain_steps
-    sft_steps = min(cfg.sft_steps, 100) if cfg.quick else cfg.sft_steps
-    n_eval = min(cfg.eval_prompts, 100) if cfg.quick else cfg.eval_prompts
-    reward_steps = min(cfg.reward_steps, 100) if cfg.quick else cfg.reward_steps
-    dpo_steps = min(cfg.dpo_steps, 60) if cfg.quick else cfg.dpo_steps
-    ppo_steps = min(cfg.ppo_steps, 20) if cfg.quick else cfg.ppo_steps
-    rl_steps = min(cfg.rl_steps, 40) if cfg.quick else cfg.rl_steps
-    ensemble = min(cfg.reward_ensemble, 2) if cfg.quick else cfg.reward_ensemble
-    sweep_n = min(cfg.sweep_n, 16) if cfg.quick else cfg.sweep_n
-    monitor_samples = min(cfg.monitor_samples, 64) if cfg.quick else cfg.monitor_samples
+    presets = demo_presets()
+    caps = presets["quick"] if cfg.quick else {}
+
+    def setting(name: str) -> Any:
+        return min(getattr(cfg, name), caps[name]) if name in caps else getattr(cfg, name)
+
+    pretrain_steps, sft_steps, n_eval = setting("pretrain_steps"), setting("sft_steps"), setting("eval_prompts")
+    reward_steps, dpo_steps, ppo_steps = setting("reward_steps"), setting("dpo_steps"), setting("ppo_steps")
+    rl_steps, ensemble, sweep_n = setting("rl_steps"), setting("reward_ensemble"), setting("sweep_n")
+    monitor_samples = setting("monitor_samples")
     wall: dict[str, float] = {}
     t0 = time.time()
 
@@ -153,42 +181,37 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         build_initial_model(root / "init", spec)
         wall["world"] = round(time.time() - t0, 1)
 
-    common = dict(seed=cfg.seed, progress=cfg.progress, report_to=["jsonl", "tensorboard"], log_every=10)
-    pretrain = sft.SFTConfig(
-        model=str(root / "init"), data=str(data / "pretrain.jsonl"), output_dir=str(root / "base"),
-        max_steps=pretrain_steps, batch_size=32, learning_rate=3e-3, warmup_steps=min(50, pretrain_steps),
-        lr_schedule="cosine",
-        max_length=128, eval_fraction=0.01, eval_every=max(1, pretrain_steps // 4), save_every=0, **common)
+    common = dict(seed=cfg.seed, progress=cfg.progress)
+    pretrain = stage_config(
+        sft.SFTConfig, presets, "pretrain", model=str(root / "init"), data=str(data / "pretrain.jsonl"),
+        output_dir=str(root / "base"), max_steps=pretrain_steps, eval_every=max(1, pretrain_steps // 4), **common)
     run_stage("pretrain", pretrain, sft.main, root, cfg.rebuild or "world" in wall, wall)
-    sft_cfg = sft.SFTConfig(
-        model=str(root / "base"), data=str(data / "sft.jsonl"), output_dir=str(root / "sft"),
-        max_steps=sft_steps, batch_size=32, learning_rate=1e-3, warmup_steps=min(10, sft_steps), max_length=128,
-        eval_fraction=0.05, eval_every=max(1, sft_steps // 4), **common)
+    sft_cfg = stage_config(
+        sft.SFTConfig, presets, "sft", model=str(root / "base"), data=str(data / "sft.jsonl"),
+        output_dir=str(root / "sft"), max_steps=sft_steps, eval_every=max(1, sft_steps // 4), **common)
     # a stage downstream of one that just ran must run again even when its own config is unchanged
     run_stage("sft", sft_cfg, sft.main, root, cfg.rebuild or "pretrain" in wall, wall)
 
     # people (here: the simulated annotator pool) compare responses; only their labels reach training
     # split -> (samples per prompt, policy rounds, generator rounds); held-out pairs stay pairs (K = 2)
-    policy_rounds = min(cfg.policy_label_rounds, 1) if cfg.quick else cfg.policy_label_rounds
-    generator_rounds = min(cfg.generator_label_rounds, 2) if cfg.quick else cfg.generator_label_rounds
-    heldout_rounds = min(cfg.heldout_label_rounds, 1) if cfg.quick else cfg.heldout_label_rounds
+    policy_rounds = setting("policy_label_rounds")
+    generator_rounds = setting("generator_label_rounds")
+    heldout_rounds = setting("heldout_label_rounds")
     plan = {"train": (4, policy_rounds, generator_rounds), "val": (2, heldout_rounds, 2 * heldout_rounds)}
     labels = collect_labels(root, cfg.seed, quick=cfg.quick, redo=cfg.rebuild or "sft" in wall, plan=plan,
                             overlap=cfg.annotators_per_item)
     if labels is not None:
         wall["label"] = labels
-    reward_cfg = rtrain.RewardConfig(
-        model=str(root / "sft"), data=str(data / "preferences_train.jsonl"),
+    reward_cfg = stage_config(
+        rtrain.RewardConfig, presets, "reward", model=str(root / "sft"), data=str(data / "preferences_train.jsonl"),
         eval_data=str(data / "preferences_val.jsonl"), output_dir=str(root / "reward"), max_steps=reward_steps,
-        batch_size=32, learning_rate=1e-4, weight_decay=0.1, max_length=128,
-        normalize_prompts=str(data / "prompts_train.jsonl"), normalize_samples=256, ensemble_size=ensemble,
-        bootstrap=False, eval_every=max(1, reward_steps // 3), **common)
+        normalize_prompts=str(data / "prompts_train.jsonl"), ensemble_size=ensemble,
+        eval_every=max(1, reward_steps // 3), **common)
     run_stage("reward", reward_cfg, rtrain.main, root, cfg.rebuild or "label" in wall, wall)
-    dpo_cfg = dpo.DPOConfig(
-        model=str(root / "sft"), data=str(data / "preferences_train.jsonl"),
+    dpo_cfg = stage_config(
+        dpo.DPOConfig, presets, "dpo", model=str(root / "sft"), data=str(data / "preferences_train.jsonl"),
         eval_data=str(data / "preferences_val.jsonl"), output_dir=str(root / "dpo"), max_steps=dpo_steps,
-        batch_size=16, learning_rate=1e-4, beta=cfg.dpo_beta, max_length=128,
-        eval_every=max(1, dpo_steps // 3), **common)
+        beta=cfg.dpo_beta, eval_every=max(1, dpo_steps // 3), **common)
     run_stage("dpo", dpo_cfg, dpo.main, root, cfg.rebuild or "label" in wall, wall)
     # the beta sweep: the same DPO run at other KL strengths (full demo only)
     betas = [] if cfg.quick else [b for b in cfg.dpo_beta_sweep if b != cfg.dpo_beta]
@@ -205,29 +228,29 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
 
     # PPO against the reward-model ensemble, KL-leashed to SFT; the gold judge only watches (judge/score on 64
     # validation prompts, feeding the over-optimisation monitor), it never shapes the reward
-    ppo_cfg = ppo.PPOConfig(
-        model=str(root / "sft"), reward_model=str(root / "reward"), data=str(data / "prompts_train.jsonl"),
-        output_dir=str(root / "ppo"), max_steps=ppo_steps, batch_size=64, minibatches=4, target_kl=0.02,
-        learning_rate=cfg.ppo_learning_rate,
-        kl_coef=cfg.ppo_kl_coef, ensemble_penalty=0.5 if ensemble > 1 else 0.0, eval_every=max(1, ppo_steps // 12),
-        eval_prompts=str(data / "prompts_val.jsonl"), eval_samples=monitor_samples,
-        save_every=0, keep_checkpoints=6, **common)
-    judge = _gold_judge
+    ppo_cfg = stage_config(
+        ppo.PPOConfig, presets, "ppo", model=str(root / "sft"), reward_model=str(root / "reward"),
+        data=str(data / "prompts_train.jsonl"), output_dir=str(root / "ppo"), max_steps=ppo_steps,
+        learning_rate=cfg.ppo_learning_rate, kl_coef=cfg.ppo_kl_coef, eval_every=max(1, ppo_steps // 12),
+        eval_prompts=str(data / "prompts_val.jsonl"), eval_samples=monitor_samples, **common)
+    if ensemble == 1:  # nothing to disagree
+        ppo_cfg = replace(ppo_cfg, ensemble_penalty=0.0)
+    from rlhfkit.eval.playground import gold_scores
+
+    judge = gold_scores
     ppo_redo = cfg.rebuild or "reward" in wall
     run_stage("ppo", ppo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # GRPO in the same loop (4 samples per prompt, 4 prompts per step), with
     # checkpoints along the way for the RL over-optimisation curve
-    # whiten=True: the demo's critic-free runs were tuned with their group advantages re-whitened over the batch
-    # (a documented option; the estimators' own default leaves them as published)
-    grpo_cfg = replace(ppo_cfg, output_dir=str(root / "grpo"), advantage="grpo", batch_size=4, samples_per_prompt=4,
-                       minibatches=1, target_kl=0.0, max_steps=rl_steps, eval_every=max(1, rl_steps // 12),
-                       save_every=max(1, rl_steps // 6), whiten=True)
+    grpo_cfg = stage_config(ppo.PPOConfig, presets, "grpo", base=ppo_cfg, output_dir=str(root / "grpo"),
+                            max_steps=rl_steps, eval_every=max(1, rl_steps // 12), save_every=max(1, rl_steps // 6))
     run_stage("grpo", grpo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # the reward-hacking demonstration: the same GRPO run with the KL leash cut and no ensemble penalty, run for
     # longer (kl_cut_steps) so the policy walks far enough from SFT to find what the reward model gets wrong
     cut_steps = rl_steps if cfg.quick else cfg.kl_cut_steps
-    cut_cfg = replace(grpo_cfg, output_dir=str(root / "grpo_klcut"), kl_coef=cfg.kl_cut_coef, ensemble_penalty=0.0,
-                      max_steps=cut_steps, save_every=max(1, cut_steps // 6), learning_rate=cfg.kl_cut_learning_rate)
+    cut_cfg = stage_config(ppo.PPOConfig, presets, "grpo_klcut", base=grpo_cfg, output_dir=str(root / "grpo_klcut"),
+                           kl_coef=cfg.kl_cut_coef, max_steps=cut_steps, save_every=max(1, cut_steps // 6),
+                           learning_rate=cfg.kl_cut_learning_rate)
     run_stage("grpo_klcut", cut_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # the other critic-free estimators, full demo only
     variants = [] if cfg.quick else [v for v in cfg.rl_variants if v != "grpo"]
@@ -338,14 +361,6 @@ def check_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return claims
 
 
-def _gold_judge(prompts: list[Any], responses: list[str]) -> list[float]:
-    """The hidden gold judge as PPO's held-out watcher (logged and monitored, never optimised)."""
-    from rlhfkit.playground.gold import gold_score
-    from rlhfkit.playground.tasks import lookup
-
-    return [gold_score(lookup(p), r) for p, r in zip(prompts, responses)]
-
-
 def overoptimisation_sweeps(root: Path, prompts: list[Any], sft_eval: Any, klcut_eval: Any, sweep_n: int,
                             cfg: DemoConfig) -> dict[str, Any]:
     """Gao et al.'s curves: best-of-n for n = 1..sweep_n and the GRPO runs' checkpoints, each point's gold and
@@ -391,6 +406,18 @@ def overoptimisation_sweeps(root: Path, prompts: list[Any], sft_eval: Any, klcut
     return out
 
 
+# Seed offsets of the labelling draws (added to the demo's seed, plus the round): each draw has its own random
+# stream, so more rounds of one leave the other's samples as they were.
+POLICY_SAMPLES_SEED = 11
+GENERATOR_PAIRS_SEED = 20
+
+
+def annotator_seed(seed: int, rows_before: int) -> int:
+    """The simulated annotators' seed for one project: the demo's seed offset by the rows the projects before it
+    exported, so every project draws its own judgments (the demo's figures were measured with this rule)."""
+    return seed + rows_before
+
+
 def collect_labels(root: Path, seed: int, quick: bool, redo: bool, plan: dict[str, tuple[int, int, int]],
                    overlap: int = 1) -> float | None:
     """Simulated people label responses through the feedback store, exactly as humans using `rlhfkit label serve`
@@ -399,7 +426,8 @@ def collect_labels(root: Path, seed: int, quick: bool, redo: bool, plan: dict[st
     val) to (K, policy rounds, generator rounds): K samples of the SFT policy per prompt and round, ranked
     (InstructGPT-style) when K > 2, plus generator pairs of varied quality. overlap annotators judge each training
     item, merged by majority vote. Returns the seconds spent, or None when labels from the same plan were reused."""
-    from rlhfkit.feedback.cli import LabelConfig, simulate
+    from rlhfkit.feedback.commands import LabelConfig
+    from rlhfkit.playground.simulate import simulate
     from rlhfkit.feedback.export import export_rows, majority_rows
     from rlhfkit.feedback.service import FeedbackService, ItemSpec
     from rlhfkit.feedback.store import open_store
@@ -421,10 +449,10 @@ def collect_labels(root: Path, seed: int, quick: bool, redo: bool, plan: dict[st
         prompts = read_prompts(data / f"prompts_{split}.jsonl")
         policy_items = [ItemSpec(p.text, g[:k], [f"sft-{r}"] * len(g[:k]))
                         for r in range(policy_rounds)
-                        for p, g in policy_groups(str(root / "sft"), prompts, k, seed=seed + 11 + r)
+                        for p, g in policy_groups(str(root / "sft"), prompts, k, seed=seed + POLICY_SAMPLES_SEED + r)
                         if len(g) >= 2]
         pair_items = [ItemSpec(p.text, [a, b], ["generator", "generator"])
-                      for r in range(generator_rounds) for p, a, b in generator_pairs(prompts, seed=seed + 20 + r)
+                      for r in range(generator_rounds) for p, a, b in generator_pairs(prompts, seed=seed + GENERATOR_PAIRS_SEED + r)
                       if a.strip() != b.strip()]
         rows: list[dict[str, Any]] = []
         for name, mode, items in ((f"{split}-sft", "ranking" if k > 2 else "pairwise", policy_items),
@@ -436,7 +464,7 @@ def collect_labels(root: Path, seed: int, quick: bool, redo: bool, plan: dict[st
                                          responses_per_item=k if mode == "ranking" else 2,
                                          annotators_per_item=per_item)
             svc.add_items(project.id, items)
-            simulate(LabelConfig(command="simulate", db=str(db), project=name, seed=seed + len(rows)))
+            simulate(LabelConfig(command="simulate", db=str(db), project=name, seed=annotator_seed(seed, len(rows))))
             # held-out rankings become pairs: one accuracy per comparison
             export = majority_rows if per_item > 1 else export_rows
             got, rep = export(svc, name, rankings_as="ranking" if split == "train" else "pairs", conversational=True)

@@ -18,7 +18,6 @@ One worker thread runs the model, one request at a time, in the order requests a
 import asyncio
 import collections
 import hmac
-import inspect
 import json
 import logging
 import math
@@ -231,43 +230,19 @@ class Engine:
 
     def generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, top: int,
                  generator: Any, cancelled: threading.Event | None = None) -> Iterator[Step]:
-        """Sample up to max_tokens tokens after `ids` (KV cache, one token per forward pass), stopping after EOS.
-        Raises Abandoned before the next forward pass once `cancelled` is set."""
-        import torch
+        """Sample up to max_tokens tokens after `ids` (`generation.stream`: KV cache, one token per forward pass),
+        stopping after EOS. Raises Abandoned before the next forward pass once `cancelled` is set."""
+        from rlhfkit.generation import stream
 
-        # transformers 5.2x renamed the cache argument and output from past_key_values to cache
-        params = inspect.signature(self.model.forward).parameters
-        key = "cache" if "cache" in params else "past_key_values"
-        past = None
-        cur = torch.tensor([ids], device=self.device)  # (1, P), then (1, 1)
         eos = self.tokenizer.eos_token_id
-        for _ in range(max_tokens):
-            if cancelled is not None and cancelled.is_set():
-                raise Abandoned()
-            # grad mode is per thread and a generator may resume on another one: set it for each step, never
-            # across a yield
-            with torch.inference_mode():
-                out = self.model(input_ids=cur, use_cache=True, **{key: past})
-                past = getattr(out, key, None)
-                logits = out.logits[0, -1].float()  # (V,)
-                logp = torch.log_softmax(logits, dim=-1)  # (V,): what is reported
-                if temperature <= 0:
-                    token = int(logits.argmax())
-                else:
-                    scaled = (logits - logits.max()) / temperature  # <= 0: no overflow at low temperatures
-                    if top_p < 1.0:  # nucleus sampling (Holtzman et al. 2020): keep the smallest set with mass >= p
-                        sorted_logits, order = scaled.sort(descending=True)
-                        mass = torch.softmax(sorted_logits, -1).cumsum(-1)
-                        drop = mass - torch.softmax(sorted_logits, -1) >= top_p  # mass before this token already >= p
-                        drop[0] = False  # the most likely token always stays
-                        scaled = scaled.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-                    probs = torch.softmax(scaled, dim=-1).cpu()
-                    token = int(torch.multinomial(probs, 1, generator=generator))
-                step = Step(token, float(logp[token]), self._top(logp, top))
-            yield step
-            if token == eos:
-                return
-            cur = torch.tensor([[token]], device=self.device)
+        gone = cancelled.is_set if cancelled is not None else None
+        made, finished = 0, False
+        for step in stream(self.model, ids, max_tokens, eos, temperature=temperature, top_p=top_p,
+                           top_logprobs=top, generator=generator, should_stop=gone):
+            made, finished = made + 1, step.token_id == eos
+            yield Step(step.token_id, step.logprob, step.top)
+        if not finished and made < max_tokens and gone is not None and gone():
+            raise Abandoned()  # the stream stopped early: the client has gone
 
 
 # ------------------------------------------------------------------------------------------- request logic

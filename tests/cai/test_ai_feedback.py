@@ -15,8 +15,8 @@ from rlhfkit.errors import UserError
 from rlhfkit.feedback.ai import (AILabel, ai_preferences, critique_revision_chains, debias, label_rows,
                                  margin_from_prob, strength_from_prob)
 from rlhfkit.feedback.constitution import load_constitution
-from rlhfkit.feedback.judges import (CachedBackend, Comparison, LMJudge, OpenAIBackend, parse_choice,
-                                     prob_from_logprobs)
+from rlhfkit.feedback.judges import CachedBackend, LMJudge, OpenAIBackend, parse_choice, prob_from_logprobs
+from rlhfkit.feedback.protocols import Comparison
 from rlhfkit.playground.ai_judge import PlaygroundJudge, judge_score, read_response
 from rlhfkit.playground.tasks import lookup
 
@@ -243,9 +243,17 @@ def test_the_playground_judge_agrees_with_gold_on_most_pairs_but_not_all():
     plus = lookup("what is 3 plus 4 ?")
     assert read_response(plus, "3 plus 4 is 8 .").correct is True
     assert gold_breakdown(plus, "3 plus 4 is 8 .").task < 0
-    # and verbosity: it does not charge for length past a budget as gold does
-    long = "great question ! 3 plus 4 is 7 . " + "well , let me think about this for a moment . " * 0 + "hope this helps !"
-    assert judge_score(plus, long) > judge_score(plus, "7 .")
+    # and verbosity: it pays 0.03 a token with no length budget, where gold charges 0.1 a token past its budget
+    # (20 tokens for arithmetic)
+    answer, closer = "great question ! 3 plus 4 is 7 . ", "hope this helps !"  # 13 tokens together
+    padding = "to add them , start at three and count up four more on your fingers . "  # 16 tokens, no stock filler
+    short, long = answer + closer, answer + padding + closer  # 13 and 29 tokens
+    assert gold_breakdown(plus, short).length == 0 and gold_breakdown(plus, long).length == pytest.approx(-0.9)
+    assert gold_score(plus, long) < gold_score(plus, short)
+    assert judge_score(plus, long) - judge_score(plus, short) == pytest.approx(16 * 0.03)
+    # a stock filler sentence (11 tokens) it does charge, as its concise principle says: -0.5, less 0.03 a token
+    rambling = answer + "well , let me think about this for a moment . " + closer
+    assert judge_score(plus, rambling) - judge_score(plus, short) == pytest.approx(-0.5 + 11 * 0.03)
 
 
 def test_the_playground_judge_refuses_non_playground_prompts():

@@ -8,7 +8,7 @@ import pytest
 
 from rlhfkit.eval.winrate import win_rate_from_probs, win_rate_from_scores, wilson_interval
 from rlhfkit.feedback.constitution import load_constitution
-from rlhfkit.feedback.judges import Verdict
+from rlhfkit.feedback.protocols import Verdict
 
 
 @pytest.mark.parametrize("p, n, lo, hi", [

@@ -10,7 +10,8 @@ import pytest
 
 from rlhfkit.config import load_config, parse_args, save_config
 from rlhfkit.data.kto import KTOExample, read_kto_records
-from rlhfkit.data.preference import PreferencePair, read_preferences, tokenize_pair
+from rlhfkit.data.preference import PreferencePair, read_preferences
+from rlhfkit.data.preference_tokens import tokenize_pair
 from rlhfkit.data.readers import DataPath, read_prompts, read_rows
 from rlhfkit.data.sft import encode_row, read_sft_examples
 from rlhfkit.errors import ConfigError, DataError, UserError

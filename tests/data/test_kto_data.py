@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from rlhfkit.data.collate import collate_completions
 from rlhfkit.data.kto import (
     KTOExample,
     TokenizedCompletion,
-    collate_completions,
     kl_partners,
     mismatched,
     read_kto_records,

@@ -3,20 +3,17 @@ import json
 import pytest
 import torch
 
+from rlhfkit.data.collate import collate_pairs, collate_rankings
 from rlhfkit.data.preference import (
     PreferencePair,
     Ranking,
-    collate_pairs,
-    collate_rankings,
     margin_of,
     ranking_to_pairs,
     read_preferences,
     strength_to_margin,
-    tokenize_pair,
-    tokenize_preferences,
-    tokenize_ranking,
     write_preferences,
 )
+from rlhfkit.data.preference_tokens import tokenize_pair, tokenize_preferences, tokenize_ranking
 from rlhfkit.errors import DataError, UserError
 from rlhfkit.losses.reward import batched_ranking_loss, ranking_loss
 from rlhfkit.models import load_tokenizer, train_word_tokenizer

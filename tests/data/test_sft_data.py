@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from rlhfkit.data.sft import collate_packed, collate_sft, pack_examples, read_sft_examples
+from rlhfkit.data.collate import collate_packed, collate_sft, pack_examples
+from rlhfkit.data.sft import read_sft_examples
 from rlhfkit.errors import DataError
 from rlhfkit.models import build_llama, load_tokenizer, logprobs_of
 from helpers import write_jsonl

@@ -15,7 +15,7 @@ from rlhfkit.losses.advantages import (
     gae, grpo_advantages, kl_penalised_rewards, kl_per_token, reinforce_advantages, rloo_advantages,
 )
 from rlhfkit.losses.ppo import ppo_policy_loss, ppo_value_loss
-from rlhfkit.policy.ppo import KLController
+from rlhfkit.losses.advantages import KLController
 
 
 def test_kl_penalised_rewards_put_the_score_on_the_last_real_token():
@@ -100,6 +100,21 @@ def test_critic_free_advantages_by_hand():
     assert reinforce_advantages(scores, 2.0).tolist() == [-1.0, 1.0, -2.0, 2.0]
 
 
+def test_critic_free_advantages_by_hand_with_three_samples_per_prompt():
+    # with k = 3 the estimators part ways; group [1, 2, 6] (mean 3), group [4, 4, 4]
+    scores = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0])
+    # RLOO: each score minus the mean of the other two: 1 - 4, 2 - 3.5, 6 - 1.5  (= 3/2 x (R - mean))
+    assert rloo_advantages(scores, 3).tolist() == [-3.0, -1.5, 4.5, 0.0, 0.0, 0.0]
+    # GRPO: (R - 3) / std, unbiased std of [1, 2, 6] = sqrt((4 + 1 + 9) / 2) = sqrt(7); an equal group gets 0
+    s7 = math.sqrt(7)
+    close(grpo_advantages(scores, 3, eps=0.0)[:3], [-2 / s7, -1 / s7, 3 / s7])
+    assert grpo_advantages(scores, 3)[3:].tolist() == [0.0, 0.0, 0.0]
+    # REINFORCE against the batch mean 21 / 6 = 3.5 (what advantage reinforce uses): groups play no part
+    close(reinforce_advantages(scores, scores.mean()), [-2.5, -1.5, 2.5, 0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="RLOO needs at least 2 samples per prompt"):
+        rloo_advantages(scores, 1)
+
+
 def test_adaptive_kl_controller_update_by_hand():
     ctl = KLController(0.1, adaptive=True, target=6.0, horizon=10_000)
     ctl.update(kl=9.0, n_samples=512)  # e = clip(9/6 - 1, -0.2, 0.2) = 0.2 -> beta * (1 + 0.2 * 512 / 10000)
@@ -112,7 +127,7 @@ def test_adaptive_kl_controller_update_by_hand():
 
 
 def test_overoptimisation_monitor_fires_only_when_proxy_rises_and_judge_falls():
-    from rlhfkit.policy.ppo import OveroptimisationMonitor
+    from rlhfkit.eval.overopt import OveroptimisationMonitor
 
     healthy = OveroptimisationMonitor(window=2)
     assert not any(healthy.update(p, j) for p, j in [(0, 0), (1, 1), (2, 2), (3, 3)])  # both rise
@@ -123,7 +138,7 @@ def test_overoptimisation_monitor_fires_only_when_proxy_rises_and_judge_falls():
 
 
 def test_overoptimisation_monitor_ignores_a_fall_within_the_judges_noise():
-    from rlhfkit.policy.ppo import OveroptimisationMonitor
+    from rlhfkit.eval.overopt import OveroptimisationMonitor
 
     # window 1: the judge falls by 0.3 while the proxy rises. Each evaluation's SE is 0.2, so the difference of
     # two evaluations has SE sqrt(0.2^2 + 0.2^2) = 0.283 and z = 2 needs a fall above 0.566: not noise-proof yet.
@@ -151,7 +166,7 @@ def test_overoptimisation_monitor_ignores_a_fall_within_the_judges_noise():
 def test_overoptimisation_monitor_pairs_the_fall_prompt_by_prompt():
     """Hard and easy prompts spread the judge's scores widely (per-sample SE 1.0 here), but every prompt fell
     by about 0.3: as a paired difference that fall is far outside the noise; unpaired it is not."""
-    from rlhfkit.policy.ppo import OveroptimisationMonitor
+    from rlhfkit.eval.overopt import OveroptimisationMonitor
 
     before = [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]
     after = [b - 0.3 + 0.05 * (-1) ** i for i, b in enumerate(before)]  # falls of 0.25 and 0.35 in turn
@@ -182,7 +197,7 @@ def test_critic_free_defaults_are_the_estimators_as_published():
     """GRPO / RLOO advantages are not re-whitened by default: a group whose rewards are all equal keeps zero
     advantage and signs never flip inside a group (re-whitening shifted them by a length-weighted batch mean)."""
     from rlhfkit.losses import whiten
-    from rlhfkit.policy.ppo import PPOConfig, SEQUENCE_ADVANTAGES, loss_aggregation_of, whitens
+    from rlhfkit.policy.ppo import ADVANTAGE_ESTIMATORS, PPOConfig, loss_aggregation_of, whitens
 
     base = dict(model="m", data="d", output_dir="o", reward_model="r", samples_per_prompt=2)
     for name in ("grpo", "dr_grpo", "rloo", "reinforce"):
@@ -193,9 +208,19 @@ def test_critic_free_defaults_are_the_estimators_as_published():
     # group 0: equal rewards; group 1: [1, 0]; responses of 1, 3, 2 and 1 tokens
     rewards = torch.tensor([0.5, 0.5, 1.0, 0.0])
     mask = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    cfg = PPOConfig(**base)
+    per_token = torch.zeros(4, 3)
+    per_token[:, 0] = rewards  # the estimators read the sequence reward as the sum over its tokens
+
+    def estimate(name):
+        adv_tok, returns = ADVANTAGE_ESTIMATORS[name](per_token, None, mask, 2, cfg)
+        assert returns is None  # no critic
+        assert torch.equal(adv_tok, adv_tok[:, :1] * mask)  # one advantage, spread over the response's tokens
+        return adv_tok[:, 0]
+
     for name in ("grpo", "dr_grpo", "rloo"):
-        adv = SEQUENCE_ADVANTAGES[name](rewards, 2)
+        adv = estimate(name)
         assert adv[:2].tolist() == [0.0, 0.0] and adv[2] > 0 > adv[3]
         rewhitened = whiten(adv[:, None] * mask, mask)
         assert rewhitened[0, 0] != 0  # what the old default did to the equal group
-    assert SEQUENCE_ADVANTAGES["dr_grpo"](rewards, 2).tolist() == [0.0, 0.0, 0.5, -0.5]  # no std division
+    assert estimate("dr_grpo").tolist() == [0.0, 0.0, 0.5, -0.5]  # no std division

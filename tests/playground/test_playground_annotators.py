@@ -60,7 +60,7 @@ def test_judgments_are_deterministic_under_a_seed(pool):
 
 
 def test_agreement_with_gold_is_human_like(report):
-    # InstructGPT labellers agreed ~73-77%, AlpacaFarm's simulators ~65% (REFERENCE.md).
+    # InstructGPT labellers agreed ~73-77%, AlpacaFarm's simulators ~65% (Ouyang et al. 2022; Dubois et al. 2023).
     assert report.n_pairs == 2000
     assert 0.65 <= report.gold_agreement <= 0.80
 

@@ -1,11 +1,13 @@
 """End-to-end DPO family on a tiny locally built model: artefacts, learning, the reference cache, equivalences,
-exact resume, LoRA with the adapter as reference, every loss variant."""
+exact resume, LoRA with the adapter as reference, every loss variant (KTO through `dpo --loss kto`, which
+policy/kto.py trains), and the name -> loss table against hand arithmetic."""
 
 import math
 import os
 import random
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhfkit.config import LoraConfig, load_config
 from rlhfkit.errors import ConfigError, DataError, UserError
-from rlhfkit.policy import dpo
+from rlhfkit.policy import dpo, kto, reference
 from rlhfkit.train import read_metrics
 from rlhfkit.train.run import KILL_ENV
 from helpers import interrupt_after, write_jsonl
@@ -168,7 +170,7 @@ def test_reference_cache_is_reused_and_a_stale_one_is_recomputed(tmp_path, tiny_
         metadata = fh.metadata()
     shifted = {k: v + torch.tensor([0.0, 10.0]) for k, v in tables.items()}
     save_file(shifted, str(cache), metadata=metadata)
-    monkeypatch.setattr(dpo, "compute_reference_logps", lambda *a, **k: pytest.fail("cache was not reused"))
+    monkeypatch.setattr(reference, "compute_reference_logps", lambda *a, **k: pytest.fail("cache was not reused"))
     assert dpo.main(cfg(tiny_model, pairs_file, out, max_steps=1, overwrite=True))["ref_cache"] == "reused"
     assert metrics_of(out)[0]["loss"] == pytest.approx(-math.log(torch.sigmoid(torch.tensor(1.0)).item()), abs=1e-5)
     monkeypatch.undo()
@@ -305,30 +307,85 @@ def test_lora_with_the_adapter_as_reference_matches_a_cached_base_reference(tmp_
 
 
 # ------------------------------------------------------------------------------------------------------ variants
+def one_pair() -> "dpo.PairLogps":
+    # chosen log π = -5 over 2 tokens, rejected -15 over 5 tokens, log π_ref = -10 for both:
+    # log-ratios +5 and -5, so the DPO gap h = 10; per-token means -2.5 and -3
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    return dpo.PairLogps(chosen=t(-5.0), rejected=t(-15.0), chosen_lengths=t(2.0), rejected_lengths=t(5.0),
+                         ref_chosen=t(-10.0), ref_rejected=t(-10.0))
+
+
+# each with the config's defaults: beta 0.1 (2.0 for simpo), label_smoothing 0.1, tau 0.1, simpo_gamma 0.5,
+# orpo_lambda 0.1; −log σ(x) = log(1 + e^−x)
+HAND_VALUES = {
+    "dpo": math.log1p(math.exp(-1.0)),  # −log σ(0.1 · 10) = 0.313262
+    "cdpo": 0.9 * math.log1p(math.exp(-1.0)) + 0.1 * math.log1p(math.exp(1.0)),  # 0.9·0.313262 + 0.1·1.313262
+    "ipo": 25.0,  # (h − 1/(2τ))² = (10 − 5)²
+    "simpo": math.log1p(math.exp(-0.5)),  # rewards 2·(−5/2) = −5 and 2·(−15/5) = −6: −log σ(1 − 0.5) = 0.474077
+    # log odds m − log(1 − e^m) of the per-token means: −2.5 → −2.414350, −3 → −2.948931, ratio 0.534581;
+    # L_SFT = 5/2, so 2.5 + 0.1 · log(1 + e^−0.534581) = 2.5 + 0.1 · 0.461161
+    "orpo": 2.5 + 0.1 * 0.46116125012238607,
+}
+
+
+def test_the_loss_name_picks_its_function_with_the_configs_hyperparameters():
+    paired = set(typing.get_args(typing.get_type_hints(dpo.DPOConfig)["loss"])) - {"kto"}
+    assert set(HAND_VALUES) == paired  # every paired name the CLI accepts has a hand value here
+    for name, expected in HAND_VALUES.items():
+        loss, stats = dpo.pair_loss(dpo.DPOConfig(loss=name))(one_pair())
+        assert loss.item() == pytest.approx(expected, rel=1e-9), name
+        assert stats.losses.tolist() == pytest.approx([expected], rel=1e-9), name
+    # the config's hyperparameters reach the function: β = 0.2 doubles the DPO logit, −log σ(2) = 0.126928
+    loss, _ = dpo.pair_loss(dpo.DPOConfig(loss="dpo", beta=0.2))(one_pair())
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0)), rel=1e-9)
+
+
 @pytest.mark.parametrize("loss,first_loss", [
     ("dpo", LOG2),
     ("cdpo", LOG2),  # −(1−ε) log σ(0) − ε log σ(0) = log 2 for any ε
     ("ipo", (1 / (2 * 0.1)) ** 2),  # h = 0 at the start: (0 − 1/(2τ))² with τ = 0.1
-    ("simpo", None),
-    ("orpo", None),
 ])
-def test_each_paired_loss_runs(tmp_path, tiny_model, pairs_file, loss, first_loss):
+def test_each_loss_with_a_reference_starts_at_its_hand_value(tmp_path, tiny_model, pairs_file, loss, first_loss):
     out = tmp_path / loss
     summary = dpo.main(cfg(tiny_model, pairs_file, out, loss=loss, max_steps=2))
     m = metrics_of(out)
     assert [x["step"] for x in m] == [1, 2] and m[0]["loss"] != m[1]["loss"]
-    if first_loss is None:  # reference-free: nothing is cached, and the rewards are the policy's own
-        assert summary["reference"] == "none" and not (out / dpo.REF_CACHE).exists()
-        assert m[0]["rewards/chosen"] != 0.0
-    else:
-        assert m[0]["loss"] == pytest.approx(first_loss, rel=1e-6)
-        assert summary["reference"] == "cached" and (out / dpo.REF_CACHE).exists()
+    assert m[0]["loss"] == pytest.approx(first_loss, rel=1e-6)
+    assert summary["reference"] == "cached" and (out / dpo.REF_CACHE).exists()
 
 
-def test_kto_on_unpaired_rows(tmp_path, tiny_model, kto_file):
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_each_reference_free_loss_learns_the_training_pairs(tmp_path, tiny_model, pairs_file, loss):
+    """No reference, so no known starting value: instead, the pairs scored after every step (the training file
+    itself as eval data) must separate: the reward margin and accuracy rise and the loss falls."""
+    out = tmp_path / loss
+    summary = dpo.main(cfg(tiny_model, pairs_file, out, loss=loss, max_steps=8, batch_size=8, eval_every=1,
+                           eval_data=str(pairs_file)))
+    assert summary["reference"] == "none" and not (out / dpo.REF_CACHE).exists()
+    m = metrics_of(out)
+    first, last = m[0], m[-1]
+    assert first["rewards/chosen"] != 0.0  # the rewards are the policy's own
+    assert last["eval/loss"] < first["eval/loss"] - 0.05
+    assert last["eval/rewards/margin"] > first["eval/rewards/margin"]
+    assert last["eval/rewards/accuracy"] > first["eval/rewards/accuracy"] + 0.1
+
+
+def test_loss_kto_is_handed_to_the_kto_trainer(tmp_path, tiny_model, kto_file, monkeypatch):
+    seen = []
+    monkeypatch.setattr(kto, "main", lambda c: seen.append(c) or {"trained_by": "kto"})
+    kto_cfg = cfg(tiny_model, kto_file, tmp_path / "kto", loss="kto")
+    assert dpo.main(kto_cfg) == {"trained_by": "kto"} and seen == [kto_cfg]
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="loss: kto"):
+        kto.main(cfg(tiny_model, kto_file, tmp_path / "dpo", loss="dpo"))
+
+
+def test_kto_on_unpaired_rows_starts_at_its_hand_value_and_learns(tmp_path, tiny_model, kto_file):
     out = tmp_path / "kto"
-    summary = dpo.main(cfg(tiny_model, kto_file, out, loss="kto", max_steps=2, batch_size=8, eval_fraction=0.0,
-                           kto_desirable_weight=1.0, kto_undesirable_weight=1.5))
+    # the training file is also the eval data, scored after every step: a fixed yardstick for learning
+    summary = dpo.main(cfg(tiny_model, kto_file, out, loss="kto", max_steps=8, batch_size=8, eval_fraction=0.0,
+                           kto_desirable_weight=1.0, kto_undesirable_weight=1.5, eval_data=str(kto_file),
+                           eval_every=1))
     assert (summary["desirable"], summary["undesirable"]) == (16, 12)
     m = metrics_of(out)
     # at the start r = 0 and z₀ = 0, so each example loses λ_y·σ(0) = λ_y/2: the step-1 loss is half the mean
@@ -342,6 +399,10 @@ def test_kto_on_unpaired_rows(tmp_path, tiny_model, kto_file):
     assert m[0]["examples"] == 8 and m[1]["loss"] != m[0]["loss"]
     assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen", "kl"} <= m[0].keys()
     assert summary["reference"] == "cached" and load_file(str(out / dpo.REF_CACHE))["train"].shape == (28, 2)
+    # desirable completions gain implicit reward over undesirable ones, and the loss on the scored file falls
+    assert m[-1]["eval/rewards/margin"] > m[0]["eval/rewards/margin"] + 0.02
+    assert m[-1]["eval/loss"] < m[0]["eval/loss"]
+    assert all("eval/kl" in x for x in m)
 
 
 def test_kto_on_paired_rows_unpairs_them(tmp_path, tiny_model, pairs_file):

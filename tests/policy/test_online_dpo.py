@@ -76,3 +76,15 @@ def test_online_dpo_config_errors_name_the_fix():
         online_dpo.OnlineDPOConfig(model="m", data="d", output_dir="o", loss="kto").validate()
     with pytest.raises(ConfigError, match="temperature must be positive"):
         online_dpo.OnlineDPOConfig(model="m", data="d", output_dir="o", temperature=0).validate()
+
+
+def test_data_is_documented_as_prompts_and_preference_file_options_are_refused():
+    from rlhfkit.config import field_docs
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.policy.online_dpo import OnlineDPOConfig
+
+    assert "Prompts file" in field_docs(OnlineDPOConfig)["data"]
+    for name, value in (("eval_data", "pairs.jsonl"), ("preference_ties", "drop"), ("margin_from_scores", True)):
+        cfg = OnlineDPOConfig(model="m", data="p.jsonl", output_dir="o", reward_model="r", **{name: value})
+        with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')} applies to preference files"):
+            cfg.validate()

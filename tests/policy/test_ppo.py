@@ -1,12 +1,15 @@
 """PPO end to end on a tiny model and reward model: artefacts, learning signal, estimators, exact resume."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import interrupt_after, tiny_reward_world, write_jsonl
+from helpers import interrupt_after, preference_rows, tiny_reward_world, write_jsonl
+from rlhfkit.errors import ConfigError, DataError, UserError
 from rlhfkit.policy import ppo
 from rlhfkit.train import read_metrics
 
@@ -35,6 +38,7 @@ def test_ppo_runs_logs_the_standard_metrics_and_saves_a_plain_policy(tmp_path, t
                 "explained_var", "entropy", "response_length", "eos_fraction"):
         assert key in metrics[0], key
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts equal to the reference
+    assert all(abs(m["kl"]) > 1e-3 for m in metrics[1:])  # and leaves it with its first update
     assert (out / "value_head.safetensors").exists()
     assert (out / "checkpoints" / "step-4" / "model" / "value_head.safetensors").exists()
     from transformers import AutoModelForCausalLM
@@ -42,17 +46,110 @@ def test_ppo_runs_logs_the_standard_metrics_and_saves_a_plain_policy(tmp_path, t
     AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no value head needed
 
 
-@pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce"])
-def test_critic_free_estimators_run(tmp_path, tiny_model, world, advantage):
-    out = tmp_path / advantage
-    ppo.main(cfg(tiny_model, world, out, advantage=advantage, samples_per_prompt=2, max_steps=2))
+# ------------------------------------------------------------------------------ learning signal on a toy reward
+NUMBER_WORDS = [str(i) for i in range(20)]
+
+
+def number_reward_model(tiny_model: Path, out: Path) -> Path:
+    """A reward model set by hand, so the reward is easy to learn and known exactly: the more of a sequence's
+    tokens are number words ("0" .. "19"), the higher its score.
+
+    One Llama layer of width 4. Embeddings are one-hot: dim 1 for a number word, dim 0 for any other token, so the
+    first RMSNorm scales every token by 2. Queries and keys are zero, so attention is uniform over the real tokens
+    so far; values copy dim 1, the output projection writes it to dim 2, and the MLP is zero. At the last real
+    token the residual is then e_last + 2f e_2, f the fraction of number words among the sequence's tokens
+    (prompt, response and EOS), and after the final RMSNorm the score head (dim 2) reads 4f / sqrt(1 + 4f^2)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhfkit.models import load_tokenizer, save_pretrained
+
+    tok = load_tokenizer(str(tiny_model))
+    numbers = tok.convert_tokens_to_ids(NUMBER_WORDS)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=4, intermediate_size=4, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=4, num_labels=1,
+                         max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, architectures=["LlamaForSequenceClassification"])
+    model = LlamaForSequenceClassification(config)
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        embed = model.model.embed_tokens.weight  # (V, 4)
+        embed[:, 0] = 1.0
+        embed[numbers, 0], embed[numbers, 1] = 0.0, 1.0
+        layer.self_attn.v_proj.weight[0, 1] = 1.0
+        layer.self_attn.o_proj.weight[2, 0] = 1.0
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, model.model.norm):
+            norm.weight.fill_(1.0)
+        model.score.weight[0, 2] = 1.0
+    save_pretrained(model, tok, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def number_world(tmp_path_factory, tiny_model):
+    d = tmp_path_factory.mktemp("ppo-numbers")
+    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows(24, seed=5)])
+    return number_reward_model(tiny_model, d / "rm"), prompts
+
+
+def test_the_toy_reward_model_scores_the_fraction_of_number_words(number_world):
+    from rlhfkit.reward.model import load_reward_ensemble, score_texts
+
+    rm, _ = number_world
+    means, _ = score_texts(load_reward_ensemble(str(rm)), ["what is 3 plus 4 ?"] * 3, ["7", "hi bo", "1 2 3 4"])
+    # "<s> what is 3 plus 4 ?" is 7 tokens, 2 of them numbers; the response and its EOS follow:
+    # 3 of 9 tokens, 2 of 10 and 6 of 12 are number words
+    f = torch.tensor([3 / 9, 2 / 10, 6 / 12])
+    torch.testing.assert_close(torch.tensor(means), 4 * f / (1 + 4 * f**2).sqrt())
+
+
+# what "learned" means below: over 30 steps the mean of the last 5 steps' rewards beats the first 5's by these
+LEARNED_PENALISED_GAIN = 0.5  # the reward trained on: the score, -1 for a response that never emitted EOS
+LEARNED_SCORE_GAIN = 0.05  # the reward model's score alone: more number words
+
+
+def learning_run(tiny_model, number_world, out, **kw):
+    rm, prompts = number_world
+    base = dict(model=str(tiny_model), data=str(prompts), reward_model=str(rm), output_dir=str(out), max_steps=30,
+                batch_size=8, samples_per_prompt=4, learning_rate=1e-2, max_new_tokens=8, ppo_epochs=2,
+                minibatches=2, report_to=["jsonl"], progress=False, seed=0)
+    base.update(kw)
+    ppo.main(ppo.PPOConfig(**base))
     metrics = read_metrics(out / "metrics.jsonl")
-    assert len(metrics) == 2 and "value_loss" not in metrics[0]
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+
+    def gain(key):
+        return sum(m[key] for m in metrics[-5:]) / 5 - sum(m[key] for m in metrics[:5]) / 5
+
+    return metrics, gain("reward/penalised"), gain("reward/score")
 
 
-def test_grpo_without_groups_is_a_config_error():
-    with pytest.raises(Exception, match="samples_per_prompt"):
-        ppo.PPOConfig(model="m", data="d", output_dir="o", reward_model="r", advantage="grpo").validate()
+@pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo", "reinforce"])
+def test_each_estimator_raises_a_toy_reward_within_thirty_steps(tmp_path, tiny_model, number_world, advantage):
+    """The untrained tiny policy rarely ends a response within 8 tokens (an unended one scores -1) and says a number
+    word about a third of the time. Each estimator learns to end its responses (penalised reward about -0.8 ->
+    +1.1 on this seed) and to say more number words (score about 1.0 -> 1.1..1.3)."""
+    metrics, penalised, score = learning_run(tiny_model, number_world, tmp_path / advantage, advantage=advantage)
+    assert ("value_loss" in metrics[0]) == (advantage == "gae")  # only PPO trains a value head
+    assert penalised > LEARNED_PENALISED_GAIN, (penalised, score)
+    assert score > LEARNED_SCORE_GAIN, (penalised, score)
+
+
+def test_without_updates_the_toy_reward_stays_within_sampling_noise(tmp_path, tiny_model, number_world):
+    """The control for the test above: the same run at a learning rate of 1e-12 (the policy does not move) draws
+    fresh rollouts every step, and their rewards must not reach the margins that count as learning."""
+    _, penalised, score = learning_run(tiny_model, number_world, tmp_path / "frozen", advantage="grpo",
+                                       learning_rate=1e-12)
+    assert abs(penalised) < LEARNED_PENALISED_GAIN, penalised  # 0.04 on this seed
+    assert abs(score) < LEARNED_SCORE_GAIN, score  # -0.02 on this seed
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_without_groups_are_a_config_error(advantage):
+    with pytest.raises(ConfigError, match=f"advantage {advantage} compares the samples of a prompt: set "
+                                          "samples_per_prompt to 2"):
+        ppo.PPOConfig(model="m", data="d", output_dir="o", reward_model="r", advantage=advantage).validate()
 
 
 def test_ppo_resume_is_exact(tmp_path, tiny_model, world, monkeypatch):
@@ -72,8 +169,6 @@ def test_ppo_resume_is_exact(tmp_path, tiny_model, world, monkeypatch):
 
 
 def test_best_of_n_picks_the_top_score_and_reports_the_kl_bound(tmp_path, tiny_model, world):
-    import math
-
     from rlhfkit.policy import best_of_n
 
     d, prompts = world
@@ -86,8 +181,15 @@ def test_best_of_n_picks_the_top_score_and_reports_the_kl_bound(tmp_path, tiny_m
     assert len(rows) == 24 and all(len(r["candidates"]) == 4 for r in rows)
     for r in rows:
         assert r["score"] == max(r["scores"]) and r["response"] == r["candidates"][r["scores"].index(r["score"])]
-    assert summary["mean_best_score"] >= summary["mean_score"]
-    with pytest.raises(Exception, match="already holds best-of-n"):
+    # the scores are the reward model's for those candidates, and the summary averages what samples.jsonl holds
+    from rlhfkit.reward.model import load_reward_ensemble, score_texts
+
+    rescored, _ = score_texts(load_reward_ensemble(str(d / "rm")), [rows[0]["prompt"]] * 4, rows[0]["candidates"])
+    assert rows[0]["scores"] == pytest.approx(rescored, abs=1e-5)
+    assert summary["mean_best_score"] == pytest.approx(sum(r["score"] for r in rows) / 24, abs=1e-6)
+    assert summary["mean_score"] == pytest.approx(sum(sum(r["scores"]) for r in rows) / 96, abs=1e-6)
+    assert summary["kl_bound"] == pytest.approx(math.log(4) - 0.75)
+    with pytest.raises(UserError, match="already holds best-of-n samples; pass --overwrite"):
         best_of_n.main(best_of_n.BestOfNConfig(model=str(tiny_model), reward_model=str(d / "rm"),
                                                data=str(prompts), output_dir=str(out), n=4))
 
@@ -192,7 +294,15 @@ def test_target_kl_stops_the_epochs_early_and_the_schedule_still_anneals(tmp_pat
     a, b = read_metrics(base / "metrics.jsonl"), read_metrics(stopped / "metrics.jsonl")
     assert all(m["early_stopped"] == 0.0 for m in a) and all(m["early_stopped"] == 1.0 for m in b)
     assert [m["lr"] for m in a] == [m["lr"] for m in b]  # annealed once per rollout step either way
-    assert b[0]["reward/score"] == a[0]["reward/score"]  # same first rollouts; only the updates differ
+    # the stopped run took one Adam step per rollout step (its first minibatch, before any drift), the plain
+    # run four (2 epochs x 2 minibatches): its weights moved about a quarter as far from the start
+    start = load_file(str(tiny_model / "model.safetensors"))
+
+    def moved(run):
+        weights = load_file(str(run / "model.safetensors"))
+        return max(float((weights[k] - start[k]).abs().max()) for k in start)
+
+    assert 0 < moved(stopped) < moved(base) / 2, (moved(stopped), moved(base))
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
@@ -201,8 +311,9 @@ def test_one_epoch_one_minibatch_reuses_the_training_forward_and_takes_the_same_
     """At ppo_epochs = minibatches = 1 the old log-probs and values come from the training forward (no extra
     no-grad pass); the steps taken must equal those of the separate-pass path, up to float rounding (Adam turns
     rounding-level gradient differences into weight differences of a few 1e-6 at lr 1e-3)."""
-    # whiten=True for both estimators: the advantages then have mean 0 over the batch's tokens, so the first
-    # epoch's policy loss is ~0 on both paths and the 1e-5 comparison below measures the paths, not the draws
+    # policy_loss, approx_kl and clip_frac are not compared: with one epoch over one minibatch the ratio is 1 on
+    # both paths, so they are 0 (the loss -mean(A), A whitened) whichever path ran. The gradient norm is what each
+    # path computes; the rewards and KL of steps 2 and 3 follow from the weights each path's steps left.
     kw = dict(advantage=advantage, samples_per_prompt=2, ppo_epochs=1, minibatches=1, max_steps=3, whiten=True)
     calls = {"n": 0}
     real = ppo.response_forward
@@ -218,8 +329,9 @@ def test_one_epoch_one_minibatch_reuses_the_training_forward_and_takes_the_same_
     ppo.main(cfg(tiny_model, world, tmp_path / "separate", **kw))
     assert (fused_calls, calls["n"]) == (3, 6)
     a, b = read_metrics(tmp_path / "fused" / "metrics.jsonl"), read_metrics(tmp_path / "separate" / "metrics.jsonl")
-    for key in ("reward/score", "kl", "policy_loss", "approx_kl", "clip_frac"):
+    for key in ("reward/score", "kl", "grad_norm", "entropy"):
         assert [m[key] for m in a] == pytest.approx([m[key] for m in b], abs=1e-5), key
+    assert all(m["grad_norm"] > 0.1 for m in a)  # a real gradient on both paths, not two zeros
     wa, wb = load_file(str(tmp_path / "fused" / "model.safetensors")), load_file(str(tmp_path / "separate" / "model.safetensors"))
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert diff < 2e-5, diff
@@ -237,9 +349,9 @@ def test_best_of_n_reads_a_datasetdict_split_through_a_column_mapping(tmp_path, 
     DatasetDict({"test_gen": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "ds"))
     base = dict(model=str(tiny_model), reward_model=str(d / "rm"), data=str(tmp_path / "ds"), n=2,
                 max_new_tokens=4)
-    with pytest.raises(Exception, match="--data-fields"):  # no prompt column: the error names the mapping flag
+    with pytest.raises(DataError, match="--data-fields prompt=question"):  # no prompt column: names the mapping
         best_of_n.main(best_of_n.BestOfNConfig(**base, output_dir=str(tmp_path / "a"), data_split="test_gen"))
-    with pytest.raises(Exception, match="test_gen"):  # the split list is named
+    with pytest.raises(UserError, match=r"has splits \['test_gen'\] but not 'train'"):  # the split list is named
         best_of_n.main(best_of_n.BestOfNConfig(**base, output_dir=str(tmp_path / "b"),
                                                data_fields={"prompt": "question"}))
     best_of_n.main(best_of_n.BestOfNConfig(**base, output_dir=str(tmp_path / "c"), data_split="test_gen",

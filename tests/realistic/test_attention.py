@@ -49,7 +49,9 @@ def test_sft_packed_batch_equals_padded(family_dir, family_data, name, impl):
 def test_reward_packed_batch_equals_padded(family_dir, family_data, name, impl):
     from transformers import AutoModelForSequenceClassification
 
-    from rlhfkit.data.preference import collate_pairs, read_preferences, tokenize_preferences
+    from rlhfkit.data.collate import collate_pairs
+    from rlhfkit.data.preference import read_preferences
+    from rlhfkit.data.preference_tokens import tokenize_preferences
     from rlhfkit.models import load_tokenizer
     from rlhfkit.reward.model import sequence_scores
 

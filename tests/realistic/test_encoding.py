@@ -43,9 +43,10 @@ def _content(response):
 @pytest.mark.parametrize("name, fmt", CASES, ids=CASE_IDS)
 def test_a_prompt_is_the_same_ids_in_every_stage(family_dir, family_data, engines, name, fmt):
     from rlhfkit.data.kto import KTOExample, tokenize_kto
-    from rlhfkit.data.preference import encode_responses, tokenize_pair
+    from rlhfkit.data.collate import encode_responses
+    from rlhfkit.data.preference_tokens import tokenize_pair
     from rlhfkit.data.sft import encode_row
-    from rlhfkit.policy.rollout import encode_prompts
+    from rlhfkit.generation import encode_prompts
 
     tok, pairs = _pairs(family_dir, family_data, name, fmt)
     engine = engines(name)
@@ -77,7 +78,8 @@ def test_every_stage_ends_a_response_at_eos(family_dir, family_data, name, fmt):
     """The response is its content's tokens then EOS, nothing after: what the reward model is trained and read
     at, what DPO/KTO sum over, what SFT teaches, and where PPO's rollouts stop."""
     from rlhfkit.data.kto import KTOExample, tokenize_kto
-    from rlhfkit.data.preference import encode_responses, tokenize_pair
+    from rlhfkit.data.collate import encode_responses
+    from rlhfkit.data.preference_tokens import tokenize_pair
     from rlhfkit.data.sft import encode_row
 
     tok, pairs = _pairs(family_dir, family_data, name, fmt)

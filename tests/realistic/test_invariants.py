@@ -7,12 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhfkit.data.collate import encode_responses
 from rlhfkit.data.encoding import encode_prompt, user_turn
 from rlhfkit.data.kto import KTOExample, tokenize_kto
-from rlhfkit.data.preference import PreferencePair, encode_responses, tokenize_pair
+from rlhfkit.data.preference import PreferencePair
+from rlhfkit.data.preference_tokens import tokenize_pair
 from rlhfkit.data.sft import encode_row
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
-from rlhfkit.policy.rollout import encode_prompts, sample
+from rlhfkit.generation import encode_prompts, sample
 
 PROMPT_TEXT = "Question: What is 3 + 4?\nAnswer:"
 CHOSEN, REJECTED = " 3 + 4 = 7, Ada.", " It is 8, I think."
@@ -116,7 +118,8 @@ def test_chat_flag_reads_string_prompts_as_a_user_turn_in_every_stage(family_dir
     import json
 
     from rlhfkit.data.readers import DataPath, read_prompts
-    from rlhfkit.data.preference import read_preferences, tokenize_preferences
+    from rlhfkit.data.preference import read_preferences
+    from rlhfkit.data.preference_tokens import tokenize_preferences
     from rlhfkit.data.sft import read_sft_examples
 
     tok = load_tokenizer(str(family_dir("qwen2").path))

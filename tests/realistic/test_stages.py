@@ -142,7 +142,8 @@ def test_sft(tmp_path, family_dir, family_data, name, fmt):
 def test_reward(tmp_path, family_dir, family_data, name, fmt):
     from transformers import AutoModelForSequenceClassification
 
-    from rlhfkit.data.preference import encode_responses, read_preferences
+    from rlhfkit.data.collate import encode_responses
+    from rlhfkit.data.preference import read_preferences
     from rlhfkit.reward import train as rtrain
     from rlhfkit.reward.model import OFFSET_KEY, load_reward_ensemble, score_texts
 
@@ -287,10 +288,11 @@ def single_turn_prompts(data: FamilyData, fmt: str, out: Path) -> Path:
 @pytest.mark.parametrize("command", ["revise", "label"])
 @pytest.mark.parametrize("name, fmt", CASES, ids=CASE_IDS)
 def test_cai(tmp_path, family_dir, family_data, sft_policy, name, fmt, command):
-    from rlhfkit.data.preference import read_preferences, tokenize_preferences
+    from rlhfkit.data.preference import read_preferences
+    from rlhfkit.data.preference_tokens import tokenize_preferences
     from rlhfkit.data.sft import read_sft_examples
     from rlhfkit.feedback.ai import CAIConfig
-    from rlhfkit.feedback.ai import main as cai_main
+    from rlhfkit.cai import main as cai_main
     from rlhfkit.feedback.judges import JudgeConfig
     from rlhfkit.models import load_tokenizer
 

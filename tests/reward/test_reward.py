@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from helpers import preference_rows, ranking_rows, write_jsonl
-from rlhfkit.data.preference import (
-    Ranking, PreferencePair, collate_pairs, collate_rankings, encode_responses, tokenize_pair, tokenize_ranking,
-)
+from rlhfkit.data.collate import collate_pairs, collate_rankings, encode_responses
+from rlhfkit.data.preference import PreferencePair, Ranking
+from rlhfkit.data.preference_tokens import tokenize_pair, tokenize_ranking
+from rlhfkit.errors import UserError
+from rlhfkit.losses import batched_ranking_loss, bradley_terry_loss
 from rlhfkit.models import load_tokenizer
 from rlhfkit.reward import train as rtrain
 from rlhfkit.reward.model import (
@@ -113,9 +115,35 @@ def test_normalisation_folds_the_gain_and_keeps_the_order(rm, tiny_model):
         after = sequence_scores(model, ids, torch.ones_like(ids))
     assert float(after.mean()) == pytest.approx(0.0, abs=1e-5) and float(after.std()) == pytest.approx(1.0, rel=1e-4)
     assert after.argsort().tolist() == before.argsort().tolist()
-    with pytest.raises(Exception, match="std"):
+    with pytest.raises(UserError, match="cannot normalise the reward model: its scores on the reference samples "
+                                        "have std 0"):
         apply_normalisation(model, 0.0, 0.0)
 
+
+
+def test_step_counts_from_the_loss_stats_equal_counting_the_scores_directly():
+    """The trainer counts correctly ordered pairs from each loss's RewardStats (a float32 accuracy and a pair
+    count): the integers must be exactly what comparing the scores gives, ties counted wrong, for pair counts
+    that are not powers of two (where accuracy = k/n is rounded)."""
+    gen = torch.Generator().manual_seed(0)
+    for n in [1, 3, 7, 49, 97, 1000, 4097]:
+        chosen = torch.randint(-3, 4, (n,), generator=gen).float() / 4  # coarse values: many ties
+        rejected = torch.randint(-3, 4, (n,), generator=gen).float() / 4
+        counts = {"correct": 0.0, "compared": 0.0}
+        rtrain.count_ordered_pairs(counts, bradley_terry_loss(chosen, rejected)[1])
+        assert counts == {"correct": float((chosen > rejected).sum()), "compared": float(n)}, n
+    # rankings: 5 prompts of up to 4 responses (padding slots and ties are in no ordered pair)
+    rewards = torch.randn(5, 4, generator=gen)
+    rewards[0, 1] = rewards[0, 0]  # a tie in score, ranked apart: counts as wrong
+    beats = torch.zeros(5, 4, 4, dtype=torch.bool)
+    for g, k in enumerate([4, 3, 2, 4, 3]):
+        beats[g, :k, :k] = torch.ones(k, k, dtype=torch.bool).triu(1)  # slot i ranked above every later slot
+    beats[3, 1, 2] = False  # slots 1 and 2 of prompt 3 tied in the ranking
+    counts = {"correct": 0.0, "compared": 0.0}
+    rtrain.count_ordered_pairs(counts, batched_ranking_loss(rewards, beats)[1])
+    ordered = (rewards[:, :, None] > rewards[:, None, :]) & beats  # (G, K, K)
+    assert counts == {"correct": float(ordered.sum()), "compared": float(beats.sum())}
+    assert counts["compared"] == 6 + 3 + 1 + 5 + 3
 
 def cfg_for(model, data, out, **kw):
     base = dict(model=str(model), data=str(data), output_dir=str(out), max_steps=30, batch_size=8,
@@ -186,12 +214,12 @@ def test_ensemble_members_differ_and_score_mean_and_std(tmp_path, tiny_model, pr
     mean, std = ensemble.mean_std(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(mean, scores.mean(0))
     assert (std > 0).all()
-    with pytest.raises(Exception, match="already holds a reward run"):
+    with pytest.raises(UserError, match="already holds a reward run; pass --resume"):
         rtrain.main(cfg_for(tiny_model, pref_file, out, max_steps=10, ensemble_size=2))
 
 
 def test_pack_rows_places_every_sequence_once_within_the_longest_width():
-    from rlhfkit.data.packing import pack_rows
+    from rlhfkit.data.collate import pack_rows
 
     lengths = [9, 3, 5, 4, 9, 2, 6, 1]
     rows = pack_rows(lengths)

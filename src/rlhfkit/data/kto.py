@@ -1,6 +1,6 @@
 """KTO data: unpaired prompt/completion/label rows (TRL's unpaired format, standard or conversational), or paired
-preference rows split into one desirable and one undesirable example; tokenised, given fixed mismatched partners
-for KTO's KL reference point, and collated.
+preference rows split into one desirable and one undesirable example; tokenised, and given fixed mismatched
+partners for KTO's KL reference point (`data.collate.collate_completions` batches them).
 
 response_mask[t] = 1 means token t belongs to the completion (its EOS included); 0 = prompt or padding."""
 
@@ -12,21 +12,10 @@ from typing import Any, Literal, Union
 
 import torch
 
-from rlhfkit.data.preference import (
-    Preference,
-    PreferencePair,
-    Ranking,
-    Text,
-    _collate_sequences,
-    _encode,
-    _fit,
-    _prompt,
-    _same_kind,
-    parse_preference,
-    ranking_to_pairs,
-    untied_rows,
-)
 from rlhfkit.data.formats import refuse_message_tree_row
+from rlhfkit.data.preference import Preference, PreferencePair, Ranking, parse_preference, ranking_to_pairs, untied_rows
+from rlhfkit.data.preference_tokens import apply_overlong, encode_prompt_responses
+from rlhfkit.data.rows import Text, prompt_text, response_text
 from rlhfkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -56,8 +45,8 @@ def parse_kto_row(row: dict[str, Any], path: str, lineno: int, *, chat: bool = T
     if "completion" not in row and "label" not in row:
         return parse_preference(row, path, lineno, chat=chat, margin_from_scores=margin_from_scores)
     fields = sorted(row)
-    prompt = _prompt(row.get("prompt"), path, lineno, fields)
-    completion = _same_kind(prompt, row.get("completion"), "completion", path, lineno, fields)
+    prompt = prompt_text(row.get("prompt"), path, lineno, fields)
+    completion = response_text(prompt, row.get("completion"), "completion", path, lineno, fields)
     label = row.get("label")
     if label is None:
         raise DataError(path, lineno, "label", f"missing; an unpaired KTO row needs prompt, completion and label "
@@ -128,15 +117,15 @@ class KTOReport:
 def tokenize_kto(
     tokenizer: Any, examples: list[KTOExample], max_length: int, overlong: Literal["error", "truncate"] = "error"
 ) -> tuple[list[TokenizedCompletion], KTOReport]:
-    """Tokenise prompt + completion like a preference response (the preference module's `_encode`: standard
-    rows get the prompt with special tokens and the completion plus EOS; conversational rows render the chat
-    template once) and apply the over-long policy ('error' names the row, 'truncate' cuts completion tails)."""
+    """Tokenise prompt + completion like a preference response (`encode_prompt_responses`: standard rows get the
+    prompt with special tokens and the completion plus EOS; conversational rows render the chat template once)
+    and apply the over-long policy ('error' names the row, 'truncate' cuts completion tails)."""
     report = KTOReport(path=examples[0].path if examples else "")
     out: list[TokenizedCompletion] = []
     for ex in examples:
-        prompt_ids, (completion,) = _encode(tokenizer, ex.prompt, [ex.completion])
-        (completion,), truncated = _fit(prompt_ids, [completion], ["completion"], max_length, overlong, ex.path,
-                                        ex.row)
+        prompt_ids, (completion,) = encode_prompt_responses(tokenizer, ex.prompt, [ex.completion])
+        (completion,), truncated = apply_overlong(prompt_ids, [completion], ["completion"], max_length, overlong,
+                                                  ex.path, ex.row)
         out.append(TokenizedCompletion(prompt_ids, completion, ex.desirable, row=ex.row, truncated=truncated))
         report.desirable += int(ex.desirable)
         report.undesirable += int(not ex.desirable)
@@ -180,11 +169,3 @@ def mismatched(examples: list[TokenizedCompletion], partners: list[int],
         out.append(TokenizedCompletion(ex.prompt_ids, response, ex.desirable, row=ex.row,
                                        truncated=len(response) < len(examples[j].response_ids)))
     return out
-
-
-def collate_completions(examples: list[TokenizedCompletion], pad_id: int) -> dict[str, torch.Tensor]:
-    """One right-padded batch. Returns input_ids, attention_mask, response_mask: (B, T); last_index: (B,);
-    desirable: (B,) bool."""
-    batch = _collate_sequences([e.input_ids for e in examples], [e.response_mask for e in examples], pad_id)
-    batch["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)  # (B,)
-    return batch

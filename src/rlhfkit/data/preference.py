@@ -1,9 +1,7 @@
-"""Preference data: pairs and K-way rankings read from TRL's formats (explicit or implicit prompt, standard or
+"""Preference records: pairs and K-way rankings read from TRL's formats (explicit or implicit prompt, standard or
 conversational, optional margin/strength), UltraFeedback's scored full conversations, Anthropic HH transcripts
-and our K-way rows; validated, tokenised with a response mask, collated for one forward pass, and written back as
-TRL explicit-prompt JSONL.
-
-response_mask[t] = 1 means token t belongs to the response (its EOS included); 0 = prompt or padding."""
+and our K-way rows; validated, and written back as TRL explicit-prompt JSONL. `data.preference_tokens` turns them
+into ids and `data.collate` into batches."""
 
 from __future__ import annotations
 
@@ -15,20 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import torch
-
-from rlhfkit.data.encoding import encode_prompt, encode_response, render_prompt
 from rlhfkit.data.formats import prompt_hint, prompt_like, refuse_message_tree_row
-from rlhfkit.data.packing import block_diagonal_mask, pack_rows
 from rlhfkit.data.readers import read_rows
-from rlhfkit.data.sft import _messages
+from rlhfkit.data.rows import (
+    Message, Text, message_list, optional_text, prompt_text, real_number, required_text, response_text,
+)
 from rlhfkit.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
-
-Message = dict[str, str]
-Text = Union[str, list[Message]]
-"""A prompt or response: a plain string (standard format) or a list of {role, content} messages (conversational)."""
 
 # Llama 2 (Touvron et al. 2023) §3.2.2: four strength levels and their margins at the two scales they tried
 STRENGTHS = ("significantly_better", "better", "slightly_better", "negligible")
@@ -123,59 +115,10 @@ def ranking_to_pairs(r: Ranking) -> list[PreferencePair]:
 
 
 # ------------------------------------------------------------------------------------------------- validation
-def _string(value: Any, key: str, path: str, row: int, fields: list[str]) -> str:
-    if value is None:
-        raise DataError(path, row, key, f"missing; this row has fields {fields}")
-    if not isinstance(value, str):
-        raise DataError(path, row, key, f"must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(path, row, key, "is empty")
-    return value
-
-
-def _response_messages(value: Any, key: str, path: str, row: int) -> list[Message]:
-    msgs = _messages(value, key, path, row)
-    if msgs[0]["role"] != "assistant":
-        raise DataError(path, row, f"{key}[0].role", "a conversational response starts with an assistant message")
-    return msgs
-
-
-def _same_kind(prompt: Text, value: Any, key: str, path: str, row: int, fields: list[str]) -> Text:
-    """A response in the prompt's format: a string for a string prompt, messages for a message-list prompt."""
-    if isinstance(prompt, list):
-        if value is None:
-            raise DataError(path, row, key, f"missing; this row has fields {fields}")
-        if not isinstance(value, list):
-            raise DataError(path, row, key, f"must be a list of messages like the prompt (conversational format), "
-                            f"got {type(value).__name__}")
-        return _response_messages(value, key, path, row)
-    if isinstance(value, list):
-        raise DataError(path, row, key, "must be a string like the prompt (standard format), got a list; "
-                        "give the prompt as a list of messages for conversational data")
-    return _string(value, key, path, row, fields)
-
-
-def _prompt(value: Any, path: str, row: int, fields: list[str]) -> Text:
-    if isinstance(value, list):
-        return _messages(value, "prompt", path, row)
-    if value is None:
-        raise DataError(path, row, "prompt", f"missing; this row has fields {fields}{prompt_hint(fields)}")
-    return _string(value, "prompt", path, row, fields)
-
-
 def _same(a: Text, b: Text) -> bool:
     if isinstance(a, str) and isinstance(b, str):
         return a.strip() == b.strip()
     return a == b
-
-
-def _optional_str(row: dict[str, Any], key: str, path: str, lineno: int) -> str | None:
-    value = row.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(path, lineno, key, f"must be a non-empty string when given, got {value!r}")
-    return value
 
 
 def _strength(row: dict[str, Any], path: str, lineno: int) -> str | None:
@@ -191,8 +134,7 @@ def _margin(row: dict[str, Any], path: str, lineno: int) -> float | None:
     value = row.get("margin")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(path, lineno, "margin", f"must be a number, got {type(value).__name__}")
+    value = real_number(value, "margin", path, lineno)
     if not math.isfinite(value) or value < 0:
         raise DataError(path, lineno, "margin", f"must be a finite number >= 0 (how much better chosen is), "
                         f"got {value}")
@@ -308,8 +250,8 @@ def _extras(row: dict[str, Any], path: str, lineno: int, margin_from_scores: boo
                             "margin_from_scores is on; keep one of them")
         margin = gap
     return dict(margin=margin, strength=_strength(row, path, lineno),
-                annotator=_optional_str(row, "annotator", path, lineno),
-                source=_optional_str(row, "source", path, lineno), row=lineno, path=path)
+                annotator=optional_text(row, "annotator", path, lineno),
+                source=optional_text(row, "source", path, lineno), row=lineno, path=path)
 
 
 def _split_conversations(prompt: str, chosen: Any, rejected: Any, path: str, lineno: int
@@ -318,7 +260,7 @@ def _split_conversations(prompt: str, chosen: Any, rejected: Any, path: str, lin
     begin with it. The messages both share are the prompt, the rest (from the assistant turn where they first
     differ) the responses. The string must be the first user turn; a row where it is not is refused, not
     guessed at."""
-    c, r = _messages(chosen, "chosen", path, lineno), _messages(rejected, "rejected", path, lineno)
+    c, r = message_list(chosen, "chosen", path, lineno), message_list(rejected, "rejected", path, lineno)
     if c == r:
         raise _identical_error(path, lineno)
     n = 0
@@ -354,13 +296,13 @@ def parse_pair(row: dict[str, Any], path: str, lineno: int, *, chat: bool = True
                             f"fields {fields})")
     extras = _extras(row, path, lineno, margin_from_scores)
     if row.get("prompt") is not None:  # explicit prompt
-        prompt = _prompt(row["prompt"], path, lineno, fields)
+        prompt = prompt_text(row["prompt"], path, lineno, fields)
         full = [isinstance(v, list) and v and isinstance(v[0], dict) and v[0].get("role") != "assistant"
                 for v in (chosen, rejected)]
         if isinstance(prompt, str) and all(full):
             return PreferencePair(*_split_conversations(prompt, chosen, rejected, path, lineno), **extras)
-        chosen = _same_kind(prompt, chosen, "chosen", path, lineno, fields)
-        rejected = _same_kind(prompt, rejected, "rejected", path, lineno, fields)
+        chosen = response_text(prompt, chosen, "chosen", path, lineno, fields)
+        rejected = response_text(prompt, rejected, "rejected", path, lineno, fields)
         if _same(chosen, rejected):
             raise _identical_error(path, lineno)
         return PreferencePair(prompt, chosen, rejected, **extras)
@@ -369,11 +311,11 @@ def parse_pair(row: dict[str, Any], path: str, lineno: int, *, chat: bool = True
         raise DataError(path, lineno, "prompt", f"missing, so it would be taken from what chosen and rejected share"
                         f"{prompt_hint(row)}")
     if isinstance(chosen, list) or isinstance(rejected, list):  # implicit prompt, conversational
-        chosen_msgs = _messages(chosen, "chosen", path, lineno)
+        chosen_msgs = message_list(chosen, "chosen", path, lineno)
         if not isinstance(rejected, list):
             raise DataError(path, lineno, "rejected", f"must be a list of messages like chosen, got "
                             f"{type(rejected).__name__}")
-        rejected_msgs = _messages(rejected, "rejected", path, lineno)
+        rejected_msgs = message_list(rejected, "rejected", path, lineno)
         for key, msgs in (("chosen", chosen_msgs), ("rejected", rejected_msgs)):
             if msgs[-1]["role"] != "assistant":
                 raise DataError(path, lineno, f"{key}[{len(msgs) - 1}].role", "the last message must be the "
@@ -387,8 +329,8 @@ def parse_pair(row: dict[str, Any], path: str, lineno: int, *, chat: bool = True
         if chosen_msgs[-1] == rejected_msgs[-1]:
             raise _identical_error(path, lineno)
         return PreferencePair(chosen_msgs[:-1], chosen_msgs[-1:], rejected_msgs[-1:], **extras)
-    chosen = _string(chosen, "chosen", path, lineno, fields)
-    rejected = _string(rejected, "rejected", path, lineno, fields)
+    chosen = required_text(chosen, "chosen", path, lineno, fields)
+    rejected = required_text(rejected, "rejected", path, lineno, fields)
     if _is_hh(chosen) or _is_hh(rejected):
         return _parse_hh(row, chosen, rejected, path, lineno, chat, extras)
     if _same(chosen, rejected):
@@ -420,7 +362,7 @@ def _tiers(value: Any, k: int, path: str, lineno: int) -> list[list[int]]:
 def parse_ranking(row: dict[str, Any], path: str, lineno: int) -> Ranking:
     """A K-way row {"prompt", "responses": [...], "ranking": [...]} -> Ranking."""
     fields = sorted(row)
-    prompt = _prompt(row.get("prompt"), path, lineno, fields)
+    prompt = prompt_text(row.get("prompt"), path, lineno, fields)
     responses = row.get("responses")
     if responses is None:
         raise DataError(path, lineno, "responses", f"missing; this row has fields {fields}")
@@ -428,7 +370,7 @@ def parse_ranking(row: dict[str, Any], path: str, lineno: int) -> Ranking:
         raise DataError(path, lineno, "responses", f"must be a list, got {type(responses).__name__}")
     if len(responses) < 2:
         raise DataError(path, lineno, "responses", f"has {len(responses)} response(s); a ranking needs at least 2")
-    responses = [_same_kind(prompt, r, f"responses[{i}]", path, lineno, fields) for i, r in enumerate(responses)]
+    responses = [response_text(prompt, r, f"responses[{i}]", path, lineno, fields) for i, r in enumerate(responses)]
     if row.get("ranking") is None:
         raise DataError(path, lineno, "ranking", f"missing; this row has fields {fields}")
     tiers = _tiers(row["ranking"], len(responses), path, lineno)
@@ -441,8 +383,8 @@ def parse_ranking(row: dict[str, Any], path: str, lineno: int) -> Ranking:
     if row.get("margin") is not None:
         raise DataError(path, lineno, "margin", "is not supported on a ranking row; use 'strength'")
     return Ranking(prompt, responses, tiers, strength=_strength(row, path, lineno),
-                   annotator=_optional_str(row, "annotator", path, lineno),
-                   source=_optional_str(row, "source", path, lineno), row=lineno, path=path)
+                   annotator=optional_text(row, "annotator", path, lineno),
+                   source=optional_text(row, "source", path, lineno), row=lineno, path=path)
 
 
 def parse_preference(row: dict[str, Any], path: str, lineno: int, *, chat: bool = True,
@@ -516,263 +458,3 @@ def write_preferences(records: list[Preference], path: str | Path) -> Path:
             row = _pair_row(rec) if isinstance(rec, PreferencePair) else _ranking_row(rec)
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return p
-
-
-# -------------------------------------------------------------------------------------------------- tokenising
-@dataclass
-class TokenizedPair:
-    """A pair ready to collate: the shared prompt ids, and for each response the full sequence
-    prompt + response (+ EOS) with its attention mask (1 = real token) and response mask (1 = response token)."""
-
-    prompt_ids: list[int]
-    chosen_input_ids: list[int]
-    chosen_attention_mask: list[int]
-    chosen_response_mask: list[int]
-    rejected_input_ids: list[int]
-    rejected_attention_mask: list[int]
-    rejected_response_mask: list[int]
-    margin: float | None = None
-    """Resolved label margin (explicit margin, else strength at the chosen scale), None if neither."""
-    row: int = 0
-    truncated: bool = False
-
-
-@dataclass
-class TokenizedRanking:
-    """A K-way ranking ready to collate: K full sequences sharing one prompt, and the tiers best first."""
-
-    prompt_ids: list[int]
-    input_ids: list[list[int]]
-    attention_mask: list[list[int]]
-    response_mask: list[list[int]]
-    ranking: list[list[int]]
-    row: int = 0
-    truncated: bool = False
-
-
-@dataclass
-class PreferenceReport:
-    """What tokenising a file did to its records (nothing is dropped silently)."""
-
-    path: str
-    pairs: int = 0
-    rankings: int = 0
-    truncated: int = 0
-    truncated_rows: list[int] = field(default_factory=list)
-
-
-def _encode(tokenizer: Any, prompt: Text, responses: list[Text]) -> tuple[list[int], list[list[int]]]:
-    """Prompt ids (shared) and each response's ids, by the one rule of `data.encoding`: the prompt encoded as in
-    every stage (a string as plain text, messages through the template), each response ending at its first
-    EOS (ChatML's newline after `<|im_end|>` is not part of it). The prompt is tokenised on its own, so its ids
-    are the same for every response and equal what a policy is given at generation time."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    prompt_text = None if isinstance(prompt, str) else render_prompt(tokenizer, prompt)
-    return prompt_ids, [encode_response(tokenizer, prompt, r, prompt_text) for r in responses]
-
-
-def _fit(prompt_ids: list[int], responses: list[list[int]], names: list[str], max_length: int,
-         overlong: str, path: str, row: int) -> tuple[list[list[int]], bool]:
-    """Apply the over-long policy: 'error' names the row and lengths; 'truncate' cuts response tails and keeps
-    the prompt whole (a prompt that leaves no room for a response is an error either way)."""
-    if overlong not in ("error", "truncate"):
-        raise UserError(f"overlong must be 'error' or 'truncate', got {overlong!r}.")
-    P = len(prompt_ids)
-    too_long = [(n, len(r)) for n, r in zip(names, responses) if P + len(r) > max_length]
-    if not too_long:
-        return responses, False
-    lengths = ", ".join(f"{n} {P + r} tokens (prompt {P} + response {r})" for n, r in too_long)
-    if overlong == "error":
-        raise DataError(path, row, None, f"{lengths} > max_length {max_length}; raise max_length or set "
-                        "overlong: truncate")
-    if P >= max_length:
-        raise DataError(path, row, "prompt", f"is {P} tokens, leaving no room for a response within max_length "
-                        f"{max_length}; raise max_length or shorten the prompt")
-    return [r[: max_length - P] for r in responses], True
-
-
-def _sequence(prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
-    ids = prompt_ids + response_ids
-    return ids, [1] * len(ids), [0] * len(prompt_ids) + [1] * len(response_ids)
-
-
-def tokenize_pair(
-    tokenizer: Any,
-    pair: PreferencePair,
-    max_length: int,
-    overlong: Literal["error", "truncate"] = "error",
-    margin_scale: Literal["large", "small"] = "large",
-) -> TokenizedPair:
-    """Tokenise prompt + chosen and prompt + rejected (see `_encode`), applying the over-long policy.
-    Raises DataError when the two responses tokenise to the same ids (after truncation too)."""
-    prompt_ids, (chosen, rejected) = _encode(tokenizer, pair.prompt, [pair.chosen, pair.rejected])
-    (chosen, rejected), truncated = _fit(prompt_ids, [chosen, rejected], ["chosen", "rejected"], max_length,
-                                         overlong, pair.path, pair.row)
-    if chosen == rejected:
-        where = f" within max_length {max_length}" if truncated else ""
-        raise DataError(pair.path, pair.row, "rejected", f"tokenises to the same ids as chosen{where}, so the pair "
-                        "carries no preference (constant loss log 2, zero gradient)")
-    c_ids, c_attn, c_resp = _sequence(prompt_ids, chosen)
-    r_ids, r_attn, r_resp = _sequence(prompt_ids, rejected)
-    return TokenizedPair(prompt_ids, c_ids, c_attn, c_resp, r_ids, r_attn, r_resp,
-                         margin=margin_of(pair, margin_scale), row=pair.row, truncated=truncated)
-
-
-def tokenize_ranking(
-    tokenizer: Any, ranking: Ranking, max_length: int, overlong: Literal["error", "truncate"] = "error"
-) -> TokenizedRanking:
-    """Tokenise the K responses of a ranking against their shared prompt, applying the over-long policy."""
-    names = [f"responses[{i}]" for i in range(len(ranking.responses))]
-    prompt_ids, responses = _encode(tokenizer, ranking.prompt, ranking.responses)
-    responses, truncated = _fit(prompt_ids, responses, names, max_length, overlong, ranking.path, ranking.row)
-    tier_of = {i: t for t, tier in enumerate(ranking.ranking) for i in tier}
-    for i in range(len(responses)):
-        for j in range(i + 1, len(responses)):
-            if tier_of[i] != tier_of[j] and responses[i] == responses[j]:
-                raise DataError(ranking.path, ranking.row, names[j], f"tokenises to the same ids as {names[i]} "
-                                "but is ranked differently")
-    seqs = [_sequence(prompt_ids, r) for r in responses]
-    return TokenizedRanking(prompt_ids, [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs],
-                            [list(t) for t in ranking.ranking], row=ranking.row, truncated=truncated)
-
-
-def tokenize_preferences(
-    tokenizer: Any,
-    records: list[Preference],
-    max_length: int,
-    overlong: Literal["error", "truncate"] = "error",
-    margin_scale: Literal["large", "small"] = "large",
-) -> tuple[list[TokenizedPair | TokenizedRanking], PreferenceReport]:
-    """Tokenise every record (pairs with `tokenize_pair`, rankings with `tokenize_ranking`) and report counts
-    and truncated rows."""
-    report = PreferenceReport(path=records[0].path if records else "")
-    out: list[TokenizedPair | TokenizedRanking] = []
-    for rec in records:
-        if isinstance(rec, PreferencePair):
-            item: TokenizedPair | TokenizedRanking = tokenize_pair(tokenizer, rec, max_length, overlong, margin_scale)
-            report.pairs += 1
-        else:
-            item = tokenize_ranking(tokenizer, rec, max_length, overlong)
-            report.rankings += 1
-        if item.truncated:
-            report.truncated += 1
-            report.truncated_rows.append(rec.row)
-        out.append(item)
-    if report.truncated:
-        log.warning("%s: truncated the responses of %d of %d records to max_length %d (rows %s%s)", report.path,
-                    report.truncated, len(out), max_length, report.truncated_rows[:10],
-                    "..." if report.truncated > 10 else "")
-    return out, report
-
-
-# ---------------------------------------------------------------------------------------------------- collating
-def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)  # (N, T)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
-
-
-def _collate_packed_sequences(ids: list[list[int]], response_mask: list[list[int]], pad_id: int,
-                              rows: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Padding-free layout: the sequences laid end to end in len(rows) rows of width T = the longest sequence,
-    each attending only to itself (block-diagonal causal mask) with positions restarting at 0, so every
-    sequence's hidden states equal those of the padded layout.
-
-    Returns input_ids, position_ids, response_mask: (R, T); attention_mask: (R, 1, T, T) additive float, 0 = may
-    attend (`packing.block_diagonal_mask`); row_index, last_index: (N,) row and column of sequence n's last
-    token; segment: (R, T) index of the sequence at each position, -1 on padding."""
-    width = max(len(s) for s in ids)
-    R = len(rows)
-    input_ids = torch.full((R, width), pad_id, dtype=torch.long)  # (R, T)
-    resp = torch.zeros((R, width), dtype=torch.long)  # (R, T)
-    positions = torch.zeros((R, width), dtype=torch.long)  # (R, T)
-    segment = torch.full((R, width), -1, dtype=torch.long)  # (R, T)
-    row_index = torch.zeros(len(ids), dtype=torch.long)  # (N,)
-    last_index = torch.zeros(len(ids), dtype=torch.long)  # (N,)
-    for r, members in enumerate(rows):
-        at = 0
-        for n in members:
-            k = len(ids[n])
-            input_ids[r, at : at + k] = torch.tensor(ids[n], dtype=torch.long)
-            resp[r, at : at + k] = torch.tensor(response_mask[n], dtype=torch.long)
-            positions[r, at : at + k] = torch.arange(k)
-            segment[r, at : at + k] = n
-            row_index[n], last_index[n] = r, at + k - 1
-            at += k
-    return {"input_ids": input_ids, "attention_mask": block_diagonal_mask(segment), "position_ids": positions,
-            "response_mask": resp, "row_index": row_index, "last_index": last_index, "segment": segment}
-
-
-def _collate_sequences(ids: list[list[int]], response_mask: list[list[int]], pad_id: int,
-                       padding_free: bool = False) -> dict[str, torch.Tensor]:
-    """Right-padded (N, T) batch; with padding_free, the packed layout of `_collate_packed_sequences` whenever
-    packing saves at least one row (else the padded one: nothing to gain, and a plain mask keeps the fastest
-    attention kernels)."""
-    if padding_free and len(ids) > 1:
-        rows = pack_rows([len(s) for s in ids])
-        if len(rows) < len(ids):
-            return _collate_packed_sequences(ids, response_mask, pad_id, rows)
-    lengths = torch.tensor([len(s) for s in ids], dtype=torch.long)  # (N,)
-    return {
-        "input_ids": _pad(ids, pad_id),  # (N, T), right-padded
-        "attention_mask": _pad([[1] * len(s) for s in ids], 0),  # (N, T), 1 = real token
-        "response_mask": _pad(response_mask, 0),  # (N, T), 1 = response token incl. EOS
-        # the reward is read here: the last real token (EOS unless truncated), never a pad (trl#3750, trl#937);
-        # taken from the lengths, so it is right even when pad_id equals the EOS id
-        "last_index": lengths - 1,  # (N,)
-    }
-
-
-def encode_responses(tokenizer: Any, prompt: Text, responses: list[Text], max_length: int) -> dict[str, torch.Tensor]:
-    """Score-ready batch for one prompt's responses, encoded exactly as training pairs are (over-long responses
-    are cut at max_length: scoring, unlike training data, must not stop on a long policy sample). A plain-text
-    response to a message-list prompt (what a sampler returns) is scored as the assistant's turn."""
-    if isinstance(prompt, list):
-        responses = [[{"role": "assistant", "content": r}] if isinstance(r, str) else r for r in responses]
-    prompt_ids, encoded = _encode(tokenizer, prompt, list(responses))
-    fitted, _ = _fit(prompt_ids, encoded, [f"response {i}" for i in range(len(encoded))], max_length,
-                     "truncate", "<scoring>", 0)
-    seqs = [_sequence(prompt_ids, r) for r in fitted]
-    return _collate_sequences([s[0] for s in seqs], [s[2] for s in seqs], tokenizer.pad_token_id)
-
-
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = False) -> dict[str, torch.Tensor]:
-    """One right-padded batch for a single forward pass: rows 0..B-1 are the chosen sequences and rows B..2B-1
-    the rejected ones, in the same order (split the scores with `scores.split(B)` or [:B], [B:]).
-
-    Returns input_ids, attention_mask, response_mask: (2B, T); last_index: (2B,) index of the last real token;
-    margin: (B,) float label margins, 0 where a pair has none (Bradley-Terry without a margin).
-    padding_free: the packed layout instead (see `_collate_packed_sequences`; sequence n is still n)."""
-    ids = [p.chosen_input_ids for p in pairs] + [p.rejected_input_ids for p in pairs]
-    resp = [p.chosen_response_mask for p in pairs] + [p.rejected_response_mask for p in pairs]
-    batch = _collate_sequences(ids, resp, pad_id, padding_free)
-    batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)  # (B,)
-    return batch
-
-
-def collate_rankings(rankings: list[TokenizedRanking], pad_id: int, padding_free: bool = False
-                     ) -> dict[str, torch.Tensor]:
-    """All responses of G prompts in one right-padded batch of N = ΣK_g sequences, each scored once
-    (InstructGPT: the K responses of a prompt are one batch element).
-
-    Returns input_ids, attention_mask, response_mask: (N, T); last_index: (N,); group_index, slot_index: (N,)
-    placing sequence n at rewards[group_index[n], slot_index[n]] of a (G, K) tensor, K = max K_g; beats:
-    (G, K, K) bool, beats[g, i, j] = response i of prompt g ranked above response j (False for ties and
-    padding slots) — ready for `losses.reward.batched_ranking_loss`. padding_free: as in `collate_pairs`."""
-    ids = [s for r in rankings for s in r.input_ids]
-    resp = [m for r in rankings for m in r.response_mask]
-    batch = _collate_sequences(ids, resp, pad_id, padding_free)
-    K = max(len(r.input_ids) for r in rankings)
-    batch["group_index"] = torch.tensor([g for g, r in enumerate(rankings) for _ in r.input_ids])  # (N,)
-    batch["slot_index"] = torch.tensor([k for r in rankings for k in range(len(r.input_ids))])  # (N,)
-    beats = torch.zeros((len(rankings), K, K), dtype=torch.bool)  # (G, K, K)
-    for g, r in enumerate(rankings):
-        for t, better in enumerate(r.ranking):
-            for worse in r.ranking[t + 1 :]:
-                for i in better:
-                    for j in worse:
-                        beats[g, i, j] = True
-    batch["beats"] = beats
-    return batch

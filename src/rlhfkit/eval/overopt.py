@@ -2,13 +2,14 @@
 Over-optimization"): the gold score and the proxy reward as functions of d = sqrt(KL(π || π_init)).
 
 Pure functions of numbers (no models): the unbiased best-of-n estimator, the two functional forms the paper fits,
-and their least-squares fits with R² and the fitted peak."""
+their least-squares fits with R² and the fitted peak, and the online monitor PPO runs to catch the proxy rising
+while a held-out judge falls. Imports only torch and the standard library, so training may call it."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -86,3 +87,69 @@ def _check(d: Sequence[float], y: Sequence[float]) -> None:
         raise ValueError(f"{len(d)} d values but {len(y)} scores")
     if len(d) < 3:
         raise ValueError(f"a two-parameter fit needs at least 3 points, got {len(d)}")
+
+
+class OveroptimisationMonitor:
+    """Gao et al. 2022's signature of reward hacking: the proxy reward keeps rising while a held-out judge falls.
+    Windows are means of `window` consecutive evaluations. Fires when the latest window's judge mean sits more
+    than z standard errors below the best earlier window's (one that does not overlap it) while its proxy mean is
+    above that window's: the judge has come down from its peak as the proxy kept climbing.
+
+    The standard error of that fall: when every evaluation in both windows judged the same fixed prompts and
+    passed its per-prompt judge means, the fall is a paired difference and its SE comes from the spread of the
+    per-prompt differences (how hard a prompt is cancels out, so a real fall is seen sooner). Otherwise it comes
+    from each evaluation's own SE (per-sample spread), the two windows taken as independent. Either way
+    evaluation noise alone does not raise the alarm, and a slow steady decline is caught once it adds up."""
+
+    def __init__(self, window: int, z: float = 2.0):
+        self.window, self.z = window, z
+        self.history: list[tuple[float, float, float]] = []  # (proxy, judge, judge standard error)
+        self.per_prompt: list[list[float] | None] = []  # per-prompt judge means of each evaluation, if given
+
+    def _window(self, end: int) -> tuple[float, float, float]:
+        """(proxy mean, judge mean, SE of the judge mean) over history[end - window : end]."""
+        xs = self.history[end - self.window : end]
+        w = len(xs)
+        return (sum(x[0] for x in xs) / w, sum(x[1] for x in xs) / w, sum(x[2] ** 2 for x in xs) ** 0.5 / w)
+
+    def _prompt_means(self, end: int) -> list[float] | None:
+        """Per-prompt judge means over the window ending at `end`, or None when an evaluation lacks them."""
+        vs = self.per_prompt[end - self.window : end]
+        if any(v is None for v in vs) or len({len(v) for v in vs}) != 1:  # type: ignore[arg-type]
+            return None
+        return [sum(col) / len(col) for col in zip(*vs)]  # type: ignore[misc]
+
+    def _fall_se(self, peak_end: int, last_end: int) -> float:
+        a, b = self._prompt_means(peak_end), self._prompt_means(last_end)
+        if a is not None and b is not None and len(a) == len(b) and len(a) > 1:
+            diffs = [x - y for x, y in zip(a, b)]
+            return mean_se(diffs)[1]
+        return (self._window(peak_end)[2] ** 2 + self._window(last_end)[2] ** 2) ** 0.5  # independent windows
+
+    def update(self, proxy: float, judge: float, judge_se: float = 0.0,
+               per_prompt: Sequence[float] | None = None) -> bool:
+        """Record one evaluation; per_prompt: its judge mean for each held-out prompt (same prompts, same order
+        every time). Returns whether the monitor fires now."""
+        self.history.append((proxy, judge, judge_se))
+        self.per_prompt.append(None if per_prompt is None else [float(v) for v in per_prompt])
+        n, w = len(self.history), self.window
+        if n < 2 * w:
+            return False
+        last = self._window(n)
+        peak_end = max(range(w, n - w + 1), key=lambda end: self._window(end)[1])
+        peak = self._window(peak_end)
+        return last[0] > peak[0] and peak[1] - last[1] > self.z * self._fall_se(peak_end, n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "per_prompt": self.per_prompt}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [tuple(h) if len(h) == 3 else (*h, 0.0) for h in state["history"]]
+        self.per_prompt = list(state.get("per_prompt") or [None] * len(self.history))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, (var / n) ** 0.5

@@ -10,9 +10,9 @@ from typing import Any, Sequence
 import torch
 
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
-from rlhfkit.playground.gold import gold_breakdown, is_unsafe, mean_se
+from rlhfkit.playground.gold import gold_breakdown, gold_score, is_unsafe, mean_se
 from rlhfkit.playground.tasks import Prompt
-from rlhfkit.policy.rollout import Rollout, sample
+from rlhfkit.generation import Rollout, sample
 
 
 @dataclass
@@ -216,3 +216,11 @@ def best_of_n_sweep(policy_dir: str, reward_dir: str, prompts: Sequence[Prompt],
                        "gold": float(best_of_n_expectation(proxy, gold, n))})
         n *= 2
     return points
+
+
+def gold_scores(prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
+    """The hidden gold judge as PPO's held-out watcher (logged and monitored, never optimised): a training stage is
+    handed this function by the pipeline and never imports the judge itself."""
+    from rlhfkit.playground.tasks import lookup
+
+    return [gold_score(lookup(p), r) for p, r in zip(prompts, responses)]

@@ -172,7 +172,7 @@ def _sample(model_dir: str, prompts: list[Any], cfg: EvalConfig) -> Any:
     import torch
 
     from rlhfkit.models import load_causal_lm, load_tokenizer
-    from rlhfkit.policy.rollout import sample
+    from rlhfkit.generation import sample
 
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tokenizer).eval()
@@ -213,7 +213,7 @@ def judge_pairs(cfg: EvalConfig, prompts: Sequence[Any], policy: Sequence[str], 
         return _scalar(a, b, cfg.tie_margin) + ({"policy_score": a, "baseline_score": b},)
     from rlhfkit.feedback.ai import ai_preferences
     from rlhfkit.feedback.constitution import load_constitution
-    from rlhfkit.feedback.judges import make_judge
+    from rlhfkit.judging import make_judge
 
     constitution = load_constitution(cfg.constitution)
     cache = Path(cfg.output_dir) / "judge-cache" if cfg.output_dir else None

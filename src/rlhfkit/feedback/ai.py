@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from rlhfkit.config import parse_args, save_config
+from rlhfkit.config import parse_args
 from rlhfkit.data.encoding import single_turn_text
 from rlhfkit.errors import ConfigError, DataError, UserError
-from rlhfkit.feedback.constitution import Constitution, load_constitution
-from rlhfkit.feedback.judges import Comparison, Judge, JudgeConfig, make_judge
+from rlhfkit.feedback.constitution import Constitution
+from rlhfkit.feedback.judges import JudgeConfig
+from rlhfkit.feedback.protocols import Comparison, Judge
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,6 @@ def parse_cai_args(argv: list[str]) -> CAIConfig:
     return parse_args(CAIConfig, argv, prog="rlhfkit cai")
 
 
-parse_stage_args = parse_cai_args  # the hook rlhfkit's CLI looks for
 
 
 # ------------------------------------------------------------------------------------------ critique/revise
@@ -222,7 +222,9 @@ def label_rows(labels: Sequence[AILabel], judge_name: str, min_confidence: float
 
 
 def strength_from_prob(p: float) -> str:
-    """The Llama 2 strength level for a judge's confidence max(p, 1 - p)."""
+    """The Llama 2 strength level of a judge's P(A better) = p, from its distance to a coin flip |p - 0.5|:
+    >= 0.4 (the judge >= 90% sure either way) significantly better, >= 0.25 (>= 75%) better, >= 0.1 (>= 60%)
+    slightly better, else negligible."""
     conf = abs(p - 0.5)
     return ("significantly_better" if conf >= 0.4 else "better" if conf >= 0.25
             else "slightly_better" if conf >= 0.1 else "negligible")
@@ -292,7 +294,7 @@ def _sample(cfg: CAIConfig, prompts: list[str], k: int) -> list[list[str]]:
 
     from rlhfkit.data.encoding import user_turn
     from rlhfkit.models import load_causal_lm, load_tokenizer
-    from rlhfkit.policy.rollout import sample
+    from rlhfkit.generation import sample
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, tokenizer)
@@ -379,26 +381,4 @@ def label(cfg: CAIConfig, judge: Judge, constitution: Constitution, out: Path) -
         summary["store"] = label_store_project(svc, cfg.project, judge, constitution, random.Random(cfg.seed + 2),
                                                cfg.store_user, cfg.principle, cfg.min_confidence, pairs,
                                                (source, source), known=labels)
-    return summary
-
-
-def main(cfg: CAIConfig) -> dict[str, Any]:
-    cfg.validate()
-    out = Path(cfg.output_dir)
-    target = out / ("sft.jsonl" if cfg.command == "revise" else "preferences.jsonl")
-    if target.exists() and not cfg.overwrite:
-        raise UserError(f"{target} exists; pass --overwrite to replace it or choose another --output-dir.")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    constitution = load_constitution(cfg.constitution)
-    if cfg.principle:
-        constitution.principle(cfg.principle)  # fail early on an unknown id
-    judge = make_judge(cfg.judge, constitution, cache_dir=out / "judge-cache")
-    summary = (revise if cfg.command == "revise" else label)(cfg, judge, constitution, out)
-    summary["constitution"] = constitution.name
-    cache = getattr(getattr(judge, "backend", None), "hits", None)
-    if cache is not None:
-        summary["judge_cache"] = {"hits": judge.backend.hits, "misses": judge.backend.misses}  # type: ignore[attr-defined]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
     return summary

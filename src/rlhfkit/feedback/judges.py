@@ -20,61 +20,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.feedback.constitution import Constitution, Principle
+from rlhfkit.feedback.protocols import Comparison, Verdict
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------- requests
-@dataclass(frozen=True)
-class Comparison:
-    """Ask which of two responses to one prompt is better under a principle; `first` is shown as option (A)."""
-
-    prompt: str
-    first: str
-    second: str
-    principle: Principle
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A judge's answer to one Comparison."""
-
-    prob_first: float | None
-    """P(first response better) in [0, 1]; None when the judge gave no usable answer (abstained)."""
-    method: str
-    """How it was obtained: logprobs, text, rule (a simulated judge) or none (abstained)."""
-    raw: str = ""
-    """The parsed text, for inspection (empty for log-prob answers)."""
-
-
-class Judge(Protocol):
-    """What the AI-feedback stages need from a judge."""
-
-    name: str
-
-    def compare(self, items: Sequence[Comparison]) -> list[Verdict]: ...
-
-    def critique(self, prompts: Sequence[str], responses: Sequence[str], principles: Sequence[Principle]) -> list[str]: ...
-
-    def revise(self, prompts: Sequence[str], responses: Sequence[str], principles: Sequence[Principle],
-               critiques: Sequence[str]) -> list[str]: ...
-
-
-class Backend(Protocol):
-    """A text model that completes prompts and (optionally) scores given continuations."""
-
-    name: str
-    """Identity for the cache: the same name must mean the same model."""
-
-    def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float) -> list[str]: ...
-
-    def option_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float] | None]:
-        """log p(option | prompt) for each option, or None for a prompt where the backend cannot tell."""
-        ...
 
 
 # ---------------------------------------------------------------------------------------------- the config
@@ -200,7 +152,7 @@ class HFBackend:
         self.name = f"hf:{Path(model_dir).resolve()}:{stamp.stat().st_mtime_ns}:chat={self.chat}"
 
     def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float) -> list[str]:
-        from rlhfkit.policy.rollout import sample
+        from rlhfkit.generation import sample
 
         return sample(self.model, self.tokenizer, [self._as_prompt(p) for p in prompts], max_new_tokens=max_tokens,
                       temperature=temperature, batch_size=self.batch_size).texts
@@ -432,21 +384,3 @@ class LMJudge:
         out = [x.strip() for x in self.backend.generate(texts, self.max_new_tokens, self.temperature)]
         # an empty revision would erase the response; keep the original then (counted by the caller)
         return [x if x else r for x, r in zip(out, responses)]
-
-
-def make_judge(cfg: JudgeConfig, constitution: Constitution, cache_dir: str | Path | None = None) -> Judge:
-    """The judge a JudgeConfig names; `cache_dir` (or cfg.cache_dir) puts the on-disk cache in front of it."""
-    cfg.validate()
-    if cfg.backend == "playground":
-        from rlhfkit.playground.ai_judge import PlaygroundJudge
-
-        return PlaygroundJudge(constitution)
-    if cfg.backend == "hf":
-        backend: Any = HFBackend(cfg.model, chat=cfg.chat, batch_size=cfg.batch_size, device=cfg.device)
-    else:
-        backend = OpenAIBackend(cfg.base_url, cfg.model, cfg.api_key_env, cfg.endpoint, cfg.batch_size,
-                                cfg.timeout_s, cfg.max_retries, cfg.backoff_s)
-    directory = cfg.cache_dir or (str(cache_dir) if cache_dir else "")
-    if directory and directory != "none":
-        backend = CachedBackend(backend, directory)
-    return LMJudge(backend, constitution, cfg.options, cfg.max_new_tokens, cfg.temperature)

@@ -260,6 +260,15 @@ def label_of(mode: str, outcome: str | None, ranking: list[list[int]] | None) ->
     return tuple(sorted(ranking[0])) if ranking else None
 
 
+@dataclass
+class QueueHints:
+    """Where a project's queue stands, as this service last saw it: every non-gold item below `done_below` is
+    done, and `frontier` is the highest item id handed out. Only hints: every pick is checked exactly in SQL."""
+
+    done_below: int
+    frontier: int
+
+
 class FeedbackService:
     """All reads and writes of labelling work. `rng` draws display orders (pass a seeded random.Random for
     reproducible simulations); `assignment_ttl_s` frees an item slot held by someone who never submitted.
@@ -274,9 +283,9 @@ class FeedbackService:
         self.rng = rng or random.SystemRandom()
         self.assignment_ttl_s = assignment_ttl_s
         self.lockout_after, self.lockout_base_s, self.lockout_max_s = lockout_after, lockout_base_s, lockout_max_s
-        # per project [done_below, frontier] item ids: hints that keep next_task's queries to the few items in
+        # per project QueueHints (done_below, frontier item ids): hints that keep next_task's queries to the few items in
         # play (see _pick_item); they are only hints, every pick is checked exactly in SQL
-        self._hints: dict[int, list[int]] = {}
+        self._hints: dict[int, QueueHints] = {}
 
     # ---------------------------------------------------------------------------------------------- users
     def add_user(self, name: str, role: str, password: str | None) -> UserInfo:
@@ -613,17 +622,17 @@ class FeedbackService:
         if hints is None:
             frontier = s.scalar(select(func.max(Item.id)).join(Assignment, Assignment.item_id == Item.id)
                                 .where(Item.project_id == project.id)) or 0
-            hints = self._hints.setdefault(project.id, [0, frontier])
+            hints = self._hints.setdefault(project.id, QueueHints(0, frontier))
         is_gold = exists().where(Gold.item_id == Item.id)
         judged = (select(func.count()).select_from(Assignment)
                   .where(Assignment.item_id == Item.id, Assignment.completed_at.is_not(None))
                   .correlate(Item).scalar_subquery())
         # walked in id order from the hint, stopping at the first open item (a min() would visit the whole tail)
-        first_open = s.scalar(select(Item.id).where(Item.project_id == project.id, Item.id >= hints[0], ~is_gold,
+        first_open = s.scalar(select(Item.id).where(Item.project_id == project.id, Item.id >= hints.done_below, ~is_gold,
                                                     judged < k).order_by(Item.id).limit(1))
         if first_open is None:  # everything non-gold is done: past the last item
             first_open = (s.scalar(select(func.max(Item.id)).where(Item.project_id == project.id)) or 0) + 1
-        hints[0] = max(hints[0], first_open)
+        hints.done_below = max(hints.done_below, first_open)
         held = (select(func.count()).select_from(Assignment)
                 .where(Assignment.item_id == Item.id,
                        or_(Assignment.completed_at.is_not(None), Assignment.created_at > cutoff))
@@ -633,7 +642,7 @@ class FeedbackService:
         def best_in_play() -> tuple[Item, int] | None:
             # two queries, not one with an OR: the window is an id range and gold items are looked up from their
             # table (an OR, or a join SQLite may start from items, walks every item of the project)
-            window = select(Item, held).where(Item.id.between(hints[0], hints[1]), Item.project_id == project.id,
+            window = select(Item, held).where(Item.id.between(hints.done_below, hints.frontier), Item.project_id == project.id,
                                               ~mine, or_(is_gold, held < k))
             gold = select(Item, held).where(Item.id.in_(select(Gold.item_id)), Item.project_id == project.id, ~mine)
             rows = [row for q in (window, gold)
@@ -645,17 +654,17 @@ class FeedbackService:
         if started is not None and started[1] > 0:
             return started[0]  # items already started complete before new ones open
         # in id order, which is position order within a project (add_items numbers both in insertion order)
-        fresh = s.scalar(select(Item).where(Item.project_id == project.id, Item.id > hints[1],
+        fresh = s.scalar(select(Item).where(Item.project_id == project.id, Item.id > hints.frontier,
                                             ~exists().where(Assignment.item_id == Item.id))
                          .order_by(Item.id).limit(1))
         if fresh is None:
             last = s.scalar(select(func.max(Item.id)).where(Item.project_id == project.id)) or 0
-            if last > hints[1]:  # items past the frontier that other processes started: take them in
-                hints[1] = last
+            if last > hints.frontier:  # items past the frontier that other processes started: take them in
+                hints.frontier = last
                 started = best_in_play()
             return None if started is None else started[0]
         pick = fresh if started is None or fresh.position < started[0].position else started[0]
-        hints[1] = max(hints[1], pick.id)
+        hints.frontier = max(hints.frontier, pick.id)
         return pick
 
     def task(self, user_id: int, assignment_id: int) -> Task:

@@ -103,3 +103,23 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 def reinforce_advantages(scores: torch.Tensor, baseline: float | torch.Tensor) -> torch.Tensor:
     """REINFORCE with a baseline: A = R - b (b a running mean or the batch mean). (B,)"""
     return scores - baseline
+
+
+class KLController:
+    """Fixed beta, or Ziegler et al.'s adaptive one: e = clip(KL / target - 1, -0.2, 0.2),
+    beta <- beta * (1 + e * n / horizon)."""
+
+    def __init__(self, init: float, adaptive: bool, target: float, horizon: int):
+        self.value, self.adaptive, self.target, self.horizon = init, adaptive, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        if not self.adaptive:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_samples / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]

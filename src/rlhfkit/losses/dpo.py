@@ -332,14 +332,3 @@ def kto_weights_ok(n_desirable: int, n_undesirable: int, wd: float, wu: float) -
         f"KTO paper's recommended [1, 4/3]; with undesirable_weight={wu}, set desirable_weight between "
         f"{low:.3f} and {high:.3f}."))
 
-
-PREFERENCE_LOSSES = {
-    "dpo": dpo_loss,
-    "cdpo": cdpo_loss,
-    "ipo": ipo_loss,
-    "simpo": simpo_loss,
-    "kto": kto_loss,
-    "orpo": orpo_loss,
-}
-"""Name → loss function, for the config edge (STYLE.md section 8). Signatures differ by family: paired with a
-reference (dpo, cdpo, ipo), paired without one (simpo, orpo), unpaired (kto)."""

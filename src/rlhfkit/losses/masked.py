@@ -1,4 +1,4 @@
-"""Masked reductions shared by every algorithm (they exist exactly once, STYLE.md section 5).
+"""Masked reductions shared by every algorithm (they exist exactly once).
 
 Mask polarity everywhere: mask = 1 (or True) marks a real token that counts, 0 marks padding or prompt."""
 

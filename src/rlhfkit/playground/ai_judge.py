@@ -26,7 +26,7 @@ from typing import Sequence
 
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.constitution import Constitution, Principle
-from rlhfkit.feedback.judges import Comparison, Verdict
+from rlhfkit.feedback.protocols import Comparison, Verdict
 from rlhfkit.playground.responses import FILLERS, Axes, compose
 from rlhfkit.playground.tasks import NAMES, Prompt, lookup, relation_values, split_words
 

@@ -1,6 +1,7 @@
 """Simulated annotators: noisy, biased people whose judgments are sampled from the hidden gold judge.
 
-Annotator j prefers a over b with probability (REFERENCE.md, "Human (and simulated) judgments")
+Annotator j prefers a over b with probability (a Bradley-Terry choice with per-annotator temperature, position
+and length bias, in the spirit of AlpacaFarm's simulated annotators, Dubois et al. 2023)
     P(a > b) = sigma(beta_j (g(a) - g(b)) + delta_j s + lambda_j (len a - len b)),   s = +1 if a is shown first
 then, with probability noise_j, replaces the label by a fair coin (AlpacaFarm's random-label noise). The gold
 gap decides ties (|dg| < tau_j), "both bad" (max g < floor_j) and the Llama 2 strength level. lambda_j > 0 is the

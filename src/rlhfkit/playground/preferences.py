@@ -36,7 +36,7 @@ def policy_pairs(policy_dir: str, prompts: Sequence[Prompt], seed: int, temperat
     import torch
 
     from rlhfkit.models import load_causal_lm, load_tokenizer
-    from rlhfkit.policy.rollout import sample
+    from rlhfkit.generation import sample
 
     tokenizer = load_tokenizer(policy_dir)
     model = load_causal_lm(policy_dir, tokenizer)
@@ -91,7 +91,7 @@ def policy_groups(policy_dir: str, prompts: Sequence[Prompt], k: int, seed: int,
     import torch
 
     from rlhfkit.models import load_causal_lm, load_tokenizer
-    from rlhfkit.policy.rollout import sample
+    from rlhfkit.generation import sample
 
     tokenizer = load_tokenizer(policy_dir)
     model = load_causal_lm(policy_dir, tokenizer)

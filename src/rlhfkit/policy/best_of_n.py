@@ -18,7 +18,7 @@ from rlhfkit.config import save_config
 from rlhfkit.data.readers import DataPath, read_prompts
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models import load_causal_lm, load_tokenizer
-from rlhfkit.policy.rollout import sample
+from rlhfkit.generation import sample
 from rlhfkit.reward.model import load_reward_ensemble, score_texts
 
 

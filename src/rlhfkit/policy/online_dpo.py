@@ -23,6 +23,7 @@ from rlhfkit.data.readers import read_prompts
 from rlhfkit.errors import ConfigError
 from rlhfkit.policy.dpo import DPOConfig
 from rlhfkit.policy.dpo import main as dpo_main
+from rlhfkit.policy.reference import REF_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,11 @@ Labeller = Callable[[Sequence[Any], Sequence[str], Sequence[str]], Sequence[int]
 
 @dataclass
 class OnlineDPOConfig(DPOConfig):
-    """Iterative DPO. Note: --data is a prompts file here (rows with "prompt" or "text"), not preference pairs;
-    the pairs are sampled and labelled every round."""
+    """Iterative DPO: --data is a prompts file; the preference pairs are sampled and labelled every round."""
 
+    data: str = ""
+    """Prompts file (rows with "prompt" or "text", or a conversation): each round samples two responses to some
+    of them. Not preference pairs, as in `rlhfkit dpo`: online DPO writes its own pairs every round."""
     rounds: int = 3
     """Sample -> label -> train rounds."""
     prompts_per_round: int = 256
@@ -61,6 +64,11 @@ class OnlineDPOConfig(DPOConfig):
             raise ConfigError(f"min_score_gap must be 0 or more, got {self.min_score_gap}.")
         if self.loss == "kto":
             raise ConfigError("online DPO writes paired data; use a paired loss (dpo, cdpo, ipo, simpo, orpo).")
+        # options that read a preference file: here there is none to read (the rounds write their own pairs)
+        for name, default in (("eval_data", ""), ("preference_ties", "error"), ("margin_from_scores", False)):
+            if getattr(self, name) != default:
+                raise ConfigError(f"--{name.replace('_', '-')} applies to preference files, and online DPO reads "
+                                  "prompts (--data) and writes its own pairs every round; drop it.")
 
 
 def reward_model_labeller(reward_dir: str, gap: float = 0.0) -> Labeller:
@@ -84,7 +92,7 @@ def sample_pairs(policy_dir: str, prompts: Sequence[Any], labeller: Labeller, te
     import torch
 
     from rlhfkit.models import load_causal_lm, load_tokenizer
-    from rlhfkit.policy.rollout import sample
+    from rlhfkit.generation import sample
 
     tokenizer = load_tokenizer(policy_dir)
     model = load_causal_lm(policy_dir, tokenizer).eval()
@@ -162,7 +170,7 @@ def main(cfg: OnlineDPOConfig, labeller: Labeller | None = None) -> dict[str, An
         rounds.append(info)
         policy = str(round_dir)
     for f in Path(policy).iterdir():  # the last round's model, as a plain Hugging Face directory at OUTPUT/
-        if f.is_file() and f.name not in ("summary.json", "config.yaml", "metrics.jsonl", "ref_logps.safetensors"):
+        if f.is_file() and f.name not in ("summary.json", "config.yaml", "metrics.jsonl", REF_CACHE):
             shutil.copy2(f, out / f.name)
     summary = {"stage": "online-dpo", "rounds": rounds, "final_policy": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

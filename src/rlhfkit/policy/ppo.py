@@ -1,15 +1,15 @@
 """PPO against a learned reward (`rlhfkit ppo`), the lm-human-preferences way, plus the critic-free GRPO, RLOO
 and REINFORCE estimators in the same loop.
 
-One step reads top to bottom: sample prompts -> rollouts (left-padded prompts, temperature sampling) -> score
-with the reward model at the last real token -> per-token KL penalty -> advantages -> several epochs of
-clipped updates over minibatches -> KL controller update -> log -> checkpoint. Each of "The N Implementation
-Details of RLHF with PPO" (Huang et al. 2023) is named where it is implemented."""
+One step is six named phases, called in order by `main`: `rollout` (left-padded prompts, temperature sampling)
+-> `score` (reward model at the last real token, reference log-probs) -> `advantages` (per-token KL penalty, then
+the estimator the config names, from ADVANTAGE_ESTIMATORS) -> `update` (several epochs of clipped updates over
+minibatches) -> `control` (KL controller, held-out judge and the over-optimisation monitor) -> log and checkpoint.
+Each of "The N Implementation Details of RLHF with PPO" (Huang et al. 2023) is named where it is implemented."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -20,13 +20,15 @@ from rlhfkit.config import TrainConfig
 from rlhfkit.data.readers import read_prompts
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import masked_mean
+from rlhfkit.eval.overopt import OveroptimisationMonitor, mean_se
 from rlhfkit.losses.advantages import (
-    gae, grpo_advantages, kl_loss, kl_penalised_rewards, reinforce_advantages, rloo_advantages, whiten_advantages,
+    KLController, gae, grpo_advantages, kl_loss, kl_penalised_rewards, reinforce_advantages, rloo_advantages,
+    whiten_advantages,
 )
 from rlhfkit.losses.masked import aggregate
 from rlhfkit.losses.ppo import ppo_policy_loss, ppo_value_loss
+from rlhfkit.generation import Rollout, sample
 from rlhfkit.models import load_causal_lm, load_tokenizer, position_ids_from_mask, token_logprobs
-from rlhfkit.policy.rollout import sample
 from rlhfkit.reward.model import load_reward_ensemble, score_texts
 from rlhfkit.train import Run, check_finite
 
@@ -153,12 +155,31 @@ class PPOConfig(TrainConfig):
             raise ConfigError("batch_size x samples_per_prompt must split evenly into minibatches.")
 
 
-# critic-free estimators: (sequence rewards (B,), group size) -> sequence advantages (B,)
-SEQUENCE_ADVANTAGES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "grpo": grpo_advantages,
-    "dr_grpo": lambda r, k: grpo_advantages(r, k, scale=False),
-    "rloo": rloo_advantages,
-    "reinforce": lambda r, k: reinforce_advantages(r, r.mean()),
+def gae_estimator(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, k: int, cfg: "PPOConfig"
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GAE over the value head's estimates (gamma = 1, lambda = 0.95 by default): per-token advantages and the
+    returns the value loss regresses on."""
+    return gae(rewards, values, mask, cfg.gamma, cfg.lam)
+
+
+def sequence_estimator(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Callable[..., tuple[torch.Tensor, None]]:
+    """A critic-free estimator: the sequence reward (score minus the summed KL penalty) gets one advantage from
+    `fn(sequence rewards (B,), group size)`, spread over every token of the response; no value loss."""
+    def estimate(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, k: int, cfg: "PPOConfig"
+                 ) -> tuple[torch.Tensor, None]:
+        return fn(rewards.sum(-1), k)[:, None] * mask, None
+
+    return estimate
+
+
+# the config's `advantage` name -> (rewards (B, R), old values (B, R), response mask (B, R), group size k, cfg)
+# -> (advantages (B, R), returns (B, R) or None when there is no critic)
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
+    "gae": gae_estimator,
+    "grpo": sequence_estimator(grpo_advantages),
+    "dr_grpo": sequence_estimator(lambda r, k: grpo_advantages(r, k, scale=False)),
+    "rloo": sequence_estimator(rloo_advantages),
+    "reinforce": sequence_estimator(lambda r, k: reinforce_advantages(r, r.mean())),
 }
 
 
@@ -176,92 +197,6 @@ def loss_aggregation_of(cfg: PPOConfig) -> str:
     if cfg.loss_aggregation != "auto":
         return cfg.loss_aggregation
     return "constant" if cfg.advantage == "dr_grpo" else "token_mean"
-
-
-class KLController:
-    """Fixed beta, or Ziegler et al.'s adaptive one: e = clip(KL / target - 1, -0.2, 0.2),
-    beta <- beta * (1 + e * n / horizon)."""
-
-    def __init__(self, init: float, adaptive: bool, target: float, horizon: int):
-        self.value, self.adaptive, self.target, self.horizon = init, adaptive, target, horizon
-
-    def update(self, kl: float, n_samples: int) -> None:
-        if not self.adaptive:
-            return
-        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_samples / self.horizon
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = state["value"]
-
-
-class OveroptimisationMonitor:
-    """Gao et al. 2022's signature of reward hacking: the proxy reward keeps rising while a held-out judge falls.
-    Windows are means of `window` consecutive evaluations. Fires when the latest window's judge mean sits more
-    than z standard errors below the best earlier window's (one that does not overlap it) while its proxy mean is
-    above that window's: the judge has come down from its peak as the proxy kept climbing.
-
-    The standard error of that fall: when every evaluation in both windows judged the same fixed prompts and
-    passed its per-prompt judge means, the fall is a paired difference and its SE comes from the spread of the
-    per-prompt differences (how hard a prompt is cancels out, so a real fall is seen sooner). Otherwise it comes
-    from each evaluation's own SE (per-sample spread), the two windows taken as independent. Either way
-    evaluation noise alone does not raise the alarm, and a slow steady decline is caught once it adds up."""
-
-    def __init__(self, window: int, z: float = 2.0):
-        self.window, self.z = window, z
-        self.history: list[tuple[float, float, float]] = []  # (proxy, judge, judge standard error)
-        self.per_prompt: list[list[float] | None] = []  # per-prompt judge means of each evaluation, if given
-
-    def _window(self, end: int) -> tuple[float, float, float]:
-        """(proxy mean, judge mean, SE of the judge mean) over history[end - window : end]."""
-        xs = self.history[end - self.window : end]
-        w = len(xs)
-        return (sum(x[0] for x in xs) / w, sum(x[1] for x in xs) / w, sum(x[2] ** 2 for x in xs) ** 0.5 / w)
-
-    def _prompt_means(self, end: int) -> list[float] | None:
-        """Per-prompt judge means over the window ending at `end`, or None when an evaluation lacks them."""
-        vs = self.per_prompt[end - self.window : end]
-        if any(v is None for v in vs) or len({len(v) for v in vs}) != 1:  # type: ignore[arg-type]
-            return None
-        return [sum(col) / len(col) for col in zip(*vs)]  # type: ignore[misc]
-
-    def _fall_se(self, peak_end: int, last_end: int) -> float:
-        a, b = self._prompt_means(peak_end), self._prompt_means(last_end)
-        if a is not None and b is not None and len(a) == len(b) and len(a) > 1:
-            diffs = [x - y for x, y in zip(a, b)]
-            return _mean_se(diffs)[1]
-        return (self._window(peak_end)[2] ** 2 + self._window(last_end)[2] ** 2) ** 0.5  # independent windows
-
-    def update(self, proxy: float, judge: float, judge_se: float = 0.0,
-               per_prompt: Sequence[float] | None = None) -> bool:
-        """Record one evaluation; per_prompt: its judge mean for each held-out prompt (same prompts, same order
-        every time). Returns whether the monitor fires now."""
-        self.history.append((proxy, judge, judge_se))
-        self.per_prompt.append(None if per_prompt is None else [float(v) for v in per_prompt])
-        n, w = len(self.history), self.window
-        if n < 2 * w:
-            return False
-        last = self._window(n)
-        peak_end = max(range(w, n - w + 1), key=lambda end: self._window(end)[1])
-        peak = self._window(peak_end)
-        return last[0] > peak[0] and peak[1] - last[1] > self.z * self._fall_se(peak_end, n)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "per_prompt": self.per_prompt}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = [tuple(h) if len(h) == 3 else (*h, 0.0) for h in state["history"]]
-        self.per_prompt = list(state.get("per_prompt") or [None] * len(self.history))
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, (var / n) ** 0.5
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -356,19 +291,262 @@ def held_out_scores(policy: Any, tokenizer: Any, reward: Any, judge: Callable[[l
                        compile=cfg.compile_sampler, dtype=sampling_dtype(cfg)).texts
     proxy, _ = score_texts(reward, asked, texts)
     scores = list(judge(asked, texts))
-    judge_mean, judge_se = _mean_se(scores)
-    per_prompt = [_mean_se(scores[i :: len(prompts)])[0] for i in range(len(prompts))]
+    judge_mean, judge_se = mean_se(scores)
+    per_prompt = [mean_se(scores[i :: len(prompts)])[0] for i in range(len(prompts))]
     return sum(proxy) / len(proxy), judge_mean, judge_se, per_prompt
 
 
-def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | None = None) -> dict[str, Any]:
-    """judge: optional held-out scorer (prompts, responses) -> scores, logged beside the proxy reward every
-    eval_every steps to watch for over-optimisation (the playground passes its gold judge; training code never
-    imports it)."""
-    run = Run(cfg, stage="ppo")
+# ------------------------------------------------------------------------------------------------- the phases
+@dataclass
+class Models:
+    """What one PPO run holds: the trained policy + value head (prepared by Accelerate; the bare policy until
+    `run.begin`), the frozen reference
+    (None: the policy's LoRA adapter disabled), the reward ensemble, and the tokenizer they share."""
+
+    model: Any
+    ref: Any | None
+    reward: Any
+    tokenizer: Any
+    same_vocab: bool
+    """The reward model reads the policy's token ids directly (else it re-tokenises the texts)."""
+
+
+@dataclass
+class Batch:
+    """One step's rollouts and everything computed on them, filled phase by phase. Shapes: B rollouts (prompts x
+    samples_per_prompt, groups contiguous), P prompt tokens, R response tokens."""
+
+    prompts: list[Any]
+    rollout: Rollout
+    ids: torch.Tensor  # (B, P+R) prompt left-padded + response right-padded
+    mask: torch.Tensor  # (B, P+R) 1 = real token
+    rmask: torch.Tensor  # (B, R) float, 1 = real response token incl. EOS
+    P: int
+    ended: torch.Tensor | None = None  # (B,) the response has its EOS
+    raw_score: torch.Tensor | None = None  # (B,) reward-model score (ensemble mean)
+    std: torch.Tensor | None = None  # (B,) ensemble disagreement
+    score: torch.Tensor | None = None  # (B,) penalised score the policy is trained on
+    ref_logprobs: torch.Tensor | None = None  # (B, R)
+    old_logprobs: torch.Tensor | None = None  # (B, R)
+    old_values: torch.Tensor | None = None  # (B, R)
+    fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # single pass: (logprobs, values, entropy)
+    rewards: torch.Tensor | None = None  # (B, R) score at the last token, minus the per-token KL penalty
+    kl: torch.Tensor | None = None  # (B, R) k1 per token
+    advantages: torch.Tensor | None = None  # (B, R)
+    returns: torch.Tensor | None = None  # (B, R), None without a critic
+
+
+def rollout(run: Run, m: Models, prompts: list[Any], sampler: Any, cfg: PPOConfig) -> Batch:
+    """Phase 1: this step's prompts (each samples_per_prompt times, groups contiguous), sampled from the current
+    policy at the training temperature from left-padded prompts."""
+    device = run.accelerator.device
+    net = run.accelerator.unwrap_model(m.model)
+    indices = run.shard(sampler.next_indices(cfg.batch_size * run.world))
+    step_prompts = [prompts[i] for i in indices for _ in range(cfg.samples_per_prompt)]
+    out = sample(net.policy, m.tokenizer, step_prompts, max_new_tokens=cfg.max_new_tokens,
+                 temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(step_prompts), backend=cfg.sampler,
+                 compile=cfg.compile_sampler, dtype=sampling_dtype(cfg))
+    ids = torch.cat([out.prompt_ids, out.response_ids], 1).to(device)  # (B, P+R)
+    mask = torch.cat([out.prompt_mask, out.response_mask], 1).to(device)  # (B, P+R)
+    rmask = out.response_mask.to(device).float()  # (B, R), 1 = real response token incl. EOS
+    return Batch(step_prompts, out, ids, mask, rmask, out.prompt_ids.shape[1])
+
+
+def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> None:
+    """Phase 2: reference log-probs, the reward model's score at the last real token (ensemble mean, minus the
+    disagreement and length penalties; responses without EOS get missing_eos_penalty), and the old log-probs and
+    values -- from a no-grad forward, or, in a single pass, from the training forward itself."""
+    device = run.accelerator.device
+    net = run.accelerator.unwrap_model(m.model)
+    # the reference and the reward model run under the policy's autocast (Accelerate wraps only the prepared
+    # policy's forward): same precision for log pi and log pi_ref, and no fp32 passes on a GPU in bf16 runs
+    with torch.no_grad(), run.accelerator.autocast():
+        if not single_pass:
+            m.model.eval()
+            b.old_logprobs, b.old_values = response_forward(m.model, b.ids, b.mask, b.P, cfg.temperature)
+        b.ref_logprobs = reference_logprobs(m.ref, net.policy, b.ids, b.mask, b.P, cfg.temperature)
+        # the reward model reads the score at the last real token itself
+        if m.same_vocab:
+            mean, std = m.reward.mean_std(b.ids, b.mask)
+        else:
+            mu, sd = score_texts(m.reward, b.prompts, b.rollout.texts)
+            mean, std = torch.tensor(mu, device=device), torch.tensor(sd, device=device)
+        b.raw_score, b.std = mean.float(), std
+        penalised = b.raw_score - cfg.ensemble_penalty * std.float() - cfg.length_penalty * b.rmask.sum(-1)
+        b.ended = b.rollout.ended.to(device)
+        b.score = torch.where(b.ended, penalised, torch.full_like(penalised, cfg.missing_eos_penalty))  # no-EOS penalty
+    if single_pass:
+        # one epoch over one minibatch: the policy that sampled is the one being updated, so the training
+        # forward's detached log-probs and values are the "old" ones (TRL's GRPO does the same at
+        # num_iterations=1); this saves a no-grad forward of the whole batch. It runs after the reference
+        # and reward passes, so their activations and its autograd graph are never held at the same time.
+        m.model.train()
+        with run.micro_step(m.model, 0, 1):
+            b.fused = response_forward(m.model, b.ids, b.mask, b.P, cfg.temperature, entropy=True)
+        b.old_logprobs, b.old_values = b.fused[0].detach(), b.fused[1].detach()
+
+
+@torch.no_grad()
+def advantages(b: Batch, kl_ctl: KLController, cfg: PPOConfig) -> None:
+    """Phase 3: per-token rewards (the score at the last token minus the KL penalty: k1 in the reward, or -- with
+    kl_penalty loss -- none here, the KL then entering the policy loss), then advantages from the estimator the
+    config names, whitened when asked."""
+    reward_kl_coef = kl_ctl.value if cfg.kl_penalty == "reward" else 0.0
+    b.rewards, b.kl = kl_penalised_rewards(b.score, b.old_logprobs, b.ref_logprobs, b.rmask, reward_kl_coef)
+    b.advantages, b.returns = ADVANTAGE_ESTIMATORS[cfg.advantage](b.rewards, b.old_values, b.rmask,
+                                                                 cfg.samples_per_prompt, cfg)
+    if whitens(cfg):
+        b.advantages = whiten_advantages(b.advantages, b.rmask)
+
+
+@dataclass
+class UpdateResult:
+    stats: dict[str, list[float]]
+    grad_norm: float
+    lr: float
+    early_stop: bool
+
+
+def update(run: Run, m: Models, b: Batch, optimizer: Any, scheduler: Any, step: int, kl_coef: float,
+           cfg: PPOConfig) -> UpdateResult:
+    """Phase 4: ppo_epochs epochs of clipped policy (and value) updates over minibatches, stopped early once a
+    minibatch's approximate KL to the sampling policy exceeds 1.5 x target_kl."""
+    device = run.accelerator.device
+    model = m.model
+    estimator, aggregation = kl_estimator_of(cfg), loss_aggregation_of(cfg)
+    model.train()
+    B = b.ids.shape[0]
+    mb = B // cfg.minibatches
+    stats: dict[str, list[float]] = {k_: [] for k_ in ("policy_loss", "value_loss", "clip_frac", "approx_kl",
+                                                       "value_clip_frac", "explained_var", "entropy", "kl_loss")}
+    grad_norm = 0.0
+    lr = scheduler.get_last_lr()[0]
+    early_stop = False
+    for epoch in range(cfg.ppo_epochs):
+        if early_stop:
+            break
+        order = torch.randperm(B).tolist()  # drawn either way: the RNG stream does not depend on fusing
+        if b.fused is not None:
+            order = list(range(B))  # the fused forward holds the batch in its own order
+        for j in range(cfg.minibatches):
+            sel = torch.tensor(order[j * mb : (j + 1) * mb], device=device)
+            with run.micro_step(model, 0, 1):
+                if b.fused is not None:
+                    lp, values, ent = b.fused
+                else:
+                    lp, values, ent = response_forward(model, b.ids[sel], b.mask[sel], b.P, cfg.temperature,
+                                                       entropy=True)
+                mask = b.rmask[sel]
+                pl, ps = ppo_policy_loss(lp, b.old_logprobs[sel], b.advantages[sel], mask, cfg.clip, aggregation,
+                                         cfg.max_new_tokens)
+                loss = pl
+                if cfg.kl_penalty == "loss":
+                    kl_term = aggregate(kl_loss(lp, b.ref_logprobs[sel], mask, estimator), mask, aggregation,
+                                        cfg.max_new_tokens)
+                    loss = loss + kl_coef * kl_term
+                    stats["kl_loss"].append(float(kl_term.detach()))
+                if b.returns is not None:
+                    vl, vs = ppo_value_loss(values, b.old_values[sel], b.returns[sel], mask, cfg.value_clip)
+                    loss = loss + cfg.vf_coef * vl
+                    stats["value_loss"].append(float(vl.detach()))
+                    stats["value_clip_frac"].append(float(vs.clip_fraction))
+                    stats["explained_var"].append(float(vs.explained_variance))
+                run.accelerator.backward(loss)
+            stats["policy_loss"].append(float(pl.detach()))
+            stats["clip_frac"].append(float(ps.clip_fraction))
+            stats["approx_kl"].append(float(ps.approx_kl))
+            stats["entropy"].append(float(masked_mean(ent.detach(), mask)))
+            if cfg.target_kl:  # every process takes the same decision
+                drift = float(run.all_sum(ps.approx_kl.detach().reshape(1)).sum()) / run.world
+                if drift > 1.5 * cfg.target_kl:
+                    # Spinning Up's PPO early stop: this minibatch already sees a policy too far from the one
+                    # that sampled, so its update and the rest of this step's epochs are skipped
+                    optimizer.zero_grad(set_to_none=True)
+                    early_stop = True
+                    break
+            last_update = epoch == cfg.ppo_epochs - 1 and j == cfg.minibatches - 1
+            grad_norm = run.step_optimizer(model, optimizer, scheduler, step, advance_schedule=last_update)
+    if early_stop:
+        scheduler.step()  # the learning rate anneals once per rollout step, stopped early or not
+    return UpdateResult(stats, grad_norm, lr, early_stop)
+
+
+def control_kl(run: Run, b: Batch, kl_ctl: KLController) -> float:
+    """Phase 5a: the KL controller reads this step's mean sequence KL (over every process), which it returns."""
+    B = b.ids.shape[0]
+    kl_seq = float(run.all_sum(b.kl.sum(-1).sum()) / (B * run.world))
+    kl_ctl.update(kl_seq, B * run.world)
+    return kl_seq
+
+
+def step_metrics(run: Run, b: Batch, u: UpdateResult, kl_seq: float, kl_ctl: KLController) -> dict[str, Any]:
+    """The step's logged metrics, averaged over every process."""
+    B = b.ids.shape[0]
+    metrics: dict[str, Any] = {
+        "reward/score": float(run.all_sum(b.raw_score.sum()) / (B * run.world)),
+        "reward/penalised": float(run.all_sum(b.score.sum()) / (B * run.world)),
+        "reward/total": float(run.all_sum(b.rewards.sum()) / (B * run.world)),
+        "reward/ensemble_std": float(b.std.float().mean()),
+        "kl": kl_seq,
+        "kl_coef": kl_ctl.value,
+        "response_length": float(b.rmask.sum(-1).mean()),
+        "eos_fraction": float(b.ended.float().mean()),
+        "early_stopped": float(u.early_stop),
+        "lr": u.lr,
+        "grad_norm": u.grad_norm,
+        **{key: sum(v) / len(v) for key, v in u.stats.items() if v},
+    }
+    return metrics
+
+
+@dataclass
+class Watch:
+    """The held-out judge and the over-optimisation monitor it feeds (judge None: nothing is watched)."""
+
+    judge: Callable[[list[Any], list[str]], list[float]] | None
+    prompts: list[Any] | None
+    monitor: OveroptimisationMonitor
+    flagged: bool = False
+    firing: bool = False
+
+
+def monitor(run: Run, m: Models, b: Batch, watch: Watch, metrics: dict[str, Any], step: int, cfg: PPOConfig) -> bool:
+    """Phase 5b: every eval_every steps the held-out judge scores the policy and the over-optimisation monitor looks
+    for the proxy rising while the judge falls (both logged into `metrics`). Returns whether to stop training."""
+    evaluate = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+    if watch.judge is None or not evaluate:
+        return False
+    if watch.prompts:
+        net = run.accelerator.unwrap_model(m.model)
+        proxy, metrics["judge/score"], judge_se, per_prompt = held_out_scores(
+            net.policy, m.tokenizer, m.reward, watch.judge, watch.prompts, cfg, seed=cfg.seed)
+        metrics["eval/proxy"] = proxy
+    else:  # fresh prompts every step: nothing to pair
+        proxy, per_prompt = metrics["reward/score"], None
+        metrics["judge/score"], judge_se = mean_se(list(watch.judge(b.prompts, b.rollout.texts)))
+    metrics["judge/se"] = judge_se
+    stop = False
+    firing_now = watch.monitor.update(proxy, metrics["judge/score"], judge_se, per_prompt)
+    if firing_now:
+        metrics["monitor/overoptimising"] = 1.0
+        watch.flagged = True
+        stop = cfg.stop_on_overoptimisation
+        if not watch.firing or stop:  # said once when it starts (the metric records every evaluation)
+            log.warning("step %d: over-optimisation: over the last %d evaluations the held-out judge sits "
+                        "more than %g standard errors below its best while the proxy reward is higher; "
+                        "raise kl_coef, add ensemble_penalty, or stop here%s", step, cfg.monitor_window,
+                        cfg.monitor_z, " (stopping: stop_on_overoptimisation)" if stop else
+                        " (monitor/overoptimising in the metrics marks each evaluation that agrees)")
+    elif watch.firing:
+        log.info("step %d: the over-optimisation monitor no longer fires", step)
+    watch.firing = firing_now
+    return stop
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def load_models(run: Run, cfg: PPOConfig) -> Models:
     device = run.accelerator.device
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    prompts = read_prompts(cfg.data_source())
     policy = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, dropout_off=True)  # dropout off (N details)
     ref = None
     if not (cfg.lora.enabled and not cfg.ref_model):
@@ -377,181 +555,49 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         run.maybe_compile(ref)
     reward = load_reward_ensemble(cfg.reward_model, device=device)
     same_vocab = reward.tokenizer.get_vocab() == tokenizer.get_vocab()
-    kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
-    monitor = OveroptimisationMonitor(cfg.monitor_window, cfg.monitor_z)
-    if judge is None and cfg.judge_reward_model:
-        held_out = load_reward_ensemble(cfg.judge_reward_model, device=device)
-        judge = lambda ps, rs: score_texts(held_out, ps, rs)[0]  # noqa: E731
+    return Models(policy, ref, reward, tokenizer, same_vocab)  # the value head is added by main, after the judge
 
-    eval_source = cfg.data_source(cfg.eval_prompts, held_out=True)
-    eval_prompts = read_prompts(eval_source)[: cfg.eval_samples] if cfg.eval_prompts else None
-    model, optimizer, scheduler, sampler, start_step = run.begin(PolicyWithValue(policy), len(prompts))
+
+def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | None = None) -> dict[str, Any]:
+    """judge: optional held-out scorer (prompts, responses) -> scores, logged beside the proxy reward every
+    eval_every steps to watch for over-optimisation (the playground passes its gold judge; training code never
+    imports it)."""
+    run = Run(cfg, stage="ppo")
+    prompts = read_prompts(cfg.data_source())
+    m = load_models(run, cfg)
+    kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+    if judge is None and cfg.judge_reward_model:
+        held_out = load_reward_ensemble(cfg.judge_reward_model, device=run.accelerator.device)
+        judge = lambda ps, rs: score_texts(held_out, ps, rs)[0]  # noqa: E731
+    eval_prompts = read_prompts(cfg.data_source(cfg.eval_prompts, held_out=True))[: cfg.eval_samples] \
+        if cfg.eval_prompts else None
+    watch = Watch(judge, eval_prompts, OveroptimisationMonitor(cfg.monitor_window, cfg.monitor_z))
+    m.model, optimizer, scheduler, sampler, start_step = run.begin(PolicyWithValue(m.model), len(prompts))
     if run.resumed_state is not None:
         kl_ctl.load_state_dict(run.resumed_state["kl_controller"])
-        monitor.load_state_dict(run.resumed_state["monitor"])
-    k = cfg.samples_per_prompt
-    estimator, aggregation = kl_estimator_of(cfg), loss_aggregation_of(cfg)
+        watch.monitor.load_state_dict(run.resumed_state["monitor"])
     single_pass = FUSE_SINGLE_PASS and cfg.ppo_epochs == 1 and cfg.minibatches == 1
     last: dict[str, Any] = {}
-    flagged, firing, step_done = False, False, start_step
+    step_done = start_step
     for step in range(start_step + 1, cfg.max_steps + 1):
-        net = run.accelerator.unwrap_model(model)
-        indices = run.shard(sampler.next_indices(cfg.batch_size * run.world))
-        step_prompts = [prompts[i] for i in indices for _ in range(k)]  # groups of k are contiguous
-        # ---- rollouts: left-padded prompts, sampled at the training temperature
-        rollout = sample(net.policy, tokenizer, step_prompts, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(step_prompts),
-                         backend=cfg.sampler, compile=cfg.compile_sampler,
-                         dtype=sampling_dtype(cfg))
-        P = rollout.prompt_ids.shape[1]
-        ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1).to(device)  # (B, P+R)
-        mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1).to(device)  # (B, P+R)
-        rmask = rollout.response_mask.to(device).float()  # (B, R), 1 = real response token incl. EOS
-        # the reference and the reward model run under the policy's autocast (Accelerate wraps only the prepared
-        # policy's forward): same precision for log pi and log pi_ref, and no fp32 passes on a GPU in bf16 runs
-        with torch.no_grad(), run.accelerator.autocast():
-            if not single_pass:
-                model.eval()
-                old_logprobs, old_values = response_forward(model, ids, mask, P, cfg.temperature)
-            ref_logprobs = reference_logprobs(ref, net.policy, ids, mask, P, cfg.temperature)
-            # ---- reward: score at the last real token (the reward model reads it there itself)
-            if same_vocab:
-                mean, std = reward.mean_std(ids, mask)
-            else:
-                m, s = score_texts(reward, step_prompts, rollout.texts)
-                mean, std = torch.tensor(m, device=device), torch.tensor(s, device=device)
-            raw_score = mean.float()
-            score = raw_score - cfg.ensemble_penalty * std.float() - cfg.length_penalty * rmask.sum(-1)
-            ended = rollout.ended.to(device)
-            score = torch.where(ended, score, torch.full_like(score, cfg.missing_eos_penalty))  # no-EOS penalty
-        fused = None
-        if single_pass:
-            # one epoch over one minibatch: the policy that sampled is the one being updated, so the training
-            # forward's detached log-probs and values are the "old" ones (TRL's GRPO does the same at
-            # num_iterations=1); this saves a no-grad forward of the whole batch. It runs after the reference
-            # and reward passes, so their activations and its autograd graph are never held at the same time.
-            model.train()
-            with run.micro_step(model, 0, 1):
-                fused = response_forward(model, ids, mask, P, cfg.temperature, entropy=True)
-            old_logprobs, old_values = fused[0].detach(), fused[1].detach()
-        with torch.no_grad():
-            # the KL in the reward (k1 only), or -- kl_penalty loss -- in the policy loss below, the reward then
-            # holding the score alone; `kl` (k1, per token) is logged either way
-            reward_kl_coef = kl_ctl.value if cfg.kl_penalty == "reward" else 0.0
-            rewards, kl = kl_penalised_rewards(score, old_logprobs, ref_logprobs, rmask, reward_kl_coef)
-            if cfg.advantage == "gae":
-                advantages, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)
-            else:
-                # critic-free: the sequence reward (score minus the summed KL penalty) gets one advantage,
-                # spread over every token of the response
-                seq_adv = SEQUENCE_ADVANTAGES[cfg.advantage](rewards.sum(-1), k)  # (B,)
-                advantages, returns = seq_adv[:, None] * rmask, None
-            if whitens(cfg):
-                advantages = whiten_advantages(advantages, rmask)
-        model.train()
-        # ---- several epochs of clipped updates over minibatches
-        B = ids.shape[0]
-        mb = B // cfg.minibatches
-        stats: dict[str, list[float]] = {k_: [] for k_ in ("policy_loss", "value_loss", "clip_frac", "approx_kl",
-                                                           "value_clip_frac", "explained_var", "entropy", "kl_loss")}
-        grad_norm = 0.0
-        lr = scheduler.get_last_lr()[0]
-        early_stop = False
-        for epoch in range(cfg.ppo_epochs):
-            if early_stop:
-                break
-            order = torch.randperm(B).tolist()  # drawn either way: the RNG stream does not depend on fusing
-            if single_pass:
-                order = list(range(B))  # the fused forward holds the batch in its own order
-            for j in range(cfg.minibatches):
-                sel = torch.tensor(order[j * mb : (j + 1) * mb], device=device)
-                with run.micro_step(model, 0, 1):
-                    if fused is not None:
-                        lp, values, ent = fused
-                    else:
-                        lp, values, ent = response_forward(model, ids[sel], mask[sel], P, cfg.temperature,
-                                                           entropy=True)
-                    m = rmask[sel]
-                    pl, ps = ppo_policy_loss(lp, old_logprobs[sel], advantages[sel], m, cfg.clip,
-                                             aggregation, cfg.max_new_tokens)
-                    loss = pl
-                    if cfg.kl_penalty == "loss":
-                        kl_term = aggregate(kl_loss(lp, ref_logprobs[sel], m, estimator), m, aggregation,
-                                            cfg.max_new_tokens)
-                        loss = loss + kl_ctl.value * kl_term
-                        stats["kl_loss"].append(float(kl_term.detach()))
-                    if returns is not None:
-                        vl, vs = ppo_value_loss(values, old_values[sel], returns[sel], m, cfg.value_clip)
-                        loss = loss + cfg.vf_coef * vl
-                        stats["value_loss"].append(float(vl.detach()))
-                        stats["value_clip_frac"].append(float(vs.clip_fraction))
-                        stats["explained_var"].append(float(vs.explained_variance))
-                    run.accelerator.backward(loss)
-                stats["policy_loss"].append(float(pl.detach()))
-                stats["clip_frac"].append(float(ps.clip_fraction))
-                stats["approx_kl"].append(float(ps.approx_kl))
-                stats["entropy"].append(float(masked_mean(ent.detach(), m)))
-                if cfg.target_kl:  # every process takes the same decision
-                    drift = float(run.all_sum(ps.approx_kl.detach().reshape(1)).sum()) / run.world
-                    if drift > 1.5 * cfg.target_kl:
-                        # Spinning Up's PPO early stop: this minibatch already sees a policy too far from the one
-                        # that sampled, so its update and the rest of this step's epochs are skipped
-                        optimizer.zero_grad(set_to_none=True)
-                        early_stop = True
-                        break
-                last_update = epoch == cfg.ppo_epochs - 1 and j == cfg.minibatches - 1
-                grad_norm = run.step_optimizer(model, optimizer, scheduler, step, advance_schedule=last_update)
-        if early_stop:
-            scheduler.step()  # the learning rate anneals once per rollout step, stopped early or not
-        kl_seq = float(run.all_sum(kl.sum(-1).sum()) / (B * run.world))
-        kl_ctl.update(kl_seq, B * run.world)
-        metrics: dict[str, Any] = {
-            "reward/score": float(run.all_sum(raw_score.sum()) / (B * run.world)),
-            "reward/penalised": float(run.all_sum(score.sum()) / (B * run.world)),
-            "reward/total": float(run.all_sum(rewards.sum()) / (B * run.world)),
-            "reward/ensemble_std": float(std.float().mean()),
-            "kl": kl_seq,
-            "kl_coef": kl_ctl.value,
-            "response_length": float(rmask.sum(-1).mean()),
-            "eos_fraction": float(ended.float().mean()),
-            "early_stopped": float(early_stop),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            **{key: sum(v) / len(v) for key, v in stats.items() if v},
-        }
-        stop = False
-        if judge is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            if eval_prompts:
-                proxy, metrics["judge/score"], judge_se, per_prompt = held_out_scores(
-                    net.policy, tokenizer, reward, judge, eval_prompts, cfg, seed=cfg.seed)
-                metrics["eval/proxy"] = proxy
-            else:  # fresh prompts every step: nothing to pair
-                proxy, per_prompt = metrics["reward/score"], None
-                metrics["judge/score"], judge_se = _mean_se(list(judge(step_prompts, rollout.texts)))
-            metrics["judge/se"] = judge_se
-            firing_now = monitor.update(proxy, metrics["judge/score"], judge_se, per_prompt)
-            if firing_now:
-                metrics["monitor/overoptimising"] = 1.0
-                flagged = True
-                stop = cfg.stop_on_overoptimisation
-                if not firing or stop:  # said once when it starts (the metric records every evaluation)
-                    log.warning("step %d: over-optimisation: over the last %d evaluations the held-out judge sits "
-                                "more than %g standard errors below its best while the proxy reward is higher; "
-                                "raise kl_coef, add ensemble_penalty, or stop here%s", step, cfg.monitor_window,
-                                cfg.monitor_z, " (stopping: stop_on_overoptimisation)" if stop else
-                                " (monitor/overoptimising in the metrics marks each evaluation that agrees)")
-            elif firing:
-                log.info("step %d: the over-optimisation monitor no longer fires", step)
-            firing = firing_now
+        batch = rollout(run, m, prompts, sampler, cfg)
+        score(run, m, batch, cfg, single_pass)
+        advantages(batch, kl_ctl, cfg)
+        result = update(run, m, batch, optimizer, scheduler, step, kl_ctl.value, cfg)
+        kl_seq = control_kl(run, batch, kl_ctl)
+        metrics = step_metrics(run, batch, result, kl_seq, kl_ctl)
+        stop = monitor(run, m, batch, watch, metrics, step, cfg)
+        # ---- log and checkpoint
         check_finite(metrics, step)
         run.log(step, metrics, headline=("reward/score", "kl", "judge/score"))
-        run.end_step(step, model, optimizer, scheduler, {"sampler": sampler.state_dict(),
-                                                         "kl_controller": kl_ctl.state_dict(),
-                                                         "monitor": monitor.state_dict()})
+        run.end_step(step, m.model, optimizer, scheduler, {"sampler": sampler.state_dict(),
+                                                           "kl_controller": kl_ctl.state_dict(),
+                                                           "monitor": watch.monitor.state_dict()})
         last, step_done = metrics, step
         if stop:
             break
-    summary = {"stage": "ppo", "steps": step_done, "advantage": cfg.advantage, "overoptimisation_flagged": flagged,
+    summary = {"stage": "ppo", "steps": step_done, "advantage": cfg.advantage,
+               "overoptimisation_flagged": watch.flagged,
                **{k_: last.get(k_) for k_ in ("reward/score", "kl", "kl_coef", "judge/score", "response_length")}}
-    run.finish(model, tokenizer, summary)
+    run.finish(m.model, m.tokenizer, summary)
     return summary

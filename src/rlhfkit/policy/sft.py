@@ -13,9 +13,9 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.config import TrainConfig
+from rlhfkit.data.collate import collate_packed, collate_sft, pack_examples
 from rlhfkit.data.readers import split_eval
-from rlhfkit.data.packing import pack_rows
-from rlhfkit.data.sft import PackedRow, SFTExample, collate_packed, collate_sft, pack_examples, read_sft_examples
+from rlhfkit.data.sft import SFTExample, read_sft_examples
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import sft_loss
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
@@ -58,10 +58,7 @@ class SFTConfig(TrainConfig):
 def collate_padding_free(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
     """One micro-batch in rows as wide as its longest example, packed first-fit decreasing (collate_packed's
     layout); the padded layout when packing would save no row."""
-    rows = pack_rows([len(e.input_ids) for e in examples])
-    if len(rows) == len(examples):
-        return collate_sft(examples, pad_id)
-    return collate_packed([PackedRow([examples[i] for i in r]) for r in rows], pad_id)
+    return collate_sft(examples, pad_id, padding_free=True)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

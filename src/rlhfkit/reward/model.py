@@ -155,7 +155,7 @@ def score_texts(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Seq
                 max_length: int = 1024) -> tuple[list[float], list[float]]:
     """Mean and std of the members' scores for (prompt, response) pairs, encoded exactly as training data is
     (chat template applied once; plain strings concatenated with EOS). One forward pass per prompt group."""
-    from rlhfkit.data.preference import encode_responses
+    from rlhfkit.data.collate import encode_responses
 
     device = next(ensemble.members[0].parameters()).device
     means: list[float] = [0.0] * len(prompts)

@@ -19,12 +19,12 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.config import PreferenceDataConfig, TrainConfig, load_yaml, save_config
-from rlhfkit.data.preference import (
-    TokenizedPair, TokenizedRanking, collate_pairs, collate_rankings, read_preferences, tokenize_preferences,
-)
+from rlhfkit.data.collate import collate_pairs, collate_rankings
+from rlhfkit.data.preference import read_preferences
+from rlhfkit.data.preference_tokens import TokenizedPair, TokenizedRanking, tokenize_preferences
 from rlhfkit.data.readers import DataPath, read_prompts, split_eval
 from rlhfkit.errors import ConfigError, UserError
-from rlhfkit.losses import batched_ranking_loss, bradley_terry_loss, centering_penalty
+from rlhfkit.losses import RewardStats, batched_ranking_loss, bradley_terry_loss, centering_penalty
 from rlhfkit.models import load_tokenizer
 from rlhfkit.reward.model import ENSEMBLE_FILE, apply_normalisation, load_reward_model, sequence_scores
 from rlhfkit.train import Run, check_finite
@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 Item = TokenizedPair | TokenizedRanking
 
+
+NORMALISER_SEED_OFFSET = 7919
+"""Added to the run's seed for the normaliser's reference samples: their own random stream, far from the ensemble
+members' seeds (seed + 0, 1, 2, ...), so the reference samples do not change with the ensemble size."""
 
 @dataclass
 class RewardConfig(PreferenceDataConfig, TrainConfig):
@@ -116,6 +120,15 @@ def _to(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def count_ordered_pairs(counts: dict[str, float], stats: RewardStats) -> None:
+    """Add a loss's ordered pairs and how many of them the model orders right to the step's counts."""
+    n = int(stats.num_pairs)
+    # accuracy is the float32 fraction k/n of an integer count k < 2^23: its error is under 2^-24·k, so rounding
+    # accuracy·n gives back exactly k
+    counts["correct"] += round(float(stats.accuracy) * n)
+    counts["compared"] += n
+
+
 def micro_batch_loss(model: Any, items: list[Item], pad_id: int, cfg: RewardConfig, device: Any,
                      step_items: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of per-item losses over this micro-batch divided by the items of the whole step, and raw counts."""
@@ -131,15 +144,15 @@ def micro_batch_loss(model: Any, items: list[Item], pad_id: int, cfg: RewardConf
                                  batch.get("position_ids"), batch.get("row_index"))  # (2B,)
         chosen, rejected = scores[:B], scores[B:]
         margin = batch["margin"] if cfg.use_margin else None
-        loss, _ = bradley_terry_loss(chosen, rejected, margin)
+        loss, stats = bradley_terry_loss(chosen, rejected, margin)
         pair_sum = loss * B
         if cfg.center_eta > 0:
             pair_sum = pair_sum + centering_penalty(chosen, rejected, cfg.center_eta) * B
         total = total + pair_sum
-        gap = (chosen - rejected).detach()
-        counts["correct"] += float((gap > 0).sum())
-        counts["compared"] += B
-        counts["margin_sum"] += float(gap.sum())
+        count_ordered_pairs(counts, stats)
+        # The step's logged means need sums over its micro-batches. RewardStats holds float32 means, and mean·B
+        # differs from the float32 sum in the last bits unless B is a power of two, so the sums are taken here.
+        counts["margin_sum"] += float((chosen - rejected).detach().sum())
         counts["chosen_sum"] += float(chosen.detach().sum())
         counts["rejected_sum"] += float(rejected.detach().sum())
         counts["pairs"] += B
@@ -150,11 +163,9 @@ def micro_batch_loss(model: Any, items: list[Item], pad_id: int, cfg: RewardConf
         G, K = batch["beats"].shape[:2]
         rewards = torch.zeros((G, K), device=device, dtype=scores.dtype)
         rewards = rewards.index_put((batch["group_index"], batch["slot_index"]), scores)  # (G, K)
-        loss, _ = batched_ranking_loss(rewards, batch["beats"])
+        loss, stats = batched_ranking_loss(rewards, batch["beats"])
         total = total + loss * G
-        ordered = (rewards[:, :, None] > rewards[:, None, :]) & batch["beats"]  # (G, K, K)
-        counts["correct"] += float(ordered.sum())
-        counts["compared"] += float(batch["beats"].sum())
+        count_ordered_pairs(counts, stats)
     counts["loss_sum"] = float(total.detach())
     return total / step_items, counts
 
@@ -229,7 +240,7 @@ def reference_samples(cfg: RewardConfig) -> tuple[list[Any], list[str]] | None:
     if not cfg.normalize_prompts:
         return None
     from rlhfkit.models import load_causal_lm
-    from rlhfkit.policy.rollout import sample
+    from rlhfkit.generation import sample
 
     prompts = read_prompts(DataPath(cfg.normalize_prompts, chat=cfg.chat))  # as the policy will be sampled
     policy_dir = cfg.normalize_policy or cfg.model
@@ -237,7 +248,7 @@ def reference_samples(cfg: RewardConfig) -> tuple[list[Any], list[str]] | None:
     policy = load_causal_lm(policy_dir, tokenizer)
     picked = [prompts[i % len(prompts)] for i in range(cfg.normalize_samples)]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 7919)
+        torch.manual_seed(cfg.seed + NORMALISER_SEED_OFFSET)
         rollout = sample(policy, tokenizer, picked, max_new_tokens=cfg.normalize_max_new_tokens,
                          temperature=cfg.normalize_temperature)
     return picked, rollout.texts
@@ -246,7 +257,7 @@ def reference_samples(cfg: RewardConfig) -> tuple[list[Any], list[str]] | None:
 @torch.no_grad()
 def normalise(model: Any, tokenizer: Any, samples: tuple[list[Any], list[str]], max_length: int,
               device: Any) -> dict[str, float]:
-    from rlhfkit.data.preference import encode_responses
+    from rlhfkit.data.collate import encode_responses
 
     was_training = model.training
     model.eval()

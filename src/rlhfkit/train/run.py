@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
+from rlhfkit.compat import reset_accelerator_state
 from rlhfkit.config import TrainConfig, load_yaml, save_config, to_dict
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.train.checkpoint import checkpoint_dirs, latest_intact_checkpoint, load_checkpoint, save_checkpoint
@@ -77,12 +78,7 @@ class Run:
         # process launched by `accelerate launch --multi_gpu` would silently train alone.
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
         cpu = cfg.cpu or (multi and not torch.cuda.is_available())
-        # Accelerate keeps precision and device in a process-wide singleton and refuses a second Accelerator with
-        # other settings; a run started earlier in this process (a notebook, the demo, a benchmark) must not fix
-        # this run's precision. The process group (PartialState) is kept.
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()
+        reset_accelerator_state()  # an earlier run in this process must not fix this run's precision
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
         if cpu and multi and "OMP_NUM_THREADS" not in os.environ:
             # N processes x all-cores threads each oversubscribe the CPU; OpenMP spin-waiting then makes every

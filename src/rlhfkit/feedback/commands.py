@@ -1,5 +1,5 @@
-"""`rlhfkit label <command>`: create labelling projects, add users, serve the web app, export judgments and let
-the playground's simulated annotators label through the same service layer as people.
+"""The labelling commands that need only the feedback store: create projects, manage users, export judgments.
+`rlhfkit label` (rlhfkit/label.py) adds `serve` (the web app) and `simulate` (the playground's annotators).
 
     rlhfkit label create   --db F --project P --prompts prompts.jsonl (--responses a.jsonl,b.jsonl | --models m1,m2)
     rlhfkit label add-user --db F --user NAME --role admin|annotator   (password from RLHFKIT_PASSWORD, a file or a prompt)
@@ -19,7 +19,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from rlhfkit.config import parse_args
 from rlhfkit.data.readers import read_prompts, read_rows
@@ -128,18 +128,7 @@ def parse_label_args(argv: list[str]) -> LabelConfig:
     return parse_args(LabelConfig, argv, prog="rlhfkit label")
 
 
-def main(cfg: LabelConfig) -> object:
-    try:
-        import sqlalchemy  # noqa: F401
-    except ImportError:
-        raise UserError("labelling needs the web extra; install it with pip install 'rlhfkit[web]'.") from None
-    handler = {"create": create, "add-user": add_user, "serve": serve, "export": export, "simulate": simulate,
-               "users": users, "reset-password": reset_password, "deactivate": deactivate, "reactivate": reactivate,
-               "unlock": unlock, "revoke-sessions": revoke_sessions}[cfg.command]
-    return handler(cfg)
-
-
-def _service(cfg: LabelConfig, rng: random.Random | None = None):
+def service_for(cfg: LabelConfig, rng: random.Random | None = None):
     from rlhfkit.feedback.service import FeedbackService
     from rlhfkit.feedback.store import open_store
 
@@ -148,7 +137,7 @@ def _service(cfg: LabelConfig, rng: random.Random | None = None):
     return FeedbackService(open_store(cfg.db), rng=rng)
 
 
-def _need(cfg: LabelConfig, *names: str) -> None:
+def need(cfg: LabelConfig, *names: str) -> None:
     for name in names:
         if not getattr(cfg, name):
             raise ConfigError(f"label {cfg.command} needs --{name.replace('_', '-')}.")
@@ -181,7 +170,7 @@ def _model_responses(cfg: LabelConfig, prompts: list[str]) -> dict[str, list[tup
 
     from rlhfkit.data.encoding import user_turn
     from rlhfkit.models import load_causal_lm, load_tokenizer
-    from rlhfkit.policy.rollout import sample
+    from rlhfkit.generation import sample
 
     k = cfg.responses_per_item
     by_prompt: dict[str, list[tuple[str, str]]] = {" ".join(p.split()): [] for p in prompts}
@@ -207,7 +196,7 @@ def _model_responses(cfg: LabelConfig, prompts: list[str]) -> dict[str, list[tup
 def create(cfg: LabelConfig) -> dict:
     from rlhfkit.feedback.service import Conflict, ItemSpec
 
-    _need(cfg, "project", "prompts")
+    need(cfg, "project", "prompts")
     if bool(cfg.responses) == bool(cfg.models):
         raise ConfigError("label create needs either --responses FILES or --models DIRS (not both).")
     if cfg.mode == "pairwise" and cfg.responses_per_item != 2:
@@ -228,7 +217,7 @@ def create(cfg: LabelConfig) -> dict:
         raise UserError(f"no prompt in {cfg.prompts} has {cfg.responses_per_item} distinct responses; check that the "
                         "responses files use the same prompt texts.")
     gold = _gold_items(cfg) if cfg.gold else []
-    svc = _service(cfg)
+    svc = service_for(cfg)
     try:
         project = svc.create_project(cfg.project, cfg.mode, cfg.instructions, cfg.responses_per_item,
                                      cfg.annotators_per_item)
@@ -282,8 +271,8 @@ def _read_password(cfg: LabelConfig) -> str:
 
 
 def add_user(cfg: LabelConfig) -> dict:
-    _need(cfg, "user")
-    info = _service(cfg).add_user(cfg.user, cfg.role, _read_password(cfg))
+    need(cfg, "user")
+    info = service_for(cfg).add_user(cfg.user, cfg.role, _read_password(cfg))
     print(json.dumps({"user": info.name, "role": info.role}))
     return {"user": info.name, "role": info.role}
 
@@ -291,8 +280,8 @@ def add_user(cfg: LabelConfig) -> dict:
 # ------------------------------------------------------------------------------------ user management
 def _named_user(cfg: LabelConfig) -> tuple[Any, Any]:
     """(service, the --user's UserInfo); ConfigError when there is no such user."""
-    _need(cfg, "user")
-    svc = _service(cfg)
+    need(cfg, "user")
+    svc = service_for(cfg)
     info = svc.user_by_name(cfg.user)
     if info is None:
         raise ConfigError(f"there is no user {cfg.user!r} in {cfg.db}; `rlhfkit label users --db {cfg.db}` lists "
@@ -308,7 +297,7 @@ def _report(summary: dict) -> dict:
 def users(cfg: LabelConfig) -> list[dict]:
     rows = [{"user": a.name, "role": a.role, "active": a.active, "can_log_in": a.can_log_in,
              "failed_logins": a.failures, "locked": a.locked_until is not None, "sessions": a.sessions}
-            for a in _service(cfg).accounts()]
+            for a in service_for(cfg).accounts()]
     for row in rows:
         print(json.dumps(row))
     return rows
@@ -342,47 +331,19 @@ def revoke_sessions(cfg: LabelConfig) -> dict:
     return _report({"user": info.name, "sessions_ended": svc.revoke_sessions(info.id)})
 
 
-# -------------------------------------------------------------------------------------------------- serve
-def _proxy(value: str) -> str:
-    import ipaddress
-
-    try:
-        ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ConfigError(f"--trusted-proxy {value!r} is not an IP address or network; name each proxy by address "
-                          "(10.0.0.5) or network (10.0.0.0/8), never '*' or a host name.") from None
-    return value
-
-
-def serve(cfg: LabelConfig) -> None:
-    import importlib
-
-    proxies = [_proxy(p) for p in cfg.trusted_proxy]
-    if cfg.max_body_bytes < MIN_BODY_BYTES:
-        raise ConfigError(f"--max-body-bytes {cfg.max_body_bytes} is too small for a labelling form; use at least "
-                          f"{MIN_BODY_BYTES}.")
-    if cfg.rate_limit < 1:
-        raise ConfigError(f"--rate-limit must be at least 1 request per minute, got {cfg.rate_limit}.")
-    # this module is the `rlhfkit label` entry point, the one place allowed to start the web app; the import is
-    # dynamic so the import-rule test (nothing imports feedback.web) keeps guarding every library module
-    run_server = importlib.import_module("rlhfkit.feedback.web.app").run_server
-    run_server(cfg.db, host=cfg.host, port=cfg.port, secret_file=cfg.secret_file, rate_limit=cfg.rate_limit,
-               secure_cookies=cfg.secure_cookies, trusted_proxies=proxies, max_body_bytes=cfg.max_body_bytes)
-
-
 # ------------------------------------------------------------------------------------------------- export
 def export(cfg: LabelConfig) -> dict:
     from rlhfkit.feedback.export import export_rows, majority_rows, write_export
 
-    _need(cfg, "project", "output")
+    need(cfg, "project", "output")
     if cfg.majority:
         if cfg.kto or cfg.include_gold:
             raise ConfigError("label export --majority writes merged preference rows: drop --kto and "
                               "--include-gold (gold items check annotators, they are not merged).")
-        rows, report = majority_rows(_service(cfg), cfg.project, rankings_as=cfg.rankings_as,
+        rows, report = majority_rows(service_for(cfg), cfg.project, rankings_as=cfg.rankings_as,
                                      margin_scale=cfg.margin_scale, conversational=cfg.conversational)
     else:
-        rows, report = export_rows(_service(cfg), cfg.project, kto=cfg.kto, rankings_as=cfg.rankings_as,
+        rows, report = export_rows(service_for(cfg), cfg.project, kto=cfg.kto, rankings_as=cfg.rankings_as,
                                    include_gold=cfg.include_gold, margin_scale=cfg.margin_scale,
                                    conversational=cfg.conversational)
     write_export(cfg.output, rows)
@@ -391,74 +352,3 @@ def export(cfg: LabelConfig) -> dict:
         summary["items"] = report.items
     print(json.dumps(summary))
     return summary
-
-
-# ----------------------------------------------------------------------------------------------- simulate
-def _check_playground_prompts(svc: Any, project_id: int, lookup: Callable[[str], Any]) -> None:
-    """UserError naming the first item whose prompt is not a playground prompt: simulated annotators judge with
-    the playground's hidden fields, so they can label nothing else."""
-    from sqlalchemy import select
-
-    from rlhfkit.feedback.store import Item
-
-    with svc.store.session() as s:
-        for item_id, prompt in s.execute(select(Item.id, Item.prompt).where(Item.project_id == project_id)
-                                         .order_by(Item.id)):
-            try:
-                lookup(prompt)
-            except KeyError:
-                raise UserError(f"item {item_id}'s prompt ({prompt[:40]!r}) is not a playground prompt, so "
-                                "simulated annotators cannot judge it; simulate only projects made from "
-                                "playground prompts.") from None
-
-
-def simulate(cfg: LabelConfig) -> dict:
-    """Each simulated annotator takes tasks from the queue in turn and submits through the service layer,
-    judging the responses in the display order the queue drew (so its position bias acts on what it saw)."""
-    from rlhfkit.feedback.service import Ack
-    from rlhfkit.playground.annotators import make_pool
-    from rlhfkit.playground.tasks import lookup
-
-    _need(cfg, "project")
-    rng = random.Random(cfg.seed)
-    svc = _service(cfg, rng=random.Random(cfg.seed + 1))
-    project = svc.project(cfg.project)
-    _check_playground_prompts(svc, project.id, lookup)  # before any item is assigned, so none is left held
-    pool = make_pool(cfg.seed, cfg.annotators)
-    users = {a.id: svc.ensure_user(a.id) for a in pool}
-    active = list(pool)
-    stored = 0
-    while active:
-        for annotator in list(active):
-            task = svc.next_task(users[annotator.id].id, project.id)
-            if task is None:
-                active.remove(annotator)
-                continue
-            try:
-                prompt = lookup(task.prompt)
-            except KeyError:
-                raise UserError(f"item {task.item_id}'s prompt is not a playground prompt, so simulated annotators "
-                                "cannot judge it; simulate only projects made from playground prompts.") from None
-            shown = [task.responses[i] for i in task.display_order]
-            sub = f"sim-{project.id:04d}-{task.assignment_id:08d}"
-            if project.mode == "pairwise":
-                # shown first = compare's "A"; map the winner back to the item's response index
-                j = annotator.compare(prompt, shown[0], shown[1], rng, shuffle=False)
-                outcome = j.outcome
-                if j.outcome in ("A", "B"):
-                    winner = task.display_order[0 if j.outcome == "A" else 1]
-                    outcome = "A" if winner == 0 else "B"
-                ack: Ack = svc.submit(users[annotator.id].id, task.assignment_id, sub, outcome=outcome,
-                                      strength=j.strength if outcome in ("A", "B") else None)
-            else:
-                r = annotator.rank(prompt, shown, rng)
-                ack = svc.submit(users[annotator.id].id, task.assignment_id, sub,
-                                 ranking=[[task.display_order[i]] for i in r.ranking])
-            stored += not ack.duplicate
-    progress = svc.progress(project.id)
-    summary = {"project": project.name, "judgments_stored": stored, "complete_items": progress.complete_items}
-    print(json.dumps(summary))
-    return summary
-
-
-parse_stage_args = parse_label_args  # the hook rlhfkit's CLI looks for

@@ -1,0 +1,77 @@
+"""Labelling simulation: the playground's simulated annotators label a feedback project through the feedback
+service's public API, exactly as people do through the web app (`rlhfkit label simulate`). They judge with the
+hidden gold judge, so this module is one of the few allowed to reach it."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Callable
+
+from sqlalchemy import select
+
+from rlhfkit.errors import UserError
+from rlhfkit.feedback.commands import LabelConfig, need, service_for
+from rlhfkit.feedback.service import Ack
+from rlhfkit.feedback.store import Item
+from rlhfkit.playground.annotators import make_pool
+from rlhfkit.playground.tasks import lookup
+
+
+def _check_playground_prompts(svc: Any, project_id: int, lookup: Callable[[str], Any]) -> None:
+    """UserError naming the first item whose prompt is not a playground prompt: simulated annotators judge with
+    the playground's hidden fields, so they can label nothing else."""
+    with svc.store.session() as s:
+        for item_id, prompt in s.execute(select(Item.id, Item.prompt).where(Item.project_id == project_id)
+                                         .order_by(Item.id)):
+            try:
+                lookup(prompt)
+            except KeyError:
+                raise UserError(f"item {item_id}'s prompt ({prompt[:40]!r}) is not a playground prompt, so "
+                                "simulated annotators cannot judge it; simulate only projects made from "
+                                "playground prompts.") from None
+
+
+def simulate(cfg: LabelConfig) -> dict:
+    """Each simulated annotator takes tasks from the queue in turn and submits through the service layer,
+    judging the responses in the display order the queue drew (so its position bias acts on what it saw)."""
+    need(cfg, "project")
+    rng = random.Random(cfg.seed)
+    svc = service_for(cfg, rng=random.Random(cfg.seed + 1))
+    project = svc.project(cfg.project)
+    _check_playground_prompts(svc, project.id, lookup)  # before any item is assigned, so none is left held
+    pool = make_pool(cfg.seed, cfg.annotators)
+    users = {a.id: svc.ensure_user(a.id) for a in pool}
+    active = list(pool)
+    stored = 0
+    while active:
+        for annotator in list(active):
+            task = svc.next_task(users[annotator.id].id, project.id)
+            if task is None:
+                active.remove(annotator)
+                continue
+            try:
+                prompt = lookup(task.prompt)
+            except KeyError:
+                raise UserError(f"item {task.item_id}'s prompt is not a playground prompt, so simulated annotators "
+                                "cannot judge it; simulate only projects made from playground prompts.") from None
+            shown = [task.responses[i] for i in task.display_order]
+            sub = f"sim-{project.id:04d}-{task.assignment_id:08d}"
+            if project.mode == "pairwise":
+                # shown first = compare's "A"; map the winner back to the item's response index
+                j = annotator.compare(prompt, shown[0], shown[1], rng, shuffle=False)
+                outcome = j.outcome
+                if j.outcome in ("A", "B"):
+                    winner = task.display_order[0 if j.outcome == "A" else 1]
+                    outcome = "A" if winner == 0 else "B"
+                ack: Ack = svc.submit(users[annotator.id].id, task.assignment_id, sub, outcome=outcome,
+                                      strength=j.strength if outcome in ("A", "B") else None)
+            else:
+                r = annotator.rank(prompt, shown, rng)
+                ack = svc.submit(users[annotator.id].id, task.assignment_id, sub,
+                                 ranking=[[task.display_order[i]] for i in r.ranking])
+            stored += not ack.duplicate
+    progress = svc.progress(project.id)
+    summary = {"project": project.name, "judgments_stored": stored, "complete_items": progress.complete_items}
+    print(json.dumps(summary))
+    return summary

@@ -1,0 +1,130 @@
+"""What the offline preference trainers share -- the DPO family (policy/dpo.py) and KTO (policy/kto.py): their one
+config (`rlhfkit dpo` trains either, by --loss), the record reader with its held-out split, and the tally of
+per-pair metrics reduced over processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+from rlhfkit.config import PreferenceDataConfig, TrainConfig
+from rlhfkit.data.readers import split_eval
+from rlhfkit.errors import ConfigError
+from rlhfkit.train import Run
+
+REFERENCE_FREE = ("simpo", "orpo")
+DEFAULT_BETA = {"dpo": 0.1, "cdpo": 0.1, "kto": 0.1, "simpo": 2.0}
+"""β when the config leaves it unset: DPO's and KTO's papers use 0.1; SimPO's reward is a per-token average, so
+its β is larger (2.0–2.5 in arXiv 2405.14734)."""
+
+
+@dataclass
+class DPOConfig(PreferenceDataConfig, TrainConfig):
+    """Preference optimisation without a reward model: DPO and its variants."""
+
+    loss: Literal["dpo", "cdpo", "ipo", "simpo", "kto", "orpo"] = "dpo"
+    """dpo (sigmoid, Rafailov et al. 2023), cdpo (label smoothing), ipo (Azar et al. 2023), simpo (reference-free,
+    length-normalised), kto (unpaired thumbs-up/down data, Ethayarajh et al. 2024), orpo (reference-free, SFT +
+    odds ratio)."""
+    beta: float | None = None
+    """Temperature β of the implicit reward β·(log π − log π_ref) (dpo, cdpo, kto) or β/|y|·log π (simpo).
+    Unset: 0.1, or 2.0 for simpo. ipo uses tau and orpo orpo_lambda instead."""
+    label_smoothing: float = 0.1
+    """cdpo only: assumed probability ε in [0, 0.5) that a preference label is flipped."""
+    tau: float = 0.1
+    """ipo only: the log-ratio gap is regressed onto 1/(2·tau)."""
+    simpo_gamma: float = 0.5
+    """simpo only: target reward margin γ (the margin itself, as in the paper's Eq. 6)."""
+    orpo_lambda: float = 0.1
+    """orpo only: weight λ of the odds-ratio term added to the chosen response's NLL."""
+    kto_desirable_weight: float = 1.0
+    """kto only: λ_D, weight of desirable examples. Keep (λ_D·n_D):(λ_U·n_U) in [1, 4/3]; a warning says when not."""
+    kto_undesirable_weight: float = 1.0
+    """kto only: λ_U, weight of undesirable examples."""
+    max_length: int = 512
+    """Longest tokenised prompt + response allowed."""
+    overlong: Literal["error", "truncate"] = "error"
+    """What to do with a longer pair: stop with an error naming the row, or cut the response tails (the prompt is
+    kept whole) and report how many were cut."""
+    reference: Literal["cached", "adapter"] = "cached"
+    """Where log π_ref comes from: cached (computed once before training from ref_model, stored in output_dir as
+    ref_logps.safetensors and reused on resume), or adapter (needs lora.enabled: the policy with its LoRA adapter
+    disabled, computed on the fly; no cache, no second model). simpo and orpo use no reference."""
+    ref_model: str = ""
+    """Reference model directory for reference: cached; empty means --model (the usual choice: the SFT policy)."""
+    ref_batch_size: int = 16
+    """Pairs per forward pass while computing the cached reference log-probs."""
+    eval_data: str = ""
+    """Held-out data file; when empty, eval_fraction of --data is held out (deterministically, by seed)."""
+    eval_fraction: float = 0.05
+    """Fraction of --data rows held out for evaluation when eval_data is empty (0 disables; needs 20+ rows)."""
+    eval_batch_size: int = 16
+    """Pairs (or KTO examples) per evaluation forward pass."""
+
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.loss, 0.1)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be at least 2, got {self.max_length}.")
+        if self.beta is not None and self.beta <= 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}; it is the assumed "
+                              "probability that a label is flipped (0.5 would mean the labels carry no information).")
+        if self.tau <= 0:
+            raise ConfigError(f"tau must be positive, got {self.tau}.")
+        if self.orpo_lambda < 0:
+            raise ConfigError(f"orpo_lambda must be 0 or more, got {self.orpo_lambda}.")
+        for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")
+        for name in ("ref_batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.reference == "adapter":
+            if not self.lora.enabled:
+                raise ConfigError("reference: adapter needs lora.enabled: true (the reference is the policy with "
+                                  "its LoRA adapter switched off); use reference: cached for full fine-tuning.")
+            if self.ref_model and self.ref_model != self.model:
+                raise ConfigError("ref_model cannot be used with reference: adapter (the reference is --model with "
+                                  "the adapter off); use reference: cached to take the reference from ref_model.")
+
+
+def read_records(cfg: DPOConfig, tokenizer: Any,
+                 read: Callable[..., list[Any]]) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Training and held-out rows as `read` parses them (eval_data, or eval_fraction of --data held out by seed).
+    Rows are split before anything expands them (rankings into pairs, pairs into KTO examples), so one row's
+    items never land on both sides."""
+    opts = cfg.reader_options(tokenizer)
+    records = read(cfg.data_source(), **opts)
+    held_records = read(cfg.data_source(cfg.eval_data, held_out=True), **opts) if cfg.eval_data else []
+    if not cfg.eval_data:
+        records, held_records = split_eval(records, cfg.eval_fraction, cfg.seed)
+    return records, held_records, {"train_rows": len(records), "held_out_rows": len(held_records)}
+
+
+class Tally:
+    """Sums and counts of per-pair (or per-example) values over a step or an evaluation, reduced over processes."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, v in values.items():
+            entry = self.sums.setdefault(name, [0.0, 0.0])
+            entry[0] += float(v.detach().double().sum())
+            entry[1] += v.numel()
+
+    def means(self, run: Run, prefix: str = "") -> dict[str, float]:
+        names = list(self.sums)  # every process adds the same names in the same order
+        totals = run.all_sum(torch.tensor([self.sums[n] for n in names], dtype=torch.float64)).cpu()
+        out = {prefix + n: float(s / c) for n, (s, c) in zip(names, totals.tolist()) if c > 0}
+        if prefix + "rewards/chosen" in out and prefix + "rewards/rejected" in out:
+            out[prefix + "rewards/margin"] = out[prefix + "rewards/chosen"] - out[prefix + "rewards/rejected"]
+        return out

@@ -1,0 +1,228 @@
+"""The frozen reference policy π_ref of DPO-family training (policy/dpo.py, policy/kto.py): its sequence
+log-probs, computed once before training and cached in the run directory (ref_logps.safetensors), or taken on
+the fly from the policy with its LoRA adapter switched off."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import os
+from array import array
+from pathlib import Path
+from typing import Any, Iterator, Literal, Protocol
+
+import torch
+
+from rlhfkit.errors import UserError
+from rlhfkit.losses import sequence_logps
+from rlhfkit.models import load_causal_lm, logprobs_of
+from rlhfkit.train import Run
+
+log = logging.getLogger(__name__)
+
+REF_CACHE = "ref_logps.safetensors"
+
+
+class ReferenceData(Protocol):
+    """Training or held-out data whose every item has two sequences, column 0 and column 1 (chosen and rejected;
+    for KTO the example's completion and its mismatched partner), each with a log π_ref."""
+
+    ref: torch.Tensor | None
+    """(N, 2) cached log π_ref of column 0 and column 1, once prepare_reference has filled it."""
+
+    @property
+    def layout(self) -> str:
+        """Names the column layout in the cache fingerprint ('pairs' or 'kto'), so one layout's cache is never
+        read as the other's."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def collate_both(self, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """(2B, T): column-0 sequences in rows 0..B-1, column-1 sequences in rows B..2B-1."""
+        ...
+
+    def sequences(self) -> Iterator[tuple[list[int], list[int]]]:
+        """(input_ids, response_mask) of every sequence whose log π_ref is cached, item by item, column 0 first."""
+        ...
+
+
+class ReferenceConfig(Protocol):
+    """The config fields reference handling reads (DPOConfig has them all)."""
+
+    model: str
+    ref_model: str
+    ref_batch_size: int
+    precision: str
+    resume: bool
+    lora: Any
+
+
+# ------------------------------------------------------------------------------------------------ log-probs
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ log π over each row's response tokens, and the response lengths: (N,), (N,)."""
+    logprobs = logprobs_of(model, batch["input_ids"], batch["attention_mask"])  # (N, T-1), entry t scores token t+1
+    return sequence_logps(logprobs, batch["response_mask"][:, 1:])  # (N,), (N,)
+
+
+@contextlib.contextmanager
+def reference_mode(model: Any, peft_model: Any | None = None) -> Iterator[None]:
+    """No gradient, eval mode (no dropout) and, given the peft model, its adapter disabled: the network is π_ref."""
+    was_training = model.training
+    model.eval()
+    adapter_off = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), adapter_off:
+            yield
+    finally:
+        model.train(was_training)
+
+
+def column_logps(run: Run, model: Any, data: ReferenceData, idx: list[int], pad_id: int) -> torch.Tensor:
+    """(B, 2) sequence log-probs of both columns of items idx, in one forward pass. Call inside reference_mode."""
+    batch = to_device(data.collate_both(idx, pad_id), run.accelerator.device)
+    with run.accelerator.autocast():
+        logps, _ = sequence_logprobs(model, batch)  # (2B,)
+    return logps.float().view(2, len(idx)).T  # (B, 2)
+
+
+class Reference:
+    """Where log π_ref comes from: the cache (kind 'cached'), the policy with its LoRA adapter disabled
+    ('adapter'), or nowhere ('none': SimPO and ORPO are reference-free)."""
+
+    def __init__(self, kind: Literal["cached", "adapter", "none"], run: Run, pad_id: int, peft_model: Any = None):
+        self.kind, self.run, self.pad_id, self.peft_model = kind, run, pad_id, peft_model
+
+    def logps(self, model: Any, data: ReferenceData, idx: list[int]) -> torch.Tensor | None:
+        """(B, 2) log π_ref of items idx, or None without a reference."""
+        if self.kind == "none":
+            return None
+        if self.kind == "cached":
+            assert data.ref is not None
+            return data.ref[idx].to(self.run.accelerator.device)  # (B, 2)
+        with reference_mode(model, self.peft_model):
+            return column_logps(self.run, model, data, idx, self.pad_id)
+
+
+# --------------------------------------------------------------------------------------- the reference cache
+def _model_digest(path: str) -> str:
+    """Content hash of a model directory's config and weights; the id itself for a hub id."""
+    p = Path(path)
+    h = hashlib.sha256()
+    if not p.is_dir():
+        h.update(path.encode())
+        return h.hexdigest()
+    for f in sorted(p.iterdir()):
+        if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")):
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def reference_fingerprint(cfg: ReferenceConfig, train: ReferenceData, held: ReferenceData) -> str:
+    """What the cached numbers depend on: the reference model's bytes, the precision, the column layout, and every
+    token id and response mask they were computed on (which covers the data files, the tokenizer, max_length,
+    overlong, the held-out split and KTO's mismatched partners)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": 1, "loss_layout": train.layout,
+                         "precision": cfg.precision, "ref_model": _model_digest(cfg.ref_model or cfg.model)},
+                        sort_keys=True).encode())
+    for name, split in (("train", train), ("eval", held)):
+        h.update(f"{name}:{len(split)}".encode())
+        for ids, mask in split.sequences():
+            h.update(array("q", [len(ids)]).tobytes() + array("q", ids).tobytes() + array("q", mask).tobytes())
+    return h.hexdigest()
+
+
+def read_reference_cache(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
+    """The cached tables when the file exists and was made for exactly this fingerprint, else None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as fh:
+        if (fh.metadata() or {}).get("fingerprint") != fingerprint:
+            return None
+        return {key: fh.get_tensor(key) for key in fh.keys()}
+
+
+def write_reference_cache(path: Path, tables: dict[str, torch.Tensor], fingerprint: str) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tables.items()}, str(tmp), metadata={"fingerprint": fingerprint})
+    os.replace(tmp, path)  # atomic: a killed run leaves either the old file or the new one
+
+
+def compute_reference_logps(run: Run, model: Any, data: ReferenceData, pad_id: int, batch_size: int,
+                            peft_model: Any = None) -> torch.Tensor:
+    """(N, 2) log π_ref of every item, each process scoring a strided share that is then gathered."""
+    n, world = len(data), run.world
+    per = -(-n // world)
+    shares = [list(range(r, n, world)) for r in range(world)]
+    shares = [s + [0] * (per - len(s)) for s in shares]  # equal sizes for the gather; padding rows are dropped
+    mine = shares[run.rank]
+    parts = [torch.zeros((0, 2), device=run.accelerator.device)]
+    with reference_mode(model, peft_model):
+        for start in range(0, len(mine), batch_size):
+            parts.append(column_logps(run, model, data, mine[start : start + batch_size], pad_id))
+    local = torch.cat(parts)  # (per, 2)
+    gathered = (run.accelerator.gather(local) if world > 1 else local).cpu()  # (world * per, 2), rank-major
+    items = [i for r in range(world) for i in range(r, n, world)]
+    rows = [r * per + k for r in range(world) for k in range(len(range(r, n, world)))]
+    out = torch.zeros((n, 2), dtype=torch.float32)
+    out[torch.tensor(items, dtype=torch.long)] = gathered[torch.tensor(rows, dtype=torch.long)]
+    return out
+
+
+def prepare_reference(run: Run, cfg: ReferenceConfig, model: Any, tokenizer: Any, train: ReferenceData,
+                      held: ReferenceData) -> str:
+    """Fill train.ref and held.ref from the run's cache, computing it first when it is missing or was made for
+    other data or another reference model. Call before resume loads trained weights: when ref_model is --model,
+    the freshly loaded policy (adapter off) is the reference, so no second copy is ever loaded.
+    Returns 'reused' or 'computed'."""
+    path = run.dir / REF_CACHE
+    fingerprint = reference_fingerprint(cfg, train, held)
+    tables = read_reference_cache(path, fingerprint)
+    stale = tables is None and path.exists()
+    run.accelerator.wait_for_everyone()  # every process has decided before the file may be replaced
+    if stale and cfg.resume and run.resume_from is not None:
+        raise UserError(f"{path} was computed for other data or another reference model than this run now sees "
+                        "(a file changed since the run started); restore them, or start again with --overwrite.")
+    if tables is not None:
+        log.info("dpo: reusing the reference log-probs in %s", path)
+        status = "reused"
+    else:
+        if stale:
+            log.warning("dpo: %s was made for other data or another reference model; recomputing it", path)
+        ref_path = cfg.ref_model or cfg.model
+        own = ref_path == cfg.model
+        device = run.accelerator.device
+        if own:
+            ref_model, peft_model = model.to(device), (model if cfg.lora.enabled else None)
+        else:
+            ref_model, peft_model = load_causal_lm(ref_path, tokenizer, dropout_off=True).to(device), None
+        log.info("dpo: computing reference log-probs of %d + %d items with %s", len(train), len(held), ref_path)
+        tables = {name: compute_reference_logps(run, ref_model, split, tokenizer.pad_token_id, cfg.ref_batch_size,
+                                                peft_model)
+                  for name, split in (("train", train), ("eval", held))}
+        if not own:  # free the reference model: training holds only the policy
+            del ref_model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if run.is_main:
+            write_reference_cache(path, tables, fingerprint)
+        run.accelerator.wait_for_everyone()
+        status = "computed"
+    train.ref, held.ref = tables["train"], tables["eval"]
+    return status
