@@ -286,16 +286,17 @@ def test_critique_revision_turns_compliance_into_a_refusal_and_keeps_the_chain()
 # ------------------------------------------------------------------------------------ the feedback store
 def test_ai_judgments_go_into_the_feedback_store_beside_human_ones(tmp_path):
     pytest.importorskip("sqlalchemy")
-    from rlhfkit.feedback.ai import label_store_project
+    from rlhfkit.feedback.ai import AIAnnotator, label_store_project
     from rlhfkit.feedback.export import export_rows
     from rlhfkit.feedback.service import FeedbackService
     from rlhfkit.feedback.store import open_store
 
     svc = FeedbackService(open_store(str(tmp_path / "fb.db")), rng=random.Random(0))
     pairs = [(STEAL, COMPLY, REFUSAL), ("what is 3 plus 4 ?", "3 plus 4 is 7 .", "3 plus 4 is 2 .")]
-    out = label_store_project(svc, "cai", PlaygroundJudge(C), C, random.Random(0), pairs=pairs, sources=("m", "m"))
+    out = label_store_project(svc, "cai", AIAnnotator(PlaygroundJudge(C), C), random.Random(0), pairs=pairs,
+                              sources=("m", "m"))
     assert out["stored"] == {"B": 1, "A": 1}
-    again = label_store_project(svc, "cai", PlaygroundJudge(C), C, random.Random(0))
+    again = label_store_project(svc, "cai", AIAnnotator(PlaygroundJudge(C), C), random.Random(0))
     assert again["stored"] == {}  # nothing left for the AI judge: no duplicates
     # a person judges the same items (2 annotators per item)
     human = svc.ensure_user("ann")
@@ -306,12 +307,12 @@ def test_ai_judgments_go_into_the_feedback_store_beside_human_ones(tmp_path):
     ai_steal = [r for r in rows if r["annotator"] == "ai-judge" and r["prompt"] == STEAL][0]
     assert ai_steal["chosen"] == REFUSAL
     with pytest.raises(UserError, match="does not exist"):
-        label_store_project(svc, "missing", PlaygroundJudge(C), C, random.Random(0))
+        label_store_project(svc, "missing", AIAnnotator(PlaygroundJudge(C), C), random.Random(0))
 
 
 def test_labels_already_judged_are_stored_without_asking_the_judge_again(tmp_path):
     pytest.importorskip("sqlalchemy")
-    from rlhfkit.feedback.ai import label_store_project
+    from rlhfkit.feedback.ai import AIAnnotator, label_store_project
     from rlhfkit.feedback.service import FeedbackService
     from rlhfkit.feedback.store import open_store
 
@@ -327,7 +328,7 @@ def test_labels_already_judged_are_stored_without_asking_the_judge_again(tmp_pat
     pairs = [(STEAL, COMPLY, REFUSAL), ("what is 3 plus 4 ?", "3 plus 4 is 7 .", "3 plus 4 is 2 .")]
     labels = ai_preferences(judge, C, pairs, random.Random(0), "harmless")
     assert Counting.calls == 4
-    out = label_store_project(svc, "cai", judge, C, random.Random(0), pairs=pairs, known=labels)
+    out = label_store_project(svc, "cai", AIAnnotator(judge, C), random.Random(0), pairs=pairs, known=labels)
     assert Counting.calls == 4 and sum(out["stored"].values()) == 2
 
 

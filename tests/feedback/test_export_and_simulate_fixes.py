@@ -40,7 +40,7 @@ def test_ranking_export_gives_every_pair_a_margin_when_any_has_one(svc, tmp_path
 
 
 def test_simulate_refuses_a_project_not_from_the_playground_before_assigning(svc, tmp_path):
-    from rlhfkit.feedback import cli
+    from rlhfkit import label as cli
 
     p = svc.create_project("mixed")
     svc.add_items(p.id, arith_items(2))  # playground arithmetic prompts first, then one from elsewhere

@@ -391,7 +391,7 @@ def test_export_trains_a_reward_model(svc, tmp_path, tiny_model):
 
 
 def test_cli_create_simulate_export(tmp_path, monkeypatch):
-    from rlhfkit.feedback import cli
+    from rlhfkit import label as cli
     from rlhfkit.playground.responses import sample_pair
     from rlhfkit.playground.tasks import make_prompts
 

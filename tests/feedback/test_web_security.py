@@ -209,7 +209,7 @@ def test_sessions_expire_on_the_server(svc, monkeypatch):
 
 
 def test_cli_manages_users_passwords_locks_and_sessions(tmp_path, monkeypatch, capsys):
-    from rlhfkit.feedback import cli
+    from rlhfkit import label as cli
 
     db = str(tmp_path / "f.db")
     run = lambda *argv: cli.main(cli.parse_label_args(list(argv)))  # noqa: E731
@@ -364,7 +364,7 @@ def test_secure_cookies_flag_marks_every_cookie_secure(svc, tmp_path):
 
 
 def test_serve_flags_reach_the_server(monkeypatch, tmp_path):
-    from rlhfkit.feedback import cli
+    from rlhfkit import label as cli
     from rlhfkit.feedback.web import app as app_mod
 
     seen = {}

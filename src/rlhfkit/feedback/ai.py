@@ -231,8 +231,19 @@ def strength_from_prob(p: float) -> str:
 
 
 # ------------------------------------------------------------------------------------- the feedback store
-def label_store_project(svc: Any, project_name: str, judge: Judge, constitution: Constitution, rng: random.Random,
-                        user: str = "ai-judge", principle: str = "", min_confidence: float = 0.0,
+@dataclass
+class AIAnnotator:
+    """An AI judge acting as one annotator of a feedback project: who it judges as, under which principle (empty:
+    one drawn per comparison), and below which confidence |P(A better) - 0.5| it answers a tie."""
+
+    judge: Judge
+    constitution: Constitution
+    user: str = "ai-judge"
+    principle: str = ""
+    min_confidence: float = 0.0
+
+
+def label_store_project(svc: Any, project_name: str, annotator: AIAnnotator, rng: random.Random,
                         pairs: Sequence[tuple[str, str, str]] = (), sources: tuple[str, str] = ("a", "b"),
                         known: Sequence[AILabel] = ()) -> dict[str, Any]:
     """The AI judge labels a pairwise project through the service layer, like a person: it takes tasks from the
@@ -256,13 +267,14 @@ def label_store_project(svc: Any, project_name: str, judge: Judge, constitution:
     if project.mode != "pairwise":
         raise UserError(f"feedback project {project_name!r} ranks {project.responses_per_item} responses; the AI judge "
                         "labels pairwise projects only.")
+    judge, user = annotator.judge, annotator.user
     uid = svc.ensure_user(user).id
     stored = Counter()
     done = {(lab.prompt, lab.a, lab.b): lab for lab in known}
     while (task := svc.next_task(uid, project.id)) is not None:
         key = (task.prompt, task.responses[0], task.responses[1])
-        lab = done.get(key) or ai_preferences(judge, constitution, [key], rng, principle)[0]
-        if lab.prob_a is None or abs(lab.prob_a - 0.5) < min_confidence or lab.prob_a == 0.5:
+        lab = done.get(key) or ai_preferences(judge, annotator.constitution, [key], rng, annotator.principle)[0]
+        if lab.prob_a is None or abs(lab.prob_a - 0.5) < annotator.min_confidence or lab.prob_a == 0.5:
             outcome, strength = "tie", None
         else:
             outcome = "A" if lab.prob_a > 0.5 else "B"
@@ -378,7 +390,7 @@ def label(cfg: CAIConfig, judge: Judge, constitution: Constitution, out: Path) -
 
         svc = FeedbackService(open_store(cfg.store), rng=random.Random(cfg.seed + 1))
         source = Path(cfg.model).name if cfg.model else Path(cfg.responses).stem
-        summary["store"] = label_store_project(svc, cfg.project, judge, constitution, random.Random(cfg.seed + 2),
-                                               cfg.store_user, cfg.principle, cfg.min_confidence, pairs,
+        annotator = AIAnnotator(judge, constitution, cfg.store_user, cfg.principle, cfg.min_confidence)
+        summary["store"] = label_store_project(svc, cfg.project, annotator, random.Random(cfg.seed + 2), pairs,
                                                (source, source), known=labels)
     return summary

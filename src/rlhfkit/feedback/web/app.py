@@ -22,10 +22,9 @@ import logging
 import os
 import re
 import secrets
-import threading
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any, Sequence
 
@@ -113,26 +112,17 @@ def _same(given: str, expected: str) -> bool:
 
 
 class RateLimiter:
-    """At most `per_minute` requests per key in any 60-second window."""
+    """At most `per_minute` requests per key in any 60-second window: the moving-window limiter of the `limits`
+    library (the one behind Flask-Limiter and slowapi), kept in memory. Its storage expires idle keys itself."""
 
-    def __init__(self, per_minute: int, max_keys: int = 100_000):
-        self.per_minute = per_minute
-        self.max_keys = max_keys
-        self.hits: dict[str, deque] = defaultdict(deque)
-        self.lock = threading.Lock()
+    def __init__(self, per_minute: int):
+        from limits import RateLimitItemPerMinute, storage, strategies
+
+        self.item = RateLimitItemPerMinute(per_minute)
+        self.limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
 
     def allow(self, key: str) -> bool:
-        now = time.monotonic()
-        with self.lock:
-            if len(self.hits) > self.max_keys:  # many addresses: forget those idle for a minute
-                self.hits = defaultdict(deque, {k: q for k, q in self.hits.items() if q and q[-1] > now - 60})
-            q = self.hits[key]
-            while q and q[0] <= now - 60:
-                q.popleft()
-            if len(q) >= self.per_minute:
-                return False
-            q.append(now)
-            return True
+        return self.limiter.hit(self.item, key)
 
 
 class HTTPRefusal(Exception):
