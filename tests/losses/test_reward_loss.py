@@ -185,3 +185,10 @@ def test_centering_penalty_by_hand_and_its_gradient():
     torch.testing.assert_close(chosen.grad, torch.tensor([0.02, -0.02]))
     # shifting both rewards by the same constant leaves BT unchanged but the penalty sees it
     assert centering_penalty(torch.tensor([0.5]), torch.tensor([-0.5])).item() == 0.0
+
+
+def test_stats_carry_the_sums_a_step_of_several_micro_batches_needs():
+    # gaps 1, -1, 2: margin sum 2, chosen 1 + 2 + 3 = 6, rejected 0 + 3 + 1 = 4; one of three pairs misordered
+    _, stats = bradley_terry_loss(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 3.0, 1.0]))
+    assert (float(stats.margin_sum), float(stats.chosen_sum), float(stats.rejected_sum)) == (2.0, 6.0, 4.0)
+    assert float(stats.accuracy) == pytest.approx(2 / 3) and int(stats.num_pairs) == 3

@@ -23,6 +23,13 @@ class RewardStats:
     """Mean reward of the dispreferred response of each pair."""
     num_pairs: torch.Tensor
     """Number of ordered pairs the statistics cover."""
+    margin_sum: torch.Tensor
+    """Sum of the reward gaps (the step's mean over several micro-batches needs sums: mean·n of a float32 mean is
+    not the float32 sum unless n is a power of two)."""
+    chosen_sum: torch.Tensor
+    """Sum of the preferred responses' rewards."""
+    rejected_sum: torch.Tensor
+    """Sum of the dispreferred responses' rewards."""
 
 
 def _pair_stats(winner: torch.Tensor, loser: torch.Tensor) -> RewardStats:
@@ -34,6 +41,9 @@ def _pair_stats(winner: torch.Tensor, loser: torch.Tensor) -> RewardStats:
         chosen_reward=winner.mean(),
         rejected_reward=loser.mean(),
         num_pairs=torch.tensor(gap.numel()),
+        margin_sum=gap.sum(),
+        chosen_sum=winner.sum(),
+        rejected_sum=loser.sum(),
     )
 
 

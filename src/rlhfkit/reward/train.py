@@ -150,11 +150,10 @@ def micro_batch_loss(model: Any, items: list[Item], pad_id: int, cfg: RewardConf
             pair_sum = pair_sum + centering_penalty(chosen, rejected, cfg.center_eta) * B
         total = total + pair_sum
         count_ordered_pairs(counts, stats)
-        # The step's logged means need sums over its micro-batches. RewardStats holds float32 means, and mean·B
-        # differs from the float32 sum in the last bits unless B is a power of two, so the sums are taken here.
-        counts["margin_sum"] += float((chosen - rejected).detach().sum())
-        counts["chosen_sum"] += float(chosen.detach().sum())
-        counts["rejected_sum"] += float(rejected.detach().sum())
+        # the step's logged means are sums over its micro-batches, which the loss's stats carry
+        counts["margin_sum"] += float(stats.margin_sum)
+        counts["chosen_sum"] += float(stats.chosen_sum)
+        counts["rejected_sum"] += float(stats.rejected_sum)
         counts["pairs"] += B
     if rankings:
         batch = _to(collate_rankings(rankings, pad_id, cfg.padding_free), device)
