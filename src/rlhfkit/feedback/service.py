@@ -576,6 +576,12 @@ class FeedbackService:
         return len(rows)
 
     # ---------------------------------------------------------------------------------------------- queue
+    def item_prompts(self, project_id: int) -> list[tuple[int, str]]:
+        """(item id, prompt) of every item of a project, in id order."""
+        with self.store.session() as s:
+            return [(i, p) for i, p in s.execute(select(Item.id, Item.prompt).where(Item.project_id == project_id)
+                                                 .order_by(Item.id))]
+
     def next_task(self, user_id: int, project_id: int) -> Task | None:
         """The user's open task in the project, else a new one: an item they have never been given, gold items
         for everyone, other items only while fewer than annotators_per_item people hold them (started items

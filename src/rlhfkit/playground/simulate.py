@@ -8,12 +8,9 @@ import json
 import random
 from typing import Any, Callable
 
-from sqlalchemy import select
-
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.commands import LabelConfig, need, service_for
 from rlhfkit.feedback.service import Ack
-from rlhfkit.feedback.store import Item
 from rlhfkit.playground.annotators import make_pool
 from rlhfkit.playground.tasks import lookup
 
@@ -21,15 +18,13 @@ from rlhfkit.playground.tasks import lookup
 def _check_playground_prompts(svc: Any, project_id: int, lookup: Callable[[str], Any]) -> None:
     """UserError naming the first item whose prompt is not a playground prompt: simulated annotators judge with
     the playground's hidden fields, so they can label nothing else."""
-    with svc.store.session() as s:
-        for item_id, prompt in s.execute(select(Item.id, Item.prompt).where(Item.project_id == project_id)
-                                         .order_by(Item.id)):
-            try:
-                lookup(prompt)
-            except KeyError:
-                raise UserError(f"item {item_id}'s prompt ({prompt[:40]!r}) is not a playground prompt, so "
-                                "simulated annotators cannot judge it; simulate only projects made from "
-                                "playground prompts.") from None
+    for item_id, prompt in svc.item_prompts(project_id):
+        try:
+            lookup(prompt)
+        except KeyError:
+            raise UserError(f"item {item_id}'s prompt ({prompt[:40]!r}) is not a playground prompt, so "
+                            "simulated annotators cannot judge it; simulate only projects made from "
+                            "playground prompts.") from None
 
 
 def simulate(cfg: LabelConfig) -> dict:
