@@ -1,12 +1,6 @@
 """The labelling commands that need only the feedback store: create projects, manage users, export judgments.
-`rlhfkit label` (rlhfkit/label.py) adds `serve` (the web app) and `simulate` (the playground's annotators).
-
-    rlhfkit label create   --db F --project P --prompts prompts.jsonl (--responses a.jsonl,b.jsonl | --models m1,m2)
-    rlhfkit label add-user --db F --user NAME --role admin|annotator   (password from RLHFKIT_PASSWORD, a file or a prompt)
-    rlhfkit label serve    --db F [--host 127.0.0.1 --port 8000 --trusted-proxy IP --secure-cookies]
-    rlhfkit label users    --db F   (and reset-password, deactivate, reactivate, unlock, revoke-sessions --user U)
-    rlhfkit label export   --db F --project P --output prefs.jsonl [--kto]
-    rlhfkit label simulate --db F --project P [--annotators 13]
+`rlhfkit label` (rlhfkit/label.py, where its usage is listed) adds `serve` (the web app) and `simulate` (the
+playground's annotators).
 """
 
 from __future__ import annotations
