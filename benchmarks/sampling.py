@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.generation import generate_hf, generate_static
+from rlhfkit.generation import Decoding, generate_hf, generate_static
 
 # name -> (LlamaConfig fields, default batch, prompt length, new tokens)
 SIZES = {
@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
     # call warms it up and keeps the GPU run inside its time budget
     variants = [("hf generate (dynamic cache)", plain_generate, lambda: plain_generate(8))]
     if args.device == "cpu":  # sample()'s hf backend; on a GPU it only adds a copy of the logits
-        variants.append(("hf generate + log-probs", lambda: generate_hf(model, ids, mask, **common), None))
-    variants.append(("static cache loop", lambda: generate_static(model, ids, mask, **common), None))
+        variants.append(("hf generate + log-probs", lambda: generate_hf(model, ids, mask, Decoding(**common)), None))
+    variants.append(("static cache loop", lambda: generate_static(model, ids, mask, Decoding(**common)), None))
     if not args.no_compile:
         variants.append(("static cache + torch.compile",
-                         lambda: generate_static(model, ids, mask, compile=True, **common), None))
+                         lambda: generate_static(model, ids, mask, Decoding(**common), compile=True), None))
     rows = []
     for name, fn, warm_fn in variants:
         torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of
 from rlhfkit import generation as generation_mod
 from rlhfkit.data.encoding import user_turn
-from rlhfkit.generation import (choose_tokens, encode_prompts, generate_hf, generate_static, resolve_backend,
+from rlhfkit.generation import (Decoding, choose_tokens, encode_prompts, generate_hf, generate_static, resolve_backend,
                                 sample, stream, top_k_filter, top_p_filter)
 
 # chat prompts (the tiny model's template), as the policies these tests stand for are sampled
@@ -48,8 +48,8 @@ def common(tok, **kw):
 
 def test_greedy_static_equals_hf_generate_on_left_padded_prompts(model, tok):
     ids, mask = prompt_batch(tok)
-    hf_ids, hf_lp, _ = generate_hf(model, ids, mask, max_new_tokens=12, temperature=0, **common(tok))
-    st_ids, st_lp, _ = generate_static(model, ids, mask, max_new_tokens=12, temperature=0, **common(tok))
+    hf_ids, hf_lp, _ = generate_hf(model, ids, mask, Decoding(max_new_tokens=12, temperature=0, **common(tok)))
+    st_ids, st_lp, _ = generate_static(model, ids, mask, Decoding(max_new_tokens=12, temperature=0, **common(tok)))
     assert hf_ids.shape == st_ids.shape == (len(PROMPTS), 12)
     assert torch.equal(st_ids, hf_ids)
     assert len(set(st_ids.flatten().tolist())) > 3  # the check is not vacuous: varied tokens, rows differ
@@ -136,7 +136,7 @@ def test_loop_stops_once_every_row_has_ended(model, tok, monkeypatch, check_ever
 
     handle = model.lm_head.register_forward_hook(hook)
     try:
-        out_ids, lp, _ = generate_static(model, ids, mask, max_new_tokens=20, temperature=1.0, **common(tok))
+        out_ids, lp, _ = generate_static(model, ids, mask, Decoding(max_new_tokens=20, temperature=1.0, **common(tok)))
     finally:
         handle.remove()
     assert out_ids.shape == (4, 4) and step["n"] == max(4, check_every)  # stopped early, not after 20 forwards
@@ -147,9 +147,10 @@ def test_loop_stops_once_every_row_has_ended(model, tok, monkeypatch, check_ever
 
 def test_top_k_1_equals_greedy(model, tok):
     ids, mask = prompt_batch(tok)
-    greedy, _, _ = generate_static(model, ids, mask, max_new_tokens=8, temperature=0, **common(tok))
+    greedy, _, _ = generate_static(model, ids, mask, Decoding(max_new_tokens=8, temperature=0, **common(tok)))
     torch.manual_seed(3)
-    top1, _, flp = generate_static(model, ids, mask, max_new_tokens=8, temperature=1.0, top_k=1, **common(tok))
+    top1, _, flp = generate_static(model, ids, mask,
+                                   Decoding(max_new_tokens=8, temperature=1.0, top_k=1, **common(tok)))
     assert torch.equal(top1, greedy)
     assert torch.allclose(flp, torch.zeros_like(flp))  # the truncated law is a point mass
 
@@ -212,10 +213,11 @@ def test_compile_failure_falls_back_to_eager(model, tok, caplog, monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(generation_mod, "_DECODERS", type(generation_mod._DECODERS)())
     ids, mask = prompt_batch(tok)
-    eager, _, _ = generate_static(model, ids, mask, max_new_tokens=6, temperature=0, **common(tok))
+    eager, _, _ = generate_static(model, ids, mask, Decoding(max_new_tokens=6, temperature=0, **common(tok)))
     monkeypatch.setattr(generation_mod, "_DECODERS", type(generation_mod._DECODERS)())
     with caplog.at_level(logging.WARNING, logger="rlhfkit.generation"):
-        out, _, _ = generate_static(model, ids, mask, max_new_tokens=6, temperature=0, compile=True, **common(tok))
+        out, _, _ = generate_static(model, ids, mask, Decoding(max_new_tokens=6, temperature=0, **common(tok)),
+                                    compile=True)
     assert torch.equal(out, eager)
     assert "torch.compile of the decode step failed" in caplog.text and "inductor exploded" in caplog.text
 
@@ -234,8 +236,8 @@ def test_static_path_runs_other_architectures_gpt2_and_lora(tok, model):
                                       initializer_range=0.3, pad_token_id=tok.pad_token_id,
                                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).eval()
     assert resolve_backend(gpt2, "static") == "static"
-    hf, _, _ = generate_hf(gpt2, ids, mask, max_new_tokens=8, temperature=0, **common(tok))
-    st, _, _ = generate_static(gpt2, ids, mask, max_new_tokens=8, temperature=0, **common(tok))
+    hf, _, _ = generate_hf(gpt2, ids, mask, Decoding(max_new_tokens=8, temperature=0, **common(tok)))
+    st, _, _ = generate_static(gpt2, ids, mask, Decoding(max_new_tokens=8, temperature=0, **common(tok)))
     assert torch.equal(st, hf) and len(set(st.flatten().tolist())) > 2
 
     import copy
@@ -246,9 +248,9 @@ def test_static_path_runs_other_architectures_gpt2_and_lora(tok, model):
             if "lora_B" in name:
                 p.normal_(std=0.5)  # a non-zero adapter, so a path that skipped LoRA would differ
     lora.eval()
-    hf, _, _ = generate_hf(lora, ids, mask, max_new_tokens=8, temperature=0, **common(tok))
-    st, _, _ = generate_static(lora, ids, mask, max_new_tokens=8, temperature=0, **common(tok))
-    plain, _, _ = generate_static(model, ids, mask, max_new_tokens=8, temperature=0, **common(tok))
+    hf, _, _ = generate_hf(lora, ids, mask, Decoding(max_new_tokens=8, temperature=0, **common(tok)))
+    st, _, _ = generate_static(lora, ids, mask, Decoding(max_new_tokens=8, temperature=0, **common(tok)))
+    plain, _, _ = generate_static(model, ids, mask, Decoding(max_new_tokens=8, temperature=0, **common(tok)))
     assert torch.equal(st, hf) and not torch.equal(st, plain)
 
 
@@ -297,8 +299,8 @@ def test_low_precision_sampling_uses_a_bf16_copy_refreshed_from_the_current_weig
         return twin
 
     for round_ in range(2):
-        got, lp, _ = generate_static(model, ids, mask, dtype=torch.bfloat16, **kw)
-        want, want_lp, _ = generate_static(bf16_copy(), ids, mask, **kw)
+        got, lp, _ = generate_static(model, ids, mask, Decoding(**kw), dtype=torch.bfloat16)
+        want, want_lp, _ = generate_static(bf16_copy(), ids, mask, Decoding(**kw))
         assert torch.equal(got, want), round_
         torch.testing.assert_close(lp, want_lp)
         assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -306,7 +308,7 @@ def test_low_precision_sampling_uses_a_bf16_copy_refreshed_from_the_current_weig
             for p in model.parameters():
                 if p.dim() >= 2:
                     p.mul_(-1.0)
-    fp32, _, _ = generate_static(model, ids, mask, **kw)
+    fp32, _, _ = generate_static(model, ids, mask, Decoding(**kw))
     assert fp32.shape[0] == len(PROMPTS)
     # through sample(), the hf backend runs under autocast instead
     out = sample(model, tok, PROMPTS, max_new_tokens=6, temperature=0, backend="hf", dtype=torch.bfloat16)
@@ -319,7 +321,7 @@ def test_stream_equals_batched_sampling_greedy_and_reports_untempered_logprobs(m
     ids, mask = encode_prompts(tok, PROMPTS[1:2])
     batched = sample(model, tok, PROMPTS[1:2], max_new_tokens=8, temperature=0.0, backend="hf")
     want = batched.response_ids[0][batched.response_mask[0].bool()].tolist()
-    steps = list(stream(model, ids[0].tolist(), 8, tok.eos_token_id, temperature=0.0, top_logprobs=3))
+    steps = list(stream(model, ids[0].tolist(), Decoding(8, tok.eos_token_id, tok.pad_token_id, 0.0), top_logprobs=3))
     assert [s.token_id for s in steps] == want
     full = torch.cat([ids, torch.tensor([want])], 1)
     lp = logprobs_of(model, full, torch.ones_like(full))[0, ids.shape[1] - 1:]  # (R,): the response tokens'
@@ -330,10 +332,10 @@ def test_stream_equals_batched_sampling_greedy_and_reports_untempered_logprobs(m
 def test_stream_stops_when_asked_and_survives_degenerate_sampling_settings(model, tok):
     ids = encode_prompts(tok, PROMPTS[:1])[0][0].tolist()
     calls = []
-    out = list(stream(model, ids, 8, None, should_stop=lambda: calls.append(1) or len(calls) > 2))
+    out = list(stream(model, ids, Decoding(8, None, 0), should_stop=lambda: calls.append(1) or len(calls) > 2))
     assert len(out) == 2  # asked before each forward pass: the third ask stops it
     g = torch.Generator().manual_seed(0)
     # a top_p that underflows to 0 in float32 keeps the most likely token; a tiny temperature is greedy
-    greedy = [s.token_id for s in stream(model, ids, 4, None, temperature=0.0)]
-    assert [s.token_id for s in stream(model, ids, 4, None, temperature=1.0, top_p=1e-320, generator=g)] == greedy
-    assert [s.token_id for s in stream(model, ids, 4, None, temperature=1e-300, generator=g)] == greedy
+    greedy = [s.token_id for s in stream(model, ids, Decoding(4, None, 0, temperature=0.0))]
+    assert [s.token_id for s in stream(model, ids, Decoding(4, None, 0, top_p=1e-320), generator=g)] == greedy
+    assert [s.token_id for s in stream(model, ids, Decoding(4, None, 0, temperature=1e-300), generator=g)] == greedy

@@ -124,6 +124,19 @@ def choose_tokens(
     return tokens, logprobs, filtered_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How each next token is chosen and when a row ends, for the generation loops."""
+
+    max_new_tokens: int
+    eos_token_id: int | None
+    pad_token_id: int
+    temperature: float = 1.0
+    """0 (or below): greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+
+
 # ------------------------------------------------------------------------------------------------ static cache
 def _base_model(model: Any) -> Any:
     """The transformers model under a peft wrapper (its LoRA layers are injected in place, so calling the base
@@ -267,12 +280,7 @@ def generate_static(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    decoding: Decoding,
     compile: bool = False,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,8 +299,7 @@ def generate_static(
     # loop runs in the weights' own dtype: load the policy in bf16 to sample in bf16.
     try:
         with torch.autocast(input_ids.device.type, enabled=False):
-            return _static_loop(dec, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                                temperature, top_p, top_k, use_compile)
+            return _static_loop(dec, input_ids, attention_mask, decoding, use_compile)
     except Exception as exc:  # noqa: BLE001 - any compile/dynamo/inductor failure: fall back to eager
         if not use_compile:
             raise
@@ -300,12 +307,13 @@ def generate_static(
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         dec.compile_failed, dec.compiled, dec.cache = True, None, None
         with torch.autocast(input_ids.device.type, enabled=False):
-            return _static_loop(dec, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                                temperature, top_p, top_k, False)
+            return _static_loop(dec, input_ids, attention_mask, decoding, False)
 
 
-def _static_loop(dec, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                 temperature, top_p, top_k, use_compile):
+def _static_loop(dec: _Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoding: Decoding,
+                 use_compile: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    max_new_tokens, eos_token_id, pad_token_id = decoding.max_new_tokens, decoding.eos_token_id, decoding.pad_token_id
+    temperature, top_p, top_k = decoding.temperature, decoding.top_p, decoding.top_k
     B, P = input_ids.shape
     R = max_new_tokens
     device = input_ids.device
@@ -354,15 +362,12 @@ def generate_hf(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    decoding: Decoding,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hugging Face `generate` (dynamic cache); same contract as `generate_static`. The log-probs come from the
     raw per-step logits generate returns, scaled by the temperature as the sampler did."""
+    max_new_tokens, eos_token_id, pad_token_id = decoding.max_new_tokens, decoding.eos_token_id, decoding.pad_token_id
+    temperature, top_p, top_k = decoding.temperature, decoding.top_p, decoding.top_k
     greedy = temperature <= 0
     out = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
@@ -442,11 +447,11 @@ def sample(
         for start in range(0, len(prompts), batch_size):
             ids, mask = encode_prompts(tokenizer, prompts[start : start + batch_size])
             ids, mask = ids.to(device), mask.to(device)
-            kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k)
+            decoding = Decoding(max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, top_p,
+                                top_k)
             if chosen == "static":
                 try:
-                    response, lp, flp = generate_static(model, ids, mask, compile=compile, dtype=dtype, **kwargs)
+                    response, lp, flp = generate_static(model, ids, mask, decoding, compile=compile, dtype=dtype)
                 except RuntimeError as exc:
                     # a forward patched to run under its own autocast (Accelerate's prepared models) writes keys
                     # and values of different dtypes into the one-dtype static cache: such a model samples
@@ -459,7 +464,7 @@ def sample(
             if chosen != "static":
                 low = dtype is not None and dtype != next(model.parameters()).dtype
                 with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=low):
-                    response, lp, flp = generate_hf(model, ids, mask, **kwargs)
+                    response, lp, flp = generate_hf(model, ids, mask, decoding)
             parts.append((ids.cpu(), mask.cpu(), response.cpu(), lp.cpu(), flp.cpu()))
     finally:
         model.train(was_training)
@@ -498,11 +503,7 @@ class TokenStep:
 def stream(
     model: Any,
     prompt_ids: Sequence[int],
-    max_new_tokens: int,
-    eos_token_id: int | None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    decoding: Decoding,
     top_logprobs: int = 0,
     generator: torch.Generator | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -515,7 +516,7 @@ def stream(
     cache_kw = _cache_kwarg(model) or "past_key_values"
     past = None
     cur = torch.tensor([list(prompt_ids)], device=device)  # (1, P), then (1, 1)
-    for _ in range(max_new_tokens):
+    for _ in range(decoding.max_new_tokens):
         if should_stop is not None and should_stop():
             return
         # grad mode is per thread and a generator may resume on another one: set it for each step, never
@@ -526,7 +527,7 @@ def stream(
             logits = out.logits[:, -1].float()  # (1, V)
             # shifted to max 0, so a tiny temperature divides into -inf at worst, never inf - inf
             logits = logits - logits.max()
-            tokens, _, _ = choose_tokens(logits, temperature, top_k, top_p, generator)
+            tokens, _, _ = choose_tokens(logits, decoding.temperature, decoding.top_k, decoding.top_p, generator)
             token = int(tokens[0])
             logp = torch.log_softmax(logits[0], dim=-1)  # (V,)
             top: list[tuple[int, float]] = []
@@ -535,6 +536,6 @@ def stream(
                 top = [(int(i), float(v)) for v, i in zip(values, idx)]
             step = TokenStep(token, float(logp[token]), top)
         yield step
-        if token == eos_token_id:
+        if token == decoding.eos_token_id:
             return
         cur = torch.tensor([[token]], device=device)

@@ -232,13 +232,13 @@ class Engine:
                  generator: Any, cancelled: threading.Event | None = None) -> Iterator[Step]:
         """Sample up to max_tokens tokens after `ids` (`generation.stream`: KV cache, one token per forward pass),
         stopping after EOS. Raises Abandoned before the next forward pass once `cancelled` is set."""
-        from rlhfkit.generation import stream
+        from rlhfkit.generation import Decoding, stream
 
         eos = self.tokenizer.eos_token_id
         gone = cancelled.is_set if cancelled is not None else None
         made, finished = 0, False
-        for step in stream(self.model, ids, max_tokens, eos, temperature=temperature, top_p=top_p,
-                           top_logprobs=top, generator=generator, should_stop=gone):
+        decoding = Decoding(max_tokens, eos, self.tokenizer.pad_token_id, temperature, top_p)
+        for step in stream(self.model, ids, decoding, top_logprobs=top, generator=generator, should_stop=gone):
             made, finished = made + 1, step.token_id == eos
             yield Step(step.token_id, step.logprob, step.top)
         if not finished and made < max_tokens and gone is not None and gone():
