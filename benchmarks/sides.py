@@ -124,9 +124,9 @@ def run_ours(spec: dict[str, Any], workload: str, out: Path, clock: Clock) -> di
                               use_margin=False))
             metric = "loss"
         elif workload == "dpo":
-            from rlhfkit.policy import dpo
+            from rlhfkit.policy import dpo, offline
 
-            original_prepare = dpo.prepare_reference
+            original_prepare = offline.prepare_reference
 
             def prepare_reference(*args: Any, **kwargs: Any) -> str:
                 start = now()
@@ -135,7 +135,7 @@ def run_ours(spec: dict[str, Any], workload: str, out: Path, clock: Clock) -> di
                 finally:
                     clock.ref_pass_s = now() - start
 
-            dpo.prepare_reference = prepare_reference
+            offline.prepare_reference = prepare_reference  # what offline.start calls
             dpo.main(dpo.DPOConfig(**common, data=spec["data"]["prefs"], eval_fraction=0.0,
                                    max_length=w["max_length"], beta=w["beta"], loss="dpo"))
             metric = "loss"

@@ -20,10 +20,9 @@ from rlhfkit.data.collate import collate_pairs
 from rlhfkit.data.preference import PreferencePair, Ranking, ranking_to_pairs, read_preferences
 from rlhfkit.data.preference_tokens import TokenizedPair, tokenize_preferences
 from rlhfkit.losses import PreferenceStats, cdpo_loss, dpo_loss, ipo_loss, orpo_loss, simpo_loss
-from rlhfkit.models import load_causal_lm, load_tokenizer
-from rlhfkit.policy.offline import REFERENCE_FREE, DPOConfig, Tally, read_records
+from rlhfkit.policy.offline import REFERENCE_FREE, DPOConfig, Tally, finish, read_records, start
 from rlhfkit.policy.reference import REF_CACHE as REF_CACHE  # re-exported: the pipeline and tests read dpo.REF_CACHE
-from rlhfkit.policy.reference import Reference, prepare_reference, sequence_logprobs, to_device
+from rlhfkit.policy.reference import Reference, sequence_logprobs, to_device
 from rlhfkit.train import Run, check_finite
 
 log = logging.getLogger(__name__)
@@ -146,23 +145,15 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
         from rlhfkit.policy import kto
 
         return kto.main(cfg)
-    run = Run(cfg, stage="dpo")
-    device = run.accelerator.device
-    tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    pad_id = tokenizer.pad_token_id
-    train, held, info = load_data(cfg, tokenizer)
-    log.info("dpo (%s): %s", cfg.loss, info)
-
-    model = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, dropout_off=cfg.dropout_off)
     ref_kind: Literal["cached", "adapter", "none"] = "none" if cfg.loss in REFERENCE_FREE else cfg.reference
-    ref_cache = prepare_reference(run, cfg, model, tokenizer, train, held) if ref_kind == "cached" else None
-    model, optimizer, scheduler, sampler, start_step = run.begin(model, len(train))
-    peft_model = run.accelerator.unwrap_model(model) if ref_kind == "adapter" else None
-    reference = Reference(ref_kind, run, pad_id, peft_model)
+    s = start(cfg, load_data, ref_kind)
+    run, model, optimizer, scheduler, sampler = s.run, s.model, s.optimizer, s.scheduler, s.sampler
+    train, held, reference = s.train, s.held, s.reference
+    device, pad_id = run.accelerator.device, s.tokenizer.pad_token_id
     loss_fn = pair_loss(cfg)
     micro = cfg.batch_size
     last: dict[str, Any] = {}
-    for step in range(start_step + 1, cfg.max_steps + 1):
+    for step in range(s.start_step + 1, cfg.max_steps + 1):
         indices = run.shard(sampler.next_indices(micro * cfg.grad_accum * run.world))
         chunks = [indices[k : k + micro] for k in range(0, len(indices), micro)]
         # the loss is a mean over the pairs of the whole optimizer step, over all micro-batches and processes, so
@@ -188,19 +179,4 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
         run.end_step(step, model, optimizer, scheduler, {"sampler": sampler.state_dict()})
         last = metrics
 
-    summary = {
-        "stage": "dpo",
-        "loss": cfg.loss,
-        "steps": cfg.max_steps,
-        **info,
-        "reference": ref_kind,
-        "ref_cache": ref_cache,
-        "final_loss": last.get("loss"),
-        "reward_accuracy": last.get("rewards/accuracy"),
-        "reward_margin": last.get("rewards/margin"),
-        "eval_loss": last.get("eval/loss"),
-        "eval_reward_accuracy": last.get("eval/rewards/accuracy"),
-        "eval_reward_margin": last.get("eval/rewards/margin"),
-    }
-    run.finish(model, tokenizer, summary)
-    return summary
+    return finish(cfg, s, ref_kind, last)

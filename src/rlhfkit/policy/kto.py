@@ -20,9 +20,8 @@ from rlhfkit.data.kto import TokenizedCompletion, kl_partners, mismatched, read_
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import kto_loss
 from rlhfkit.losses.dpo import kto_weights_ok
-from rlhfkit.models import load_causal_lm, load_tokenizer
-from rlhfkit.policy.offline import DPOConfig, Tally, read_records
-from rlhfkit.policy.reference import Reference, prepare_reference, sequence_logprobs, to_device
+from rlhfkit.policy.offline import DPOConfig, Tally, finish, read_records, start
+from rlhfkit.policy.reference import Reference, sequence_logprobs, to_device
 from rlhfkit.train import Run, check_finite
 
 log = logging.getLogger(__name__)
@@ -143,22 +142,13 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     if cfg.loss != "kto":  # the saved config.yaml must say what was trained, or a resume would switch losses
         raise ConfigError(f"policy.kto.main trains KTO but the config says loss: {cfg.loss}; set loss: kto, or "
                           "call policy.dpo.main for the paired losses.")
-    # the run keeps the stage name "dpo" (checkpoints, logs, summary): it is the command the user typed
-    run = Run(cfg, stage="dpo")
-    device = run.accelerator.device
-    tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    pad_id = tokenizer.pad_token_id
-    train, held, info = load_data(cfg, tokenizer)
-    log.info("dpo (%s): %s", cfg.loss, info)
-
-    model = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, dropout_off=cfg.dropout_off)
-    ref_cache = prepare_reference(run, cfg, model, tokenizer, train, held) if cfg.reference == "cached" else None
-    model, optimizer, scheduler, sampler, start_step = run.begin(model, len(train))
-    peft_model = run.accelerator.unwrap_model(model) if cfg.reference == "adapter" else None
-    reference = Reference(cfg.reference, run, pad_id, peft_model)
+    s = start(cfg, load_data, cfg.reference)
+    run, model, optimizer, scheduler, sampler = s.run, s.model, s.optimizer, s.scheduler, s.sampler
+    train, held, reference = s.train, s.held, s.reference
+    device, pad_id = run.accelerator.device, s.tokenizer.pad_token_id
     micro = cfg.batch_size
     last: dict[str, Any] = {}
-    for step in range(start_step + 1, cfg.max_steps + 1):
+    for step in range(s.start_step + 1, cfg.max_steps + 1):
         indices = run.shard(sampler.next_indices(micro * cfg.grad_accum * run.world))
         chunks = [indices[k : k + micro] for k in range(0, len(indices), micro)]
         # the loss is a mean over the examples of the whole optimizer step, over all micro-batches and processes,
@@ -185,19 +175,4 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
         run.end_step(step, model, optimizer, scheduler, {"sampler": sampler.state_dict()})
         last = metrics
 
-    summary = {
-        "stage": "dpo",
-        "loss": cfg.loss,
-        "steps": cfg.max_steps,
-        **info,
-        "reference": cfg.reference,
-        "ref_cache": ref_cache,
-        "final_loss": last.get("loss"),
-        "reward_accuracy": last.get("rewards/accuracy"),
-        "reward_margin": last.get("rewards/margin"),
-        "eval_loss": last.get("eval/loss"),
-        "eval_reward_accuracy": last.get("eval/rewards/accuracy"),
-        "eval_reward_margin": last.get("eval/rewards/margin"),
-    }
-    run.finish(model, tokenizer, summary)
-    return summary
+    return finish(cfg, s, cfg.reference, last)

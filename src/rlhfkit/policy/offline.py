@@ -1,9 +1,10 @@
 """What the offline preference trainers share -- the DPO family (policy/dpo.py) and KTO (policy/kto.py): their one
-config (`rlhfkit dpo` trains either, by --loss), the record reader with its held-out split, and the tally of
-per-pair metrics reduced over processes."""
+config (`rlhfkit dpo` trains either, by --loss), the record reader with its held-out split, the tally of
+per-pair metrics reduced over processes, and the set-up and summary around their training loops."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -12,7 +13,11 @@ import torch
 from rlhfkit.config import PreferenceDataConfig, TrainConfig
 from rlhfkit.data.readers import split_eval
 from rlhfkit.errors import ConfigError
+from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.policy.reference import Reference, prepare_reference
 from rlhfkit.train import Run
+
+log = logging.getLogger(__name__)
 
 REFERENCE_FREE = ("simpo", "orpo")
 DEFAULT_BETA = {"dpo": 0.1, "cdpo": 0.1, "kto": 0.1, "simpo": 2.0}
@@ -128,3 +133,61 @@ class Tally:
         if prefix + "rewards/chosen" in out and prefix + "rewards/rejected" in out:
             out[prefix + "rewards/margin"] = out[prefix + "rewards/chosen"] - out[prefix + "rewards/rejected"]
         return out
+
+
+# ------------------------------------------------------------------------------------ set-up and summary
+@dataclass
+class Started:
+    """An offline preference run ready for its first step: data, the prepared model, optimizer and schedule, and
+    where log π_ref comes from."""
+
+    run: Run
+    tokenizer: Any
+    train: Any
+    held: Any
+    info: dict[str, Any]
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    sampler: Any
+    start_step: int
+    reference: Reference
+    ref_cache: str | None
+    """'reused' or 'computed' with reference: cached, else None."""
+
+
+def start(cfg: DPOConfig, load_data: Callable[[DPOConfig, Any], tuple[Any, Any, dict[str, Any]]],
+          ref_kind: Literal["cached", "adapter", "none"]) -> Started:
+    """Run, tokenizer, data (`load_data`: the trainer's split and tokenising), the policy, the reference (cached
+    log-probs computed before resume loads trained weights, or the adapter switched off), then run.begin."""
+    run = Run(cfg, stage="dpo")  # `rlhfkit dpo` trains every offline loss: one stage name
+    tokenizer = load_tokenizer(cfg.model, padding_side="right")
+    train, held, info = load_data(cfg, tokenizer)
+    log.info("dpo (%s): %s", cfg.loss, info)
+    model = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, dropout_off=cfg.dropout_off)
+    ref_cache = prepare_reference(run, cfg, model, tokenizer, train, held) if ref_kind == "cached" else None
+    model, optimizer, scheduler, sampler, start_step = run.begin(model, len(train))
+    peft_model = run.accelerator.unwrap_model(model) if ref_kind == "adapter" else None
+    reference = Reference(ref_kind, run, tokenizer.pad_token_id, peft_model)
+    return Started(run, tokenizer, train, held, info, model, optimizer, scheduler, sampler, start_step, reference,
+                   ref_cache)
+
+
+def finish(cfg: DPOConfig, s: Started, ref_kind: str, last: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary.json (the last step's metrics), written with the final model."""
+    summary = {
+        "stage": "dpo",
+        "loss": cfg.loss,
+        "steps": cfg.max_steps,
+        **s.info,
+        "reference": ref_kind,
+        "ref_cache": s.ref_cache,
+        "final_loss": last.get("loss"),
+        "reward_accuracy": last.get("rewards/accuracy"),
+        "reward_margin": last.get("rewards/margin"),
+        "eval_loss": last.get("eval/loss"),
+        "eval_reward_accuracy": last.get("eval/rewards/accuracy"),
+        "eval_reward_margin": last.get("eval/rewards/margin"),
+    }
+    s.run.finish(s.model, s.tokenizer, summary)
+    return summary

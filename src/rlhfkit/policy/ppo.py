@@ -4,7 +4,8 @@ and REINFORCE estimators in the same loop.
 One step is six named phases, called in order by `main`: `rollout` (left-padded prompts, temperature sampling)
 -> `score` (reward model at the last real token, reference log-probs) -> `advantages` (per-token KL penalty, then
 the estimator the config names, from ADVANTAGE_ESTIMATORS) -> `update` (several epochs of clipped updates over
-minibatches) -> `control` (KL controller, held-out judge and the over-optimisation monitor) -> log and checkpoint.
+minibatches) -> `control_kl` (the KL controller) and `monitor` (held-out judge, over-optimisation monitor) -> log
+and checkpoint.
 Each of "The N Implementation Details of RLHF with PPO" (Huang et al. 2023) is named where it is implemented."""
 
 from __future__ import annotations
