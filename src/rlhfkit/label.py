@@ -2,10 +2,11 @@
 the playground's simulated annotators label through the same service layer as people.
 
     rlhfkit label create   --db F --project P --prompts prompts.jsonl (--responses a.jsonl,b.jsonl | --models m1,m2)
+                           [--criteria helpfulness,harmlessness,honesty | --mode attributes [--attributes a,b,c]]
     rlhfkit label add-user --db F --user NAME --role admin|annotator   (password from RLHFKIT_PASSWORD, a file or a prompt)
     rlhfkit label serve    --db F [--host 127.0.0.1 --port 8000 --trusted-proxy IP --secure-cookies]
     rlhfkit label users    --db F   (and reset-password, deactivate, reactivate, unlock, revoke-sessions --user U)
-    rlhfkit label export   --db F --project P --output prefs.jsonl [--kto]
+    rlhfkit label export   --db F --project P --output prefs.jsonl [--kto] [--by-criterion]
     rlhfkit label simulate --db F --project P [--annotators 13]
 
 An entry point: the store commands live in `feedback.commands`, the web app in `feedback.web`, the simulated

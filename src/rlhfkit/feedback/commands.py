@@ -41,8 +41,15 @@ class LabelConfig:
     postgresql+psycopg://user@host/name."""
     project: str = ""
     """Project name (create, export, simulate)."""
-    mode: Literal["pairwise", "ranking"] = "pairwise"
-    """create: compare two responses (pairwise) or rank K of them (ranking)."""
+    mode: Literal["pairwise", "ranking", "attributes"] = "pairwise"
+    """create: compare two responses (pairwise), rank K of them (ranking), or score each of up to K responses 0-4
+    per attribute (attributes, HelpSteer2's scheme)."""
+    criteria: list[str] = field(default_factory=list)
+    """create, pairwise: answer each item per criterion (rubric mode), e.g. helpfulness,harmlessness,honesty; each
+    criterion gets its own A / B / tie / both-bad verdict. Empty: one overall verdict per item."""
+    attributes: list[str] = field(default_factory=list)
+    """create, --mode attributes: the attributes each response is scored on, 0-4 (default HelpSteer2's
+    helpfulness,correctness,coherence,complexity,verbosity)."""
     instructions: str = ""
     """create: guidelines shown to annotators above every task (plain text)."""
     prompts: str = ""
@@ -54,7 +61,7 @@ class LabelConfig:
     """create: model directories that sample the responses instead (response slot k comes from model
     k mod len(models)), through the same rollout code as PPO."""
     responses_per_item: int = 2
-    """create: responses per item (2 for pairwise; K for ranking)."""
+    """create: responses per item (2 for pairwise; K for ranking; at most K, at least 1, for attributes)."""
     annotators_per_item: int = 1
     """create: how many different annotators judge each item (overlap, for agreement)."""
     gold: str = ""
@@ -108,7 +115,12 @@ class LabelConfig:
     messages); without it prompts are plain text, sampled and exported as strings."""
     majority: bool = False
     """export: one row per item, its annotators' judgments merged by majority vote (pairs) or Borda count
-    (rankings), for projects with overlap (--annotators-per-item > 1); without it, one row per judgment."""
+    (rankings), for projects with overlap (--annotators-per-item > 1); without it, one row per judgment. A rubric
+    project votes per criterion."""
+    by_criterion: bool = False
+    """export, rubric projects: write one standard preference file per criterion next to --output
+    (prefs.jsonl -> prefs.helpfulness.jsonl, prefs.honesty.jsonl, ...) instead of one file with a criterion
+    column."""
     annotators: int = 13
     """simulate: size of the simulated annotator pool (users sim-00, sim-01, ... without passwords)."""
 
@@ -188,13 +200,29 @@ def _model_responses(cfg: LabelConfig, prompts: list[str]) -> dict[str, list[tup
 
 
 def create(cfg: LabelConfig) -> dict:
-    from rlhfkit.feedback.service import Conflict, ItemSpec
+    from rlhfkit.feedback.service import Conflict, FeedbackError, ItemSpec, criteria_names
 
     need(cfg, "project", "prompts")
     if bool(cfg.responses) == bool(cfg.models):
         raise ConfigError("label create needs either --responses FILES or --models DIRS (not both).")
     if cfg.mode == "pairwise" and cfg.responses_per_item != 2:
         raise ConfigError("a pairwise project has responses_per_item 2; use --mode ranking for more.")
+    if cfg.criteria and cfg.mode != "pairwise":
+        raise ConfigError(f"--criteria (rubric mode) needs --mode pairwise, not {cfg.mode}; to score responses per "
+                          "attribute use --mode attributes --attributes NAMES.")
+    if cfg.attributes and cfg.mode != "attributes":
+        raise ConfigError("--attributes needs --mode attributes; to compare two responses per criterion use "
+                          "--criteria NAMES.")
+    if cfg.gold and (cfg.criteria or cfg.mode == "attributes"):
+        raise ConfigError("--gold is not supported for projects answered per criterion or attribute; drop --gold.")
+    try:  # the names first, before any response is read or sampled
+        criteria_names(cfg.mode, cfg.criteria or cfg.attributes or None)
+    except FeedbackError as exc:
+        raise ConfigError(f"{'--attributes' if cfg.mode == 'attributes' else '--criteria'}: {exc}") from None
+    least = 1 if cfg.mode == "attributes" else 2
+    if cfg.responses_per_item < least:
+        raise ConfigError(f"--responses-per-item must be at least {least} for a {cfg.mode} project, got "
+                          f"{cfg.responses_per_item}.")
     prompts = [_prompt_text(p, cfg.prompts, i + 1) for i, p in enumerate(read_prompts(cfg.prompts))]
     found = _file_responses(cfg.responses) if cfg.responses else _model_responses(cfg, prompts)
     items, dropped = [], 0
@@ -203,7 +231,7 @@ def create(cfg: LabelConfig) -> dict:
         for text, source in found.get(" ".join(prompt.split()), []):
             unique.setdefault(text.strip(), source)  # identical responses teach nothing; keep the first
         chosen = list(unique.items())[: cfg.responses_per_item]
-        if len(chosen) < (2 if cfg.mode == "ranking" else cfg.responses_per_item):
+        if len(chosen) < {"ranking": 2, "attributes": 1}.get(cfg.mode, cfg.responses_per_item):
             dropped += 1
             continue
         items.append(ItemSpec(prompt, [t for t, _ in chosen], [s for _, s in chosen]))
@@ -212,19 +240,38 @@ def create(cfg: LabelConfig) -> dict:
                         "responses files use the same prompt texts.")
     gold = _gold_items(cfg) if cfg.gold else []
     svc = service_for(cfg)
+    asked = cfg.criteria or cfg.attributes or None  # None: a plain project, or HelpSteer2's attributes
     try:
         project = svc.create_project(cfg.project, cfg.mode, cfg.instructions, cfg.responses_per_item,
-                                     cfg.annotators_per_item)
+                                     cfg.annotators_per_item, criteria=asked)
     except Conflict:
         project = svc.project(cfg.project)
+        _same_kind(cfg, project, asked)
         log.info("project %s exists; adding items to it", cfg.project)
     added = svc.add_items(project.id, items + gold)
     summary = {"project": project.name, "items": added, "gold_items": len(gold), "prompts_without_enough_responses": dropped}
+    if project.criteria:
+        summary["attributes" if project.mode == "attributes" else "criteria"] = list(project.criteria)
     if dropped:
         log.warning("%d prompt(s) had fewer than %d distinct responses and were left out", dropped,
                     cfg.responses_per_item)
     print(json.dumps(summary))
     return summary
+
+
+def _same_kind(cfg: LabelConfig, project: Any, asked: list[str] | None) -> None:
+    """ConfigError when create, adding items to an existing project, asks for other criteria or attributes (or
+    another mode of a project answered per criterion) than the project has."""
+    if not (project.criteria or asked or cfg.mode == "attributes"):
+        return  # plain projects: exactly as before
+    if project.mode != cfg.mode:
+        raise ConfigError(f"project {project.name} exists as a {project.mode} project; pass --mode {project.mode} "
+                          "to add items to it, or pick another --project.")
+    if asked is not None and list(asked) != list(project.criteria):
+        flag = "--attributes" if project.mode == "attributes" else "--criteria"
+        raise ConfigError(f"project {project.name} exists with {flag} {','.join(project.criteria) or '(none)'}, not "
+                          f"{','.join(asked)}; pass the same list (or none) to add items to it, or pick another "
+                          "--project.")
 
 
 def _gold_items(cfg: LabelConfig) -> list:
@@ -326,23 +373,86 @@ def revoke_sessions(cfg: LabelConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- export
+def _agreement_summary(svc: Any, project: Any) -> dict[str, dict[str, Any]]:
+    """Per-criterion agreement of a rubric or attribute project, as the export summary reports it."""
+    out = {}
+    for name, a in svc.agreement_by_criterion(project.id).items():
+        out[name] = {"units": a.units, "percent": None if a.percent is None else round(a.percent, 4),
+                     "alpha": None if a.alpha is None else round(a.alpha, 4), "metric": a.metric}
+    return out
+
+
+def criterion_path(output: str | Path, criterion: str) -> Path:
+    """Where --by-criterion writes a criterion's file: prefs.jsonl -> prefs.<criterion>.jsonl beside it."""
+    p = Path(output)
+    return p.with_name(f"{p.stem}.{criterion}{p.suffix}")
+
+
 def export(cfg: LabelConfig) -> dict:
-    from rlhfkit.feedback.export import export_rows, majority_rows, write_export
+    from rlhfkit.feedback.export import (
+        attribute_rows, export_by_criterion, export_rows, majority_rows, write_export,
+    )
 
     need(cfg, "project", "output")
-    if cfg.majority:
-        if cfg.kto or cfg.include_gold:
-            raise ConfigError("label export --majority writes merged preference rows: drop --kto and "
-                              "--include-gold (gold items check annotators, they are not merged).")
-        rows, report = majority_rows(service_for(cfg), cfg.project, rankings_as=cfg.rankings_as,
-                                     margin_scale=cfg.margin_scale, conversational=cfg.conversational)
+    if cfg.majority and (cfg.kto or cfg.include_gold):
+        raise ConfigError("label export --majority writes merged preference rows: drop --kto and "
+                          "--include-gold (gold items check annotators, they are not merged).")
+    svc = service_for(cfg)
+    project = svc.project(cfg.project)
+    if project.mode == "attributes":
+        return _export_attributes(cfg, svc, project, attribute_rows, write_export)
+    if cfg.by_criterion:
+        if not project.rubric:
+            raise ConfigError(f"project {project.name} has no criteria, so --by-criterion has nothing to split; drop "
+                              "it (a rubric project is made with label create --criteria).")
+        if Path(cfg.output).suffix.lower() not in (".jsonl", ".ndjson"):
+            raise ConfigError(f"--output {cfg.output}: the export is JSON Lines; use a .jsonl file name.")
+        files, report = export_by_criterion(svc, project.id, majority=cfg.majority, kto=cfg.kto,
+                                            include_gold=cfg.include_gold, margin_scale=cfg.margin_scale,
+                                            conversational=cfg.conversational)
+        outputs = {}
+        for criterion, rows in files.items():
+            path = write_export(criterion_path(cfg.output, criterion), rows)
+            outputs[criterion] = str(path)
+            log.info("%s: %d rows for criterion %s", path, len(rows), criterion)
+            if not rows:
+                log.warning("criterion %s has no exportable verdict (only ties, both-bad or skips), so %s is empty",
+                            criterion, path)
+        summary: dict[str, Any] = {"outputs": outputs, "rows": report.criteria, "judgments": report.judgments,
+                                   "left_out": report.skipped}
     else:
-        rows, report = export_rows(service_for(cfg), cfg.project, kto=cfg.kto, rankings_as=cfg.rankings_as,
-                                   include_gold=cfg.include_gold, margin_scale=cfg.margin_scale,
-                                   conversational=cfg.conversational)
-    write_export(cfg.output, rows)
-    summary = {"output": cfg.output, "rows": report.rows, "judgments": report.judgments, "left_out": report.skipped}
+        if cfg.majority:
+            rows, report = majority_rows(svc, project.id, rankings_as=cfg.rankings_as,
+                                         margin_scale=cfg.margin_scale, conversational=cfg.conversational)
+        else:
+            rows, report = export_rows(svc, project.id, kto=cfg.kto, rankings_as=cfg.rankings_as,
+                                       include_gold=cfg.include_gold, margin_scale=cfg.margin_scale,
+                                       conversational=cfg.conversational)
+        write_export(cfg.output, rows)
+        summary = {"output": cfg.output, "rows": report.rows, "judgments": report.judgments,
+                   "left_out": report.skipped}
+        if project.rubric:
+            summary["rows_per_criterion"] = report.criteria
     if cfg.majority:
         summary["items"] = report.items
+    if project.rubric:
+        summary["agreement"] = _agreement_summary(svc, project)
+    print(json.dumps(summary))
+    return summary
+
+
+def _export_attributes(cfg: LabelConfig, svc: Any, project: Any, attribute_rows: Any, write_export: Any) -> dict:
+    """An attribute project's HelpSteer2-style rows; the preference-only flags are refused by name."""
+    for flag, on in (("--kto", cfg.kto), ("--majority", cfg.majority), ("--by-criterion", cfg.by_criterion),
+                     ("--include-gold", cfg.include_gold), ("--conversational", cfg.conversational),
+                     ("--rankings-as ranking", cfg.rankings_as != "pairs")):
+        if on:
+            raise ConfigError(f"project {project.name} scores attributes and exports HelpSteer2-style rows (one per "
+                              f"response, a 0-4 score per attribute); {flag} applies to preference projects, drop "
+                              "it.")
+    rows, report = attribute_rows(svc, project.id)
+    write_export(cfg.output, rows)
+    summary = {"output": cfg.output, "rows": report.rows, "judgments": report.judgments, "left_out": report.skipped,
+               "attributes": list(project.criteria), "agreement": _agreement_summary(svc, project)}
     print(json.dumps(summary))
     return summary

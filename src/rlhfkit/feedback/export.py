@@ -1,8 +1,9 @@
 """Export judgments to the preference formats the trainers read (`rlhfkit.data.preference.read_preferences`):
 one TRL explicit-prompt row per A/B judgment with `margin` from its strength (Llama 2 §3.2.2), the C(K,2) pairs
 of each ranking written together (or one K-way row), and optionally KTO's unpaired rows; or, for projects with
-overlap (several annotators per item), one majority-vote row per item. The annotator's name and the responses'
-source ids are kept on every row."""
+overlap (several annotators per item), one majority-vote row per item. A rubric project's rows come one per
+criterion verdict (with a `criterion` column, or one file per criterion); an attribute project's in HelpSteer2's
+scored-response format. The annotator's name and the responses' source ids are kept on every row."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class ExportReport:
     """Judgments (export_rows) or items (majority_rows) that gave no row, by reason."""
     items: int = 0
     """Items whose judgments were read (majority_rows counts per item; export_rows leaves it 0)."""
+    criteria: dict[str, int] = field(default_factory=dict)
+    """A rubric project's rows per criterion (empty for other projects)."""
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -47,6 +50,25 @@ def _margin_on_every_pair(rows: list[dict[str, Any]]) -> None:
                 row.setdefault("margin", 0.0)
 
 
+def _answers(j: dict[str, Any], criteria: tuple[str, ...]) -> list[tuple[str | None, str, str | None]]:
+    """(criterion, outcome, strength) of each verdict in a non-skip judgment: one per criterion of a rubric
+    project, in the project's order, else the judgment's own outcome with criterion None."""
+    if j["rubric"] is not None:
+        return [(c, j["rubric"][c]["outcome"], j["rubric"][c]["strength"]) for c in criteria]
+    return [(None, j["outcome"], j["strength"])]
+
+
+def _with_criterion(row: dict[str, Any], criterion: str | None) -> dict[str, Any]:
+    return row if criterion is None else {**row, "criterion": criterion}
+
+
+def _no_attributes(info: Any, what: str) -> None:
+    if info.mode == "attributes":
+        raise UserError(f"project {info.name!r} scores attributes, so it has no preference pairs for {what}; "
+                        "export its HelpSteer2-style rows (attribute_rows; `rlhfkit label export` picks them for "
+                        "an attribute project).")
+
+
 def export_rows(service: FeedbackService, project: str | int, *, kto: bool = False,
                 rankings_as: Literal["pairs", "ranking"] = "pairs", include_gold: bool = False,
                 margin_scale: Literal["large", "small"] = "small", conversational: bool = False,
@@ -61,8 +83,31 @@ def export_rows(service: FeedbackService, project: str | int, *, kto: bool = Fal
     rejected one undesirable, both responses of a "both bad" judgment undesirable. Ties are left out there
     too, departing from the issue's "ties to KTO rows": a tie says two responses are equally good or equally
     bad, not which, so it gives no desirable/undesirable label. Skips and, unless include_gold, gold items are
-    never exported. margin_scale picks the strength→margin map (RewardConfig's default is "small")."""
+    never exported. margin_scale picks the strength→margin map (RewardConfig's default is "small").
+
+    A rubric project (criteria) gives one such row per criterion verdict, each with a `criterion` column;
+    ties and "both bad" verdicts are treated as above, one verdict at a time (`export_by_criterion` writes one
+    file per criterion instead)."""
+    rows, report = _judgment_rows(service, project, kto=kto, rankings_as=rankings_as, include_gold=include_gold,
+                                  margin_scale=margin_scale, conversational=conversational)
+    return _finish(rows, report)
+
+
+def _finish(rows: list[dict[str, Any]], report: ExportReport) -> tuple[list[dict[str, Any]], ExportReport]:
+    _margin_on_every_pair(rows)
+    report.rows = len(rows)
+    for row in rows:
+        if "criterion" in row:
+            report.criteria[row["criterion"]] = report.criteria.get(row["criterion"], 0) + 1
+    return rows, report
+
+
+def _judgment_rows(service: FeedbackService, project: str | int, *, kto: bool, rankings_as: str,
+                   include_gold: bool, margin_scale: Literal["large", "small"], conversational: bool,
+                   ) -> tuple[list[dict[str, Any]], ExportReport]:
+    """export_rows without the margin fill (which `export_by_criterion` does per file)."""
     info = service.project(project)
+    _no_attributes(info, "export_rows")
     report = ExportReport()
     rows: list[dict[str, Any]] = []
     source = f"label:{info.name}"
@@ -80,18 +125,20 @@ def export_rows(service: FeedbackService, project: str | int, *, kto: bool = Fal
         def resp(i: int) -> Any:
             return _text(responses[i], "assistant", conversational)
 
-        def pair(better: int, worse: int, strength: str | None) -> dict[str, Any]:
+        def pair(better: int, worse: int, strength: str | None, criterion: str | None = None) -> dict[str, Any]:
             row: dict[str, Any] = {"prompt": prompt, "chosen": resp(better), "rejected": resp(worse)}
             if strength is not None:
                 row["margin"] = strength_to_margin(strength, margin_scale)
                 row["strength"] = strength
+            row = _with_criterion(row, criterion)
             row.update(annotator=j["annotator"], source=source, chosen_source=sources[better],
                        rejected_source=sources[worse], item_id=j["item_id"])
             return row
 
-        def unpaired(i: int, desirable: bool) -> dict[str, Any]:
-            return {"prompt": prompt, "completion": resp(i), "label": desirable, "annotator": j["annotator"],
-                    "source": source, "completion_source": sources[i], "item_id": j["item_id"]}
+        def unpaired(i: int, desirable: bool, criterion: str | None = None) -> dict[str, Any]:
+            row = _with_criterion({"prompt": prompt, "completion": resp(i), "label": desirable}, criterion)
+            return {**row, "annotator": j["annotator"], "source": source, "completion_source": sources[i],
+                    "item_id": j["item_id"]}
 
         if j["ranking"] is not None:
             tiers = j["ranking"]
@@ -108,17 +155,31 @@ def export_rows(service: FeedbackService, project: str | int, *, kto: bool = Fal
                     for worse in tiers[t + 1 :]:
                         rows += [pair(b, w, j["strength"]) for b in better for w in worse]
             continue
-        outcome = j["outcome"]
-        if outcome in ("A", "B"):
-            better, worse = (0, 1) if outcome == "A" else (1, 0)
-            rows += [unpaired(better, True), unpaired(worse, False)] if kto else [pair(better, worse, j["strength"])]
-        elif outcome == "both_bad" and kto:
-            rows += [unpaired(0, False), unpaired(1, False)]
-        else:
-            report.skip(outcome)
-    _margin_on_every_pair(rows)
-    report.rows = len(rows)
+        for criterion, outcome, strength in _answers(j, info.criteria):
+            if outcome in ("A", "B"):
+                better, worse = (0, 1) if outcome == "A" else (1, 0)
+                rows += ([unpaired(better, True, criterion), unpaired(worse, False, criterion)] if kto
+                         else [pair(better, worse, strength, criterion)])
+            elif outcome == "both_bad" and kto:
+                rows += [unpaired(0, False, criterion), unpaired(1, False, criterion)]
+            else:
+                report.skip(outcome)
     return rows, report
+
+
+def _majority(votes: list[tuple[str, str | None]]) -> tuple[str, str | None, dict[str, int]] | str:
+    """(winning outcome A or B, its strength, the vote counts) from (outcome, strength) votes, or the reason no
+    row comes out: "vote_tie" for a shared top count, else the winning tie / both_bad."""
+    counts = Counter(outcome for outcome, _ in votes)
+    (top, n), *rest = counts.most_common()
+    if rest and rest[0][1] == n:
+        return "vote_tie"
+    if top not in ("A", "B"):
+        return top
+    levels = sorted(STRENGTHS.index(strength or STRENGTHS[-1]) if outcome == top
+                    else len(STRENGTHS) - 1 for outcome, strength in votes if outcome in ("A", "B"))
+    strength = STRENGTHS[levels[(len(levels) - 1) // 2]] if levels else None  # lower (weaker) median
+    return top, strength, dict(counts)
 
 
 def majority_rows(service: FeedbackService, project: str | int, *,
@@ -132,8 +193,19 @@ def majority_rows(service: FeedbackService, project: str | int, *,
     strict voters' strengths, each dissenting vote counted as "negligible", so a split vote asks for no margin.
     Rankings: Borda count (each response's mean place, tied tiers sharing their mid-place), equal means tie; a
     ranking that comes out all tied is skipped as "vote_tie". Rows carry the pairwise `votes`, every voter in
-    `annotator` ("a+b+c") and the item id. Skips and gold items are left out and counted, as in export_rows."""
+    `annotator` ("a+b+c") and the item id. Skips and gold items are left out and counted, as in export_rows.
+    A rubric project gets one vote per (item, criterion), its rows carrying a `criterion` column."""
+    rows, report = _majority_rows(service, project, rankings_as=rankings_as, margin_scale=margin_scale,
+                                  conversational=conversational)
+    return _finish(rows, report)
+
+
+def _majority_rows(service: FeedbackService, project: str | int, *, rankings_as: str,
+                   margin_scale: Literal["large", "small"], conversational: bool,
+                   ) -> tuple[list[dict[str, Any]], ExportReport]:
+    """majority_rows without the margin fill."""
     info = service.project(project)
+    _no_attributes(info, "majority_rows")
     report = ExportReport()
     source = f"label:{info.name}"
     by_item: dict[int, list[dict[str, Any]]] = {}
@@ -153,28 +225,25 @@ def majority_rows(service: FeedbackService, project: str | int, *,
         responses, sources = first["responses"], first["sources"]
         common = {"annotator": "+".join(v["annotator"] for v in votes), "source": source}
 
-        def pair(better: int, worse: int, strength: str | None) -> dict[str, Any]:
+        def pair(better: int, worse: int, strength: str | None, criterion: str | None = None) -> dict[str, Any]:
             row: dict[str, Any] = {"prompt": prompt, "chosen": _text(responses[better], "assistant", conversational),
                                    "rejected": _text(responses[worse], "assistant", conversational)}
             if strength is not None:
                 row.update(margin=strength_to_margin(strength, margin_scale), strength=strength)
-            return {**row, **common, "chosen_source": sources[better], "rejected_source": sources[worse],
-                    "item_id": item_id}
+            return {**_with_criterion(row, criterion), **common, "chosen_source": sources[better],
+                    "rejected_source": sources[worse], "item_id": item_id}
 
         if first["ranking"] is None:
-            counts = Counter(v["outcome"] for v in votes)
-            (top, n), *rest = counts.most_common()
-            if rest and rest[0][1] == n:
-                report.skip("vote_tie")
-                continue
-            if top not in ("A", "B"):
-                report.skip(top)
-                continue
-            levels = sorted(STRENGTHS.index(v["strength"] or STRENGTHS[-1]) if v["outcome"] == top
-                            else len(STRENGTHS) - 1 for v in votes if v["outcome"] in ("A", "B"))
-            strength = STRENGTHS[levels[(len(levels) - 1) // 2]] if levels else None  # lower (weaker) median
-            better, worse = (0, 1) if top == "A" else (1, 0)
-            rows.append({**pair(better, worse, strength), "votes": dict(counts)})
+            # one vote per criterion of a rubric project (criterion None: the whole judgment's outcome)
+            answers = [_answers(v, info.criteria) for v in votes]
+            for n, (criterion, _, _) in enumerate(answers[0]):
+                won = _majority([(a[n][1], a[n][2]) for a in answers])
+                if isinstance(won, str):
+                    report.skip(won)
+                    continue
+                top, strength, counts = won
+                better, worse = (0, 1) if top == "A" else (1, 0)
+                rows.append({**pair(better, worse, strength, criterion), "votes": counts})
             continue
         # Borda: a response's place is its tier's mid-place (0-based); doubled so the sums stay integers
         place2 = [0] * len(responses)
@@ -195,7 +264,59 @@ def majority_rows(service: FeedbackService, project: str | int, *,
             for t, better in enumerate(tiers):
                 for worse in tiers[t + 1 :]:
                     rows += [pair(b, w, None) for b in better for w in worse]
-    _margin_on_every_pair(rows)
+    return rows, report
+
+
+def export_by_criterion(service: FeedbackService, project: str | int, *, majority: bool = False, kto: bool = False,
+                        include_gold: bool = False, margin_scale: Literal["large", "small"] = "small",
+                        conversational: bool = False) -> tuple[dict[str, list[dict[str, Any]]], ExportReport]:
+    """A rubric project's rows as one standard preference file per criterion: {criterion: rows}, in the project's
+    criterion order (a criterion with no row gets an empty list), the rows exactly those of export_rows
+    (majority_rows with majority=True) without their `criterion` column. Margins are filled per file, so a
+    criterion whose verdicts carry no strength gets no margin column."""
+    info = service.project(project)
+    if not info.rubric:
+        raise UserError(f"project {info.name!r} has no criteria, so there is nothing to split by criterion; drop "
+                        "--by-criterion (a rubric project is created with --criteria).")
+    if majority:
+        if kto or include_gold:
+            raise UserError("majority rows merge preference pairs: drop kto and include_gold.")
+        rows, report = _majority_rows(service, info.id, rankings_as="pairs", margin_scale=margin_scale,
+                                      conversational=conversational)
+    else:
+        rows, report = _judgment_rows(service, info.id, kto=kto, rankings_as="pairs", include_gold=include_gold,
+                                      margin_scale=margin_scale, conversational=conversational)
+    files: dict[str, list[dict[str, Any]]] = {c: [] for c in info.criteria}
+    for row in rows:
+        files[row.pop("criterion")].append(row)
+    for criterion, criterion_rows in files.items():
+        _margin_on_every_pair(criterion_rows)
+        report.criteria[criterion] = len(criterion_rows)
+    report.rows = len(rows)
+    return files, report
+
+
+def attribute_rows(service: FeedbackService, project: str | int) -> tuple[list[dict[str, Any]], ExportReport]:
+    """An attribute project's scores in HelpSteer2's row format (Wang et al. 2024, arXiv 2406.08673): one row per
+    (judgment, response), {"prompt", "response", <attribute>: 0-4 for each attribute, "annotator", "source",
+    "response_source", "item_id"}, responses in item order. `rlhfkit data convert helpsteer2` reads these rows
+    when the attributes are HelpSteer2's five. Skips are left out and counted."""
+    info = service.project(project)
+    if info.mode != "attributes":
+        raise UserError(f"project {info.name!r} is a {info.mode} project, not an attribute project; export its "
+                        "preference pairs instead.")
+    report = ExportReport()
+    rows: list[dict[str, Any]] = []
+    source = f"label:{info.name}"
+    for j in service.judged_items(info.id):
+        report.judgments += 1
+        if j["outcome"] == "skip":
+            report.skip("skip")
+            continue
+        for i, scored in enumerate(j["scores"]):
+            rows.append({"prompt": j["prompt"], "response": j["responses"][i],
+                         **{a: scored[a] for a in info.criteria}, "annotator": j["annotator"], "source": source,
+                         "response_source": j["sources"][i], "item_id": j["item_id"]})
     report.rows = len(rows)
     return rows, report
 

@@ -21,17 +21,19 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from sqlalchemy import exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.data.preference import STRENGTHS
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.agreement import cohen_kappa, krippendorff_alpha_nominal, percent_agreement
+from rlhfkit.feedback.agreement import (
+    cohen_kappa, krippendorff_alpha_interval, krippendorff_alpha_nominal, percent_agreement,
+)
 from rlhfkit.feedback.store import (
-    FLAGS, MODES, OUTCOMES, ROLES, Assignment, AuthSession, Gold, Item, Judgment, LoginFailures, Project, Store,
-    User, now,
+    FLAGS, HELPSTEER2_ATTRIBUTES, LIKERT, MODES, OUTCOMES, ROLES, VERDICTS, Assignment, AuthSession, Gold, Item,
+    Judgment, LoginFailures, Project, Store, User, now,
 )
 
 MAX_RATIONALE = 5000
@@ -41,6 +43,10 @@ MAX_ID = 2**63 - 1
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _SUBMISSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_CRITERION_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+"""Criterion and attribute names: they become JSON keys, form values and export file names (prefs.<name>.jsonl)."""
+RESERVED_ATTRIBUTES = frozenset({"prompt", "response", "annotator", "source", "response_source", "item_id"})
+"""Columns of an attribute export row, so no attribute may take their names."""
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -156,6 +162,21 @@ class ProjectInfo:
     instructions: str
     responses_per_item: int
     annotators_per_item: int
+    criteria: tuple[str, ...] = ()
+    """A rubric project's criteria (pairwise mode) or an attribute project's attributes; () otherwise."""
+
+    @property
+    def rubric(self) -> bool:
+        """A pairwise project answered criterion by criterion."""
+        return self.mode == "pairwise" and bool(self.criteria)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A rubric judgment's answer on one criterion: A, B, tie or both_bad, with an optional strength for A or B."""
+
+    outcome: str
+    strength: str | None = None
 
 
 @dataclass
@@ -230,6 +251,8 @@ class Agreement:
     """Cohen's kappa per annotator pair ("a|b") that shares at least `min_shared` items."""
     label: str
     """What was compared: the pairwise outcome, or the response ranked first."""
+    metric: str = "nominal"
+    """Krippendorff's difference function: nominal (outcomes, rankings) or interval (Likert attribute scores)."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +270,40 @@ def _user_info(u: User) -> UserInfo:
 
 
 def _project_info(p: Project) -> ProjectInfo:
-    return ProjectInfo(p.id, p.name, p.mode, p.instructions, p.responses_per_item, p.annotators_per_item)
+    return ProjectInfo(p.id, p.name, p.mode, p.instructions, p.responses_per_item, p.annotators_per_item,
+                       tuple(p.criteria or ()))
+
+
+def criteria_names(mode: str, criteria: Sequence[str] | None) -> list[str] | None:
+    """The criteria a new project stores: None for a plain project, the attributes (HelpSteer2's five by default)
+    for an attribute project. Each name must be a short lower-case identifier, and unique."""
+    if mode == "attributes" and criteria is None:
+        return list(HELPSTEER2_ATTRIBUTES)
+    if not criteria:
+        if mode == "attributes":
+            raise FeedbackError("an attribute project needs at least one attribute; leave them out to get "
+                                f"HelpSteer2's {', '.join(HELPSTEER2_ATTRIBUTES)}.")
+        return None
+    what = "attribute" if mode == "attributes" else "criterion"
+    if mode == "ranking":
+        raise FeedbackError("criteria (rubric mode) are for pairwise projects; use mode pairwise, or drop the "
+                            "criteria to rank responses overall.")
+    if isinstance(criteria, str):
+        raise FeedbackError(f"criteria must be a list of names, got the string {criteria!r}.")
+    names = list(criteria)
+    for name in names:
+        if not isinstance(name, str) or not _CRITERION_RE.match(name):
+            raise FeedbackError(f"{what} name {name!r} is not allowed; use a lower-case letter then up to 39 "
+                                "lower-case letters, digits or '_' (e.g. helpfulness).")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise FeedbackError(f"{what} {duplicates[0]!r} is listed twice; name each {what} once.")
+    if mode == "attributes":
+        clash = sorted(RESERVED_ATTRIBUTES & set(names))
+        if clash:
+            raise FeedbackError(f"attribute {clash[0]!r} would clash with the export column of that name; rename "
+                                "it.")
+    return names
 
 
 def label_of(mode: str, outcome: str | None, ranking: list[list[int]] | None) -> Any:
@@ -258,6 +314,23 @@ def label_of(mode: str, outcome: str | None, ranking: list[list[int]] | None) ->
     if mode == "pairwise":
         return outcome
     return tuple(sorted(ranking[0])) if ranking else None
+
+
+def _agreement(by_unit: Mapping[Any, Mapping[str, Any]], min_shared: int | None,
+               alpha: Callable[[list[list[Any]]], float | None], label: str, metric: str = "nominal") -> Agreement:
+    """Agreement over units (unit -> {rater: label}): percent agreement and alpha over everyone, and Cohen's
+    kappa per rater pair sharing at least min_shared units (no kappa when min_shared is None)."""
+    raters = sorted({n for labels in by_unit.values() for n in labels})
+    units = [[labels.get(r) for r in raters] for labels in by_unit.values()]
+    kappa = {}
+    for a, b in combinations(raters, 2) if min_shared is not None else ():
+        la = [labels.get(a) for labels in by_unit.values()]
+        lb = [labels.get(b) for labels in by_unit.values()]
+        shared = sum(x is not None and y is not None for x, y in zip(la, lb))
+        if shared >= min_shared:
+            kappa[f"{a}|{b}"] = cohen_kappa(la, lb)
+    return Agreement(units=sum(len(labels) >= 2 for labels in by_unit.values()), percent=percent_agreement(units),
+                     alpha=alpha(units), kappa=kappa, label=label, metric=metric)
 
 
 @dataclass
@@ -500,24 +573,29 @@ class FeedbackService:
 
     # ------------------------------------------------------------------------------------------- projects
     def create_project(self, name: str, mode: str = "pairwise", instructions: str = "", responses_per_item: int = 2,
-                       annotators_per_item: int = 1) -> ProjectInfo:
+                       annotators_per_item: int = 1, criteria: Sequence[str] | None = None) -> ProjectInfo:
+        """A new project. criteria: for mode pairwise, the criteria of a rubric project (each judgment answers A, B,
+        tie or both bad per criterion); for mode attributes, the attributes every response is scored 0-4 on
+        (HelpSteer2's five when None); ranking projects take none."""
         if not _NAME_RE.match(name):
             raise FeedbackError(f"project name {name!r} is not allowed; use 1-64 letters, digits, '_', '.', '@' "
                                 "or '-'.")
         if mode not in MODES:
-            raise FeedbackError(f"mode {mode!r} is unknown; use pairwise or ranking.")
+            raise FeedbackError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}.")
         if mode == "pairwise" and responses_per_item != 2:
             raise FeedbackError(f"a pairwise project shows 2 responses per item, not {responses_per_item}; use "
                                 "mode ranking for more.")
-        if responses_per_item < 2:
-            raise FeedbackError(f"responses_per_item must be at least 2, got {responses_per_item}.")
+        if responses_per_item < (1 if mode == "attributes" else 2):
+            raise FeedbackError(f"responses_per_item must be at least {1 if mode == 'attributes' else 2}, got "
+                                f"{responses_per_item}.")
+        names = criteria_names(mode, criteria)
         if annotators_per_item < 1:
             raise FeedbackError(f"annotators_per_item must be at least 1, got {annotators_per_item}.")
         with self.store.session() as s, s.begin():
             if s.scalar(select(Project).where(Project.name == name)) is not None:
                 raise Conflict(f"project {name!r} already exists; pick another name or add items to it.")
             p = Project(name=name, mode=mode, instructions=instructions, responses_per_item=responses_per_item,
-                        annotators_per_item=annotators_per_item)
+                        annotators_per_item=annotators_per_item, criteria=names)
             s.add(p)
             s.flush()
             return _project_info(p)
@@ -538,7 +616,8 @@ class FeedbackService:
 
     def add_items(self, project_id: int, items: Sequence[ItemSpec]) -> int:
         """Append items to a project; returns how many were added. A pairwise item has exactly 2 responses, a
-        ranking item 2..responses_per_item; identical responses in one item are an error."""
+        ranking item 2..responses_per_item, an attribute item 1..responses_per_item; identical responses in one
+        item are an error. Gold items need a project without criteria."""
         project = self.project(project_id)
         rows = []
         for n, spec in enumerate(items):
@@ -548,8 +627,9 @@ class FeedbackService:
             k = len(spec.responses)
             if project.mode == "pairwise" and k != 2:
                 raise FeedbackError(f"{where}: a pairwise item needs exactly 2 responses, got {k}.")
-            if not 2 <= k <= project.responses_per_item:
-                raise FeedbackError(f"{where}: needs 2 to {project.responses_per_item} responses, got {k}.")
+            least = 1 if project.mode == "attributes" else 2
+            if not least <= k <= project.responses_per_item:
+                raise FeedbackError(f"{where}: needs {least} to {project.responses_per_item} responses, got {k}.")
             if len({r.strip() for r in spec.responses}) < k:
                 raise FeedbackError(f"{where}: two responses are identical, so comparing them teaches nothing; "
                                     "drop the duplicate.")
@@ -562,6 +642,10 @@ class FeedbackService:
             if spec.gold_top is not None and (project.mode != "ranking" or not 0 <= spec.gold_top < k):
                 raise FeedbackError(f"{where}: gold_top {spec.gold_top!r} needs a ranking project and a response "
                                     "index.")
+            if project.criteria and (spec.gold_outcome is not None or spec.gold_top is not None):
+                raise FeedbackError(f"{where}: gold items are not supported in project {project.name!r}, which is "
+                                    f"answered per {'attribute' if project.mode == 'attributes' else 'criterion'}; "
+                                    "leave the gold answer out.")
             rows.append((spec, sources))
         with self.store.session() as s, s.begin():
             start = s.scalar(select(func.coalesce(func.max(Item.position), -1)).where(
@@ -689,10 +773,13 @@ class FeedbackService:
     # --------------------------------------------------------------------------------------------- submit
     def submit(self, user_id: int, assignment_id: int, submission_id: str, *, outcome: str | None = None,
                strength: str | None = None, ranking: Sequence[Sequence[int]] | None = None,
+               criteria: Mapping[str, Verdict] | None = None, scores: Sequence[Mapping[str, int]] | None = None,
                flags: Sequence[str] = (), rationale: str = "", time_spent_ms: int | None = None) -> Ack:
         """Record a judgment. Idempotent on submission_id: a retry of a stored submission returns its Ack with
         duplicate=True and writes nothing. Pairwise: outcome A/B (with a strength), tie, both_bad or skip.
-        Ranking: tiers of response indices best first, or outcome skip."""
+        Ranking: tiers of response indices best first, or outcome skip. Rubric (a pairwise project with
+        criteria): a Verdict for every criterion, or outcome skip. Attributes: scores[i] = {attribute: 0-4} for
+        every attribute of each response i (item order), or outcome skip."""
         if not isinstance(submission_id, str) or not _SUBMISSION_RE.match(submission_id):
             raise FeedbackError("submission_id must be 8-64 letters, digits, '-' or '_' (a UUID works).")
         bad_flags = sorted(set(flags) - set(FLAGS))
@@ -719,11 +806,12 @@ class FeedbackService:
                 if a.completed_at is not None:
                     raise Conflict("this task was already judged (with another submission id).")
                 item = s.get(Item, a.item_id)
-                mode = s.get(Project, item.project_id).mode
-                outcome, strength, tiers = _validate(mode, len(item.responses), outcome, strength, ranking)
+                project = _project_info(s.get(Project, item.project_id))
+                answer = _validate_answer(project, len(item.responses), outcome, strength, ranking, criteria,
+                                          scores)
                 j = Judgment(submission_id=submission_id, assignment_id=a.id, item_id=item.id, user_id=user_id,
-                             outcome=outcome, strength=strength, ranking=tiers, flags=sorted(set(flags)),
-                             rationale=rationale, time_spent_ms=time_spent_ms, display_order=list(a.display_order))
+                             **answer, flags=sorted(set(flags)), rationale=rationale, time_spent_ms=time_spent_ms,
+                             display_order=list(a.display_order))
                 s.add(j)
                 a.completed_at = now()
                 s.flush()
@@ -789,25 +877,46 @@ class FeedbackService:
 
     def agreement(self, project_id: int, min_shared: int = 5) -> Agreement:
         """Agreement on non-gold items (gold items measure accuracy instead): percent agreement and
-        Krippendorff's alpha over everyone, Cohen's kappa per annotator pair with min_shared shared items."""
+        Krippendorff's alpha over everyone, Cohen's kappa per annotator pair with min_shared shared items. A
+        project answered per criterion has no overall label: `agreement_by_criterion` reports it."""
         project = self.project(project_id)
-        by_item: dict[int, dict[str, Any]] = defaultdict(dict)
+        if project.criteria:
+            raise FeedbackError(f"project {project.name!r} is labelled per "
+                                f"{'attribute' if project.mode == 'attributes' else 'criterion'}; ask for "
+                                "agreement_by_criterion.")
+        by_item: dict[Any, dict[str, Any]] = defaultdict(dict)
         for j, name, is_gold in self._judgments(project_id):
             label = label_of(project.mode, j.outcome, j.ranking)
             if not is_gold and label is not None:
                 by_item[j.item_id][name] = label
-        raters = sorted({n for labels in by_item.values() for n in labels})
-        units = [[labels.get(r) for r in raters] for labels in by_item.values()]
-        kappa = {}
-        for a, b in combinations(raters, 2):
-            la = [labels.get(a) for labels in by_item.values()]
-            lb = [labels.get(b) for labels in by_item.values()]
-            shared = sum(x is not None and y is not None for x, y in zip(la, lb))
-            if shared >= min_shared:
-                kappa[f"{a}|{b}"] = cohen_kappa(la, lb)
-        return Agreement(units=sum(len(labels) >= 2 for labels in by_item.values()), percent=percent_agreement(units),
-                         alpha=krippendorff_alpha_nominal(units), kappa=kappa,
-                         label="outcome (A/B/tie/both_bad)" if project.mode == "pairwise" else "response ranked first")
+        return _agreement(by_item, min_shared, krippendorff_alpha_nominal,
+                          "outcome (A/B/tie/both_bad)" if project.mode == "pairwise" else "response ranked first")
+
+    def agreement_by_criterion(self, project_id: int, min_shared: int = 5) -> dict[str, Agreement]:
+        """Agreement per criterion, in the project's criterion order; {} for a project without criteria.
+
+        Rubric: each criterion's verdicts (A/B/tie/both_bad) as nominal labels of the item, exactly as
+        `agreement` compares whole-item outcomes. Attributes: each attribute's 0-4 scores with the interval alpha
+        (a 3 against a 4 is a small disagreement, a 0 against a 4 a large one), one unit per (item, response);
+        percent agreement counts exact matches, and no kappa is given (Cohen's kappa treats scores as
+        unordered)."""
+        project = self.project(project_id)
+        units: dict[str, dict[Any, dict[str, Any]]] = {c: defaultdict(dict) for c in project.criteria}
+        for j, name, is_gold in self._judgments(project_id):
+            if is_gold or j.outcome == "skip":
+                continue
+            if project.mode == "attributes" and j.scores is not None:
+                for i, scored in enumerate(j.scores):
+                    for attribute, value in scored.items():
+                        units[attribute][(j.item_id, i)][name] = value
+            elif j.rubric is not None:
+                for criterion, verdict in j.rubric.items():
+                    units[criterion][j.item_id][name] = verdict["outcome"]
+        if project.mode == "attributes":
+            return {a: _agreement(by_unit, None, krippendorff_alpha_interval, f"{a} score (0-4)", "interval")
+                    for a, by_unit in units.items()}
+        return {c: _agreement(by_unit, min_shared, krippendorff_alpha_nominal, f"{c} outcome (A/B/tie/both_bad)")
+                for c, by_unit in units.items()}
 
     def flagged(self, project_id: int) -> list[Flagged]:
         with self.store.session() as s:
@@ -818,7 +927,8 @@ class FeedbackService:
         return [Flagged(j.item_id, prompt, name, list(j.flags), j.rationale) for j, name, prompt in rows if j.flags]
 
     def judged_items(self, project_id: int) -> list[dict[str, Any]]:
-        """Every judgment with its item, for export: item prompt/responses/sources, annotator, gold flag."""
+        """Every judgment with its item, for export: item prompt/responses/sources, annotator, gold flag, and the
+        answer (outcome, strength, ranking; rubric {criterion: {outcome, strength}}; scores per response)."""
         with self.store.session() as s:
             rows = s.execute(
                 select(Judgment, Item, User.name, Gold.item_id).join(Item, Item.id == Judgment.item_id)
@@ -827,7 +937,8 @@ class FeedbackService:
         return [{"item_id": item.id, "prompt": item.prompt, "responses": [r["text"] for r in item.responses],
                  "sources": [r.get("source", "") for r in item.responses], "annotator": name,
                  "gold": gold is not None, "outcome": j.outcome, "strength": j.strength, "ranking": j.ranking,
-                 "flags": list(j.flags), "rationale": j.rationale, "display_order": list(j.display_order)}
+                 "flags": list(j.flags), "rationale": j.rationale, "display_order": list(j.display_order),
+                 "rubric": j.rubric, "scores": j.scores}
                 for j, item, name, gold in rows]
 
 
@@ -838,6 +949,101 @@ def _dummy_hash_at(n: int) -> str:
 
 def _dummy_hash() -> str:
     return _dummy_hash_at(SCRYPT_N)
+
+
+def _validate_answer(project: ProjectInfo, k: int, outcome: str | None, strength: str | None,
+                     ranking: Sequence[Sequence[int]] | None, criteria: Mapping[str, Verdict] | None,
+                     scores: Sequence[Mapping[str, int]] | None) -> dict[str, Any]:
+    """The Judgment columns of a submitted answer, checked against the project's kind; FeedbackError names the
+    first problem. A skip carries nothing else."""
+    kind = "rubric" if project.rubric else project.mode
+    if criteria is not None and kind != "rubric":
+        raise FeedbackError(f"project {project.name!r} is not a rubric project, so a judgment takes no "
+                            "per-criterion verdicts; send "
+                            f"{'scores' if kind == 'attributes' else 'an outcome or ranking'}.")
+    if scores is not None and kind != "attributes":
+        raise FeedbackError(f"project {project.name!r} is not an attribute project, so a judgment takes no "
+                            "scores; send an outcome or ranking.")
+    if kind in ("pairwise", "ranking"):
+        outcome, strength, tiers = _validate(project.mode, k, outcome, strength, ranking)
+        return dict(outcome=outcome, strength=strength, ranking=tiers)
+    if outcome == "skip":
+        if criteria is not None or scores is not None or strength is not None or ranking is not None:
+            raise FeedbackError("a skipped task takes no answers; send outcome skip alone.")
+        return dict(outcome="skip", strength=None, ranking=None)
+    if outcome is not None or strength is not None or ranking is not None:
+        what = "a verdict per criterion" if kind == "rubric" else "scores per attribute"
+        raise FeedbackError(f"project {project.name!r} takes {what} (or outcome skip), not an overall outcome, "
+                            "strength or ranking.")
+    if kind == "rubric":
+        return dict(outcome=None, strength=None, ranking=None, rubric=_validate_rubric(project, criteria))
+    return dict(outcome=None, strength=None, ranking=None, scores=_validate_scores(project, k, scores))
+
+
+def _validate_rubric(project: ProjectInfo, criteria: Mapping[str, Verdict] | None) -> dict[str, dict[str, Any]]:
+    names = ", ".join(project.criteria)
+    if not criteria:
+        raise FeedbackError(f"project {project.name!r} is answered per criterion ({names}); answer every criterion "
+                            "or skip the task.")
+    unknown = sorted(set(criteria) - set(project.criteria), key=str)
+    if unknown:
+        raise FeedbackError(f"criterion {unknown[0]!r} is not one of project {project.name!r}'s criteria ({names}); "
+                            "answer only those.")
+    missing = [c for c in project.criteria if c not in criteria]
+    if missing:
+        raise FeedbackError(f"criterion {missing[0]!r} is not answered; answer every criterion ({names}) or skip "
+                            "the task.")
+    out = {}
+    for name in project.criteria:  # stored in the project's order
+        verdict = criteria[name]
+        if not isinstance(verdict, Verdict):
+            raise FeedbackError(f"criterion {name!r}: expected a Verdict(outcome, strength), got "
+                                f"{type(verdict).__name__}.")
+        if verdict.outcome not in VERDICTS:
+            raise FeedbackError(f"criterion {name!r}: outcome {verdict.outcome!r} is unknown; use one of "
+                                f"{', '.join(VERDICTS)}.")
+        if verdict.strength is not None:
+            if verdict.strength not in STRENGTHS:
+                raise FeedbackError(f"criterion {name!r}: strength {verdict.strength!r} is unknown; use one of "
+                                    f"{', '.join(STRENGTHS)}.")
+            if verdict.outcome not in ("A", "B"):
+                raise FeedbackError(f"criterion {name!r}: a {verdict.outcome} has no direction, so it takes no "
+                                    "strength; clear the strength or pick A or B.")
+        # strength is optional per criterion: a rubric asks for several verdicts per item, and an A/B without
+        # one exports as plain Bradley-Terry (margin 0.0), as a strength-less judgment does today
+        out[name] = {"outcome": verdict.outcome, "strength": verdict.strength}
+    return out
+
+
+def _validate_scores(project: ProjectInfo, k: int, scores: Sequence[Mapping[str, int]] | None
+                     ) -> list[dict[str, int]]:
+    names = ", ".join(project.criteria)
+    if not scores:
+        raise FeedbackError(f"project {project.name!r} scores each response 0-4 on {names}; score every response "
+                            "or skip the task.")
+    if isinstance(scores, Mapping) or len(scores) != k:
+        raise FeedbackError(f"scores must be a list with one entry per response ({k}), in item order.")
+    out = []
+    for i, scored in enumerate(scores):
+        if not isinstance(scored, Mapping):
+            raise FeedbackError(f"scores of response index {i} must map attribute names to 0-4, got "
+                                f"{type(scored).__name__}.")
+        unknown = sorted(set(scored) - set(project.criteria), key=str)
+        if unknown:
+            raise FeedbackError(f"attribute {unknown[0]!r} is not one of project {project.name!r}'s attributes "
+                                f"({names}); score only those.")
+        row = {}
+        for name in project.criteria:
+            if name not in scored:
+                raise FeedbackError(f"response index {i} has no {name} score; score every attribute ({names}) of "
+                                    "every response, or skip the task.")
+            value = scored[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value not in LIKERT:
+                raise FeedbackError(f"response index {i}: the {name} score must be an integer from {LIKERT[0]} "
+                                    f"to {LIKERT[-1]}, got {value!r}.")
+            row[name] = value
+        out.append(row)
+    return out
 
 
 def _validate(mode: str, k: int, outcome: str | None, strength: str | None,

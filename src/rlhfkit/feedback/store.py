@@ -30,7 +30,14 @@ from rlhfkit.errors import UserError
 log = logging.getLogger(__name__)
 
 ROLES = ("admin", "annotator")
-MODES = ("pairwise", "ranking")
+MODES = ("pairwise", "ranking", "attributes")
+"""attributes: each response of an item gets a Likert score per attribute (HelpSteer2's scheme), no comparison."""
+VERDICTS = ("A", "B", "tie", "both_bad")
+"""What a rubric project's annotator answers per criterion: OUTCOMES without skip (a skip skips the whole task)."""
+HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+"""An attribute project's default attributes: HelpSteer2's five (Wang et al. 2024, arXiv 2406.08673, section 2)."""
+LIKERT = range(0, 5)
+"""An attribute score: an integer 0-4, higher is more of it (HelpSteer2's scale)."""
 OUTCOMES = ("A", "B", "tie", "both_bad", "skip")
 """Pairwise outcomes. "A" and "B" name responses 0 and 1 of the item, whichever side they were shown on."""
 FLAGS = ("harmful", "inaccurate", "off_topic", "broken")
@@ -93,6 +100,9 @@ class Project(Base):
     responses_per_item: Mapped[int] = mapped_column(Integer, nullable=False)
     annotators_per_item: Mapped[int] = mapped_column(Integer, nullable=False)
     created_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+    criteria: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    """Pairwise rubric projects: the criteria answered one by one (["helpfulness", "harmlessness", "honesty"]);
+    attribute projects: the attributes scored. None for a plain pairwise or ranking project."""
 
 
 class Item(Base):
@@ -147,6 +157,12 @@ class Judgment(Base):
     time_spent_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     display_order: Mapped[list[int]] = mapped_column(JSON, nullable=False)
     created_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+    rubric: Mapped[dict[str, dict[str, str | None]] | None] = mapped_column(JSON, nullable=True)
+    """A rubric project's answers, {criterion: {"outcome": A/B/tie/both_bad, "strength": level or null}}, one per
+    criterion of the project; None for skips and for projects without criteria."""
+    scores: Mapped[list[dict[str, int]] | None] = mapped_column(JSON, nullable=True)
+    """An attribute project's scores, [{attribute: 0-4, ...} for response 0, for response 1, ...] (item order, not
+    display order); None for skips and for other projects."""
 
 
 # ------------------------------------------------------------------------------------------------ opening

@@ -1,6 +1,6 @@
-"""FastAPI app for people: login, the annotator queue (pairwise and ranking pages with keyboard shortcuts), a
-password page, and admin pages (progress, agreement, gold accuracy, flagged items, export, users). All reads and
-writes go through `FeedbackService`.
+"""FastAPI app for people: login, the annotator queue (pairwise, ranking, per-criterion rubric and per-attribute
+score pages, all with keyboard shortcuts), a password page, and admin pages (progress, agreement, gold accuracy,
+flagged items, export, users). All reads and writes go through `FeedbackService`.
 
 Security, by default: scrypt password hashes and a per-name login lockout with back-off (service.py); server-side
 sessions (a random token in an HttpOnly, SameSite=Strict cookie, only its hash in the database) that logout, an
@@ -38,11 +38,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.export import export_rows
+from rlhfkit.feedback.export import attribute_rows, export_by_criterion, export_rows
 from rlhfkit.feedback.service import (
-    MAX_ID, AccountLocked, FeedbackError, FeedbackService, Forbidden, NotFound, UserInfo,
+    MAX_ID, AccountLocked, FeedbackError, FeedbackService, Forbidden, NotFound, Task, UserInfo, Verdict,
 )
-from rlhfkit.feedback.store import FLAGS, database_url, open_store
+from rlhfkit.feedback.store import FLAGS, LIKERT, database_url, open_store
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                     "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 STRENGTH_KEYS = {"z": "negligible", "x": "slightly_better", "c": "better", "v": "significantly_better"}
+TEMPLATES = {"pairwise": "pairwise.html", "rubric": "rubric.html", "ranking": "ranking.html",
+             "attributes": "attributes.html"}
+"""The task page of each kind of project (a rubric project is a pairwise one with criteria)."""
 
 Id = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 """A row id in a path: a SQLite INTEGER, so anything past 2**63 - 1 is a 400, not an overflow deep in the driver."""
@@ -321,8 +324,9 @@ def create_app(service: FeedbackService, secret: bytes, rate_limit: int = 120, s
         ctx = dict(user=user, csrf=csrf_token(session_id), project=project, done=done, left=left, flags=FLAGS)
         if task is None:
             return render(request, "done.html", **ctx)
-        ctx.update(task=task, submission_id=uuid.uuid4().hex, strengths=STRENGTH_KEYS, shown=task.shown)
-        return render(request, "pairwise.html" if project.mode == "pairwise" else "ranking.html", **ctx)
+        ctx.update(task=task, submission_id=uuid.uuid4().hex, strengths=STRENGTH_KEYS, shown=task.shown,
+                   criteria=project.criteria, likert=LIKERT)
+        return render(request, TEMPLATES["rubric" if project.rubric else project.mode], **ctx)
 
     @app.post("/p/{project_id}/submit")
     def submit(project_id: Id, csrf: str = Form(""), assignment_id: int = Form(..., ge=1, le=MAX_ID),
@@ -330,19 +334,26 @@ def create_app(service: FeedbackService, secret: bytes, rate_limit: int = 120, s
                flags: list[str] = Form([]), rationale: str = Form(""),
                time_spent_ms: int | None = Form(None, ge=0, le=MAX_ID),
                rank_item: list[int] = Form([]), rank_value: list[str] = Form([]),
+               criterion: list[str] = Form([]), verdict: list[str] = Form([]), verdict_strength: list[str] = Form([]),
+               score_response: list[int] = Form([]), score_attribute: list[str] = Form([]),
+               score_value: list[str] = Form([]),
                s: tuple[UserInfo, str] = Depends(annotator)):
         user, session_id = s
         check_csrf(session_id, csrf)
         task = service.task(user.id, assignment_id)  # Forbidden for another annotator's task
         if task.project.id != project_id:
             raise Forbidden("this task belongs to another project.")
-        ranking = None
+        ranking = criteria = scores = None
         if task.project.mode == "ranking" and outcome != "skip":
             ranking = _tiers(rank_item, rank_value, len(task.responses))
             outcome = None
+        if task.project.rubric and outcome != "skip":
+            criteria = _verdicts(task, criterion, verdict, verdict_strength)
+        if task.project.mode == "attributes" and outcome != "skip":
+            scores = _scores(task, score_response, score_attribute, score_value)
         service.submit(user.id, assignment_id, submission_id, outcome=outcome or None,
-                       strength=strength or None, ranking=ranking, flags=flags, rationale=rationale,
-                       time_spent_ms=time_spent_ms)
+                       strength=strength or None, ranking=ranking, criteria=criteria, scores=scores, flags=flags,
+                       rationale=rationale, time_spent_ms=time_spent_ms)
         return RedirectResponse(f"/p/{project_id}", status_code=303)
 
     # ----------------------------------------------------------------------------------------------- admin
@@ -354,22 +365,40 @@ def create_app(service: FeedbackService, secret: bytes, rate_limit: int = 120, s
     @app.get("/admin/p/{project_id}")
     def admin_project(request: Request, project_id: Id, s: tuple[UserInfo, str] = Depends(admin)) -> HTMLResponse:
         project = service.project(project_id)
+        per_criterion = service.agreement_by_criterion(project_id) if project.criteria else {}
         return render(request, "admin_project.html", user=s[0], csrf=csrf_token(s[1]), project=project,
-                      progress=service.progress(project_id), agreement=service.agreement(project_id),
-                      flagged=service.flagged(project_id))
+                      progress=service.progress(project_id),
+                      agreement=None if project.criteria else service.agreement(project_id),
+                      per_criterion=per_criterion, flagged=service.flagged(project_id))
 
     @app.get("/admin/p/{project_id}/export")
-    def admin_export(project_id: Id, format: str = "pairs", s: tuple[UserInfo, str] = Depends(admin)) -> Response:
-        if format not in ("pairs", "ranking", "kto"):
-            raise HTTPRefusal(422, "format must be pairs, ranking or kto.")
+    def admin_export(project_id: Id, format: str = "pairs", criterion: str | None = None,
+                     s: tuple[UserInfo, str] = Depends(admin)) -> Response:
         import json
 
         project = service.project(project_id)
-        rows, _ = export_rows(service, project_id, kto=format == "kto",
-                              rankings_as="ranking" if format == "ranking" else "pairs")
+        name = project.name
+        if project.mode == "attributes":
+            if format != "attributes" or criterion is not None:
+                raise HTTPRefusal(422, f"Project {project.name} scores attributes; export it with format=attributes "
+                                       "(and no criterion).")
+            rows, _ = attribute_rows(service, project_id)
+        elif format not in ("pairs", "ranking", "kto"):
+            raise HTTPRefusal(422, "format must be pairs, ranking or kto.")
+        elif criterion is not None:
+            if not project.rubric:
+                raise HTTPRefusal(422, f"Project {project.name} has no criteria; drop the criterion parameter.")
+            if criterion not in project.criteria:
+                raise HTTPRefusal(422, f"Criterion {criterion[:40]!r} is not one of project {project.name}'s "
+                                       f"criteria ({', '.join(project.criteria)}).")
+            rows = export_by_criterion(service, project_id, kto=format == "kto")[0][criterion]
+            name = f"{project.name}.{criterion}"
+        else:
+            rows, _ = export_rows(service, project_id, kto=format == "kto",
+                                  rankings_as="ranking" if format == "ranking" else "pairs")
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         return Response(body, media_type="application/x-ndjson", headers={
-            "Content-Disposition": f'attachment; filename="{project.name}-{format}.jsonl"'})
+            "Content-Disposition": f'attachment; filename="{name}-{format}.jsonl"'})
 
     @app.get("/admin/users")
     def admin_users(request: Request, s: tuple[UserInfo, str] = Depends(admin)) -> HTMLResponse:
@@ -427,6 +456,48 @@ def _tiers(items: list[int], values: list[str], k: int) -> list[list[int]]:
             raise FeedbackError(f"give every response a rank from 1 to {k} (1 = best) before submitting.")
         by_rank[int(value)].append(item)
     return [sorted(by_rank[r]) for r in sorted(by_rank)]
+
+
+def _verdicts(task: Task, names: list[str], verdicts: list[str], strengths: list[str]) -> dict[str, Verdict]:
+    """The rubric form's parallel fields (criterion[i] got verdict[i] with verdict_strength[i]) -> Verdicts. An
+    empty verdict is refused here, naming the criterion; unknown or missing criteria by the service."""
+    if not len(names) == len(verdicts) == len(strengths):
+        raise FeedbackError("the rubric form is incomplete; reload the page.")
+    out: dict[str, Verdict] = {}
+    for name, verdict, strength in zip(names, verdicts, strengths):
+        if name in out:
+            raise FeedbackError(f"criterion {name[:40]!r} is answered twice; reload the page.")
+        if name in task.project.criteria and not verdict:
+            raise FeedbackError(f"criterion {name} is not answered; answer every criterion "
+                                f"({', '.join(task.project.criteria)}) or skip the task.")
+        out[name] = Verdict(verdict, strength or None)
+    return out
+
+
+_SCORE_RE = re.compile(r"[0-9]")
+
+
+def _scores(task: Task, responses: list[int], attributes: list[str], values: list[str]) -> list[dict[str, Any]]:
+    """The attribute form's parallel fields (response score_response[i] got score_value[i] on score_attribute[i])
+    -> one {attribute: score} per response in item order. Empty and non-digit scores are refused here, naming
+    the response by where it was shown; unknown or missing attributes by the service."""
+    k = len(task.responses)
+    if not len(responses) == len(attributes) == len(values) or any(not 0 <= i < k for i in responses):
+        raise FeedbackError("the scoring form is incomplete; reload the page.")
+    scores: list[dict[str, Any]] = [{} for _ in range(k)]
+    for i, attribute, value in zip(responses, attributes, values):
+        shown = task.display_order.index(i) + 1
+        if attribute in scores[i]:
+            raise FeedbackError(f"response {shown}'s {attribute[:40]!r} is scored twice; reload the page.")
+        value = value.strip()
+        if attribute in task.project.criteria and not _SCORE_RE.fullmatch(value):
+            raise FeedbackError(f"response {shown} has no {attribute} score from {LIKERT[0]} to {LIKERT[-1]}; score "
+                                "every attribute of every response, or skip the task.")
+        if _SCORE_RE.fullmatch(value) and int(value) not in LIKERT:
+            raise FeedbackError(f"response {shown}: the {attribute[:40]} score must be an integer from {LIKERT[0]} "
+                                f"to {LIKERT[-1]}, got {value}.")
+        scores[i][attribute] = int(value) if _SCORE_RE.fullmatch(value) else value
+    return scores
 
 
 def _is_loopback(host: str) -> bool:
