@@ -196,11 +196,15 @@ class PreferenceDataConfig:
     their own margin). The reward model uses it in -log sigma(r_c - r_r - m) (with use_margin); DPO's losses take
     no margin."""
 
+    criterion: str = ""
+    """Train on the rows judged on this criterion only (the `criterion` column of a rubric export, e.g.
+    helpfulness); a file whose rows name several criteria needs it."""
+
     def reader_options(self, tokenizer: Any) -> dict[str, Any]:
         """Keyword arguments of read_preferences for this config and tokenizer: whether it has a chat template
-        (Anthropic HH transcripts stay raw text without one), ties and margin_from_scores."""
+        (Anthropic HH transcripts stay raw text without one), ties, margin_from_scores and the criterion."""
         return {"chat": getattr(tokenizer, "chat_template", None) is not None, "ties": self.preference_ties,
-                "margin_from_scores": self.margin_from_scores}
+                "margin_from_scores": self.margin_from_scores, "criterion": self.criterion or None}
 
 
 # ------------------------------------------------------------------------------------------------ introspection

@@ -99,6 +99,12 @@ class DemoConfig:
     """Held-out test prompts scored by the gold judge (quick: 100)."""
     eval_samples: int = 4
     """Responses sampled per test prompt for each policy's gold score (more samples, smaller standard error)."""
+    hhh: bool = True
+    """Run the helpful-harmless-honest experiment too (its own world; configs/demo.yaml's hhh sections): a reward
+    model per criterion and five policies trained on helpfulness only, harmlessness only, their sum, Llama 2's
+    safety gating and Safe RLHF's Lagrangian, each scored per criterion by the gold judge."""
+    hhh_rl_steps: int = 80
+    """GRPO steps of each of the five HHH policies, 8 prompts x 4 samples each (quick: 40)."""
     rebuild: bool = False
     """Ignore cached stages and run everything again."""
     progress: bool = True
@@ -278,6 +284,13 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
                             reward_dir=reward_dir, samples_per_prompt=cfg.eval_samples)
     overoptimization = overoptimisation_sweeps(root, test_prompts, evals["sft"], klcut, sweep_n, cfg)
     wall["eval"] = round(time.time() - start, 1)
+    hhh = None
+    if cfg.hhh:  # helpful, harmless, honest: per-criterion reward models and five ways to combine them
+        from rlhfkit.eval.hhh import run_experiment
+
+        plan = {**presets["hhh"], **(presets["hhh_quick"] if cfg.quick else {})}
+        hhh = run_experiment(root, plan, presets, stage_config, run_stage, common, cfg.seed, setting("hhh_rl_steps"),
+                             cfg.rebuild, wall)
     policies = {}
     for name, ev in evals.items():
         policies[name] = {**ev.summary(), "kl_to_sft": ev.kl_to_ref,
@@ -295,11 +308,12 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         "reward_model": reward_model,
         "overoptimization": overoptimization,
         "dpo_beta_sweep": beta_sweep,
+        **({"hhh": hhh} if hhh is not None else {}),
         "wall_seconds": {**wall, "total": round(time.time() - t0, 1)},
         "samples": {name: ev.samples for name, ev in evals.items()},
         "config": to_dict(cfg),
     }
-    summary["claims"] = check_claims(summary)
+    summary["claims"] = check_claims(summary) + (hhh["claims"] if hhh is not None else [])
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(root, summary)
     print(format_table(policies))
@@ -311,6 +325,8 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     print("\nclaims:")
     for c in summary["claims"]:
         print(f"  [{'ok' if c['ok'] else 'NOT MET'}] {c['claim']}: {c['value']}")
+    if hhh is not None:
+        print("\n" + format_hhh_table(hhh))
     fits = [f"{k} R² {overoptimization[k]['r2']:.2f}" for k in ("best_of_n", "rl") if overoptimization.get(k)]
     cut = overoptimization["kl_cut"]
     print(f"over-optimisation fits: {', '.join(fits)}; KL leash cut: proxy {cut['proxy_delta']:+.3f}, "
@@ -475,6 +491,20 @@ def collect_labels(root: Path, seed: int, quick: bool, redo: bool, plan: dict[st
         (data / f"preferences_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     stamp.write_text(json.dumps(report, indent=2))
     return round(time.time() - start, 1)
+
+
+def format_hhh_table(hhh: dict[str, Any]) -> str:
+    """The HHH experiment's policies, one row each: gold helpfulness, harmlessness and honesty (each on the prompts
+    that test it) and the unsafe-compliance and over-refusal rates, with standard errors."""
+    head = (f"{'HHH policy':<14} {'helpfulness':>15} {'harmlessness':>15} {'honesty':>15} {'unsafe':>13} "
+            f"{'over-refusal':>13}")
+    lines = [head, "-" * len(head)]
+    for name, p in hhh["policies"].items():
+        lines.append(f"{name:<14} " + " ".join(f"{p[k]:>+8.3f} ± {p[k + '_se']:.3f}"
+                                               for k in ("helpfulness", "harmlessness", "honesty"))
+                     + " " + " ".join(f"{p[k]:>6.3f} ± {p[k + '_se']:.3f}" for k in ("unsafe_rate", "over_refusal_rate")))
+    rms = ", ".join(f"{c} {r['gold_accuracy']:.3f} ± {r['gold_accuracy_se']:.3f}" for c, r in hhh["reward_models"].items())
+    return "\n".join(lines) + f"\nper-criterion reward models' agreement with the gold judge: {rms}"
 
 
 def format_table(policies: dict[str, dict[str, Any]]) -> str:

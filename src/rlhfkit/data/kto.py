@@ -13,7 +13,9 @@ from typing import Any, Literal, Union
 import torch
 
 from rlhfkit.data.formats import refuse_message_tree_row
-from rlhfkit.data.preference import Preference, PreferencePair, Ranking, parse_preference, ranking_to_pairs, untied_rows
+from rlhfkit.data.preference import (
+    Preference, PreferencePair, Ranking, criterion_rows, parse_preference, ranking_to_pairs, untied_rows,
+)
 from rlhfkit.data.preference_tokens import apply_overlong, encode_prompt_responses
 from rlhfkit.data.rows import Text, prompt_text, response_text
 from rlhfkit.errors import DataError
@@ -58,12 +60,14 @@ def parse_kto_row(row: dict[str, Any], path: str, lineno: int, *, chat: bool = T
 
 
 def read_kto_records(path: str, split: str | None = None, *, chat: bool = True,
-                     ties: Literal["error", "drop"] = "error", margin_from_scores: bool = False) -> list[KTORecord]:
+                     ties: Literal["error", "drop"] = "error", margin_from_scores: bool = False,
+                     criterion: str | None = None) -> list[KTORecord]:
     """Read every row of a JSONL / JSON / Parquet file or `datasets` directory (see `parse_kto_row`; path may be
     a DataPath). A bad row raises DataError naming file, row, field and reason; no row is dropped, except paired
-    rows with tied scores with ties="drop" (see `untied_rows`)."""
+    rows with tied scores with ties="drop" (see `untied_rows`) and, with a criterion, other criteria's rows."""
+    rows = criterion_rows(untied_rows(path, split, ties), str(path), criterion)
     return [parse_kto_row(row, str(path), lineno, chat=chat, margin_from_scores=margin_from_scores)
-            for lineno, row in untied_rows(path, split, ties)]
+            for lineno, row in rows]
 
 
 def unpair(records: list[KTORecord | Preference]) -> list[KTOExample]:

@@ -49,6 +49,10 @@ class PreferencePair:
     """One of STRENGTHS, or None. Kept as given; `margin_of` turns it into a margin."""
     annotator: str | None = None
     source: str | None = None
+    chosen_safe: bool | None = None
+    """Whether the chosen response is safe (PKU-SafeRLHF's is_response_*_safe), for a cost model's safety
+    classifier; None when the row does not say."""
+    rejected_safe: bool | None = None
     row: int = field(default=0, compare=False)
     path: str = field(default="", compare=False)
 
@@ -251,7 +255,16 @@ def _extras(row: dict[str, Any], path: str, lineno: int, margin_from_scores: boo
         margin = gap
     return dict(margin=margin, strength=_strength(row, path, lineno),
                 annotator=optional_text(row, "annotator", path, lineno),
-                source=optional_text(row, "source", path, lineno), row=lineno, path=path)
+                source=optional_text(row, "source", path, lineno),
+                chosen_safe=_safety_label(row, "chosen_safe", path, lineno),
+                rejected_safe=_safety_label(row, "rejected_safe", path, lineno), row=lineno, path=path)
+
+
+def _safety_label(row: dict[str, Any], key: str, path: str, lineno: int) -> bool | None:
+    value = row.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise DataError(path, lineno, key, f"must be true or false (is the response safe?), got {value!r}")
 
 
 def _split_conversations(prompt: str, chosen: Any, rejected: Any, path: str, lineno: int
@@ -416,14 +429,40 @@ def untied_rows(path: str, split: str | None, ties: Literal["error", "drop"]) ->
     return kept
 
 
+def criterion_rows(rows: list[tuple[int, dict[str, Any]]], path: str, criterion: str | None
+                   ) -> list[tuple[int, dict[str, Any]]]:
+    """The rows judged on `criterion` (a rubric export's `criterion` column). Without a criterion, a file whose
+    rows name more than one is refused: mixing "more helpful" with "more harmless" would train one reward model on
+    contradicting labels."""
+    named = sorted({str(row["criterion"]) for _, row in rows if row.get("criterion") is not None})
+    if not criterion:
+        if len(named) > 1:
+            raise UserError(f"{path}: the rows are judged on several criteria ({', '.join(named)}); train one reward "
+                            f"model per criterion with --criterion NAME (e.g. --criterion {named[0]}).")
+        return rows
+    if not named:
+        raise UserError(f"{path}: --criterion {criterion} asks for the rows of one criterion, but no row has a "
+                        "criterion column; drop --criterion, or export the rubric project's judgments again.")
+    kept = [(n, row) for n, row in rows if row.get("criterion") == criterion]
+    if not kept:
+        raise UserError(f"{path}: no row is judged on criterion {criterion!r}; the file has {', '.join(named)}.")
+    unnamed = [n for n, row in rows if row.get("criterion") is None]
+    if unnamed:
+        raise DataError(path, unnamed[0], "criterion", f"missing, while other rows name theirs; {len(unnamed)} rows "
+                        "have none: give every row its criterion, or none")
+    return kept
+
+
 def read_preferences(path: str, split: str | None = None, *, chat: bool = True,
-                     ties: Literal["error", "drop"] = "error", margin_from_scores: bool = False) -> list[Preference]:
+                     ties: Literal["error", "drop"] = "error", margin_from_scores: bool = False,
+                     criterion: str | None = None) -> list[Preference]:
     """Read every row of a JSONL / JSON / Parquet file or `datasets` directory as a PreferencePair or Ranking
     (path may be a DataPath, bringing its split and column mapping). A bad row raises DataError naming file, row,
-    field and reason; no row is dropped, except ties with ties="drop" (see `untied_rows`). chat and
-    margin_from_scores as in `parse_pair`."""
+    field and reason; no row is dropped, except ties with ties="drop" (see `untied_rows`) and, with a criterion,
+    the rows of the other criteria (`criterion_rows`). chat and margin_from_scores as in `parse_pair`."""
+    rows = criterion_rows(untied_rows(path, split, ties), str(path), criterion)
     return [parse_preference(row, str(path), lineno, chat=chat, margin_from_scores=margin_from_scores)
-            for lineno, row in untied_rows(path, split, ties)]
+            for lineno, row in rows]
 
 
 # ------------------------------------------------------------------------------------------------------ writer

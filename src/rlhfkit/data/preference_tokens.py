@@ -34,6 +34,9 @@ class TokenizedPair:
     """Resolved label margin (explicit margin, else strength at the chosen scale), None if neither."""
     row: int = 0
     truncated: bool = False
+    chosen_safe: bool | None = None
+    """Safety labels of the two responses (None: not labelled), for a cost model's classifier term."""
+    rejected_safe: bool | None = None
 
 
 @dataclass
@@ -117,7 +120,8 @@ def tokenize_pair(
     c_ids, c_attn, c_resp = prompt_response_sequence(prompt_ids, chosen)
     r_ids, r_attn, r_resp = prompt_response_sequence(prompt_ids, rejected)
     return TokenizedPair(prompt_ids, c_ids, c_attn, c_resp, r_ids, r_attn, r_resp,
-                         margin=margin_of(pair, margin_scale), row=pair.row, truncated=truncated)
+                         margin=margin_of(pair, margin_scale), row=pair.row, truncated=truncated,
+                         chosen_safe=pair.chosen_safe, rejected_safe=pair.rejected_safe)
 
 
 def tokenize_ranking(

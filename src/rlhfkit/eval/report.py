@@ -199,6 +199,69 @@ def svg_estimates(estimates: dict[str, tuple[float, float | None]], title: str, 
     return f"<figure>{svg}<figcaption>{escape(title)}</figcaption></figure>"
 
 
+def svg_plane(points: dict[str, tuple[float, float, float, float]], title: str, x_label: str, y_label: str,
+              width: int = 480, height: int = 360) -> str:
+    """One marker per name at (x, y) with ± 1 standard error bars on both axes, each point labelled with its name
+    (the HHH policies on the helpfulness x harmlessness plane). points: name -> (x, x_se, y, y_se). No finite
+    point: ""."""
+    rows = [(n, *v) for n, v in points.items() if all(isinstance(u, (int, float)) and math.isfinite(u) for u in v)]
+    if not rows:
+        return ""
+    with _style():
+        fig = _figure(width, height)
+        ax = fig.add_subplot()
+        for i, (name, x, xse, y, yse) in enumerate(rows):
+            colour = f"C{i % 10}"
+            (line,) = ax.plot([x], [y], "o", color=colour, markersize=5, label=f"{name} ± s.e.")
+            line.set_gid(f"series-{i}")
+            eb = ax.errorbar([x], [y], xerr=[xse], yerr=[yse], fmt="none", ecolor=colour, elinewidth=1, capsize=2.5)
+            eb.lines[2][0].set_gid(f"errorbar-{i}")
+            ax.annotate(name, (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8, color=colour)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        _legend(fig, [ax])
+        svg = _inline_svg(fig, title)
+    return f"<figure>{svg}<figcaption>{escape(title)}</figcaption></figure>"
+
+
+def _hhh_section(hhh: dict[str, Any] | None) -> list[str]:
+    """The helpful-harmless-honest experiment: its policies on the helpfulness x harmlessness plane, their unsafe
+    and over-refusal rates, the table, and each criterion's reward model against the gold judge."""
+    if not hhh:
+        return []
+    pol = hhh["policies"]
+    plane = svg_plane({n: (p["helpfulness"], p["helpfulness_se"], p["harmlessness"], p["harmlessness_se"])
+                       for n, p in pol.items()}, "Helpfulness against harmlessness (gold judge)",
+                      "helpfulness (harmless requests)", "harmlessness (harmful requests)")
+    unsafe = svg_estimates({n: (p["unsafe_rate"], p["unsafe_rate_se"]) for n, p in pol.items()},
+                           "Unsafe compliance: harmful requests answered", "unsafe rate", reference="sft")
+    refusal = svg_estimates({n: (p["over_refusal_rate"], p["over_refusal_rate_se"]) for n, p in pol.items()},
+                            "Over-refusal: requests that only look harmful, refused", "over-refusal rate",
+                            reference="sft")
+    html = ["<h2>Helpful, harmless, honest: one reward model per criterion, five ways to combine them</h2>",
+            "<p>helpful_only and harmless_only optimise one criterion's reward model; sum adds the normalised "
+            "rewards; gated is Llama 2's safety gating (the safety reward on prompts flagged risky or responses it "
+            "scores unsafe); lagrangian is Safe RLHF's constrained objective (helpfulness subject to expected cost ≤ "
+            "a limit, the multiplier learned online). Each criterion is scored on the prompts that test it.</p>",
+            "<div class='plots'>" + plane + unsafe + refusal + "</div>",
+            "<table><tr><th class='l'>policy</th><th>helpfulness</th><th>harmlessness</th><th>honesty</th>"
+            "<th>unsafe rate</th><th>over-refusal</th></tr>"]
+    for name, p in pol.items():
+        cells = "".join(f"<td>{_num(p[k], '+.3f')} ± {_num(p[k + '_se'])}</td>"
+                        for k in ("helpfulness", "harmlessness", "honesty"))
+        cells += "".join(f"<td>{_num(p[k], '.3f')} ± {_num(p[k + '_se'])}</td>"
+                         for k in ("unsafe_rate", "over_refusal_rate"))
+        html.append(f"<tr><td class='l'>{escape(name)}</td>{cells}</tr>")
+    html.append("</table><table><tr><th class='l'>reward model</th><th>gold agreement</th><th>pairs</th>"
+                "<th>held-out label accuracy</th></tr>")
+    for criterion, rm in hhh["reward_models"].items():
+        html.append(f"<tr><td class='l'>{escape(criterion)}</td><td>{_num(rm['gold_accuracy'])} ± "
+                    f"{_num(rm['gold_accuracy_se'])}</td><td>{rm['pairs']}</td>"
+                    f"<td>{_num(rm.get('heldout_accuracy'))}</td></tr>")
+    html.append("</table>")
+    return html
+
+
 def _num(value: Any, fmt: str = ".3f") -> str:
     return "–" if not isinstance(value, (int, float)) else format(value, fmt)
 
@@ -334,6 +397,7 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
     plots = [svg_lines(series, title, **options) for series, title, options in curves]
     html.append("<h2>Training curves</h2><div class='plots'>" + "".join(p for p in plots if p) + "</div>")
     html += _overoptimisation_section(root, summary.get("overoptimization"))
+    html += _hhh_section(summary.get("hhh"))
     sweep = summary.get("dpo_beta_sweep")
     if sweep:
         runs = sorted((p for p in sweep if p.get("kl_to_sft") is not None), key=lambda p: p["kl_to_sft"])

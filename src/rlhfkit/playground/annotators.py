@@ -19,7 +19,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .gold import gold_score
+from .gold import CRITERIA, criterion_score, gold_score
 from .responses import BALANCED, Mixture, sample_pair
 from .tasks import Prompt, split_words
 
@@ -80,12 +80,14 @@ class Annotator:
         logit = self.beta * (gold_a - gold_b) + self.position_bias * s + self.length_bias * (len_a - len_b)
         return _sigmoid(logit)
 
-    def compare(self, prompt: Prompt, a: str, b: str, rng: random.Random, shuffle: bool = True) -> Judgment:
-        """Judge responses `a` and `b` to `prompt`. With `shuffle` the display order is random (as a labelling
-        interface does it); otherwise `a` is shown first."""
+    def compare(self, prompt: Prompt, a: str, b: str, rng: random.Random, shuffle: bool = True,
+                criterion: str | None = None) -> Judgment:
+        """Judge responses `a` and `b` to `prompt`, overall or on one criterion of the gold judge (helpfulness,
+        harmlessness, honesty). With `shuffle` the display order is random (as a labelling interface does it);
+        otherwise `a` is shown first."""
         a_first = rng.random() < 0.5 if shuffle else True
         order = ("A", "B") if a_first else ("B", "A")
-        gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)
+        gold_a, gold_b = criterion_score(prompt, a, criterion), criterion_score(prompt, b, criterion)
         gap = gold_a - gold_b
         # Ties and "both bad" come from the gold judge directly: people agree on those far more than on
         # which of two close answers is better.
@@ -141,6 +143,39 @@ def make_pool(seed: int = 0, n: int = 13) -> list[Annotator]:
             both_bad_floor=rng.uniform(-1.75, -1.0),
         ))
     return pool
+
+
+# Per-criterion pools (`make_criterion_pools`): each criterion is judged by its own people with their own failings.
+# Helpfulness raters like long answers (the length bias the overall pool has, a little stronger); harmlessness
+# raters are consistent (a refusal or a compliance is easy to see) but lean toward whichever answer refuses;
+# honesty raters are the noisiest (they have to notice that an answer could not have been known).
+CRITERION_POOLS = {
+    #                beta range   noise range   length bias   tie threshold
+    "helpfulness": ((0.7, 2.0), (0.15, 0.35), (0.06, 0.14), (0.1, 0.3)),
+    "harmlessness": ((1.0, 2.5), (0.1, 0.25), (0.0, 0.02), (0.2, 0.4)),
+    "honesty": ((0.5, 1.5), (0.2, 0.4), (0.0, 0.04), (0.2, 0.4)),
+}
+
+
+def make_criterion_pools(seed: int = 0, n: int = 9) -> dict[str, list[Annotator]]:
+    """`n` simulated annotators per criterion of the gold judge (CRITERION_POOLS gives each pool's ranges).
+    Both-bad is left to the overall judgment: per criterion a pair is a preference or a tie."""
+    if n < 1:
+        raise ValueError(f"make_criterion_pools needs n >= 1, got {n}")
+    rng = random.Random(seed)
+    pools: dict[str, list[Annotator]] = {}
+    for criterion in CRITERIA:
+        (b0, b1), (n0, n1), (l0, l1), (t0, t1) = CRITERION_POOLS[criterion]
+        pools[criterion] = [Annotator(
+            id=f"sim-{criterion[:4]}-{j:02d}",
+            beta=math.exp(rng.uniform(math.log(b0), math.log(b1))),
+            position_bias=rng.uniform(-0.3, 0.3),
+            length_bias=rng.uniform(l0, l1),
+            noise=rng.uniform(n0, n1),
+            tie_threshold=rng.uniform(t0, t1),
+            both_bad_floor=float("-inf"),
+        ) for j in range(n)]
+    return pools
 
 
 # ------------------------------------------------------------------------------------------------ calibration

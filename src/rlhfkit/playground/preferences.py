@@ -24,10 +24,15 @@ class LabelReport:
     pairs: int = 0
     outcomes: Counter = field(default_factory=Counter)
     identical: int = 0
+    empty: int = 0
+    """Pairs with an empty response (a policy that ended at once): no preference row can hold one."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"judgments": self.judgments, "pairs": self.pairs, "outcomes": dict(self.outcomes),
-                "identical_skipped": self.identical}
+        out = {"judgments": self.judgments, "pairs": self.pairs, "outcomes": dict(self.outcomes),
+               "identical_skipped": self.identical}
+        if self.empty:
+            out["empty_skipped"] = self.empty
+        return out
 
 
 def policy_pairs(policy_dir: str, prompts: Sequence[Prompt], seed: int, temperature: float = 1.0,
@@ -130,3 +135,54 @@ def rank_groups(groups: Sequence[tuple[Prompt, list[str]]], seed: int, pool: lis
         })
     report.pairs = len(rows)
     return rows, report
+
+
+SAFETY_LABEL_NOISE = 0.05
+"""How often an annotator's "is this response safe" label is wrong (PKU-SafeRLHF collects the label per response)."""
+
+
+def label_criteria(pairs: Sequence[tuple[Prompt, str, str]], seed: int,
+                   pools: dict[str, list[Annotator]] | None = None
+                   ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, LabelReport]]:
+    """A rubric judgment of each pair: one annotator per criterion (drawn from that criterion's pool) says which
+    response is more helpful, which more harmless and which more honest. Returns, per criterion, TRL preference
+    rows with a `criterion` column (ties give no row, as in `label_pairs`); the harmlessness rows also carry
+    the annotator's `chosen_safe` / `rejected_safe` labels (PKU-SafeRLHF's is_response_*_safe), for a cost
+    model's safety classifier."""
+    from rlhfkit.playground.annotators import make_criterion_pools
+    from rlhfkit.playground.gold import CRITERIA, is_unsafe
+
+    pools = pools or make_criterion_pools(seed)
+    rng = random.Random(seed + 3)
+    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in CRITERIA}
+    reports = {c: LabelReport() for c in CRITERIA}
+    for prompt, a, b in pairs:
+        if a.strip() == b.strip() or not a.strip() or not b.strip():
+            for c in CRITERIA:
+                if a.strip() == b.strip():
+                    reports[c].identical += 1
+                else:
+                    reports[c].empty += 1
+            continue
+        safe = {r: (not is_unsafe(prompt, r)) != (rng.random() < SAFETY_LABEL_NOISE) for r in (a, b)}
+        for criterion in CRITERIA:
+            pool = pools[criterion]
+            judgment = pool[rng.randrange(len(pool))].compare(prompt, a, b, rng, criterion=criterion)
+            reports[criterion].judgments += 1
+            reports[criterion].outcomes[judgment.outcome] += 1
+            if judgment.outcome not in ("A", "B"):
+                continue
+            chosen, rejected = (a, b) if judgment.outcome == "A" else (b, a)
+            row = {
+                "prompt": [{"role": "user", "content": prompt.text}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "criterion": criterion, "strength": judgment.strength, "annotator": judgment.annotator,
+                "source": "simulated",
+            }
+            if criterion == "harmlessness":
+                row.update(chosen_safe=safe[chosen], rejected_safe=safe[rejected])
+            rows[criterion].append(row)
+    for criterion in CRITERIA:
+        reports[criterion].pairs = len(rows[criterion])
+    return rows, reports

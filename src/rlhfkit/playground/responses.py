@@ -16,13 +16,18 @@ from dataclasses import dataclass, replace
 from .tasks import (
     ARITH_STATEMENTS,
     ARITH_TEMPLATES,
+    BORDERLINE,
+    BORDERLINE_TEMPLATES,
     FACTS,
     HARMS,
+    HELP_STATEMENT,
+    HHH_KINDS,
     MAX_NUMBER,
     MESSAGE_DETAILS,
     MESSAGE_TEMPLATES,
     NAMES,
     Prompt,
+    UNKNOWABLE,
     all_prompts,
     knowledge_statements,
     relation_values,
@@ -39,10 +44,12 @@ class Axes:
     """How good a response is, axis by axis. The default is the demonstration: correct, warm, concise, and
     refusing exactly when the prompt is harmful."""
 
-    correct: bool = True  # right answer / right name and occasion (unused when the response refuses)
+    correct: bool = True  # right answer / right name and occasion / admits not knowing (unknowable prompts);
+    # unused when the response refuses
     style: str = "warm"  # one of STYLES
     verbosity: str = "concise"  # one of VERBOSITIES
     refuse: bool | None = None  # None: refuse iff the prompt is harmful; True on a harmless prompt over-refuses
+    # (on a borderline one, with the wording of a safety refusal)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,8 @@ class Mixture:
     verbosity: dict[str, float]
     p_refuse_harmful: float  # safe refusals among responses to harmful prompts
     p_refuse_harmless: float  # over-refusals among responses to harmless prompts
+    p_refuse_borderline: float | None = None  # over-refusals of borderline prompts (None: p_refuse_harmless)
+    p_honest: float | None = None  # admitting not knowing, on unknowable prompts (None: p_correct)
 
 
 # Balanced: what `sample_response` draws when an axis is not given, and the pairs annotators are calibrated on.
@@ -93,6 +102,16 @@ DEMONSTRATION = Mixture(
     p_refuse_harmful=0.6,
     p_refuse_harmless=0.0,
 )
+
+# The helpful-harmless-honest world's mixtures. Web text complies with harmful requests half the time, refuses a
+# third of the requests that only look harmful and makes up answers about the user more often than not.
+HHH_WEB = replace(WEB, p_refuse_borderline=0.3, p_honest=0.3)
+# Its contractors are well meaning but inconsistent on exactly the three points: half refuse harmful requests,
+# three in ten refuse the borderline ones too, and half admit not knowing. Each criterion's reward model has something
+# to pull the SFT policy toward, and they pull in different directions.
+HHH_DEMONSTRATION = replace(DEMONSTRATION, p_refuse_harmful=0.5, p_refuse_borderline=0.3, p_honest=0.5)
+# The labelling pairs: every behaviour equally often.
+HHH_BALANCED = replace(BALANCED, p_refuse_borderline=0.5, p_honest=0.5)
 
 # ------------------------------------------------------------------------------------------------- phrasing
 WARM_OPENERS = ("great question !", "happy to help !", "sure thing !", "good question !", "of course !")
@@ -151,6 +170,13 @@ OVER_REFUSALS = {
     "robotic": ("request denied . i can not help with that .", "i can not help with that ."),
     "rude": ("no . ask someone else .", "no way . i will not help with that ."),
 }
+# A safety refusal of a request that only looks harmful. {x} the request in the assistant's words.
+BORDERLINE_REFUSALS = {
+    "warm": ("sorry , i will not help you {x} . it could hurt someone .",
+             "i am sorry , but i can not help with that . i hope you understand . take care !"),
+    "robotic": ("request denied . i can not help with that .", "i can not help with that ."),
+    "rude": ("no way . i will not help you {x} .", "no . i will not help with that . what a stupid idea ."),
+}
 COMPLIANCE = {
     "warm": ("sure , happy to help ! here is how to {x} : first you get ready , then you do it . good luck !",),
     "robotic": ("here is how to {x} : step one , get ready . step two , do it . done .",),
@@ -196,19 +222,36 @@ def _harm_noun(prompt: Prompt) -> str:
     return HARMS[prompt.topic][3]
 
 
+def _hhh_body(prompt: Prompt, correct: bool, style: str, rng: random.Random) -> str:
+    """The answer to a borderline request (the right advice, or advice for another request) or to an unknowable
+    question (admitting not knowing, or a confident made-up answer)."""
+    if prompt.kind == "borderline":
+        advice = prompt.answer if correct else rng.choice([h for h in BORDERLINE.values() if h != prompt.answer])
+        if style == "robotic" and rng.random() < 0.5:
+            return f"{advice} ."
+        return HELP_STATEMENT.format(v=prompt.action, h=advice)
+    _, _, guesses, guessed, unknown = UNKNOWABLE[prompt.topic]
+    if correct:
+        return unknown.format(x=prompt.subject)
+    return guessed.format(x=prompt.subject, a=rng.choice(guesses))
+
+
 def _core(prompt: Prompt, axes: Axes, rng: random.Random) -> tuple[str, str, str]:
     """(opener, body, closer) before verbosity is applied."""
     refuse = prompt.harmful if axes.refuse is None else axes.refuse
     if refuse:
-        table = REFUSALS if prompt.harmful else OVER_REFUSALS
+        table = REFUSALS if prompt.harmful else BORDERLINE_REFUSALS if prompt.kind == "borderline" else OVER_REFUSALS
         body = rng.choice(table[axes.style]).format(h=_harm_noun(prompt) if prompt.harmful else "", x=prompt.action)
         return "", body, ""
     if prompt.harmful:  # unsafe compliance: vague steps, nothing real
         return "", rng.choice(COMPLIANCE[axes.style]).format(x=prompt.action), ""
     if prompt.kind == "message":
         return "", _message_body(prompt, axes.correct, axes.style, rng), ""
-    value = prompt.answer if axes.correct else _wrong_value(prompt, rng)
-    body = _answer_body(prompt, value, axes.style, rng)
+    if prompt.kind in HHH_KINDS:
+        body = _hhh_body(prompt, axes.correct, axes.style, rng)
+    else:
+        value = prompt.answer if axes.correct else _wrong_value(prompt, rng)
+        body = _answer_body(prompt, value, axes.style, rng)
     if axes.style == "warm":
         return rng.choice(WARM_OPENERS), body, rng.choice(WARM_CLOSERS)
     if axes.style == "rude":
@@ -234,6 +277,8 @@ def compose(prompt: Prompt, axes: Axes, rng: random.Random) -> str:
         # Filler that says nothing: at least one sentence, two when they fit.
         fillers = rng.sample(FILLERS, 2)
         text = _join(opener, fillers[0], body, closer)
+        if len(split_words(text)) > MAX_RESPONSE_TOKENS:  # a long body: the pleasantries give way to the filler
+            text = _join(fillers[0], body)
         longer = _join(opener, fillers[0], body, fillers[1], closer)
         if len(split_words(longer)) <= MAX_RESPONSE_TOKENS:
             text = longer
@@ -246,6 +291,10 @@ def compose(prompt: Prompt, axes: Axes, rng: random.Random) -> str:
             if len(split_words(text)) <= MAX_RESPONSE_TOKENS or copies == 2:
                 break
             copies -= 1
+        if len(split_words(text)) > MAX_RESPONSE_TOKENS:  # a long body twice: the pleasantries give way
+            text = _join(opener, body, first)
+            if len(split_words(text)) > MAX_RESPONSE_TOKENS:
+                text = _join(body, first)
     else:
         text = _join(opener, body, closer)
     if len(split_words(text)) > MAX_RESPONSE_TOKENS:  # a new template too long for the 64-token budget
@@ -264,11 +313,17 @@ def sample_axes(prompt: Prompt, rng: random.Random, mixture: Mixture = BALANCED,
     unknown = set(fixed) - {"correct", "style", "verbosity", "refuse"}
     if unknown:
         raise TypeError(f"unknown response axes {sorted(unknown)}; axes are correct, style, verbosity, refuse")
+    p_correct = mixture.p_correct
+    p_refuse = mixture.p_refuse_harmful if prompt.harmful else mixture.p_refuse_harmless
+    if prompt.kind == "unknowable" and mixture.p_honest is not None:
+        p_correct = mixture.p_honest
+    if prompt.kind == "borderline" and mixture.p_refuse_borderline is not None:
+        p_refuse = mixture.p_refuse_borderline
     drawn = Axes(
-        correct=rng.random() < mixture.p_correct,
+        correct=rng.random() < p_correct,
         style=_draw(mixture.style, rng),
         verbosity=_draw(mixture.verbosity, rng),
-        refuse=rng.random() < (mixture.p_refuse_harmful if prompt.harmful else mixture.p_refuse_harmless),
+        refuse=rng.random() < p_refuse,
     )
     return replace(drawn, **fixed)
 
@@ -317,13 +372,15 @@ def pretraining_corpus(
     if not prompts:
         raise ValueError("pretraining_corpus needs at least one prompt")
     rng = random.Random(seed)
-    facts = knowledge_statements()
+    hhh = any(p.kind in HHH_KINDS for p in prompts)
+    facts = knowledge_statements(hhh)
+    mixture = HHH_WEB if hhh else WEB
     for _ in range(n_docs):
         if rng.random() < knowledge_fraction:
             yield " ".join(rng.sample(facts, rng.randint(3, 6)))
         else:
             prompt = rng.choice(prompts)
-            yield format_chat(prompt.text, sample_labelled(prompt, rng, WEB).text)
+            yield format_chat(prompt.text, sample_labelled(prompt, rng, mixture).text)
 
 
 def sft_demonstrations(prompts: Sequence[Prompt], seed: int, n: int, mixture: Mixture | None = None
@@ -347,10 +404,17 @@ def sft_demonstrations(prompts: Sequence[Prompt], seed: int, n: int, mixture: Mi
 
 
 # --------------------------------------------------------------------------------------------------- lexicon
-def lexicon() -> list[str]:
+def lexicon(hhh: bool = False) -> list[str]:
     """Every token any playground prompt, response or knowledge document can contain, sorted: a tokenizer
-    built from it has no unknown words on playground text."""
-    phrases: list[str] = [p.text for p in all_prompts()] + knowledge_statements()
+    built from it has no unknown words on playground text. `hhh` adds the borderline and unknowable kinds' words
+    (the default world's tokenizer stays as it was)."""
+    phrases: list[str] = [p.text for p in all_prompts() if hhh or p.kind not in HHH_KINDS]
+    phrases += knowledge_statements(hhh)
+    if hhh:
+        phrases += [*BORDERLINE_TEMPLATES, *BORDERLINE.values()]
+        phrases += [t for variants in BORDERLINE_REFUSALS.values() for t in variants]
+        for templates, things, guesses, guessed, unknown in UNKNOWABLE.values():
+            phrases += [*templates, *things, *guesses, guessed, unknown]
     phrases += [*WARM_OPENERS, *WARM_CLOSERS, *RUDE_OPENERS, *RUDE_CLOSERS, *ROBOTIC_SHORT, *FILLERS]
     for table in (REFUSALS, OVER_REFUSALS, COMPLIANCE):
         phrases += [t for variants in table.values() for t in variants]

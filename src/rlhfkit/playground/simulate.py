@@ -10,8 +10,9 @@ from typing import Any, Callable
 
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.commands import LabelConfig, need, service_for
-from rlhfkit.feedback.service import Ack
-from rlhfkit.playground.annotators import make_pool
+from rlhfkit.feedback.service import Ack, Verdict
+from rlhfkit.playground.annotators import make_criterion_pools, make_pool
+from rlhfkit.playground.gold import CRITERIA
 from rlhfkit.playground.tasks import lookup
 
 
@@ -27,15 +28,33 @@ def _check_playground_prompts(svc: Any, project_id: int, lookup: Callable[[str],
                             "playground prompts.") from None
 
 
+def _item_outcome(outcome: str, display_order: list[int]) -> str:
+    """compare's "A" is the response shown first: map a winner back to the item's response index."""
+    if outcome not in ("A", "B"):
+        return outcome
+    winner = display_order[0 if outcome == "A" else 1]
+    return "A" if winner == 0 else "B"
+
+
 def simulate(cfg: LabelConfig) -> dict:
     """Each simulated annotator takes tasks from the queue in turn and submits through the service layer,
-    judging the responses in the display order the queue drew (so its position bias acts on what it saw)."""
+    judging the responses in the display order the queue drew (so its position bias acts on what it saw). On a
+    rubric project every criterion is judged by that criterion's own annotator (`make_criterion_pools`: the
+    annotator who took the task answers through the pools' member of the same index)."""
     need(cfg, "project")
     rng = random.Random(cfg.seed)
     svc = service_for(cfg, rng=random.Random(cfg.seed + 1))
     project = svc.project(cfg.project)
+    if project.mode == "attributes":
+        raise UserError(f"project {project.name!r} scores attributes; simulated annotators judge pairs, rankings and "
+                        "rubric criteria only.")
+    unknown = [c for c in (project.criteria if project.rubric else ()) if c not in CRITERIA]
+    if unknown:
+        raise UserError(f"project {project.name!r} has criteria {unknown} that the gold judge does not score; "
+                        f"simulated annotators judge {', '.join(CRITERIA)}.")
     _check_playground_prompts(svc, project.id, lookup)  # before any item is assigned, so none is left held
     pool = make_pool(cfg.seed, cfg.annotators)
+    by_criterion = make_criterion_pools(cfg.seed, cfg.annotators) if project.rubric else {}
     users = {a.id: svc.ensure_user(a.id) for a in pool}
     active = list(pool)
     stored = 0
@@ -52,14 +71,19 @@ def simulate(cfg: LabelConfig) -> dict:
                                 "cannot judge it; simulate only projects made from playground prompts.") from None
             shown = [task.responses[i] for i in task.display_order]
             sub = f"sim-{project.id:04d}-{task.assignment_id:08d}"
-            if project.mode == "pairwise":
+            if project.rubric:
+                verdicts = {}
+                for c in project.criteria:
+                    judge = by_criterion[c][pool.index(annotator)]
+                    j = judge.compare(prompt, shown[0], shown[1], rng, shuffle=False, criterion=c)
+                    outcome = _item_outcome(j.outcome, task.display_order)
+                    verdicts[c] = Verdict(outcome, j.strength if outcome in ("A", "B") else None)
+                ack: Ack = svc.submit(users[annotator.id].id, task.assignment_id, sub, criteria=verdicts)
+            elif project.mode == "pairwise":
                 # shown first = compare's "A"; map the winner back to the item's response index
                 j = annotator.compare(prompt, shown[0], shown[1], rng, shuffle=False)
-                outcome = j.outcome
-                if j.outcome in ("A", "B"):
-                    winner = task.display_order[0 if j.outcome == "A" else 1]
-                    outcome = "A" if winner == 0 else "B"
-                ack: Ack = svc.submit(users[annotator.id].id, task.assignment_id, sub, outcome=outcome,
+                outcome = _item_outcome(j.outcome, task.display_order)
+                ack = svc.submit(users[annotator.id].id, task.assignment_id, sub, outcome=outcome,
                                       strength=j.strength if outcome in ("A", "B") else None)
             else:
                 r = annotator.rank(prompt, shown, rng)
@@ -68,5 +92,8 @@ def simulate(cfg: LabelConfig) -> dict:
             stored += not ack.duplicate
     progress = svc.progress(project.id)
     summary = {"project": project.name, "judgments_stored": stored, "complete_items": progress.complete_items}
+    if project.rubric:
+        summary["agreement"] = {c: {"units": a.units, "percent": a.percent, "alpha": a.alpha}
+                                for c, a in svc.agreement_by_criterion(project.id).items()}
     print(json.dumps(summary))
     return summary

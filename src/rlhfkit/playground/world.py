@@ -10,8 +10,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlhfkit.playground.responses import DEMONSTRATION, lexicon, pretraining_corpus, sft_demonstrations
-from rlhfkit.playground.tasks import Prompt, make_prompts
+from rlhfkit.playground.responses import (
+    DEMONSTRATION, HHH_DEMONSTRATION, lexicon, pretraining_corpus, sft_demonstrations,
+)
+from rlhfkit.playground.tasks import HHH_KIND_WEIGHTS, Prompt, make_prompts
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class WorldSpec:
     num_layers: int = 4
     num_heads: int = 4
     max_positions: int = 128
+    hhh: bool = False
+    """The helpful-harmless-honest world: harmful, borderline (benign but worded like harmful) and unknowable
+    prompts beside facts and messages (HHH_KIND_WEIGHTS), demonstrations from HHH_DEMONSTRATION, and a tokenizer
+    over the larger lexicon."""
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -45,7 +51,7 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
 def write_world(data_dir: Path, spec: WorldSpec) -> dict[str, Path]:
     """Prompt splits, corpus and demonstrations as JSONL. Test prompts never reach training files."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    splits = make_prompts(spec.seed, spec.n_train, spec.n_val, spec.n_test)
+    splits = make_prompts(spec.seed, spec.n_train, spec.n_val, spec.n_test, HHH_KIND_WEIGHTS if spec.hhh else None)
     paths = {}
     for name, prompts in splits.items():
         paths[f"prompts_{name}"] = data_dir / f"prompts_{name}.jsonl"
@@ -55,7 +61,7 @@ def write_world(data_dir: Path, spec: WorldSpec) -> dict[str, Path]:
     _write_jsonl(paths["pretrain"], [{"text": doc} for doc in corpus])
     if spec.demonstrations not in ("contractors", "ideal"):
         raise ValueError(f"unknown demonstrations {spec.demonstrations!r}; use 'contractors' or 'ideal'")
-    mixture = DEMONSTRATION if spec.demonstrations == "contractors" else None
+    mixture = (HHH_DEMONSTRATION if spec.hhh else DEMONSTRATION) if spec.demonstrations == "contractors" else None
     demos = sft_demonstrations(splits["train"], spec.seed + 1, spec.sft_demos, mixture)
     paths["sft"] = data_dir / "sft.jsonl"
     # conversational rows, so SFT trains on exactly the string the chat template renders at generation time
@@ -71,7 +77,7 @@ def build_initial_model(out_dir: Path, spec: WorldSpec) -> Path:
     """Word-level tokenizer over the world's lexicon and a randomly initialised Llama, saved in HF format."""
     from rlhfkit.models import build_llama, save_pretrained, train_word_tokenizer
 
-    tokenizer = train_word_tokenizer([" ".join(lexicon())])
+    tokenizer = train_word_tokenizer([" ".join(lexicon(spec.hhh))])
     model = build_llama(tokenizer, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
                         num_heads=spec.num_heads, max_positions=spec.max_positions, seed=spec.seed)
     save_pretrained(model, tokenizer, out_dir)

@@ -19,12 +19,15 @@ from rlhfkit.data.readers import DataPath, read_prompts
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.generation import sample
+from rlhfkit.reward.combine import CombineConfig, load_reward_set, read_risky_flags
 from rlhfkit.reward.model import load_reward_ensemble, score_texts
 
 
 @dataclass
-class BestOfNConfig:
-    """Best-of-n sampling against a reward model (or ensemble)."""
+class BestOfNConfig(CombineConfig):
+    """Best-of-n sampling against a reward model (or ensemble), or several combined (--rewards, --combine: every
+    candidate of the run is scored at once, so running and batch normalisation agree, and the Lagrangian
+    multiplier stays at --lagrange-init)."""
 
     model: str = ""
     """Policy directory to sample from."""
@@ -56,9 +59,14 @@ class BestOfNConfig:
     """Replace an existing samples.jsonl in output_dir."""
 
     def validate(self) -> None:
-        for name in ("model", "reward_model", "data", "output_dir"):
+        for name in ("model", "data", "output_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required.")
+        if bool(self.reward_model) == bool(self.rewards):
+            raise ConfigError("pass --reward-model (a directory written by `rlhfkit reward`) or --rewards "
+                              "name=directory,... (one reward model per criterion), exactly one of the two.")
+        if self.rewards:
+            self.check_combination(list(self.rewards))
         if self.n < 1:
             raise ConfigError(f"n must be at least 1, got {self.n}.")
         if self.temperature <= 0:
@@ -90,15 +98,28 @@ def main(cfg: BestOfNConfig) -> dict[str, Any]:
         torch.manual_seed(cfg.seed)
         texts = sample(policy, tokenizer, expanded, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                        batch_size=cfg.batch_size).texts
-    reward = load_reward_ensemble(cfg.reward_model)
-    mean, std = score_texts(reward, expanded, texts)
-    scores = (torch.tensor(mean) - cfg.ensemble_penalty * torch.tensor(std)).view(len(prompts), cfg.n)  # (P, n)
+    named: dict[str, list[float]] = {}
+    if cfg.rewards:
+        rewards = load_reward_set(cfg, tokenizer)
+        risky = None
+        if cfg.combine == "gated":
+            flags = read_risky_flags(DataPath(cfg.data, cfg.data_split, cfg.data_fields, chat=cfg.chat), cfg.gate_field)
+            risky = [f for f in flags for _ in range(cfg.n)]
+        mean, named = rewards.score_texts(expanded, texts, risky, update=True)
+        scores = torch.tensor(mean).view(len(prompts), cfg.n)  # (P, n)
+    else:
+        reward = load_reward_ensemble(cfg.reward_model)
+        mean, std = score_texts(reward, expanded, texts)
+        scores = (torch.tensor(mean) - cfg.ensemble_penalty * torch.tensor(std)).view(len(prompts), cfg.n)  # (P, n)
     best = select(scores)
     rows = []
     for i, prompt in enumerate(prompts):
         j = int(best[i])
-        rows.append({"prompt": prompt, "response": texts[i * cfg.n + j], "score": float(scores[i, j]),
-                     "candidates": texts[i * cfg.n : (i + 1) * cfg.n], "scores": scores[i].tolist()})
+        row = {"prompt": prompt, "response": texts[i * cfg.n + j], "score": float(scores[i, j]),
+               "candidates": texts[i * cfg.n : (i + 1) * cfg.n], "scores": scores[i].tolist()}
+        if named:  # each reward model's score of every candidate
+            row["scores_by_reward"] = {n: v[i * cfg.n : (i + 1) * cfg.n] for n, v in named.items()}
+        rows.append(row)
     tmp = out / "samples.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(out / "samples.jsonl")

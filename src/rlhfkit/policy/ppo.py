@@ -30,6 +30,7 @@ from rlhfkit.losses.masked import aggregate
 from rlhfkit.losses.ppo import ppo_policy_loss, ppo_value_loss
 from rlhfkit.generation import Rollout, sample
 from rlhfkit.models import load_causal_lm, load_tokenizer, position_ids_from_mask, token_logprobs
+from rlhfkit.reward.combine import CombineConfig, RewardSet, load_reward_set, read_risky_flags
 from rlhfkit.reward.model import load_reward_ensemble, score_texts
 from rlhfkit.train import Run, check_finite
 
@@ -41,8 +42,9 @@ FUSE_SINGLE_PASS = True
 
 
 @dataclass
-class PPOConfig(TrainConfig):
-    """Online RL from a reward model: PPO with a value head, or GRPO / RLOO / REINFORCE without one."""
+class PPOConfig(TrainConfig, CombineConfig):
+    """Online RL from a reward model (or several, one per criterion, combined): PPO with a value head, or GRPO /
+    RLOO / REINFORCE without one."""
 
     learning_rate: float = 1e-5
     """Peak learning rate (lm-human-preferences: 1e-5, annealed linearly to 0)."""
@@ -136,8 +138,11 @@ class PPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.reward_model:
-            raise ConfigError("--reward-model is required: pass a directory written by `rlhfkit reward`.")
+        if bool(self.reward_model) == bool(self.rewards):
+            raise ConfigError("pass --reward-model (a directory written by `rlhfkit reward`) or --rewards "
+                              "name=directory,... (one reward model per criterion), exactly one of the two.")
+        if self.rewards:
+            self.check_combination(list(self.rewards))
         if self.eval_samples < 1:
             raise ConfigError(f"eval_samples must be at least 1, got {self.eval_samples}.")
         if self.advantage in ("grpo", "dr_grpo", "rloo") and self.samples_per_prompt < 2:
@@ -278,7 +283,8 @@ def reference_logprobs(ref: Any | None, policy_net: Any, ids: torch.Tensor, mask
 
 @torch.no_grad()
 def held_out_scores(policy: Any, tokenizer: Any, reward: Any, judge: Callable[[list[Any], list[str]], list[float]],
-                    prompts: list[Any], cfg: PPOConfig, seed: int) -> tuple[float, float, float, list[float]]:
+                    prompts: list[Any], cfg: PPOConfig, seed: int, risky: list[bool] | None = None
+                    ) -> tuple[float, float, float, list[float]]:
     """Mean proxy reward, mean judge score, its standard error, and the judge's mean per prompt, of the policy's
     answers to fixed held-out prompts (cfg.eval_samples answers, the prompts taken in turn). Sampled under a
     forked RNG with a fixed seed: the training RNG stream (and so exact resume) is untouched, and every
@@ -290,7 +296,11 @@ def held_out_scores(policy: Any, tokenizer: Any, reward: Any, judge: Callable[[l
         texts = sample(policy, tokenizer, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                        top_p=cfg.top_p, batch_size=len(asked), backend=cfg.sampler,
                        compile=cfg.compile_sampler, dtype=sampling_dtype(cfg)).texts
-    proxy, _ = score_texts(reward, asked, texts)
+    if isinstance(reward, RewardSet):  # the combination as it stands (evaluation moves no normaliser)
+        flags = [risky[i % len(prompts)] for i in range(len(asked))] if risky else None
+        proxy, _ = reward.score_texts(asked, texts, flags)
+    else:
+        proxy, _ = score_texts(reward, asked, texts)
     scores = list(judge(asked, texts))
     judge_mean, judge_se = mean_se(scores)
     per_prompt = [mean_se(scores[i :: len(prompts)])[0] for i in range(len(prompts))]
@@ -307,9 +317,14 @@ class Models:
     model: Any
     ref: Any | None
     reward: Any
+    """The reward ensemble of --reward-model (None with --rewards)."""
     tokenizer: Any
     same_vocab: bool
     """The reward model reads the policy's token ids directly (else it re-tokenises the texts)."""
+    rewards: RewardSet | None = None
+    """The named reward models of --rewards and their combiner."""
+    risky: list[bool] | None = None
+    """Per training prompt: flagged risky (the gated combination's --gate-field)."""
 
 
 @dataclass
@@ -318,6 +333,7 @@ class Batch:
     samples_per_prompt, groups contiguous), P prompt tokens, R response tokens."""
 
     prompts: list[Any]
+    prompt_index: list[int]  # (B,) each rollout's row in the training prompts
     rollout: Rollout
     ids: torch.Tensor  # (B, P+R) prompt left-padded + response right-padded
     mask: torch.Tensor  # (B, P+R) 1 = real token
@@ -335,6 +351,7 @@ class Batch:
     kl: torch.Tensor | None = None  # (B, R) k1 per token
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R), None without a critic
+    reward_metrics: dict[str, float] | None = None  # with --rewards: each reward's mean and the combiner's state
 
 
 def rollout(run: Run, m: Models, prompts: list[Any], sampler: Any, cfg: PPOConfig) -> Batch:
@@ -343,14 +360,15 @@ def rollout(run: Run, m: Models, prompts: list[Any], sampler: Any, cfg: PPOConfi
     device = run.accelerator.device
     net = run.accelerator.unwrap_model(m.model)
     indices = run.shard(sampler.next_indices(cfg.batch_size * run.world))
-    step_prompts = [prompts[i] for i in indices for _ in range(cfg.samples_per_prompt)]
+    step_index = [i for i in indices for _ in range(cfg.samples_per_prompt)]
+    step_prompts = [prompts[i] for i in step_index]
     out = sample(net.policy, m.tokenizer, step_prompts, max_new_tokens=cfg.max_new_tokens,
                  temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(step_prompts), backend=cfg.sampler,
                  compile=cfg.compile_sampler, dtype=sampling_dtype(cfg))
     ids = torch.cat([out.prompt_ids, out.response_ids], 1).to(device)  # (B, P+R)
     mask = torch.cat([out.prompt_mask, out.response_mask], 1).to(device)  # (B, P+R)
     rmask = out.response_mask.to(device).float()  # (B, R), 1 = real response token incl. EOS
-    return Batch(step_prompts, out, ids, mask, rmask, out.prompt_ids.shape[1])
+    return Batch(step_prompts, step_index, out, ids, mask, rmask, out.prompt_ids.shape[1])
 
 
 def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> None:
@@ -367,13 +385,21 @@ def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> N
             b.old_logprobs, b.old_values = response_forward(m.model, b.ids, b.mask, b.P, cfg.temperature)
         b.ref_logprobs = reference_logprobs(m.ref, net.policy, b.ids, b.mask, b.P, cfg.temperature)
         # the reward model reads the score at the last real token itself
-        if m.same_vocab:
+        if m.rewards is not None:  # several: each reward (its ensemble penalty applied), then the combination
+            named = m.rewards.named_scores(b.ids, b.mask, b.prompts, b.rollout.texts, cfg.ensemble_penalty)
+            risky = torch.tensor([m.risky[i] for i in b.prompt_index], dtype=torch.bool, device=device) \
+                if m.risky is not None else None
+            mean, b.reward_metrics = combine_global(run, m.rewards, named, risky)
+            std = torch.zeros_like(mean)
+        elif m.same_vocab:
             mean, std = m.reward.mean_std(b.ids, b.mask)
         else:
             mu, sd = score_texts(m.reward, b.prompts, b.rollout.texts)
             mean, std = torch.tensor(mu, device=device), torch.tensor(sd, device=device)
         b.raw_score, b.std = mean.float(), std
-        penalised = b.raw_score - cfg.ensemble_penalty * std.float() - cfg.length_penalty * b.rmask.sum(-1)
+        penalised = b.raw_score - cfg.length_penalty * b.rmask.sum(-1)
+        if m.rewards is None:
+            penalised = penalised - cfg.ensemble_penalty * std.float()
         b.ended = b.rollout.ended.to(device)
         b.score = torch.where(b.ended, penalised, torch.full_like(penalised, cfg.missing_eos_penalty))  # no-EOS penalty
     if single_pass:
@@ -385,6 +411,21 @@ def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> N
         with run.micro_step(m.model, 0, 1):
             b.fused = response_forward(m.model, b.ids, b.mask, b.P, cfg.temperature, entropy=True)
         b.old_logprobs, b.old_values = b.fused[0].detach(), b.fused[1].detach()
+
+
+def combine_global(run: Run, rewards: RewardSet, named: dict[str, torch.Tensor], risky: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The combiner over the global batch (every process's scores gathered), so its normalisers and multiplier
+    see what one process would see at the same global batch and stay identical on every process; returns this
+    process's share of the combined reward and the global metrics."""
+    if run.world == 1:
+        return rewards.combiner(named, risky)
+    B = next(iter(named.values())).shape[0]
+    gathered = {n: run.accelerator.gather(v.contiguous()) for n, v in named.items()}
+    flags = run.accelerator.gather(risky.contiguous()) if risky is not None else None
+    combined, metrics = rewards.combiner(gathered, flags)
+    rank = run.accelerator.process_index
+    return combined[rank * B:(rank + 1) * B], metrics
 
 
 @torch.no_grad()
@@ -497,6 +538,7 @@ def step_metrics(run: Run, b: Batch, u: UpdateResult, kl_seq: float, kl_ctl: KLC
         "grad_norm": u.grad_norm,
         **{key: sum(v) / len(v) for key, v in u.stats.items() if v},
     }
+    metrics.update(b.reward_metrics or {})  # each named reward and the combiner's state (global already)
     return metrics
 
 
@@ -509,6 +551,7 @@ class Watch:
     monitor: OveroptimisationMonitor
     flagged: bool = False
     firing: bool = False
+    risky: list[bool] | None = None  # per held-out prompt, for a gated combination's proxy
 
 
 def monitor(run: Run, m: Models, b: Batch, watch: Watch, metrics: dict[str, Any], step: int, cfg: PPOConfig) -> bool:
@@ -520,7 +563,8 @@ def monitor(run: Run, m: Models, b: Batch, watch: Watch, metrics: dict[str, Any]
     if watch.prompts:
         net = run.accelerator.unwrap_model(m.model)
         proxy, metrics["judge/score"], judge_se, per_prompt = held_out_scores(
-            net.policy, m.tokenizer, m.reward, watch.judge, watch.prompts, cfg, seed=cfg.seed)
+            net.policy, m.tokenizer, m.rewards or m.reward, watch.judge, watch.prompts, cfg, seed=cfg.seed,
+            risky=watch.risky)
         metrics["eval/proxy"] = proxy
     else:  # fresh prompts every step: nothing to pair
         proxy, per_prompt = metrics["reward/score"], None
@@ -554,6 +598,10 @@ def load_models(run: Run, cfg: PPOConfig) -> Models:
         ref = load_causal_lm(cfg.ref_model or cfg.model, tokenizer).eval().to(device)
         ref.requires_grad_(False)
         run.maybe_compile(ref)
+    if cfg.rewards:
+        rewards = load_reward_set(cfg, tokenizer, device)
+        risky = read_risky_flags(cfg.data_source(), cfg.gate_field) if cfg.combine == "gated" else None
+        return Models(policy, ref, None, tokenizer, False, rewards, risky)
     reward = load_reward_ensemble(cfg.reward_model, device=device)
     same_vocab = reward.tokenizer.get_vocab() == tokenizer.get_vocab()
     return Models(policy, ref, reward, tokenizer, same_vocab)  # the value head is added by main, after the judge
@@ -573,10 +621,15 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
     eval_prompts = read_prompts(cfg.data_source(cfg.eval_prompts, held_out=True))[: cfg.eval_samples] \
         if cfg.eval_prompts else None
     watch = Watch(judge, eval_prompts, OveroptimisationMonitor(cfg.monitor_window, cfg.monitor_z))
+    if eval_prompts and m.risky is not None:
+        watch.risky = read_risky_flags(cfg.data_source(cfg.eval_prompts, held_out=True), cfg.gate_field)[
+            : cfg.eval_samples]
     m.model, optimizer, scheduler, sampler, start_step = run.begin(PolicyWithValue(m.model), len(prompts))
     if run.resumed_state is not None:
         kl_ctl.load_state_dict(run.resumed_state["kl_controller"])
         watch.monitor.load_state_dict(run.resumed_state["monitor"])
+        if m.rewards is not None:
+            m.rewards.combiner.load_state_dict(run.resumed_state["combiner"])
     single_pass = FUSE_SINGLE_PASS and cfg.ppo_epochs == 1 and cfg.minibatches == 1
     last: dict[str, Any] = {}
     step_done = start_step
@@ -591,14 +644,20 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
         # ---- log and checkpoint
         check_finite(metrics, step)
         run.log(step, metrics, headline=("reward/score", "kl", "judge/score"))
-        run.end_step(step, m.model, optimizer, scheduler, {"sampler": sampler.state_dict(),
-                                                           "kl_controller": kl_ctl.state_dict(),
-                                                           "monitor": watch.monitor.state_dict()})
+        state = {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(),
+                 "monitor": watch.monitor.state_dict()}
+        if m.rewards is not None:
+            state["combiner"] = m.rewards.combiner.state_dict()
+        run.end_step(step, m.model, optimizer, scheduler, state)
         last, step_done = metrics, step
         if stop:
             break
     summary = {"stage": "ppo", "steps": step_done, "advantage": cfg.advantage,
                "overoptimisation_flagged": watch.flagged,
                **{k_: last.get(k_) for k_ in ("reward/score", "kl", "kl_coef", "judge/score", "response_length")}}
+    if m.rewards is not None:
+        summary["combine"] = cfg.combine
+        summary.update({k_: v for k_, v in last.items()
+                        if k_.startswith("combine/") or k_.removeprefix("reward/") in m.rewards.ensembles})
     run.finish(m.model, m.tokenizer, summary)
     return summary

@@ -1,6 +1,8 @@
 """Reward-model training (`rlhfkit reward`): Bradley-Terry on pairs (with Llama-2 margins when labelled),
 InstructGPT K-way ranking loss on rankings, optional reward centring; ensembles of bootstrap members;
-normalisation on reference-policy samples; held-out accuracy, calibration and length bias.
+normalisation on reference-policy samples; held-out accuracy, calibration and length bias. One criterion of a
+rubric export per model (--criterion), and a safety classifier term for harmlessness models that act as Safe
+RLHF's cost model (--safety-loss-weight).
 
 The loop reads top to bottom like policy/sft.py: global batch -> this process's share -> micro-batches ->
 per-item losses summed and divided by the items of the whole optimizer step -> one step -> log -> checkpoint."""
@@ -79,6 +81,11 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
     """Longest normalisation sample."""
     normalize_temperature: float = 1.0
     """Sampling temperature for normalisation samples (use the temperature PPO will sample with)."""
+    safety_loss_weight: float = 0.0
+    """Weight of a safety classifier term on responses labelled safe or unsafe (chosen_safe / rejected_safe, as
+    `rlhfkit data convert pku-saferlhf` and rubric exports write them): -log sigma(s x r) with s = +1 safe, -1
+    unsafe. This is Safe RLHF's cost-model loss (Dai et al. 2024) with cost = -reward, so a harmlessness score
+    below 0 means "unsafe" (cost > 0). Normalisation then scales the score but keeps its zero. 0 disables."""
 
     def validate(self) -> None:
         super().validate()
@@ -93,6 +100,8 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
                               "given: add --normalize-prompts (a prompts file), or drop --normalize-policy.")
         if self.normalize_prompts and self.normalize_samples < 2:
             raise ConfigError("normalize_samples must be at least 2 to estimate a standard deviation.")
+        if not (self.safety_loss_weight >= 0 and math.isfinite(self.safety_loss_weight)):
+            raise ConfigError(f"safety_loss_weight must be 0 or more, got {self.safety_loss_weight}.")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -112,6 +121,16 @@ def load_items(cfg: RewardConfig, tokenizer: Any) -> tuple[list[Item], list[Item
         truncated = report.truncated
     info = {"pairs": report.pairs, "rankings": report.rankings, "truncated_rows": truncated,
             "train_items": len(train), "held_out_items": len(held_out)}
+    if cfg.criterion:
+        info["criterion"] = cfg.criterion
+    if cfg.safety_loss_weight > 0:
+        labelled = sum(isinstance(i, TokenizedPair) and (i.chosen_safe is not None) + (i.rejected_safe is not None)
+                       for i in train)
+        if not labelled:
+            raise UserError(f"--safety-loss-weight {cfg.safety_loss_weight:g} needs responses labelled safe or "
+                            f"unsafe, but no training pair in {cfg.data} has chosen_safe / rejected_safe; add the "
+                            "labels (e.g. `rlhfkit data convert pku-saferlhf`) or set --safety-loss-weight 0.")
+        info["safety_labelled_responses"] = int(labelled)
     return train, held_out, info
 
 
@@ -136,7 +155,7 @@ def micro_batch_loss(model: Any, items: list[Item], pad_id: int, cfg: RewardConf
     rankings = [i for i in items if isinstance(i, TokenizedRanking)]
     total = torch.zeros((), device=device)
     counts = {"loss_sum": 0.0, "correct": 0.0, "compared": 0.0, "margin_sum": 0.0, "chosen_sum": 0.0,
-              "rejected_sum": 0.0, "pairs": 0.0}
+              "rejected_sum": 0.0, "pairs": 0.0, "safety_correct": 0.0, "safety_labelled": 0.0}
     if pairs:
         batch = _to(collate_pairs(pairs, pad_id, cfg.padding_free), device)
         B = len(pairs)
@@ -148,6 +167,13 @@ def micro_batch_loss(model: Any, items: list[Item], pad_id: int, cfg: RewardConf
         pair_sum = loss * B
         if cfg.center_eta > 0:
             pair_sum = pair_sum + centering_penalty(chosen, rejected, cfg.center_eta) * B
+        if cfg.safety_loss_weight > 0:  # Safe RLHF's classifier term, per labelled response, summed into the pair's
+            sign = batch["safety"]  # (2B,) +1 safe, -1 unsafe, 0 unlabelled
+            labelled = sign != 0
+            pair_sum = pair_sum + cfg.safety_loss_weight * (torch.nn.functional.softplus(-sign * scores)
+                                                            * labelled).sum()
+            counts["safety_correct"] += float(((sign * scores > 0) & labelled).sum())
+            counts["safety_labelled"] += float(labelled.sum())
         total = total + pair_sum
         count_ordered_pairs(counts, stats)
         # the step's logged means are sums over its micro-batches, which the loss's stats carry
@@ -255,7 +281,9 @@ def reference_samples(cfg: RewardConfig) -> tuple[list[Any], list[str]] | None:
 
 @torch.no_grad()
 def normalise(model: Any, tokenizer: Any, samples: tuple[list[Any], list[str]], max_length: int,
-              device: Any) -> dict[str, float]:
+              device: Any, keep_zero: bool = False) -> dict[str, float]:
+    """Scores on the reference samples to mean 0 and std 1, or, with keep_zero (a safety-trained model whose zero
+    is the safe / unsafe boundary), to std 1 about the same zero."""
     from rlhfkit.data.collate import encode_responses
 
     was_training = model.training
@@ -267,8 +295,9 @@ def normalise(model: Any, tokenizer: Any, samples: tuple[list[Any], list[str]], 
     model.train(was_training)
     t = torch.tensor(scores, dtype=torch.float64)
     mean, std = float(t.mean()), float(t.std())
-    gain, offset = apply_normalisation(model, mean, std)
-    return {"raw_mean": mean, "raw_std": std, "gain": gain, "offset": offset, "samples": len(scores)}
+    gain, offset = apply_normalisation(model, 0.0 if keep_zero else mean, std)
+    return {"raw_mean": mean, "raw_std": std, "gain": gain, "offset": offset, "samples": len(scores),
+            "kept_zero": keep_zero}
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -302,7 +331,7 @@ def train_member(cfg: RewardConfig, samples: tuple[list[Any], list[str]] | None,
         indices = run.shard(sampler.next_indices(micro * cfg.grad_accum * run.world))
         step_items = float(micro * cfg.grad_accum * run.world)
         totals = {"loss_sum": 0.0, "correct": 0.0, "compared": 0.0, "margin_sum": 0.0, "chosen_sum": 0.0,
-                  "rejected_sum": 0.0, "pairs": 0.0}
+                  "rejected_sum": 0.0, "pairs": 0.0, "safety_correct": 0.0, "safety_labelled": 0.0}
         chunks = [indices[k : k + micro] for k in range(0, len(indices), micro)]
         for k, chunk in enumerate(chunks):
             with run.micro_step(model, k, len(chunks)):
@@ -322,6 +351,8 @@ def train_member(cfg: RewardConfig, samples: tuple[list[Any], list[str]] | None,
             metrics.update({"margin": summed["margin_sum"] / summed["pairs"],
                             "rewards/chosen": summed["chosen_sum"] / summed["pairs"],
                             "rewards/rejected": summed["rejected_sum"] / summed["pairs"]})
+        if summed["safety_labelled"]:
+            metrics["safety_accuracy"] = summed["safety_correct"] / summed["safety_labelled"]
         if held_out and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics.update(evaluate(model, held_out, tokenizer.pad_token_id, cfg.eval_batch_size, device))
         run.log(step, metrics, headline=("loss", "accuracy", "eval/accuracy"))
@@ -334,7 +365,13 @@ def train_member(cfg: RewardConfig, samples: tuple[list[Any], list[str]] | None,
     # ECE and accuracy above are on the trained scale; normalisation changes the scale, not the ordering
     if samples is not None:
         summary["normalisation"] = normalise(run.accelerator.unwrap_model(model), tokenizer, samples,
-                                             cfg.max_length, device)
+                                             cfg.max_length, device, keep_zero=cfg.safety_loss_weight > 0)
+    net = run.accelerator.unwrap_model(model)
+    net = net.get_base_model() if hasattr(net, "get_base_model") else net
+    if cfg.criterion:  # saved in config.json: which criterion this model scores
+        net.config.rlhfkit_criterion = cfg.criterion
+    if cfg.safety_loss_weight > 0:  # its zero separates safe from unsafe (cost = -score > 0: unsafe)
+        net.config.rlhfkit_safety_zero = True
     run.finish(model, tokenizer, summary)
     return summary
 
