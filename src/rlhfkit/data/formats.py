@@ -79,13 +79,13 @@ def _fold_system(row: dict[str, Any], source: str, path: str, lineno: int) -> di
 
 def as_chat(row: dict[str, Any], head: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """A row whose prompt is a string, made conversational: the prompt one user turn (after `head`, e.g. a system
-    message), string responses (chosen, rejected, completion, each of responses) the assistant's turn. Rows
-    without a string prompt (already conversational, HH transcripts, plain text) are returned as they are."""
+    message), string responses (chosen, rejected, completion, response, each of responses) the assistant's turn.
+    Rows without a string prompt (already conversational, HH transcripts, plain text) are returned as they are."""
     if not isinstance(row.get("prompt"), str):
         return row
     row = dict(row)
     row["prompt"] = list(head or []) + [{"role": "user", "content": row["prompt"]}]
-    for key in ("chosen", "rejected", "completion"):
+    for key in ("chosen", "rejected", "completion", "response"):
         if isinstance(row.get(key), str):
             row[key] = [{"role": "assistant", "content": row[key]}]
     if isinstance(row.get("responses"), list):

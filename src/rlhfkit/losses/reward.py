@@ -1,5 +1,6 @@
 """Reward-model losses on scalar rewards: Bradley-Terry (optionally with a Llama-2 margin), InstructGPT K-way
-ranking, pick-best-of-K, and the reward-centring penalty. Each preference loss returns (loss, RewardStats)."""
+ranking, pick-best-of-K, and the reward-centring penalty. Each preference loss returns (loss, RewardStats). Also
+attribute regression (HelpSteer2), which returns (loss, RegressionStats)."""
 
 from __future__ import annotations
 
@@ -160,3 +161,27 @@ def centering_penalty(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
     # Eisenstein et al. 2023 ("Helping or Herding?"), reward centring: the BT loss only fixes reward differences,
     # so the penalty pins the otherwise free offset near 0
     return eta * (chosen_rewards + rejected_rewards).pow(2).mean()
+
+
+@dataclass
+class RegressionStats:
+    """Diagnostics of one attribute-regression loss evaluation (detached)."""
+
+    squared_error_sum: torch.Tensor
+    """(K,) each attribute's squared error summed over the batch (micro-batches add up to the step's)."""
+    num_responses: torch.Tensor
+    """Number of responses (rows of the batch) the sums cover."""
+
+
+def attribute_regression_loss(predictions: torch.Tensor, targets: torch.Tensor
+                              ) -> tuple[torch.Tensor, RegressionStats]:
+    """Mean squared error of each response's predicted attribute scores, averaged over attributes, then responses.
+
+    predictions, targets: (B, K), one column per attribute, on the attribute's own scale (e.g. 0-4)."""
+    if predictions.shape != targets.shape or predictions.dim() != 2:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} must both be "
+                         "(B, K).")
+    # HelpSteer2 (Wang et al. 2024, arXiv 2406.08673): a linear head per attribute on the last token, trained with
+    # MSE against the annotated scores (the regression reward model of SteerLM / HelpSteer, arXiv 2311.09528)
+    err = (predictions.float() - targets.to(predictions.device).float()).pow(2)  # (B, K)
+    return err.mean(), RegressionStats(err.detach().sum(0), torch.tensor(err.shape[0]))

@@ -38,7 +38,9 @@ class CombineConfig:
 
     rewards: dict[str, str] = field(default_factory=dict)
     """Named reward models, one per criterion, instead of --reward-model: name=directory,... (e.g.
-    helpfulness=runs/rm_help,harmlessness=runs/rm_safe), combined as --combine says."""
+    helpfulness=runs/rm_help,harmlessness=runs/rm_safe), combined as --combine says. A head of a model trained with
+    --criteria or --attributes is directory#head (helpfulness=runs/rm#helpfulness,harmlessness=runs/rm#harmlessness);
+    the heads of one model are scored together, one forward pass per batch."""
     combine: Literal["sum", "gated", "lagrangian"] = "sum"
     """sum (weighted, each reward normalised), gated (Llama 2: the safety reward on risky prompts or unsafe-looking
     responses, the rest elsewhere) or lagrangian (Safe RLHF: the rest, subject to the expected cost staying under
@@ -206,29 +208,52 @@ def read_risky_flags(path: str, field_name: str) -> list[bool]:
 # -------------------------------------------------------------------------------------------------- loading
 @dataclass
 class RewardSet:
-    """The named reward models of a run and the combiner over them."""
+    """The named reward models of a run and the combiner over them. Names that are heads of one model
+    (DIR#head) hold ensembles sharing its members, and are scored with one forward pass per member."""
 
     ensembles: dict[str, Any]  # name -> RewardEnsemble
     combiner: RewardCombiner
     same_vocab: dict[str, bool]  # name -> reads the policy's token ids directly (else re-tokenises the texts)
 
+    def shared(self) -> list[list[str]]:
+        """The names grouped by the model they read (heads of one model together), in name order."""
+        groups: dict[int, list[str]] = {}
+        for name, ensemble in self.ensembles.items():
+            groups.setdefault(id(ensemble.members[0]), []).append(name)
+        return list(groups.values())
+
     def named_scores(self, ids: torch.Tensor | None, mask: torch.Tensor | None, prompts: list[Any],
                      texts: list[str], ensemble_penalty: float = 0.0) -> dict[str, torch.Tensor]:
         """Each reward's (B,) score (its ensemble's mean minus ensemble_penalty x their std): from the policy's
         token ids where the vocabularies match and ids are given, else from the texts."""
-        from rlhfkit.reward.model import score_texts
+        from rlhfkit.reward.model import score_texts, score_texts_all_heads
 
         out = {}
-        for name, ensemble in self.ensembles.items():
-            if ids is not None and self.same_vocab[name]:
-                mean, std = ensemble.mean_std(ids, mask)
+        for names in self.shared():
+            ensemble = self.ensembles[names[0]]
+            if len(names) == 1:
+                if ids is not None and self.same_vocab[names[0]]:
+                    mean, std = ensemble.mean_std(ids, mask)
+                else:
+                    mu, sd = score_texts(ensemble, prompts, texts)
+                    mean, std = torch.tensor(mu), torch.tensor(sd)
+                    if ids is not None:
+                        mean, std = mean.to(ids.device), std.to(ids.device)
+                out[names[0]] = mean.float() - ensemble_penalty * std.float()
+                continue
+            # several heads of one model: every head from one forward pass per member, then each name's column
+            if ids is not None and self.same_vocab[names[0]]:
+                every = ensemble.head_scores(ids, mask)  # (N members, B, K)
             else:
-                mu, sd = score_texts(ensemble, prompts, texts)
-                mean, std = torch.tensor(mu), torch.tensor(sd)
+                every = score_texts_all_heads(ensemble, prompts, texts)  # (N members, B, K)
                 if ids is not None:
-                    mean, std = mean.to(ids.device), std.to(ids.device)
-            out[name] = mean.float() - ensemble_penalty * std.float()
-        return out
+                    every = every.to(ids.device)
+            for name in names:
+                head = self.ensembles[name].head
+                s = every[:, :, 0 if head is None else head]  # (N members, B)
+                std = s.std(0, unbiased=True) if s.shape[0] > 1 else torch.zeros_like(s[0])
+                out[name] = s.mean(0).float() - ensemble_penalty * std.float()
+        return {name: out[name] for name in self.ensembles}
 
     def score_texts(self, prompts: list[Any], texts: list[str], risky: list[bool] | None = None,
                     update: bool = False) -> tuple[list[float], dict[str, list[float]]]:
@@ -241,10 +266,20 @@ class RewardSet:
 
 
 def load_reward_set(cfg: CombineConfig, tokenizer: Any, device: Any = "cpu") -> RewardSet:
-    """The reward models named in cfg.rewards, loaded for scoring the policy's samples."""
-    from rlhfkit.reward.model import load_reward_ensemble
+    """The reward models named in cfg.rewards, loaded for scoring the policy's samples: each directory once,
+    however many of its heads are named (DIR#head)."""
+    from pathlib import Path
 
-    ensembles = {name: load_reward_ensemble(path, device=device) for name, path in cfg.rewards.items()}
+    from rlhfkit.reward.model import load_members, split_head
+
+    loaded: dict[Path, Any] = {}
+    ensembles = {}
+    for name, spec in cfg.rewards.items():
+        directory, head = split_head(spec)
+        key = Path(directory).resolve()
+        if key not in loaded:
+            loaded[key] = load_members(directory, device=device)
+        ensembles[name] = loaded[key].with_head(head, spec)
     vocab = tokenizer.get_vocab()
     same = {name: e.tokenizer.get_vocab() == vocab for name, e in ensembles.items()}
     return RewardSet(ensembles, RewardCombiner(cfg, list(ensembles)), same)

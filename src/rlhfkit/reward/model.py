@@ -1,17 +1,20 @@
-"""Reward models: an `AutoModelForSequenceClassification` with `num_labels=1`, its score read at the last real
-token, normalised (gain folded into the head, offset kept in the config), and ensembles of such models.
+"""Reward models: an `AutoModelForSequenceClassification` with `num_labels=1` (or one head per criterion or
+attribute on a shared trunk), its score read at the last real token, normalised (gain folded into the head, offset
+kept in the config), and ensembles of such models.
 
 What we save is a plain Hugging Face sequence-classification model: `transformers` alone loads it and, for an
-unpadded text, its logit plus `config.rlhfkit_reward_offset` is exactly the score rlhfkit computes."""
+unpadded text, its logit plus `config.rlhfkit_reward_offset` is exactly the score rlhfkit computes. A model with
+several heads names them in `config.rlhfkit_criteria` (and `id2label`); head k's score is `logits[:, k]` plus
+`config.rlhfkit_reward_offsets[k]`, and a reward that uses it is written DIR#criterion."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -21,14 +24,45 @@ from rlhfkit.models import is_peft, load_tokenizer, model_mask, position_ids_fro
 log = logging.getLogger(__name__)
 
 OFFSET_KEY = "rlhfkit_reward_offset"
+OFFSETS_KEY = "rlhfkit_reward_offsets"
+"""Per-head offsets of a model with named heads (one list entry per head, in head order)."""
+CRITERIA_KEY = "rlhfkit_criteria"
+"""The names of a model's heads, in head order (the criteria or attributes it was trained on)."""
+HEAD_SEPARATOR = "#"
 ENSEMBLE_FILE = "ensemble.json"
 
 
-def load_reward_model(path: str, tokenizer: Any | None = None, dtype: torch.dtype = torch.float32) -> Any:
-    """A reward model from a reward-model directory, or a fresh score head on a causal LM (e.g. the SFT policy).
+def is_reward_model(config: Any) -> bool:
+    """Whether a Hugging Face config is a sequence classifier (a saved reward model) rather than a causal LM."""
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
 
-    A fresh head is drawn from N(0, 1/sqrt(d+1)) as in lm-human-preferences (the default 0.02 init makes
-    early scores nearly constant)."""
+
+def head_names(config: Any) -> list[str]:
+    """The names of a reward model's heads: its criteria (several heads, or attributes), the one criterion of a
+    model trained with --criterion, else [] (one unnamed head)."""
+    named = getattr(config, CRITERIA_KEY, None)
+    if named:
+        return [str(n) for n in named]
+    one = getattr(config, "rlhfkit_criterion", None)
+    return [str(one)] if one else []
+
+
+def head_offsets(config: Any) -> list[float]:
+    """The offset added to each head's logit: `rlhfkit_reward_offsets` of a model with named heads, else the one
+    `rlhfkit_reward_offset` (0 when absent)."""
+    offsets = getattr(config, OFFSETS_KEY, None)
+    if offsets is not None:
+        return [float(o) for o in offsets]
+    return [float(getattr(config, OFFSET_KEY, 0.0) or 0.0)]
+
+
+def load_reward_model(path: str, tokenizer: Any | None = None, dtype: torch.dtype = torch.float32,
+                      num_labels: int | None = None) -> Any:
+    """A reward model from a reward-model directory, or fresh score heads on a causal LM (e.g. the SFT policy).
+
+    num_labels: the heads training needs (a saved reward model must have as many); None keeps a saved model's
+    heads and gives a causal LM one. A fresh head is drawn from N(0, 1/sqrt(d+1)) as in lm-human-preferences (the
+    default 0.02 init makes early scores nearly constant); its offset starts at 0."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     quiet_transformers()
@@ -37,8 +71,14 @@ def load_reward_model(path: str, tokenizer: Any | None = None, dtype: torch.dtyp
         raise UserError(f"{path} is not a Hugging Face model directory (no config.json); pass the SFT model or a "
                         "reward model saved by `rlhfkit reward`.")
     config = AutoConfig.from_pretrained(path)
-    fresh = not any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    config.num_labels = 1
+    fresh = not is_reward_model(config)
+    if fresh:
+        config.num_labels = num_labels or 1
+    elif num_labels is not None and config.num_labels != num_labels:
+        names = ", ".join(head_names(config)) or "unnamed"
+        raise UserError(f"{path} is a reward model with {config.num_labels} head(s) ({names}), but this run trains "
+                        f"{num_labels}; start from the SFT model (its heads are then fresh) or from a reward model "
+                        "with the same heads.")
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -55,8 +95,26 @@ def load_reward_model(path: str, tokenizer: Any | None = None, dtype: torch.dtyp
         d = model.config.hidden_size
         with torch.no_grad():
             model.score.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
-        setattr(model.config, OFFSET_KEY, 0.0)
+        if model.config.num_labels == 1:
+            setattr(model.config, OFFSET_KEY, 0.0)
+        else:
+            setattr(model.config, OFFSETS_KEY, [0.0] * model.config.num_labels)
     return model
+
+
+def name_heads(model: Any, names: Sequence[str]) -> None:
+    """Record the heads' names in the config (`rlhfkit_criteria`, and `id2label` for plain transformers) and
+    give each head an offset entry (a one-head model's offset moves into the list)."""
+    net = _unwrap(model)
+    if len(names) != net.config.num_labels:
+        raise ValueError(f"{len(names)} names for {net.config.num_labels} heads")
+    offsets = head_offsets(net.config)
+    setattr(net.config, CRITERIA_KEY, list(names))
+    setattr(net.config, OFFSETS_KEY, offsets)
+    if hasattr(net.config, OFFSET_KEY):
+        delattr(net.config, OFFSET_KEY)
+    net.config.id2label = dict(enumerate(names))
+    net.config.label2id = {n: k for k, n in enumerate(names)}
 
 
 def _unwrap(model: Any) -> Any:
@@ -70,14 +128,10 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
-def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    last_index: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                    row_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Scalar reward per sequence, read at the last real token (never at padding: trl#3750; lm-human-preferences
-    reads the score at the end of the response). input_ids, attention_mask: (B, T). Returns (B,).
-    A padding-free batch (`collate_pairs(..., padding_free=True)`) passes its (R, 1, T, T) mask, position_ids
-    and each sequence's row_index / last_index (N,); the result is then (N,)."""
-    net = _unwrap(model)
+def _raw_head_scores(net: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     last_index: torch.Tensor | None, position_ids: torch.Tensor | None,
+                     row_index: torch.Tensor | None) -> torch.Tensor:
+    """Every head's logit at each sequence's last real token, before offsets. (N, K) float32"""
     backbone = getattr(net, net.base_model_prefix)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
@@ -88,41 +142,87 @@ def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     if row_index is None:
         row_index = torch.arange(hidden.shape[0], device=hidden.device)
     picked = hidden[row_index, last_index]  # (N, H)
-    scores = net.score(picked).squeeze(-1).float()  # (B,)
-    return scores + float(getattr(net.config, OFFSET_KEY, 0.0) or 0.0)
+    return net.score(picked).float()  # (N, K)
 
 
-def apply_normalisation(model: Any, mean: float, std: float) -> tuple[float, float]:
+def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    last_index: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                    row_index: torch.Tensor | None = None, head: int | None = None) -> torch.Tensor:
+    """Scalar reward per sequence, read at the last real token (never at padding: trl#3750; lm-human-preferences
+    reads the score at the end of the response). input_ids, attention_mask: (B, T). Returns (B,).
+    A padding-free batch (`collate_pairs(..., padding_free=True)`) passes its (R, 1, T, T) mask, position_ids
+    and each sequence's row_index / last_index (N,); the result is then (N,).
+    head: which head of a model with several (its index in `head_names`); None for a one-head model."""
+    net = _unwrap(model)
+    raw = _raw_head_scores(net, input_ids, attention_mask, last_index, position_ids, row_index)  # (N, K)
+    if head is None:
+        if raw.shape[-1] != 1:
+            raise ValueError(f"this reward model has {raw.shape[-1]} heads ({', '.join(head_names(net.config))}); "
+                             "pass head= (or use head_scores for all of them)")
+        head = 0
+    return raw[:, head] + head_offsets(net.config)[head]  # (N,)
+
+
+def head_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                last_index: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                row_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Every head's score per sequence from one forward pass of the shared trunk, offsets added: column k is
+    `sequence_scores(..., head=k)`. Arguments as in `sequence_scores`. Returns (N, K)."""
+    net = _unwrap(model)
+    raw = _raw_head_scores(net, input_ids, attention_mask, last_index, position_ids, row_index)  # (N, K)
+    return raw + raw.new_tensor(head_offsets(net.config))
+
+
+def apply_normalisation(model: Any, mean: float, std: float, head: int | None = None) -> tuple[float, float]:
     """Make scores with this (mean, std) come out with mean 0 and std 1: the gain 1/std is folded into the score
     head, the offset kept in the config (lm-human-preferences normalises on reference-policy samples).
-    Returns (gain, new offset)."""
+    head: the head to normalise, by index, on a model with named heads (its row of the score weight and its entry
+    of `rlhfkit_reward_offsets`); None for a one-head model. Returns (gain, new offset)."""
     if not math.isfinite(std) or std <= 1e-8:
         raise UserError(f"cannot normalise the reward model: its scores on the reference samples have std {std:.3g} "
                         "(all responses scored alike); train longer or sample more varied responses.")
     net = _unwrap(model)
     gain = 1.0 / std
-    old_offset = float(getattr(net.config, OFFSET_KEY, 0.0) or 0.0)
-    with torch.no_grad():
-        net.score.weight.mul_(gain)
-    # s' = gain * (w.h + o) - gain * mean  =  (gain w).h + gain * (o - mean)
-    new_offset = gain * (old_offset - mean)
-    setattr(net.config, OFFSET_KEY, new_offset)
-    return gain, new_offset
+    if head is None and getattr(net.config, OFFSETS_KEY, None) is None:
+        old_offset = float(getattr(net.config, OFFSET_KEY, 0.0) or 0.0)
+        with torch.no_grad():
+            net.score.weight.mul_(gain)
+        # s' = gain * (w.h + o) - gain * mean  =  (gain w).h + gain * (o - mean)
+        new_offset = gain * (old_offset - mean)
+        setattr(net.config, OFFSET_KEY, new_offset)
+        return gain, new_offset
+    head = head or 0  # a one-head model whose head is named keeps its offset in the list too
+    offsets = head_offsets(net.config)
+    with torch.no_grad():  # the same fold on head k's row alone: the other heads' scores do not move
+        net.score.weight[head].mul_(gain)
+    offsets[head] = gain * (offsets[head] - mean)
+    setattr(net.config, OFFSETS_KEY, offsets)
+    return gain, offsets[head]
 
 
 # ------------------------------------------------------------------------------------------------- ensembles
 @dataclass
 class RewardEnsemble:
-    """N reward models scoring the same sequences; PPO can optimise mean - lambda * std (Coste et al. 2023)."""
+    """N reward models scoring the same sequences; PPO can optimise mean - lambda * std (Coste et al. 2023).
+    Of a model with several heads, it scores the one `head` names (loaded from DIR#criterion)."""
 
     members: list[Any]
     tokenizer: Any
     paths: list[str]
+    head: int | None = None
+    """Index of the head scored, of a model with named heads; None for a one-head model."""
+    heads: list[str] = field(default_factory=list)
+    """The names of the members' heads (`head_names`), [] for one unnamed head."""
 
     @torch.no_grad()
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N members, B) scores; input is right- or left-padded token ids in the reward tokenizer's vocab."""
-        return torch.stack([sequence_scores(m, input_ids, attention_mask) for m in self.members])
+        return torch.stack([sequence_scores(m, input_ids, attention_mask, head=self.head) for m in self.members])
+
+    @torch.no_grad()
+    def head_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N members, B, K) scores of every head, one forward pass per member."""
+        return torch.stack([head_scores(m, input_ids, attention_mask) for m in self.members])
 
     @torch.no_grad()
     def mean_std(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +231,42 @@ class RewardEnsemble:
         return s.mean(0), std
 
     def to(self, device: Any) -> RewardEnsemble:
-        self.members = [m.to(device) for m in self.members]
+        for m in self.members:  # in place: ensembles that share these members (one per head) move with them
+            m.to(device)
         return self
+
+    def with_head(self, head: str | None, spec: str) -> RewardEnsemble:
+        """This ensemble's members scoring the head named `head` (from spec, DIR#head, named in errors); a model
+        with several heads needs one, a one-head model takes none or its own criterion's name."""
+        names = self.heads
+        where = spec.rpartition(HEAD_SEPARATOR)[0] if head is not None else spec
+        K = _unwrap(self.members[0]).config.num_labels
+        if head is None:
+            if K == 1:
+                return replace(self, head=None)
+            if not names:
+                raise UserError(f"{spec} is a sequence classifier with {K} outputs and no head names, not a model "
+                                "saved by `rlhfkit reward`; pass a reward model directory.")
+            raise UserError(f"{spec} has {K} heads ({', '.join(names)}); name the one to use as "
+                            f"{spec}{HEAD_SEPARATOR}{names[0]} (e.g. --rewards {names[0]}={spec}{HEAD_SEPARATOR}"
+                            f"{names[0]}).")
+        if head not in names:
+            have = f"its heads are {', '.join(names)}" if names else "it has one unnamed head: drop the suffix"
+            raise UserError(f"{where} has no head named {head!r} ({spec}); {have}.")
+        return replace(self, head=None if K == 1 else names.index(head))
+
+
+def split_head(spec: str) -> tuple[str, str | None]:
+    """'runs/rm#helpfulness' -> ('runs/rm', 'helpfulness'): a reward-model directory and the head to score (None
+    without a suffix). A path that exists as written is a directory, '#' and all."""
+    spec = str(spec)
+    if HEAD_SEPARATOR not in spec or Path(spec).exists():
+        return spec, None
+    directory, _, head = spec.rpartition(HEAD_SEPARATOR)
+    if not directory or not head.strip():
+        raise UserError(f"{spec!r}: write a reward model's head as DIR{HEAD_SEPARATOR}criterion, e.g. "
+                        f"runs/rm{HEAD_SEPARATOR}helpfulness.")
+    return directory, head.strip()
 
 
 def member_dirs(path: str | Path) -> list[Path]:
@@ -144,31 +278,63 @@ def member_dirs(path: str | Path) -> list[Path]:
     return [p]
 
 
-def load_reward_ensemble(path: str, device: Any = "cpu") -> RewardEnsemble:
-    dirs = member_dirs(path)
+def load_members(directory: str, device: Any = "cpu") -> RewardEnsemble:
+    """Every member of a reward-model (or ensemble) directory, all heads; `RewardEnsemble.with_head` picks one."""
+    dirs = member_dirs(directory)
     tokenizer = load_tokenizer(str(dirs[0]))
     members = [load_reward_model(str(d), tokenizer).eval().to(device) for d in dirs]
-    return RewardEnsemble(members, tokenizer, [str(d) for d in dirs])
+    return RewardEnsemble(members, tokenizer, [str(d) for d in dirs], heads=head_names(_unwrap(members[0]).config))
 
 
-def score_texts(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any],
-                max_length: int = 1024) -> tuple[list[float], list[float]]:
-    """Mean and std of the members' scores for (prompt, response) pairs, encoded exactly as training data is
-    (chat template applied once; plain strings concatenated with EOS). One forward pass per prompt group."""
+def load_reward_ensemble(path: str, device: Any = "cpu") -> RewardEnsemble:
+    """The reward model (or ensemble) of `path`; DIR#criterion scores that head of a model with several."""
+    directory, head = split_head(path)
+    return load_members(directory, device).with_head(head, str(path))
+
+
+def _prompt_groups(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any], max_length: int
+                   ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(indices, input_ids, attention_mask, last_index) per group of responses to one prompt, on the members'
+    device, encoded exactly as training data is (chat template applied once; plain strings concatenated with
+    EOS)."""
     from rlhfkit.data.collate import encode_responses
 
     device = next(ensemble.members[0].parameters()).device
-    means: list[float] = [0.0] * len(prompts)
-    stds: list[float] = [0.0] * len(prompts)
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         groups.setdefault(json.dumps(prompt), []).append(i)
     for key, idx in groups.items():
         batch = encode_responses(ensemble.tokenizer, json.loads(key), [responses[i] for i in idx], max_length)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        yield idx, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device)
+
+
+def score_texts(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any],
+                max_length: int = 1024) -> tuple[list[float], list[float]]:
+    """Mean and std of the members' scores (of the ensemble's head) for (prompt, response) pairs, encoded exactly
+    as training data is. One forward pass per prompt group."""
+    means: list[float] = [0.0] * len(prompts)
+    stds: list[float] = [0.0] * len(prompts)
+    for idx, ids, mask, last in _prompt_groups(ensemble, prompts, responses, max_length):
         with torch.no_grad():
-            s = torch.stack([sequence_scores(m, ids, mask, batch["last_index"].to(device)) for m in ensemble.members])
+            s = torch.stack([sequence_scores(m, ids, mask, last, head=ensemble.head) for m in ensemble.members])
         std = s.std(0) if s.shape[0] > 1 else torch.zeros(s.shape[1])
         for j, i in enumerate(idx):
             means[i], stds[i] = float(s[:, j].mean()), float(std[j])
     return means, stds
+
+
+def score_texts_all_heads(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any],
+                          max_length: int = 1024) -> torch.Tensor:
+    """Every member's score on every head for (prompt, response) pairs, one forward pass per member and prompt
+    group. Returns (N members, B, K), on the CPU."""
+    out: torch.Tensor | None = None
+    for idx, ids, mask, last in _prompt_groups(ensemble, prompts, responses, max_length):
+        with torch.no_grad():
+            s = torch.stack([head_scores(m, ids, mask, last) for m in ensemble.members]).cpu()  # (M, Bg, K)
+        if out is None:
+            out = torch.zeros((s.shape[0], len(prompts), s.shape[2]))  # (M, B, K)
+        out[:, idx] = s
+    if out is None:
+        K = _unwrap(ensemble.members[0]).config.num_labels
+        return torch.zeros((len(ensemble.members), 0, K))
+    return out
