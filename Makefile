@@ -4,6 +4,8 @@ VENV ?= .venv
 # The CPU build of torch that lies on this project's machines; on a GPU box use e.g. `make demo TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,web
+# extra flags for `rlhfkit demo` (CI runs the quick preset: DEMO_ARGS=--quick)
+DEMO_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rlhfkit-installed
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rlhfkit demo
+	$(BIN)/rlhfkit demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

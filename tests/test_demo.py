@@ -10,10 +10,11 @@ import sys
 import pytest
 
 from rlhfkit.pipeline import DemoConfig, main
+from rlhfkit.train import read_metrics
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the quick demo alone is about 7 minutes on the 2-core CI machine
+@pytest.mark.timeout(2700)  # the quick demo alone is about 13 minutes on the 2-core CI machine (6 of them HHH)
 def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     out = tmp_path / "demo"
     summary = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
@@ -59,22 +60,40 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     bon = summary["policies"]["best_of_n"]
     assert bon["kl_to_sft"] == pytest.approx(math.log(16) - 15 / 16)  # the analytic bound for n = 16
     assert isinstance(bon["gold_score"], float) and 0.0 <= bon["win_rate_vs_sft"] <= 1.0
+    # the helpful-harmless-honest experiment: five combinations and SFT, each scored per criterion with its rates
+    hhh = summary["hhh"]
+    assert list(hhh["policies"]) == ["sft", "helpful_only", "harmless_only", "sum", "gated", "lagrangian"]
+    for name, policy in hhh["policies"].items():
+        for key in ("helpfulness", "harmlessness", "honesty", "unsafe_rate", "over_refusal_rate"):
+            assert math.isfinite(policy[key]) and math.isfinite(policy[key + "_se"]), (name, key)
+    assert set(hhh["reward_models"]) == {"helpfulness", "harmlessness", "honesty"}
+    assert hhh["policies"]["gated"]["reward_models"]["harmlessness"]["pairs"] > 50
+    lagrangian = read_metrics(out / "hhh" / "lagrangian" / "metrics.jsonl")
+    assert all("combine/lambda" in m and "reward/harmlessness" in m for m in lagrangian)
+    # the tension is there even in the quick run: optimising helpfulness alone complies with harmful requests
+    assert hhh["policies"]["helpful_only"]["unsafe_rate"] > hhh["policies"]["harmless_only"]["unsafe_rate"] + 0.2
+    assert sum(c["claim"].startswith("the honesty reward model") for c in summary["claims"]) == 1
+    assert {"hhh_pretrain", "hhh_sft", "hhh_reward_harmlessness", "hhh_gated", "hhh_eval"} <= set(summary["wall_seconds"])
     report = (out / "report.html").read_text()
-    # the gold score per policy, five training curves, best-of-n and RL over-optimisation, the KL cut
-    assert report.count("<svg") == 9 and "best_of_n" in report and "<script" not in report
+    # the gold score per policy, five training curves, best-of-n and RL over-optimisation, the KL cut, and the HHH
+    # plane, unsafe and over-refusal rates
+    assert report.count("<svg") == 12 and "best_of_n" in report and "<script" not in report
+    assert "Helpfulness against harmlessness" in report
     if shutil.which("chromium") and importlib.util.find_spec("playwright"):
         from tests.report_browser import check_report_in_browser
 
         seen = check_report_in_browser(out / "report.html")
-        assert seen["plots"] == 9 and seen["table_rows"] == 1 + len(summary["policies"])
+        assert seen["plots"] == 12 and seen["table_rows"] == 1 + len(summary["policies"])
     for name in ("base", "sft"):
         assert (out / name / "model.safetensors").exists() and (out / "configs" / "pretrain.yaml").exists()
 
     # a rerun reuses both finished training stages and reproduces the evaluation exactly (deterministic seed)
     again = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
-    for stage in ("pretrain", "sft", "label", "reward", "dpo", "ppo", "grpo", "grpo_klcut"):
+    for stage in ("pretrain", "sft", "label", "reward", "dpo", "ppo", "grpo", "grpo_klcut", "hhh_world", "hhh_sft",
+                  "hhh_label", "hhh_reward_helpfulness", "hhh_gated"):
         assert stage not in again["wall_seconds"], stage
     assert again["policies"] == summary["policies"]
+    assert again["hhh"]["policies"] == hhh["policies"]
 
     # any stage reruns alone from the config the demo wrote
     proc = subprocess.run([sys.executable, "-m", "rlhfkit", "sft", "--config", str(out / "configs" / "sft.yaml"),

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rlhfkit.playground",),
     ("rlhfkit.judging",),
     ("rlhfkit.eval",),
-    ("rlhfkit.pipeline", "rlhfkit.serve", "rlhfkit.label", "rlhfkit.cai", "rlhfkit.data.convert",
+    ("rlhfkit.pipeline", "rlhfkit.demo_hhh", "rlhfkit.serve", "rlhfkit.label", "rlhfkit.cai", "rlhfkit.data.convert",
      "rlhfkit.eval.cai_playground", "rlhfkit.feedback.web"),
     ("rlhfkit.cli", "rlhfkit.__main__"),
 ]
@@ -41,7 +41,8 @@ GOLD = ("rlhfkit.playground.gold",)
 # evaluation, the simulated annotators, labelling simulation (pairs labelled by them; `label simulate`), and the two
 # programs that run those beside training (the demo pipeline and the `label` command)
 MAY_REACH_GOLD = ("rlhfkit.eval", "rlhfkit.playground.gold", "rlhfkit.playground.annotators",
-                  "rlhfkit.playground.preferences", "rlhfkit.playground.simulate", "rlhfkit.pipeline", "rlhfkit.label")
+                  "rlhfkit.playground.preferences", "rlhfkit.playground.simulate", "rlhfkit.pipeline", "rlhfkit.demo_hhh",
+                  "rlhfkit.label")
 
 
 def module_name(path: Path) -> str:

@@ -188,3 +188,27 @@ def test_report_shows_the_dpo_beta_sweep(tmp_path):
     assert markers(svg, 0) == 3 and error_bars(svg, 0) == 3  # each run's gold score ± its s.e.
     assert {"β = 0.03", "β = 0.1", "β = 1"} <= set(texts(svg)) and "KL to SFT (nats)" in texts(svg)
     assert "<td>0.03</td><td>3.00</td><td>+0.200</td>" in html
+
+
+def test_report_shows_the_hhh_policies_on_the_helpfulness_harmlessness_plane(tmp_path):
+    def policy(help_, harm, unsafe, refuse):
+        return {"helpfulness": help_, "helpfulness_se": 0.05, "harmlessness": harm, "harmlessness_se": 0.04,
+                "honesty": 0.1, "honesty_se": 0.03, "unsafe_rate": unsafe, "unsafe_rate_se": 0.02,
+                "over_refusal_rate": refuse, "over_refusal_rate_se": 0.01}
+
+    hhh = {"policies": {"sft": policy(0.0, -0.4, 0.4, 0.1), "helpful_only": policy(0.3, -1.4, 0.7, 0.02),
+                        "gated": policy(0.25, 0.4, 0.1, 0.05)},
+           "reward_models": {"harmlessness": {"gold_accuracy": 0.8, "gold_accuracy_se": 0.03, "pairs": 169,
+                                              "heldout_accuracy": 0.79}}}
+    summary, _, _ = kl_cut_run(tmp_path)
+    html = write_report(tmp_path, {**summary, "hhh": hhh}).read_text()
+    found = plots(html)
+    plane = found["Helpfulness against harmlessness (gold judge)"]
+    # one marker per policy, each with two error bars (x and y); the names label the points
+    assert [markers(plane, i) for i in range(3)] == [1, 1, 1]
+    assert [error_bars(plane, i) for i in range(3)] == [2, 2, 2]
+    assert {"sft", "helpful_only", "gated"} <= set(texts(plane))
+    unsafe = found["Unsafe compliance: harmful requests answered"]
+    assert tick_labels(unsafe, "y") == ["sft", "helpful_only", "gated"] and error_bars(unsafe, 0) == 3
+    assert "Over-refusal: requests that only look harmful, refused" in found
+    assert "+0.300 ± 0.050" in html and "0.800 ± 0.030" in html

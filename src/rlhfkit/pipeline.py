@@ -103,7 +103,7 @@ class DemoConfig:
     """Run the helpful-harmless-honest experiment too (its own world; configs/demo.yaml's hhh sections): a reward
     model per criterion and five policies trained on helpfulness only, harmlessness only, their sum, Llama 2's
     safety gating and Safe RLHF's Lagrangian, each scored per criterion by the gold judge."""
-    hhh_rl_steps: int = 80
+    hhh_rl_steps: int = 160
     """GRPO steps of each of the five HHH policies, 8 prompts x 4 samples each (quick: 40)."""
     rebuild: bool = False
     """Ignore cached stages and run everything again."""
@@ -286,7 +286,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     wall["eval"] = round(time.time() - start, 1)
     hhh = None
     if cfg.hhh:  # helpful, harmless, honest: per-criterion reward models and five ways to combine them
-        from rlhfkit.eval.hhh import run_experiment
+        from rlhfkit.demo_hhh import run_experiment
 
         plan = {**presets["hhh"], **(presets["hhh_quick"] if cfg.quick else {})}
         hhh = run_experiment(root, plan, presets, stage_config, run_stage, common, cfg.seed, setting("hhh_rl_steps"),

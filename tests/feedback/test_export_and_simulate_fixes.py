@@ -50,3 +50,14 @@ def test_simulate_refuses_a_project_not_from_the_playground_before_assigning(svc
                                        "--annotators", "2"]))
     with svc.store.session() as s:  # today the playground items get judged and the last one stays held
         assert s.scalar(select(func.count()).select_from(Assignment)) == 0
+
+
+def test_majority_strength_is_the_weaker_median_for_an_even_number_of_votes():
+    from rlhfkit.feedback.export import _majority
+
+    # two votes for A, "significantly_better" and "slightly_better": the weaker of the two middle levels
+    assert _majority([("A", "significantly_better"), ("A", "slightly_better")])[1] == "slightly_better"
+    # odd: the median itself; a vote against the winner counts as "negligible"
+    assert _majority([("A", "better"), ("A", "significantly_better"), ("B", "better")])[1] == "better"
+    assert _majority([("A", "better"), ("A", "better"), ("A", "slightly_better"), ("A", "significantly_better")])[1] \
+        == "better"

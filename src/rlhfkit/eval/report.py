@@ -215,7 +215,8 @@ def svg_plane(points: dict[str, tuple[float, float, float, float]], title: str, 
             (line,) = ax.plot([x], [y], "o", color=colour, markersize=5, label=f"{name} ± s.e.")
             line.set_gid(f"series-{i}")
             eb = ax.errorbar([x], [y], xerr=[xse], yerr=[yse], fmt="none", ecolor=colour, elinewidth=1, capsize=2.5)
-            eb.lines[2][0].set_gid(f"errorbar-{i}")
+            for axis, bars in zip("xy", eb.lines[2]):  # one collection per direction
+                bars.set_gid(f"errorbar-{i}-{axis}")
             ax.annotate(name, (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8, color=colour)
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)

@@ -178,7 +178,7 @@ def _majority(votes: list[tuple[str, str | None]]) -> tuple[str, str | None, dic
         return top
     levels = sorted(STRENGTHS.index(strength or STRENGTHS[-1]) if outcome == top
                     else len(STRENGTHS) - 1 for outcome, strength in votes if outcome in ("A", "B"))
-    strength = STRENGTHS[levels[(len(levels) - 1) // 2]] if levels else None  # lower (weaker) median
+    strength = STRENGTHS[levels[len(levels) // 2]] if levels else None  # the lower (weaker) median
     return top, strength, dict(counts)
 
 

@@ -19,7 +19,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .gold import CRITERIA, criterion_score, gold_score
+from .gold import CRITERIA, criterion_score, gold_score, is_refusal
 from .responses import BALANCED, Mixture, sample_pair
 from .tasks import Prompt, split_words
 
@@ -73,6 +73,7 @@ class Annotator:
     noise: float  # probability that the label is replaced by a fair coin flip
     tie_threshold: float  # tau: gold gaps below this are judged a tie
     both_bad_floor: float  # both responses scoring below this gold value are judged "both bad"
+    refusal_bias: float = 0.0  # gold points a refusing response seems better by (harmlessness raters' caution)
 
     def prob_first_wins(self, gold_a: float, gold_b: float, len_a: int, len_b: int, a_first: bool) -> float:
         """P(a > b) before label noise."""
@@ -88,6 +89,9 @@ class Annotator:
         a_first = rng.random() < 0.5 if shuffle else True
         order = ("A", "B") if a_first else ("B", "A")
         gold_a, gold_b = criterion_score(prompt, a, criterion), criterion_score(prompt, b, criterion)
+        if self.refusal_bias:  # what this rater sees: a refusal looks safer than it is, whatever was asked
+            gold_a += self.refusal_bias * is_refusal(a)
+            gold_b += self.refusal_bias * is_refusal(b)
         gap = gold_a - gold_b
         # Ties and "both bad" come from the gold judge directly: people agree on those far more than on
         # which of two close answers is better.
@@ -146,14 +150,16 @@ def make_pool(seed: int = 0, n: int = 13) -> list[Annotator]:
 
 
 # Per-criterion pools (`make_criterion_pools`): each criterion is judged by its own people with their own failings.
-# Helpfulness raters like long answers (the length bias the overall pool has, a little stronger); harmlessness
-# raters are consistent (a refusal or a compliance is easy to see) but lean toward whichever answer refuses;
-# honesty raters are the noisiest (they have to notice that an answer could not have been known).
+# Helpfulness raters like long answers (the length bias the overall pool has); harmlessness raters are consistent (a
+# refusal or a compliance is easy to see) but cautious: a refusal looks more harmless to them than it is, even of
+# a request that only sounds harmful (refusal bias, in gold points), which is how a harmlessness reward model
+# comes to reward over-refusal; honesty raters are the noisiest (they have to notice that an answer could not
+# have been known).
 CRITERION_POOLS = {
-    #                beta range   noise range   length bias   tie threshold
-    "helpfulness": ((0.7, 2.0), (0.15, 0.35), (0.06, 0.14), (0.1, 0.3)),
-    "harmlessness": ((1.0, 2.5), (0.1, 0.25), (0.0, 0.02), (0.2, 0.4)),
-    "honesty": ((0.5, 1.5), (0.2, 0.4), (0.0, 0.04), (0.2, 0.4)),
+    #                beta range   noise range   length bias   tie threshold  refusal bias
+    "helpfulness": ((1.0, 2.5), (0.1, 0.3), (0.03, 0.08), (0.1, 0.3), (0.0, 0.0)),
+    "harmlessness": ((1.0, 2.5), (0.1, 0.25), (0.0, 0.02), (0.2, 0.4), (0.5, 1.0)),
+    "honesty": ((1.0, 2.0), (0.15, 0.3), (0.0, 0.04), (0.2, 0.4), (0.0, 0.0)),
 }
 
 
@@ -165,7 +171,7 @@ def make_criterion_pools(seed: int = 0, n: int = 9) -> dict[str, list[Annotator]
     rng = random.Random(seed)
     pools: dict[str, list[Annotator]] = {}
     for criterion in CRITERIA:
-        (b0, b1), (n0, n1), (l0, l1), (t0, t1) = CRITERION_POOLS[criterion]
+        (b0, b1), (n0, n1), (l0, l1), (t0, t1), (r0, r1) = CRITERION_POOLS[criterion]
         pools[criterion] = [Annotator(
             id=f"sim-{criterion[:4]}-{j:02d}",
             beta=math.exp(rng.uniform(math.log(b0), math.log(b1))),
@@ -174,6 +180,7 @@ def make_criterion_pools(seed: int = 0, n: int = 9) -> dict[str, list[Annotator]
             noise=rng.uniform(n0, n1),
             tie_threshold=rng.uniform(t0, t1),
             both_bad_floor=float("-inf"),
+            refusal_bias=rng.uniform(r0, r1),
         ) for j in range(n)]
     return pools
 
