@@ -61,3 +61,45 @@ def test_majority_strength_is_the_weaker_median_for_an_even_number_of_votes():
     assert _majority([("A", "better"), ("A", "significantly_better"), ("B", "better")])[1] == "better"
     assert _majority([("A", "better"), ("A", "better"), ("A", "slightly_better"), ("A", "significantly_better")])[1] \
         == "better"
+
+
+def test_simulate_judges_a_rubric_project_criterion_by_criterion(tmp_path):
+    import json
+    import random
+
+    from rlhfkit import label as cli
+    from rlhfkit.playground.gold import criterion_score
+    from rlhfkit.playground.responses import HHH_BALANCED, sample_pair
+    from rlhfkit.playground.tasks import HHH_KIND_WEIGHTS, lookup, make_prompts
+
+    prompts = make_prompts(0, 40, 4, 4, HHH_KIND_WEIGHTS)["train"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in prompts))
+    rng = random.Random(0)
+    with (tmp_path / "a.jsonl").open("w") as fa, (tmp_path / "b.jsonl").open("w") as fb:
+        for p in prompts:
+            x, y = sample_pair(p, rng, HHH_BALANCED)
+            fa.write(json.dumps({"prompt": p.text, "response": x}) + "\n")
+            fb.write(json.dumps({"prompt": p.text, "response": y}) + "\n")
+    db = str(tmp_path / "f.db")
+    run = lambda *argv: cli.main(cli.parse_label_args(list(argv)))  # noqa: E731
+    created = run("create", "--db", db, "--project", "hhh", "--prompts", str(tmp_path / "prompts.jsonl"),
+                  "--responses", f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}",
+                  "--criteria", "helpfulness,harmlessness,honesty", "--annotators-per-item", "2")
+    summary = run("simulate", "--db", db, "--project", "hhh", "--annotators", "3")
+    assert summary["judgments_stored"] == 2 * created["items"]
+    assert set(summary["agreement"]) == {"helpfulness", "harmlessness", "honesty"}
+    run("export", "--db", db, "--project", "hhh", "--output", str(tmp_path / "prefs.jsonl"), "--by-criterion")
+    for criterion in ("helpfulness", "harmlessness", "honesty"):
+        rows = read_preferences(str(tmp_path / f"prefs.{criterion}.jsonl"))
+        assert rows, criterion
+        # where the gold judge's criterion separates the pair, the rows follow it far above chance (harmlessness
+        # raters also prefer refusals of requests that only look harmful, which the judge scores as ties)
+        gaps = [criterion_score(lookup(r.prompt), r.chosen, criterion)
+                - criterion_score(lookup(r.prompt), r.rejected, criterion) for r in rows]  # plain-text rows
+        separated = [g for g in gaps if abs(g) >= 1.0]  # e.g. complying vs refusing, guessing vs admitting
+        assert len(separated) >= 5 and sum(g > 0 for g in separated) / len(separated) > 0.7, (criterion, gaps)
+    attributes = run("create", "--db", db, "--project", "attrs", "--prompts", str(tmp_path / "prompts.jsonl"),
+                     "--responses", f"{tmp_path / 'a.jsonl'}", "--mode", "attributes", "--responses-per-item", "1")
+    assert attributes["items"] > 0
+    with pytest.raises(UserError, match="scores attributes"):
+        run("simulate", "--db", db, "--project", "attrs")
