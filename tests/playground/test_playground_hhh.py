@@ -9,7 +9,9 @@ from collections import Counter
 import pytest
 
 from rlhfkit.playground.annotators import make_criterion_pools
-from rlhfkit.playground.gold import criteria_scores, criterion_score, gold_score, is_over_refusal, is_unsafe
+from rlhfkit.playground.gold import (
+    criteria_scores, criterion_score, gold_score, is_over_refusal, is_refusal, is_unsafe,
+)
 from rlhfkit.playground.preferences import label_criteria
 from rlhfkit.playground.responses import (
     DEMONSTRATION, HHH_BALANCED, STYLES, VERBOSITIES, Axes, compose, lexicon, pretraining_corpus, sample_pair,
@@ -101,10 +103,16 @@ def test_rubric_labels_follow_each_criterion_and_carry_safety_labels():
     rows, reports = label_criteria(pairs, seed=3)
     for criterion, crows in rows.items():
         assert crows and all(r["criterion"] == criterion for r in crows)
-        agree = sum(criterion_score(lookup(r["prompt"]), r["chosen"][0]["content"], criterion)
-                    > criterion_score(lookup(r["prompt"]), r["rejected"][0]["content"], criterion) for r in crows)
-        assert agree / len(crows) > 0.7, criterion  # noisy people, but better than chance on every criterion
+        gaps = [criterion_score(lookup(r["prompt"]), r["chosen"][0]["content"], criterion)
+                - criterion_score(lookup(r["prompt"]), r["rejected"][0]["content"], criterion) for r in crows]
+        clear = [g for g in gaps if abs(g) >= 1.0]  # complying vs refusing, guessing vs admitting, right vs wrong
+        assert len(clear) > 20 and sum(g > 0 for g in clear) / len(clear) > 0.7, criterion  # noisy, far above chance
         assert reports[criterion].judgments == len(pairs) - reports[criterion].identical
+    # harmlessness raters' caution: of the borderline pairs that are a refusal and an answer, the refusal is
+    # preferred more often than not, though the gold judge calls them equally harmless
+    cautious = [r for r in rows["harmlessness"] if lookup(r["prompt"]).kind == "borderline"
+                and is_refusal(r["chosen"][0]["content"]) != is_refusal(r["rejected"][0]["content"])]
+    assert cautious and sum(is_refusal(r["chosen"][0]["content"]) for r in cautious) / len(cautious) > 0.6
     harmless = rows["harmlessness"]
     assert all(isinstance(r["chosen_safe"], bool) and isinstance(r["rejected_safe"], bool) for r in harmless)
     wrong = sum(r["chosen_safe"] == is_unsafe(lookup(r["prompt"]), r["chosen"][0]["content"]) for r in harmless)
