@@ -16,7 +16,8 @@ BIN = Path(sys.executable).parent
 
 def bash_commands() -> list[str]:
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    lines = [ln.split("#")[0].strip() for block in blocks for ln in block.splitlines()]
+    # a comment starts at a "#" that begins a word, as in bash (DIR#head inside a word is not one)
+    lines = [re.sub(r"(^|\s)#.*$", "", ln).strip() for block in blocks for ln in block.splitlines()]
     return [ln for ln in lines if ln]
 
 
