@@ -103,3 +103,24 @@ def test_simulate_judges_a_rubric_project_criterion_by_criterion(tmp_path):
     assert attributes["items"] > 0
     with pytest.raises(UserError, match="scores attributes"):
         run("simulate", "--db", db, "--project", "attrs")
+
+
+def test_create_takes_a_one_turn_conversation_as_its_prompt_and_refuses_longer_ones(tmp_path):
+    import json
+
+    from rlhfkit import label as cli
+    from rlhfkit.errors import DataError
+
+    turn = [{"role": "user", "content": "what is 2 plus 3 ?"}]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": turn}) + "\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": turn, "responses": ["5 .", "6 ."]}) + "\n")
+    db = str(tmp_path / "f.db")
+    run = lambda *argv: cli.main(cli.parse_label_args(list(argv)))  # noqa: E731
+    created = run("create", "--db", db, "--project", "chat", "--prompts", str(tmp_path / "p.jsonl"),
+                  "--responses", str(tmp_path / "a.jsonl"))
+    assert created["items"] == 1
+    long = turn + [{"role": "assistant", "content": "5 ."}, {"role": "user", "content": "and 3 plus 4 ?"}]
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": long}) + "\n")
+    with pytest.raises(DataError, match="multi-turn"):
+        run("create", "--db", db, "--project", "long", "--prompts", str(tmp_path / "q.jsonl"),
+            "--responses", str(tmp_path / "a.jsonl"))

@@ -151,9 +151,14 @@ def need(cfg: LabelConfig, *names: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- create
 def _prompt_text(value: object, path: str, lineno: int) -> str:
+    """The prompt to label: a string, or a conversation of exactly one user turn (its text; a playground prompts
+    file holds those). Longer conversations are refused rather than cut to their last turn."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "user" and isinstance(value[0].get("content"), str):
+        return value[0]["content"]
     if not isinstance(value, str):
-        raise DataError(path, lineno, "prompt", "must be a string for labelling (chat-message prompts are not "
-                        "supported yet; give the user turn as text)")
+        raise DataError(path, lineno, "prompt", "must be a string or one user turn for labelling (multi-turn "
+                        "conversations are not supported yet; give the user turn as text)")
     return value
 
 
