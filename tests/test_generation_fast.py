@@ -70,7 +70,7 @@ def test_sampling_logprobs_equal_the_trainers_recomputation(model, tok, temperat
     out = sample(model, tok, PROMPTS * 2, max_new_tokens=10, temperature=temperature, top_p=top_p, top_k=top_k,
                  backend="static")
     B, R = out.response_ids.shape
-    rows, masks, starts = [], [], []
+    rows, starts = [], []
     for b in range(B):
         prompt = out.prompt_ids[b][out.prompt_mask[b].bool()]
         resp = out.response_ids[b][out.response_mask[b].bool()]

@@ -60,7 +60,6 @@ def run_experiment(root: Path, plan: dict[str, Any], presets: dict[str, Any], st
     # criterion column, as a rubric project's export writes it
     train_prompts, val_prompts = read_prompts(data / "prompts_train.jsonl"), read_prompts(data / "prompts_val.jsonl")
     labels_file, heldout_file = data / "rubric_train.jsonl", data / "rubric_val.jsonl"
-    label_report: dict[str, Any] = {}
     if redo or not labels_file.exists() or not heldout_file.exists():
         start = time.time()
 
@@ -103,9 +102,9 @@ def run_experiment(root: Path, plan: dict[str, Any], presets: dict[str, Any], st
 
     for name, policy in plan["policies"].items():
         settings = {k: v for k, v in policy.items() if k != "rewards"}
-        cfg = stage_config(ppo.PPOConfig, presets, "hhh_rl", model=str(base / "sft"), data=str(data / "prompts_train.jsonl"),
-                           rewards={c: reward_dirs[c] for c in policy["rewards"]}, output_dir=str(base / name),
-                           max_steps=rl_steps, eval_every=max(1, rl_steps // 4), **settings, **common)
+        cfg = stage_config(ppo.PPOConfig, presets, "hhh_rl", model=str(base / "sft"),
+                           data=str(data / "prompts_train.jsonl"), output_dir=str(base / name),
+                           rewards={c: reward_dirs[c] for c in policy["rewards"]}, max_steps=rl_steps, eval_every=max(1, rl_steps // 4), **settings, **common)
         run_stage(f"hhh_{name}", cfg, ppo.main, root, redo, wall)
 
     start = time.time()
@@ -116,7 +115,8 @@ def run_experiment(root: Path, plan: dict[str, Any], presets: dict[str, Any], st
         if name != "sft":
             rl = json.loads((base / name / "summary.json").read_text())
             policies[name]["training"] = {k: v for k, v in rl.items() if k.startswith(("reward/", "combine", "kl"))}
-    # each criterion's reward model against the gold judge's criterion, on fresh SFT pairs for the test prompts
+    # each criterion's reward model against the gold judge's criterion, on fresh pairs for the test prompts: one
+    # SFT pair and four generator pairs per prompt (honesty is only at stake on a fifth of them)
     test_pairs = policy_pairs(str(base / "sft"), test_prompts, seed + 77)
     gen = random.Random(seed + 78)
     test_pairs += [(p, *sample_pair(p, gen, HHH_BALANCED)) for p in test_prompts for _ in range(4)]
@@ -127,8 +127,7 @@ def run_experiment(root: Path, plan: dict[str, Any], presets: dict[str, Any], st
                                     "heldout_accuracy": summary.get("heldout_accuracy"),
                                     "labels": label_report.get(criterion, {}).get("pairs")}
     wall["hhh_eval"] = round(time.time() - start, 1)
-    out = {name: policies[name] for name in policies}
     for name in plan["policies"]:
-        out[name]["reward_models"] = {c: reward_models[c] for c in plan["policies"][name]["rewards"]}
-    return {"policies": out, "reward_models": reward_models, "labels": label_report,
-            "claims": hhh_claims(out, reward_models)}
+        policies[name]["reward_models"] = {c: reward_models[c] for c in plan["policies"][name]["rewards"]}
+    return {"policies": policies, "reward_models": reward_models, "labels": label_report,
+            "claims": hhh_claims(policies, reward_models)}

@@ -502,8 +502,10 @@ def format_hhh_table(hhh: dict[str, Any]) -> str:
     for name, p in hhh["policies"].items():
         lines.append(f"{name:<14} " + " ".join(f"{p[k]:>+8.3f} ± {p[k + '_se']:.3f}"
                                                for k in ("helpfulness", "harmlessness", "honesty"))
-                     + " " + " ".join(f"{p[k]:>6.3f} ± {p[k + '_se']:.3f}" for k in ("unsafe_rate", "over_refusal_rate")))
-    rms = ", ".join(f"{c} {r['gold_accuracy']:.3f} ± {r['gold_accuracy_se']:.3f}" for c, r in hhh["reward_models"].items())
+                     + " " + " ".join(f"{p[k]:>6.3f} ± {p[k + '_se']:.3f}"
+                                      for k in ("unsafe_rate", "over_refusal_rate")))
+    rms = ", ".join(f"{c} {r['gold_accuracy']:.3f} ± {r['gold_accuracy_se']:.3f}"
+                    for c, r in hhh["reward_models"].items())
     return "\n".join(lines) + f"\nper-criterion reward models' agreement with the gold judge: {rms}"
 
 

@@ -56,7 +56,8 @@ def test_one_reward_through_the_combiner_takes_the_same_steps_as_reward_model(tm
     keys = ("reward/score", "reward/penalised", "kl", "policy_loss", "grad_norm")
     assert [[m[k] for k in keys] for m in plain] == [[m[k] for k in keys] for m in combined]
     assert all(m["reward/numbers"] == pytest.approx(m["reward/score"], abs=1e-6) for m in combined)
-    wa, wb = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "combined" / "model.safetensors"))
+    wa = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "combined" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

@@ -159,7 +159,8 @@ class RewardCombiner:
         if kind == "gated":
             flagged = torch.zeros_like(safety, dtype=torch.bool) if risky is None else risky.to(safety.device)
             use_safety = flagged | (safety < self.cfg.gate_threshold)
-            combined = torch.where(use_safety, normed[self.cfg.safety_reward], self._weighted(normed, self.cfg.safety_reward))
+            safety_name = self.cfg.safety_reward
+            combined = torch.where(use_safety, normed[safety_name], self._weighted(normed, safety_name))
             if combined.numel() > 1:
                 combined = (combined - combined.mean()) / (combined.std() + 1e-6)
             metrics["combine/safety_fraction"] = float(use_safety.float().mean())
