@@ -120,3 +120,63 @@ def test_best_of_n_picks_by_the_combination_and_keeps_each_rewards_scores(tmp_pa
         assert r["scores"] == pytest.approx(numbers, abs=1e-6)  # weight 0 on "fewer"
         assert fewer == pytest.approx([-x for x in numbers], abs=1e-5)
         assert r["response"] == r["candidates"][numbers.index(max(numbers))]
+
+
+_GLOBAL = '''
+import json, sys
+import torch
+from accelerate import Accelerator
+from rlhfkit.policy.ppo import combine_global
+from rlhfkit.reward.combine import CombineConfig, RewardCombiner, RewardSet
+
+acc = Accelerator(cpu=True)
+run = type("R", (), {"world": acc.num_processes, "accelerator": acc})()
+cfg = CombineConfig(combine=sys.argv[1], safety_reward="safe", lagrange_lr=0.3, cost_limit=-0.5)
+rewards = RewardSet({}, RewardCombiner(cfg, ["help", "safe"]), {})
+g = torch.Generator().manual_seed(0)
+out = []
+for step in range(3):  # the same global batches as the one-process run: 8 per step, process k holds rows 4k..4k+3
+    help_, safe = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    risky = torch.arange(8) % 3 == 0
+    share = slice(4 * acc.process_index, 4 * acc.process_index + 4) if acc.num_processes == 2 else slice(0, 8)
+    combined, metrics = combine_global(run, rewards, {"help": help_[share], "safe": safe[share]}, risky[share])
+    out.append({"combined": combined.tolist(), "metrics": metrics})
+print("RESULT" + json.dumps({"rank": acc.process_index, "steps": out}), flush=True)
+acc.wait_for_everyone()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combine", ["gated", "lagrangian"])
+def test_two_processes_combine_over_the_global_batch_as_one_does(tmp_path, combine):
+    """accelerate launch with 2 CPU processes (gloo): each process's scores are gathered before combining, so the
+    normalisers, the gate's whitening and the Lagrange multiplier see the global batch, stay identical on both
+    processes, and each process gets its share of what one process computes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    script = tmp_path / "combine_global.py"
+    script.write_text(_GLOBAL)
+    one = subprocess.run([sys.executable, str(script), combine], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", str(script), combine],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def results(proc):
+        return [json.loads(line[len("RESULT"):]) for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+
+    (single,) = results(one)
+    ranks = sorted(results(two), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for step, want in enumerate(single["steps"]):
+        got = ranks[0]["steps"][step]["combined"] + ranks[1]["steps"][step]["combined"]
+        assert got == pytest.approx(want["combined"], abs=1e-5)
+        for r in ranks:  # the multiplier and the gate's fractions are global, the same on both processes
+            assert r["steps"][step]["metrics"] == pytest.approx(want["metrics"], abs=1e-6)
