@@ -442,3 +442,47 @@ def test_serve_stream_equals_plain_with_byte_level_tokens(served, name):
         if streamed != plain:
             differ.append((seed, streamed, plain))
     assert not differ
+
+
+# ------------------------------------------------------------------------- several criteria, combined rewards
+@pytest.mark.slow
+@pytest.mark.parametrize("combine", ["gated", "lagrangian"])
+@pytest.mark.parametrize("name, fmt", CASES, ids=CASE_IDS)
+def test_per_criterion_heads_and_combined_rewards(tmp_path, family_dir, family_data, sft_policy, name, fmt, combine):
+    """A rubric file (the family's pairs judged twice: helpfulness as given, harmlessness the other way round with
+    safety labels) trains one model with a head per criterion on the real tokenizer and chat template; GRPO then
+    optimises the two heads combined, reading every sampled token through them."""
+    from rlhfkit.policy import ppo
+    from rlhfkit.reward import train as rtrain
+
+    family, data = case(family_dir, family_data, name)
+    pairs = [json.loads(line) for line in Path(data.path("preferences", fmt)).read_text().splitlines()]
+    rubric = [{**r, "criterion": "helpfulness"} for r in pairs]
+    rubric += [{**r, "chosen": r["rejected"], "rejected": r["chosen"], "criterion": "harmlessness",
+                "chosen_safe": True, "rejected_safe": False} for r in pairs]
+    (tmp_path / "rubric.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rubric))
+    policy = sft_policy(name)
+    summary = rtrain.main(rtrain.RewardConfig(
+        model=str(policy), data=str(tmp_path / "rubric.jsonl"), criteria=["helpfulness", "harmlessness"],
+        safety_loss_weight=1.0, output_dir=str(tmp_path / "rm"), max_steps=6, batch_size=8, learning_rate=3e-3,
+        eval_fraction=0.0, **QUIET))
+    assert_finite_metrics(tmp_path / "rm", 6)
+    assert summary["pairs"] == 2 * len(pairs)
+    prompts = [json.loads(line) for line in Path(data.path("prompts", fmt)).read_text().splitlines()]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({**p, "risky": i % 2 == 0}) + "\n"
+                                                    for i, p in enumerate(prompts)))
+    rm = tmp_path / "rm"
+    out = tmp_path / "grpo"
+    ppo.main(ppo.PPOConfig(
+        model=str(policy), data=str(tmp_path / "prompts.jsonl"), output_dir=str(out), advantage="grpo",
+        rewards={"helpfulness": f"{rm}#helpfulness", "harmlessness": f"{rm}#harmlessness"}, combine=combine,
+        samples_per_prompt=2, max_steps=2, batch_size=4, learning_rate=1e-3, max_new_tokens=24, temperature=0.7,
+        ppo_epochs=1, seed=1, **QUIET))
+    rows = assert_finite_metrics(out, 2)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # sampled and re-scored tokens line up
+    assert all(math.isfinite(r["reward/helpfulness"]) and math.isfinite(r["reward/harmlessness"]) for r in rows)
+    if combine == "gated":
+        assert all(r["combine/safety_fraction"] >= r["combine/risky_fraction"] > 0 for r in rows)
+    else:
+        assert all(r["combine/cost"] == pytest.approx(-r["reward/harmlessness"], abs=1e-5) for r in rows)
+    assert changed_tensors(policy, out) > 0
