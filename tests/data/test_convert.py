@@ -218,8 +218,8 @@ def test_summarize_prompt_choice_and_annotator(tmp_path):
     assert (recs[0].chosen, recs[0].rejected) == (" plants.", " I forget to water plants, how do I remember?")
     assert recs[1].chosen == " I forget to water plants, how do I remember?"
     assert recs[0].annotator == "HNzkrs9geGu1YMMfZ5Qvdt0ZaCthfB" and recs[0].source == "summarize_from_feedback"
-    assert (rows[0]["chosen_policy"], rows[0]["rejected_policy"], rows[0]["confidence"]) == ("ref", "sup2", 7)
-    assert "confidence" not in rows[1] and recs[0].margin is None
+    assert (rows[0]["chosen_policy"], rows[0]["rejected_policy"], rows[0]["worker_confidence"]) == ("ref", "sup2", 7)
+    assert "worker_confidence" not in rows[1] and recs[0].margin is None and recs[0].confidence is None
     assert recs[2].prompt == "Article:\nTodd the fox wags his tail.\n\nTL;DR:\n"
     assert recs[2].chosen == "A tame fox acts like a dog."
 

@@ -183,13 +183,16 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = 
     the rejected ones, in the same order (split the scores with `scores.split(B)` or [:B], [B:]).
 
     Returns input_ids, attention_mask, response_mask: (2B, T); last_index: (2B,) index of the last real token;
-    margin: (B,) float label margins, 0 where a pair has none (Bradley-Terry without a margin); safety: (2B,)
+    margin: (B,) float label margins, 0 where a pair has none (Bradley-Terry without a margin); confidence: (B,)
+    float probability that chosen is truly better, 1 where a pair has none (a certain label); safety: (2B,)
     +1 for a response labelled safe, -1 unsafe, 0 unlabelled, in the rows' order.
     padding_free: the packed layout instead (see `packed_batch`; sequence n is still n)."""
     ids = [p.chosen_input_ids for p in pairs] + [p.rejected_input_ids for p in pairs]
     resp = [p.chosen_response_mask for p in pairs] + [p.rejected_response_mask for p in pairs]
     batch = sequence_batch(ids, pad_id, padding_free, response_mask=resp)
     batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)  # (B,)
+    batch["confidence"] = torch.tensor([1.0 if p.confidence is None else p.confidence for p in pairs],
+                                       dtype=torch.float32)  # (B,)
     labels = [p.chosen_safe for p in pairs] + [p.rejected_safe for p in pairs]
     batch["safety"] = torch.tensor([0.0 if s is None else 1.0 if s else -1.0 for s in labels])  # (2B,)
     return batch

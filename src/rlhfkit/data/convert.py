@@ -594,8 +594,9 @@ def convert_summarize(rows: list[tuple[str, int, dict[str, Any]]], cfg: ConvertC
                       ) -> list[dict[str, Any]]:
     """Pairs: prompt from `info` through --reddit-template (TL;DR posts) or --article-template (CNN/DM), chosen =
     summaries[choice].text, rejected = the other; worker -> annotator; chosen_policy / rejected_policy and
-    extra.confidence are kept as extra columns. Confidence is not turned into a margin: the card does not define
-    its scale, and a margin needs one."""
+    extra.confidence (as worker_confidence) are kept as extra columns. The worker's confidence is not turned into
+    a margin (the card does not define its scale, and a margin needs one), nor written as `confidence`, which the
+    trainers read as the probability that chosen is truly better."""
     out = []
     for path, lineno, row in rows:
         r = _Row(path, lineno, row, _SUMMARIZE_SHAPE)
@@ -626,7 +627,7 @@ def convert_summarize(rows: list[tuple[str, int, dict[str, Any]]], cfg: ConvertC
             continue
         out.append(_pair_row(cfg, prompt, chosen, rejected, annotator=worker or None,
                              chosen_policy=policies[choice], rejected_policy=policies[1 - choice],
-                             confidence=_as_int(confidence)))
+                             worker_confidence=_as_int(confidence)))
     return out
 
 

@@ -1,7 +1,7 @@
 """Preference records: pairs and K-way rankings read from TRL's formats (explicit or implicit prompt, standard or
-conversational, optional margin/strength), UltraFeedback's scored full conversations, Anthropic HH transcripts
-and our K-way rows; validated, and written back as TRL explicit-prompt JSONL. `data.preference_tokens` turns them
-into ids and `data.collate` into batches."""
+conversational, optional margin/strength/confidence), UltraFeedback's scored full conversations, Anthropic HH
+transcripts and our K-way rows; validated, and written back as TRL explicit-prompt JSONL.
+`data.preference_tokens` turns them into ids and `data.collate` into batches."""
 
 from __future__ import annotations
 
@@ -53,6 +53,10 @@ class PreferencePair:
     """Whether the chosen response is safe (PKU-SafeRLHF's is_response_*_safe), for a cost model's safety
     classifier; None when the row does not say."""
     rejected_safe: bool | None = None
+    confidence: float | None = None
+    """Probability in [0, 1] that chosen is truly better than rejected (e.g. an annotator-reliability posterior,
+    Dawid & Skene 1979): the trainers fit it as a soft target; below 0.5 the row is probably reversed. None when
+    the row has none: the label is taken as certain."""
     row: int = field(default=0, compare=False)
     path: str = field(default="", compare=False)
 
@@ -142,6 +146,17 @@ def _margin(row: dict[str, Any], path: str, lineno: int) -> float | None:
     if not math.isfinite(value) or value < 0:
         raise DataError(path, lineno, "margin", f"must be a finite number >= 0 (how much better chosen is), "
                         f"got {value}")
+    return float(value)
+
+
+def _confidence(row: dict[str, Any], path: str, lineno: int) -> float | None:
+    value = row.get("confidence")
+    if value is None:
+        return None
+    value = real_number(value, "confidence", path, lineno)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise DataError(path, lineno, "confidence", f"must be a probability in [0, 1] (that chosen is truly better "
+                        f"than rejected), got {value}")
     return float(value)
 
 
@@ -253,7 +268,7 @@ def _extras(row: dict[str, Any], path: str, lineno: int, margin_from_scores: boo
             raise DataError(path, lineno, "margin", "is given as well as score_chosen/score_rejected while "
                             "margin_from_scores is on; keep one of them")
         margin = gap
-    return dict(margin=margin, strength=_strength(row, path, lineno),
+    return dict(margin=margin, strength=_strength(row, path, lineno), confidence=_confidence(row, path, lineno),
                 annotator=optional_text(row, "annotator", path, lineno),
                 source=optional_text(row, "source", path, lineno),
                 chosen_safe=_safety_label(row, "chosen_safe", path, lineno),
@@ -395,6 +410,10 @@ def parse_ranking(row: dict[str, Any], path: str, lineno: int) -> Ranking:
                                 "differently; identical responses can only be tied")
     if row.get("margin") is not None:
         raise DataError(path, lineno, "margin", "is not supported on a ranking row; use 'strength'")
+    if row.get("confidence") is not None:
+        raise DataError(path, lineno, "confidence", "is not supported on a ranking row (one probability cannot "
+                        "qualify all its C(K, 2) pairs); write the ranking as pair rows, each with its confidence, or "
+                        "drop the column")
     return Ranking(prompt, responses, tiers, strength=_strength(row, path, lineno),
                    annotator=optional_text(row, "annotator", path, lineno),
                    source=optional_text(row, "source", path, lineno), row=lineno, path=path)
@@ -468,7 +487,7 @@ def read_preferences(path: str, split: str | None = None, *, chat: bool = True,
 # ------------------------------------------------------------------------------------------------------ writer
 def _pair_row(p: PreferencePair) -> dict[str, Any]:
     row: dict[str, Any] = {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
-    for key in ("margin", "strength", "annotator", "source"):
+    for key in ("margin", "strength", "confidence", "annotator", "source"):
         if getattr(p, key) is not None:
             row[key] = getattr(p, key)
     return row
@@ -486,7 +505,7 @@ def _ranking_row(r: Ranking) -> dict[str, Any]:
 
 def write_preferences(records: list[Preference], path: str | Path) -> Path:
     """Write JSONL: a PreferencePair as TRL's explicit-prompt format (prompt/chosen/rejected, plus margin,
-    strength, annotator and source when set); a Ranking as our K-way row (expand it first with
+    strength, confidence, annotator and source when set); a Ranking as our K-way row (expand it first with
     `ranking_to_pairs` for tools that only read pairs)."""
     p = Path(path)
     if p.suffix.lower() not in (".jsonl", ".ndjson"):

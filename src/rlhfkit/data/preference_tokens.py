@@ -37,6 +37,8 @@ class TokenizedPair:
     chosen_safe: bool | None = None
     """Safety labels of the two responses (None: not labelled), for a cost model's classifier term."""
     rejected_safe: bool | None = None
+    confidence: float | None = None
+    """Probability in [0, 1] that chosen is truly better (`PreferencePair.confidence`); None: taken as certain."""
 
 
 @dataclass
@@ -121,7 +123,7 @@ def tokenize_pair(
     r_ids, r_attn, r_resp = prompt_response_sequence(prompt_ids, rejected)
     return TokenizedPair(prompt_ids, c_ids, c_attn, c_resp, r_ids, r_attn, r_resp,
                          margin=margin_of(pair, margin_scale), row=pair.row, truncated=truncated,
-                         chosen_safe=pair.chosen_safe, rejected_safe=pair.rejected_safe)
+                         chosen_safe=pair.chosen_safe, rejected_safe=pair.rejected_safe, confidence=pair.confidence)
 
 
 def tokenize_ranking(

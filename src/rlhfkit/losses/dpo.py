@@ -127,20 +127,44 @@ def cdpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float = 0.1,
-    label_smoothing: float = 0.1,
+    label_smoothing: float | torch.Tensor = 0.1,
 ) -> tuple[torch.Tensor, PreferenceStats]:
     """Conservative DPO: DPO assuming each preference label is flipped with probability ε = label_smoothing.
 
-    ε must lie in [0, 0.5): ε = 0 is plain DPO; ε = 0.5 means the labels carry no information."""
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}; it is the assumed "
-                         "probability that a preference label is flipped.")
+    A float ε must lie in [0, 0.5): ε = 0 is plain DPO; ε = 0.5 means the labels carry no information. A (B,)
+    tensor gives each pair its own ε in [0, 1] (a soft label, see `confidence_label_smoothing`); above 0.5 the
+    pair is more likely reversed than not, and is trained that way."""
     chosen_log_ratios, rejected_log_ratios = _log_ratios(policy_chosen_logps, policy_rejected_logps,
                                                          ref_chosen_logps, ref_rejected_logps)
     h = chosen_log_ratios - rejected_log_ratios  # (B,)
+    if isinstance(label_smoothing, torch.Tensor):
+        _check_same_shape(policy_chosen_logps=policy_chosen_logps, label_smoothing=label_smoothing)
+        if not bool(((label_smoothing >= 0) & (label_smoothing <= 1)).all()):  # NaN fails both comparisons
+            raise ValueError("a per-pair label_smoothing must lie in [0, 1]: it is the probability that each "
+                             "preference label is flipped.")
+    elif not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}; it is the assumed "
+                         "probability that a preference label is flipped.")
+    # one tensor in h's dtype either way, so a float ε and a (B,) tensor of that ε give the same bits
+    eps = torch.as_tensor(label_smoothing, dtype=h.dtype, device=h.device)  # () or (B,)
     # Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO": −(1−ε) log σ(βh) − ε log σ(−βh)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)  # (B,)
+    losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)  # (B,)
     return losses.mean(), _pair_stats(beta * chosen_log_ratios, beta * rejected_log_ratios, losses)
+
+
+def confidence_label_smoothing(confidence: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair flip probabilities ε_i for `cdpo_loss` from each label's confidence c_i (the probability that
+    chosen is truly better) and a global ε₀ = label_smoothing: ε_i = (1 − c_i) + ε₀·(2c_i − 1).
+
+    The label is right when c_i holds and cDPO's independent flip does not, or c_i fails and the flip does:
+    1 − ε_i = c_i·(1 − ε₀) + (1 − c_i)·ε₀. So c_i = 1 gives ε₀ (cDPO as configured), ε₀ = 0 gives 1 − c_i (the
+    soft-label cross-entropy against target c_i), and c_i = 1/2 gives 1/2 whatever ε₀. confidence: (B,) in
+    [0, 1]; returns (B,) in its dtype."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}; it is the assumed "
+                         "probability that a preference label is flipped.")
+    # written as (1 − c) + ε₀(2c − 1), not 1 − [c(1 − ε₀) + (1 − c)ε₀], so that c = 1 gives ε₀ with no rounding
+    return (1.0 - confidence) + label_smoothing * (2.0 * confidence - 1.0)  # (B,)
 
 
 def ipo_loss(

@@ -1,6 +1,6 @@
-"""Reward-model losses on scalar rewards: Bradley-Terry (optionally with a Llama-2 margin), InstructGPT K-way
-ranking, pick-best-of-K, and the reward-centring penalty. Each preference loss returns (loss, RewardStats). Also
-attribute regression (HelpSteer2), which returns (loss, RegressionStats)."""
+"""Reward-model losses on scalar rewards: Bradley-Terry (optionally with a Llama-2 margin and a soft label),
+InstructGPT K-way ranking, pick-best-of-K, and the reward-centring penalty. Each preference loss returns (loss,
+RewardStats). Also attribute regression (HelpSteer2), which returns (loss, RegressionStats)."""
 
 from __future__ import annotations
 
@@ -52,22 +52,41 @@ def bradley_terry_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
     margin: torch.Tensor | float | None = None,
+    confidence: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, RewardStats]:
-    """Mean of −log σ(r_c − r_r − m) over pairs.
+    """Mean of −log σ(r_c − r_r − m) over pairs; with a confidence c, the soft Bradley-Terry loss
+    −c·log σ(r_c − r_r − m) − (1 − c)·log σ(r_r − r_c).
 
     chosen_rewards, rejected_rewards: (B,) one scalar per response (read at the last real token).
-    margin: None, a float, or (B,) label margins m ≥ 0 (e.g. from `strength_to_margin`); None means m = 0."""
+    margin: None, a float, or (B,) label margins m ≥ 0 (e.g. from `strength_to_margin`); None means m = 0.
+    confidence: None, a float, or (B,) probabilities c in [0, 1] that chosen is truly better; None means c = 1,
+    and c = 1 gives exactly the loss without it. The stats are those of the labelled order whatever c is
+    (accuracy counts r_c > r_r)."""
     if chosen_rewards.shape != rejected_rewards.shape:
         raise ValueError(f"chosen_rewards {tuple(chosen_rewards.shape)} and rejected_rewards "
                          f"{tuple(rejected_rewards.shape)} must have the same shape.")
-    logits = chosen_rewards - rejected_rewards  # (B,)
+    gap = chosen_rewards - rejected_rewards  # (B,)
+    logits = gap
     if margin is not None:
         # Llama 2 (Touvron et al. 2023) §3.2.2, Eq. 2: the margin asks for a larger gap on clearly better pairs
-        logits = logits - torch.as_tensor(margin, dtype=logits.dtype, device=logits.device)
+        logits = gap - torch.as_tensor(margin, dtype=gap.dtype, device=gap.device)
     # Christiano et al. 2017; Stiennon et al. 2020 Eq. 1: L = −log σ(r(x, y_w) − r(x, y_l)); logsigmoid is exact
     # for large |gaps| where log(sigmoid(.)) would underflow to log 0 = −inf
-    loss = -F.logsigmoid(logits).mean()
-    return loss, _pair_stats(chosen_rewards, rejected_rewards)
+    if confidence is None:
+        return -F.logsigmoid(logits).mean(), _pair_stats(chosen_rewards, rejected_rewards)
+    c = torch.as_tensor(confidence, dtype=gap.dtype, device=gap.device)
+    if c.dim() != 0 and c.shape != gap.shape:  # a (B, 1) against (B,) would broadcast to (B, B)
+        raise ValueError(f"confidence must be a scalar or have shape {tuple(gap.shape)} like the rewards, got "
+                         f"{tuple(c.shape)}.")
+    if not bool(((c >= 0) & (c <= 1)).all()):  # NaN fails both comparisons
+        raise ValueError("confidence must lie in [0, 1]: it is the probability that chosen is truly better.")
+    # Soft label: the cross-entropy of σ(gap) against the target probability c (Christiano et al. 2017 §2.2.3 fit
+    # the same cross-entropy against a target distribution, 1/2 each for "equally good"). Departure, with the
+    # margin: it is the strength of the labelled preference, so it shifts only the labelled term; the reversed
+    # hypothesis carries no strength of its own and keeps m = 0. Then c = 1 gives Llama 2's loss exactly, and
+    # c = 1/2 with m = 0 has its minimum at gap 0.
+    losses = -c * F.logsigmoid(logits) - (1 - c) * F.logsigmoid(-gap)  # (B,)
+    return losses.mean(), _pair_stats(chosen_rewards, rejected_rewards)
 
 
 def beats_from_ranking(ranking: list, num_responses: int) -> torch.Tensor:

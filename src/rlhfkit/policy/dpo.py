@@ -1,5 +1,6 @@
 """Direct preference optimisation (`rlhfkit dpo`): DPO, cDPO, IPO, SimPO and ORPO on preference pairs; no reward
-model, no sampling. `--loss kto` (unpaired judgments) is trained by policy/kto.py under the same config.
+model, no sampling. `--loss kto` (unpaired judgments) is trained by policy/kto.py under the same config. Rows with
+a confidence column train dpo and cdpo as soft labels (a per-row cDPO flip probability).
 
 The loop reads top to bottom like sft.py: global batch -> this process's share -> micro-batches (chosen and
 rejected in one forward pass) -> loss normalised by the pair count of the whole optimizer step -> one optimizer
@@ -20,7 +21,8 @@ from rlhfkit.data.collate import collate_pairs
 from rlhfkit.data.preference import PreferencePair, Ranking, ranking_to_pairs, read_preferences
 from rlhfkit.data.preference_tokens import TokenizedPair, tokenize_preferences
 from rlhfkit.losses import PreferenceStats, cdpo_loss, dpo_loss, ipo_loss, orpo_loss, simpo_loss
-from rlhfkit.policy.offline import REFERENCE_FREE, DPOConfig, Tally, finish, read_records, start
+from rlhfkit.losses.dpo import confidence_label_smoothing
+from rlhfkit.policy.offline import REFERENCE_FREE, SOFT_LABEL_LOSSES, DPOConfig, Tally, finish, read_records, start
 from rlhfkit.policy.reference import REF_CACHE as REF_CACHE  # re-exported: the pipeline and tests read dpo.REF_CACHE
 from rlhfkit.policy.reference import Reference, sequence_logprobs, to_device
 from rlhfkit.train import Run, check_finite
@@ -35,14 +37,20 @@ class Split:
     items: list[TokenizedPair]
     ref: torch.Tensor | None = None
     """(N, 2) cached sequence log π_ref of chosen and rejected, when reference: cached."""
+    soft: bool = False
+    """Whether the pairs' confidence reaches the loss (its batches keep their `confidence` column)."""
     layout: ClassVar[str] = "pairs"
 
     def __len__(self) -> int:
         return len(self.items)
 
     def collate(self, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-        """(2B, T): chosen rows then rejected rows, in one batch so both go through one forward pass."""
-        return collate_pairs([self.items[i] for i in idx], pad_id)
+        """(2B, T): chosen rows then rejected rows, in one batch so both go through one forward pass; with soft,
+        also confidence (B,)."""
+        batch = collate_pairs([self.items[i] for i in idx], pad_id)
+        if not self.soft:
+            del batch["confidence"]
+        return batch
 
     collate_both = collate
 
@@ -57,12 +65,15 @@ def _expand(records: list[Any]) -> list[PreferencePair]:
 
 
 def load_data(cfg: DPOConfig, tokenizer: Any) -> tuple[Split, Split, dict[str, Any]]:
-    """Training and held-out pairs; K-way rankings are expanded into their pairs after the split."""
+    """Training and held-out pairs; K-way rankings are expanded into their pairs after the split. The training
+    pairs train on their confidence when the data has one (see DPOConfig.use_confidence); held-out pairs are
+    evaluated as certain, so runs with and without confidence report comparable held-out numbers."""
     records, held_records, info = read_records(cfg, tokenizer, read_preferences)
     train_pairs, report = tokenize_preferences(tokenizer, _expand(records), cfg.max_length, cfg.overlong)
     held_pairs = tokenize_preferences(tokenizer, _expand(held_records), cfg.max_length, cfg.overlong)[0]
     info.update(train_pairs=len(train_pairs), held_out_pairs=len(held_pairs), truncated_rows=report.truncated)
-    return Split(train_pairs), Split(held_pairs), info
+    soft = bool(info.get("confidence_rows")) and any(p.confidence is not None for p in train_pairs)
+    return Split(train_pairs, soft=soft), Split(held_pairs), info
 
 
 # ---------------------------------------------------------------------------------------------------- losses
@@ -76,14 +87,23 @@ class PairLogps:
     rejected_lengths: torch.Tensor
     ref_chosen: torch.Tensor | None
     ref_rejected: torch.Tensor | None
+    confidence: torch.Tensor | None = None
+    """Probability that each label is right (a soft target, for SOFT_LABEL_LOSSES only); None: every label is
+    certain."""
 
 
 PairLoss = Callable[[PairLogps, DPOConfig], tuple[torch.Tensor, PreferenceStats]]
 
 PAIR_LOSSES: dict[str, PairLoss] = {
-    "dpo": lambda s, cfg: dpo_loss(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=cfg.resolved_beta()),
+    # a soft label c makes DPO the cross-entropy against target c: cDPO with a per-pair flip probability 1 - c
+    "dpo": lambda s, cfg: (
+        dpo_loss(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=cfg.resolved_beta())
+        if s.confidence is None else
+        cdpo_loss(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=cfg.resolved_beta(),
+                  label_smoothing=confidence_label_smoothing(s.confidence))),
     "cdpo": lambda s, cfg: cdpo_loss(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=cfg.resolved_beta(),
-                                     label_smoothing=cfg.label_smoothing),
+                                     label_smoothing=cfg.label_smoothing if s.confidence is None else
+                                     confidence_label_smoothing(s.confidence, cfg.label_smoothing)),
     "ipo": lambda s, cfg: ipo_loss(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, tau=cfg.tau),
     "simpo": lambda s, cfg: simpo_loss(s.chosen, s.rejected, s.chosen_lengths, s.rejected_lengths,
                                        beta=cfg.resolved_beta(), gamma=cfg.simpo_gamma),
@@ -96,18 +116,29 @@ an entry here (plus its name in DPOConfig.loss). KTO is not here: its data is un
 
 
 def pair_loss(cfg: DPOConfig) -> Callable[[PairLogps], tuple[torch.Tensor, PreferenceStats]]:
-    """The paired loss cfg.loss names, with cfg's hyperparameters bound."""
-    return functools.partial(PAIR_LOSSES[cfg.loss], cfg=cfg)
+    """The paired loss cfg.loss names, with cfg's hyperparameters bound. Given pairs with a confidence, a loss
+    outside SOFT_LABEL_LOSSES raises instead of ignoring it (the data reader refuses such files first)."""
+    loss = PAIR_LOSSES[cfg.loss]
+    if cfg.loss in SOFT_LABEL_LOSSES:
+        return functools.partial(loss, cfg=cfg)
+
+    def hard_only(s: PairLogps) -> tuple[torch.Tensor, PreferenceStats]:
+        if s.confidence is not None:
+            raise ValueError(f"loss {cfg.loss} has no soft target for a confidence; only {SOFT_LABEL_LOSSES} do.")
+        return loss(s, cfg)
+
+    return hard_only
 
 
 def paired_terms(model: Any, batch: dict[str, torch.Tensor], ref: torch.Tensor | None,
                  loss_fn: Callable[[PairLogps], tuple[torch.Tensor, PreferenceStats]]):
     """Mean loss over the micro-batch's pairs (chosen and rejected in one forward pass) and per-pair values for
-    the step's metrics. ref: (B, 2) log π_ref of chosen and rejected, or None."""
+    the step's metrics. ref: (B, 2) log π_ref of chosen and rejected, or None. The batch's confidence (B,), when
+    it has one (`Split.soft`), is each pair's soft label."""
     logps, lengths = sequence_logprobs(model, batch)  # (2B,), (2B,)
     B = batch["margin"].shape[0]
     s = PairLogps(logps[:B], logps[B:], lengths[:B], lengths[B:],
-                  None if ref is None else ref[:, 0], None if ref is None else ref[:, 1])
+                  None if ref is None else ref[:, 0], None if ref is None else ref[:, 1], batch.get("confidence"))
     loss, stats = loss_fn(s)
     return loss, {
         "loss": stats.losses,

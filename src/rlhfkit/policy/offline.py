@@ -11,8 +11,9 @@ from typing import Any, Callable, Literal
 import torch
 
 from rlhfkit.config import PreferenceDataConfig, TrainConfig
+from rlhfkit.data.preference import PreferencePair
 from rlhfkit.data.readers import split_eval
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.policy.reference import Reference, prepare_reference
 from rlhfkit.train import Run
@@ -20,6 +21,10 @@ from rlhfkit.train import Run
 log = logging.getLogger(__name__)
 
 REFERENCE_FREE = ("simpo", "orpo")
+SOFT_LABEL_LOSSES = ("dpo", "cdpo")
+"""The losses that train a pair's `confidence` as a soft target: both are the cross-entropy of σ(βh) against a
+label probability (cDPO's, Mitchell 2023), which a per-pair confidence sets. IPO, SimPO, ORPO and KTO have no
+such probability in their loss, so they refuse data with a confidence column rather than ignore it."""
 DEFAULT_BETA = {"dpo": 0.1, "cdpo": 0.1, "kto": 0.1, "simpo": 2.0}
 """β when the config leaves it unset: DPO's and KTO's papers use 0.1; SimPO's reward is a per-token average, so
 its β is larger (2.0–2.5 in arXiv 2405.14734)."""
@@ -37,7 +42,13 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     """Temperature β of the implicit reward β·(log π − log π_ref) (dpo, cdpo, kto) or β/|y|·log π (simpo).
     Unset: 0.1, or 2.0 for simpo. ipo uses tau and orpo orpo_lambda instead."""
     label_smoothing: float = 0.1
-    """cdpo only: assumed probability ε in [0, 0.5) that a preference label is flipped."""
+    """cdpo only: assumed probability ε in [0, 0.5) that a preference label is flipped. With a confidence column
+    it composes with each row's c as an independent flip: the label is right with probability c(1 - ε) + (1 - c)ε."""
+    use_confidence: bool = True
+    """dpo and cdpo: rows with a confidence column (the probability that chosen is truly better, e.g. from
+    annotator reliability) train as soft targets, cDPO with a per-row flip probability 1 - confidence; off trains
+    every row as certain. Held-out metrics always treat the labels as certain. The other losses refuse data with
+    the column unless this is off."""
     tau: float = 0.1
     """ipo only: the log-ratio gap is regressed onto 1/(2·tau)."""
     simpo_gamma: float = 0.5
@@ -105,13 +116,33 @@ def read_records(cfg: DPOConfig, tokenizer: Any,
                  read: Callable[..., list[Any]]) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Training and held-out rows as `read` parses them (eval_data, or eval_fraction of --data held out by seed).
     Rows are split before anything expands them (rankings into pairs, pairs into KTO examples), so one row's
-    items never land on both sides."""
+    items never land on both sides. Rows with a confidence are refused for a loss that cannot use it
+    (`check_confidence`)."""
     opts = cfg.reader_options(tokenizer)
     records = read(cfg.data_source(), **opts)
     held_records = read(cfg.data_source(cfg.eval_data, held_out=True), **opts) if cfg.eval_data else []
+    soft = check_confidence(cfg, records + held_records)
     if not cfg.eval_data:
         records, held_records = split_eval(records, cfg.eval_fraction, cfg.seed)
-    return records, held_records, {"train_rows": len(records), "held_out_rows": len(held_records)}
+    info = {"train_rows": len(records), "held_out_rows": len(held_records)}
+    if soft:
+        info["confidence_rows"] = soft
+    return records, held_records, info
+
+
+def check_confidence(cfg: DPOConfig, records: list[Any]) -> int:
+    """How many pair rows (training and held-out) carry a confidence, 0 with use_confidence off; a loss outside
+    SOFT_LABEL_LOSSES given such rows is a UserError naming the first one and the fixes."""
+    soft = [r for r in records if isinstance(r, PreferencePair) and r.confidence is not None]
+    if not soft or not cfg.use_confidence:
+        return 0
+    if cfg.loss not in SOFT_LABEL_LOSSES:
+        first = soft[0]
+        raise UserError(f"{first.path}, row {first.row}: {len(soft)} rows have a confidence (the probability that "
+                        f"chosen is truly better), which --loss {cfg.loss} has no soft target for; use --loss dpo or "
+                        "--loss cdpo, pass --use-confidence false to train every row as certain, or drop the "
+                        "column.")
+    return len(soft)
 
 
 class Tally:

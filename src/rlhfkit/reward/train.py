@@ -1,9 +1,10 @@
-"""Reward-model training (`rlhfkit reward`): Bradley-Terry on pairs (with Llama-2 margins when labelled),
-InstructGPT K-way ranking loss on rankings, optional reward centring; ensembles of bootstrap members;
-normalisation on reference-policy samples; held-out accuracy, calibration and length bias. One criterion of a
-rubric export per model (--criterion), or one model with a head per criterion on a shared trunk (--criteria), and
-a safety classifier term for harmlessness scores that act as Safe RLHF's cost model (--safety-loss-weight).
---objective regression instead predicts attribute scores of single responses (HelpSteer2), a head per attribute.
+"""Reward-model training (`rlhfkit reward`): Bradley-Terry on pairs (with Llama-2 margins when labelled, a soft
+target when a row gives its label's confidence), InstructGPT K-way ranking loss on rankings, optional reward
+centring; ensembles of bootstrap members; normalisation on reference-policy samples; held-out accuracy,
+calibration and length bias. One criterion of a rubric export per model (--criterion), or one model with a head
+per criterion on a shared trunk (--criteria), and a safety classifier term for harmlessness scores that act as
+Safe RLHF's cost model (--safety-loss-weight). --objective regression instead predicts attribute scores of single
+responses (HelpSteer2), a head per attribute.
 
 The loop reads top to bottom like policy/sft.py: global batch -> this process's share -> micro-batches ->
 per-item losses summed and divided by the items of the whole optimizer step -> one step -> log -> checkpoint."""
@@ -68,6 +69,10 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
     less arithmetic spent on padding."""
     use_margin: bool = True
     """Use each pair's margin (or its strength level mapped to one) in -log sigma(r_c - r_r - m) (Llama 2)."""
+    use_confidence: bool = True
+    """Rows with a confidence column (the probability that chosen is truly better, e.g. from annotator
+    reliability) train as soft Bradley-Terry targets: -c log sigma(r_c - r_r - m) - (1 - c) log sigma(r_r - r_c).
+    Off trains every row as certain. Held-out metrics always treat the labels as certain."""
     margin_scale: Literal["large", "small"] = "small"
     """Strength-to-margin map: large = 3/2/1/0, small = 1, 2/3, 1/3, 0 (Llama 2 section 3.2.2)."""
     center_eta: float = 0.0
@@ -257,6 +262,9 @@ def load_items(cfg: RewardConfig, tokenizer: Any) -> tuple[list[Item], list[Item
         truncated = report.truncated
     info = {"pairs": report.pairs, "rankings": report.rankings, "truncated_rows": truncated,
             "train_items": len(train), "held_out_items": len(held_out)}
+    soft = sum(isinstance(i, TokenizedPair) and i.confidence is not None for i in train)
+    if soft and cfg.use_confidence:
+        info["confidence_pairs"] = int(soft)
     if cfg.criterion:
         info["criterion"] = cfg.criterion
     if cfg.criteria:
@@ -338,7 +346,8 @@ def count_per_criterion(counts: dict[str, float], criteria: Sequence[str], heads
 def micro_batch_loss(model: Any, items: list[Item], pad_id: int, cfg: RewardConfig, device: Any,
                      step_items: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of per-item losses over this micro-batch divided by the items of the whole step, and raw counts.
-    With --criteria each item's loss is on its criterion's head (`CriterionPair.head`)."""
+    With --criteria each item's loss is on its criterion's head (`CriterionPair.head`). Pairs with a confidence
+    train as soft labels (with use_confidence); the counts are of the labelled order, as held-out accuracy is."""
     pairs = [i for i in items if isinstance(i, TokenizedPair)]
     rankings = [i for i in items if isinstance(i, TokenizedRanking)]
     total = torch.zeros((), device=device)
@@ -350,7 +359,8 @@ def micro_batch_loss(model: Any, items: list[Item], pad_id: int, cfg: RewardConf
         scores, every = own_head_scores(model, batch, heads)  # (2B,), (2B, K) or None
         chosen, rejected = scores[:B], scores[B:]
         margin = batch["margin"] if cfg.use_margin else None
-        loss, stats = bradley_terry_loss(chosen, rejected, margin)
+        soft = cfg.use_confidence and any(p.confidence is not None for p in pairs)
+        loss, stats = bradley_terry_loss(chosen, rejected, margin, batch["confidence"] if soft else None)
         pair_sum = loss * B
         if cfg.center_eta > 0:
             pair_sum = pair_sum + centering_penalty(chosen, rejected, cfg.center_eta) * B
