@@ -6,7 +6,8 @@ the playground's simulated annotators label through the same service layer as pe
     rlhfkit label add-user --db F --user NAME --role admin|annotator   (password from RLHFKIT_PASSWORD, a file or a prompt)
     rlhfkit label serve    --db F [--host 127.0.0.1 --port 8000 --trusted-proxy IP --secure-cookies]
     rlhfkit label users    --db F   (and reset-password, deactivate, reactivate, unlock, revoke-sessions --user U)
-    rlhfkit label export   --db F --project P --output prefs.jsonl [--kto] [--by-criterion]
+    rlhfkit label export   --db F (--project P | --run R) --output prefs.jsonl [--kto] [--by-criterion] [--reliability]
+    rlhfkit label reliability --db F (--project P | --run R)   (each annotator's estimated accuracy and flag, JSON)
     rlhfkit label simulate --db F --project P [--annotators 13]
 
 An entry point: the store commands live in `feedback.commands`, the web app in `feedback.web`, the simulated
@@ -18,7 +19,8 @@ from typing import Callable
 
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.feedback.commands import (MIN_BODY_BYTES, LabelConfig, add_user, create, deactivate, export,
-                                       parse_label_args, reactivate, reset_password, revoke_sessions, unlock, users)
+                                       parse_label_args, reactivate, reliability, reset_password, revoke_sessions,
+                                       unlock, users)
 
 __all__ = ["LabelConfig", "main", "parse_stage_args"]
 
@@ -58,7 +60,7 @@ def simulate(cfg: LabelConfig) -> dict:
 COMMAND_HANDLERS: dict[str, Callable[[LabelConfig], object]] = {
     "create": create, "add-user": add_user, "serve": serve, "export": export, "simulate": simulate, "users": users,
     "reset-password": reset_password, "deactivate": deactivate, "reactivate": reactivate, "unlock": unlock,
-    "revoke-sessions": revoke_sessions,
+    "revoke-sessions": revoke_sessions, "reliability": reliability,
 }
 
 

@@ -1,4 +1,5 @@
-"""The labelling commands that need only the feedback store: create projects, manage users, export judgments.
+"""The labelling commands that need only the feedback store: create projects, manage users, export judgments,
+report annotator reliability.
 `rlhfkit label` (rlhfkit/label.py, where its usage is listed) adds `serve` (the web app) and `simulate` (the
 playground's annotators).
 """
@@ -22,7 +23,7 @@ from rlhfkit.errors import ConfigError, DataError, UserError
 log = logging.getLogger(__name__)
 
 COMMANDS = ("create", "add-user", "serve", "export", "simulate", "users", "reset-password", "deactivate", "reactivate",
-            "unlock", "revoke-sessions")
+            "unlock", "revoke-sessions", "reliability")
 MIN_BODY_BYTES = 64 * 1024
 """The smallest --max-body-bytes: a labelling form with a full 5,000-character rationale fits in it."""
 
@@ -32,15 +33,20 @@ class LabelConfig:
     """Labelling: projects, users, the web app, export and simulated annotators."""
 
     command: Literal["create", "add-user", "serve", "export", "simulate", "users", "reset-password", "deactivate",
-                     "reactivate", "unlock", "revoke-sessions"] = "serve"
+                     "reactivate", "unlock", "revoke-sessions", "reliability"] = "serve"
     """What to do (the word after `rlhfkit label`). users lists accounts; reset-password (password read as for
     add-user), deactivate, reactivate, unlock (lift a login lockout) and revoke-sessions act on --user; each of
-    reset-password, deactivate and revoke-sessions ends the user's sessions at once."""
+    reset-password, deactivate and revoke-sessions ends the user's sessions at once. reliability prints each
+    annotator's estimated accuracy and flag for --project or --run, as JSON."""
     db: str = "runs/label/feedback.db"
     """The feedback database: a SQLite file path (created on first use) or a SQLAlchemy URL such as
     postgresql+psycopg://user@host/name."""
     project: str = ""
-    """Project name (create, export, simulate)."""
+    """Project name (create, export, simulate, reliability)."""
+    run: str = ""
+    """export, reliability: a human-in-the-loop rounds run, instead of --project: its round projects are read
+    together in round order (export rows get a `round` column; reliability pools each annotator's judgments over
+    the rounds)."""
     mode: Literal["pairwise", "ranking", "attributes"] = "pairwise"
     """create: compare two responses (pairwise), rank K of them (ranking), or score each of up to K responses 0-4
     per attribute (attributes, HelpSteer2's scheme)."""
@@ -121,6 +127,10 @@ class LabelConfig:
     """export, rubric projects: write one standard preference file per criterion next to --output
     (prefs.jsonl -> prefs.helpfulness.jsonl, prefs.honesty.jsonl, ...) instead of one file with a criterion
     column."""
+    reliability: bool = False
+    """export, pairwise projects: add to every pair row `confidence`, the posterior probability that chosen is truly
+    better than rejected under a Dawid & Skene fit of every annotator's accuracy (a soft Bradley-Terry target in
+    [0, 1]), and `annotator_accuracy`, its annotator's estimated accuracy. The fit pools --run's rounds."""
     annotators: int = 13
     """simulate: size of the simulated annotator pool (users sim-00, sim-01, ... without passwords)."""
 
@@ -393,19 +403,40 @@ def criterion_path(output: str | Path, criterion: str) -> Path:
     return p.with_name(f"{p.stem}.{criterion}{p.suffix}")
 
 
+def _project_or_run(cfg: LabelConfig) -> None:
+    if bool(cfg.project) == bool(cfg.run):
+        raise ConfigError(f"label {cfg.command} needs --project P or --run R (one of them).")
+
+
+def _flags(reports: dict) -> dict:
+    """The annotators a reliability fit did not find ok, {name: flag} (per criterion for a rubric project)."""
+    flagged = {c: {a.name: a.flag for a in r.annotators if a.flag != "ok"} for c, r in reports.items()}
+    return flagged[None] if None in flagged else flagged
+
+
 def export(cfg: LabelConfig) -> dict:
     from rlhfkit.feedback.export import (
-        attribute_rows, export_by_criterion, export_rows, majority_rows, write_export,
+        attribute_rows, export_by_criterion, export_rows, majority_rows, reliability_reports, write_export,
     )
 
-    need(cfg, "project", "output")
+    need(cfg, "output")
+    _project_or_run(cfg)
     if cfg.majority and (cfg.kto or cfg.include_gold):
         raise ConfigError("label export --majority writes merged preference rows: drop --kto and "
                           "--include-gold (gold items check annotators, they are not merged).")
+    if cfg.reliability and (cfg.majority or cfg.kto):
+        raise ConfigError("label export --reliability gives each judgment's pair row a confidence; drop "
+                          f"{'--majority (merged rows have no single judgment)' if cfg.majority else '--kto'}.")
     svc = service_for(cfg)
+    if cfg.run:
+        return _export_run(cfg, svc)
     project = svc.project(cfg.project)
     if project.mode == "attributes":
         return _export_attributes(cfg, svc, project, attribute_rows, write_export)
+    if cfg.reliability and project.mode != "pairwise":
+        raise ConfigError(f"project {project.name} is a {project.mode} project; --reliability is estimated from "
+                          "pairwise judgments only, drop it.")
+    reports = reliability_reports(svc, [project]) if cfg.reliability else None
     if cfg.by_criterion:
         if not project.rubric:
             raise ConfigError(f"project {project.name} has no criteria, so --by-criterion has nothing to split; drop "
@@ -414,7 +445,7 @@ def export(cfg: LabelConfig) -> dict:
             raise ConfigError(f"--output {cfg.output}: the export is JSON Lines; use a .jsonl file name.")
         files, report = export_by_criterion(svc, project.id, majority=cfg.majority, kto=cfg.kto,
                                             include_gold=cfg.include_gold, margin_scale=cfg.margin_scale,
-                                            conversational=cfg.conversational)
+                                            conversational=cfg.conversational, reliability=reports)
         outputs = {}
         for criterion, rows in files.items():
             path = write_export(criterion_path(cfg.output, criterion), rows)
@@ -432,7 +463,7 @@ def export(cfg: LabelConfig) -> dict:
         else:
             rows, report = export_rows(svc, project.id, kto=cfg.kto, rankings_as=cfg.rankings_as,
                                        include_gold=cfg.include_gold, margin_scale=cfg.margin_scale,
-                                       conversational=cfg.conversational)
+                                       conversational=cfg.conversational, reliability=reports)
         write_export(cfg.output, rows)
         summary = {"output": cfg.output, "rows": report.rows, "judgments": report.judgments,
                    "left_out": report.skipped}
@@ -442,6 +473,57 @@ def export(cfg: LabelConfig) -> dict:
         summary["items"] = report.items
     if project.rubric:
         summary["agreement"] = _agreement_summary(svc, project)
+    if reports is not None:
+        summary["flagged_annotators"] = _flags(reports)
+    print(json.dumps(summary))
+    return summary
+
+
+def _export_run(cfg: LabelConfig, svc: Any) -> dict:
+    """label export --run: every round project's rows in one file, each with its round."""
+    from rlhfkit.feedback.export import export_run_rows, reliability_reports, write_export
+
+    if cfg.majority or cfg.kto or cfg.by_criterion:
+        flag = "--majority" if cfg.majority else "--kto" if cfg.kto else "--by-criterion"
+        raise ConfigError(f"label export --run writes one preference row per judgment of every round; drop {flag} "
+                          "(or export one round with --project).")
+    projects = svc.round_projects(cfg.run)
+    if not projects:
+        raise ConfigError(f"run {cfg.run!r} has no round projects in {cfg.db}; check --run (a round project is "
+                          "created with a run name and round number).")
+    reports = reliability_reports(svc, projects) if cfg.reliability else None
+    rows, report = export_run_rows(svc, cfg.run, rankings_as=cfg.rankings_as, include_gold=cfg.include_gold,
+                                   margin_scale=cfg.margin_scale, conversational=cfg.conversational,
+                                   reliability=reports)
+    write_export(cfg.output, rows)
+    summary: dict[str, Any] = {"output": cfg.output, "run": cfg.run, "rounds": [p.round for p in projects],
+                               "rows": report.rows, "judgments": report.judgments, "left_out": report.skipped}
+    if reports is not None:
+        summary["flagged_annotators"] = _flags(reports)
+    print(json.dumps(summary))
+    return summary
+
+
+# -------------------------------------------------------------------------------------------- reliability
+def reliability(cfg: LabelConfig) -> dict:
+    """label reliability: the Dawid & Skene fit of --project, or of --run's rounds pooled, as one JSON object
+    (per annotator: accuracy, its se, judgments, gold accuracy, overlap, flag, suspicion); a rubric project's
+    per criterion."""
+    from rlhfkit.feedback.export import reliability_reports
+
+    _project_or_run(cfg)
+    svc = service_for(cfg)
+    projects = svc.round_projects(cfg.run) if cfg.run else [svc.project(cfg.project)]
+    if not projects:
+        raise ConfigError(f"run {cfg.run!r} has no round projects in {cfg.db}; check --run.")
+    reports = reliability_reports(svc, projects)
+    summary: dict[str, Any] = {"projects": [p.name for p in projects]}
+    if cfg.run:
+        summary["run"] = cfg.run
+    if None in reports:
+        summary.update(reports[None].to_dict())
+    else:
+        summary["criteria"] = {c: r.to_dict() for c, r in reports.items()}
     print(json.dumps(summary))
     return summary
 
@@ -449,6 +531,7 @@ def export(cfg: LabelConfig) -> dict:
 def _export_attributes(cfg: LabelConfig, svc: Any, project: Any, attribute_rows: Any, write_export: Any) -> dict:
     """An attribute project's HelpSteer2-style rows; the preference-only flags are refused by name."""
     for flag, on in (("--kto", cfg.kto), ("--majority", cfg.majority), ("--by-criterion", cfg.by_criterion),
+                     ("--reliability", cfg.reliability),
                      ("--include-gold", cfg.include_gold), ("--conversational", cfg.conversational),
                      ("--rankings-as ranking", cfg.rankings_as != "pairs")):
         if on:

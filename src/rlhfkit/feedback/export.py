@@ -3,7 +3,10 @@ one TRL explicit-prompt row per A/B judgment with `margin` from its strength (Ll
 of each ranking written together (or one K-way row), and optionally KTO's unpaired rows; or, for projects with
 overlap (several annotators per item), one majority-vote row per item. A rubric project's rows come one per
 criterion verdict (with a `criterion` column, or one file per criterion); an attribute project's in HelpSteer2's
-scored-response format. The annotator's name and the responses' source ids are kept on every row."""
+scored-response format. The annotator's name and the responses' source ids are kept on every row. With an
+annotator reliability fit (`reliability_reports`), pair rows also carry `confidence`, the posterior probability that
+chosen is truly better than rejected, and `annotator_accuracy`; `export_run_rows` exports a rounds run's projects
+together."""
 
 from __future__ import annotations
 
@@ -11,11 +14,15 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Sequence
 
 from rlhfkit.data.preference import STRENGTHS, strength_to_margin
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.service import FeedbackService
+from rlhfkit.feedback.reliability import ReliabilityReport
+from rlhfkit.feedback.service import FeedbackService, ProjectInfo
+
+Reliability = ReliabilityReport | Mapping[str | None, ReliabilityReport]
+"""A reliability fit for an export: one report, or {criterion: report} for a rubric project (None: whole-item)."""
 
 
 @dataclass
@@ -72,7 +79,7 @@ def _no_attributes(info: Any, what: str) -> None:
 def export_rows(service: FeedbackService, project: str | int, *, kto: bool = False,
                 rankings_as: Literal["pairs", "ranking"] = "pairs", include_gold: bool = False,
                 margin_scale: Literal["large", "small"] = "small", conversational: bool = False,
-                ) -> tuple[list[dict[str, Any]], ExportReport]:
+                reliability: Reliability | None = None) -> tuple[list[dict[str, Any]], ExportReport]:
     """Rows for one project.
 
     Pairs (default): A/B → {prompt, chosen, rejected, margin, strength, annotator, source, chosen_source,
@@ -87,10 +94,78 @@ def export_rows(service: FeedbackService, project: str | int, *, kto: bool = Fal
 
     A rubric project (criteria) gives one such row per criterion verdict, each with a `criterion` column;
     ties and "both bad" verdicts are treated as above, one verdict at a time (`export_by_criterion` writes one
-    file per criterion instead)."""
+    file per criterion instead).
+
+    reliability (a fit of this project's judgments, e.g. `reliability_reports`; per criterion for a rubric
+    project) adds to every pair row `confidence`, the posterior probability that `chosen` is truly better than
+    `rejected` (a soft Bradley-Terry target in [0, 1]), and `annotator_accuracy`, the annotator's estimated
+    accuracy. Pairwise projects only, and not with kto."""
     rows, report = _judgment_rows(service, project, kto=kto, rankings_as=rankings_as, include_gold=include_gold,
                                   margin_scale=margin_scale, conversational=conversational)
+    if reliability is not None:
+        _add_reliability(service.project(project), rows, reliability, kto)
     return _finish(rows, report)
+
+
+def reliability_reports(service: FeedbackService, projects: Sequence[ProjectInfo | int | str],
+                        **settings: Any) -> dict[str | None, ReliabilityReport]:
+    """The reliability fit an export with reliability needs, pooled over the projects (a run's rounds): {None:
+    report} for whole-item outcomes, {criterion: report} for rubric projects (the first project's criteria).
+    settings go to `FeedbackService.reliability`."""
+    infos = [p if isinstance(p, ProjectInfo) else service.project(p) for p in projects]
+    if not infos:
+        raise UserError("reliability needs at least one project; name a project or a run with round projects.")
+    ids = [p.id for p in infos]
+    if infos[0].rubric:
+        return {c: service.reliability(ids, criterion=c, **settings) for c in infos[0].criteria}
+    return {None: service.reliability(ids, **settings)}
+
+
+def _add_reliability(info: ProjectInfo, rows: list[dict[str, Any]], reliability: Reliability, kto: bool) -> None:
+    """Give each pair row `confidence` (P(chosen is truly better)) and `annotator_accuracy` from the fit of its
+    criterion; UserError when the fit does not cover a row."""
+    if info.mode != "pairwise" or kto:
+        raise UserError(f"reliability columns are for preference pairs of pairwise projects; project {info.name!r} "
+                        f"is a {info.mode} project{' exported as KTO rows' if kto else ''}, so drop reliability.")
+    reports = {reliability.criterion: reliability} if isinstance(reliability, ReliabilityReport) else reliability
+    for row in rows:
+        criterion = row.get("criterion")
+        fit = reports.get(criterion)
+        p = None if fit is None else fit.confidence(row["item_id"], row["annotator"])
+        if p is None:
+            what = f"criterion {criterion!r}" if criterion else "whole-item outcomes"
+            raise UserError(f"the reliability fit has no posterior for item {row['item_id']}'s judgment by "
+                            f"{row['annotator']} ({what}); fit it over the exported projects (reliability_reports) "
+                            "after the last judgment.")
+        row["confidence"] = p
+        row["annotator_accuracy"] = fit.annotator(row["annotator"]).accuracy
+
+
+def export_run_rows(service: FeedbackService, run: str, *, rankings_as: Literal["pairs", "ranking"] = "pairs",
+                    include_gold: bool = False, margin_scale: Literal["large", "small"] = "small",
+                    conversational: bool = False, reliability: Reliability | None = None,
+                    ) -> tuple[list[dict[str, Any]], ExportReport]:
+    """The rows of every round project of a rounds run, round after round: each project's export_rows (pairs,
+    or K-way rankings) with a `round` column; item_id stays the store's (unique across projects). reliability:
+    a fit pooled over the run (`reliability_reports(service, service.round_projects(run))`), as export_rows
+    takes it. Margins are filled over all the rows together."""
+    projects = service.round_projects(run)
+    if not projects:
+        raise UserError(f"run {run!r} has no round projects; check the run name (rounds are created with run= and "
+                        "round=).")
+    rows: list[dict[str, Any]] = []
+    total = ExportReport()
+    for info in projects:
+        _no_attributes(info, "export_run_rows")
+        got, report = _judgment_rows(service, info.id, kto=False, rankings_as=rankings_as, include_gold=include_gold,
+                                     margin_scale=margin_scale, conversational=conversational)
+        if reliability is not None:
+            _add_reliability(info, got, reliability, kto=False)
+        rows += [{**row, "round": info.round} for row in got]
+        total.judgments += report.judgments
+        for reason, n in report.skipped.items():
+            total.skipped[reason] = total.skipped.get(reason, 0) + n
+    return _finish(rows, total)
 
 
 def _finish(rows: list[dict[str, Any]], report: ExportReport) -> tuple[list[dict[str, Any]], ExportReport]:
@@ -269,11 +344,13 @@ def _majority_rows(service: FeedbackService, project: str | int, *, rankings_as:
 
 def export_by_criterion(service: FeedbackService, project: str | int, *, majority: bool = False, kto: bool = False,
                         include_gold: bool = False, margin_scale: Literal["large", "small"] = "small",
-                        conversational: bool = False) -> tuple[dict[str, list[dict[str, Any]]], ExportReport]:
+                        conversational: bool = False, reliability: Reliability | None = None,
+                        ) -> tuple[dict[str, list[dict[str, Any]]], ExportReport]:
     """A rubric project's rows as one standard preference file per criterion: {criterion: rows}, in the project's
     criterion order (a criterion with no row gets an empty list), the rows exactly those of export_rows
     (majority_rows with majority=True) without their `criterion` column. Margins are filled per file, so a
-    criterion whose verdicts carry no strength gets no margin column."""
+    criterion whose verdicts carry no strength gets no margin column. reliability ({criterion: fit}) adds the
+    confidence columns as in export_rows (not with majority)."""
     info = service.project(project)
     if not info.rubric:
         raise UserError(f"project {info.name!r} has no criteria, so there is nothing to split by criterion; drop "
@@ -281,11 +358,16 @@ def export_by_criterion(service: FeedbackService, project: str | int, *, majorit
     if majority:
         if kto or include_gold:
             raise UserError("majority rows merge preference pairs: drop kto and include_gold.")
+        if reliability is not None:
+            raise UserError("majority rows merge several annotators' judgments, so they have no per-judgment "
+                            "confidence; drop majority or reliability.")
         rows, report = _majority_rows(service, info.id, rankings_as="pairs", margin_scale=margin_scale,
                                       conversational=conversational)
     else:
         rows, report = _judgment_rows(service, info.id, kto=kto, rankings_as="pairs", include_gold=include_gold,
                                       margin_scale=margin_scale, conversational=conversational)
+        if reliability is not None:
+            _add_reliability(info, rows, reliability, kto)
     files: dict[str, list[dict[str, Any]]] = {c: [] for c in info.criteria}
     for row in rows:
         files[row.pop("criterion")].append(row)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import math
 import random
 import re
 import secrets
@@ -23,13 +24,16 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Callable, Mapping, Sequence
 
-from sqlalchemy import exists, func, or_, select
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.data.preference import STRENGTHS
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.agreement import (
     cohen_kappa, krippendorff_alpha_interval, krippendorff_alpha_nominal, percent_agreement,
+)
+from rlhfkit.feedback.reliability import (
+    FLAG_PROBABILITY, MIN_INFORMATIVE, PRIOR, RANDOM_BELOW, Label, ReliabilityReport, check_settings, dawid_skene,
 )
 from rlhfkit.feedback.store import (
     FLAGS, HELPSTEER2_ATTRIBUTES, LIKERT, MODES, OUTCOMES, ROLES, VERDICTS, Assignment, AuthSession, Gold, Item,
@@ -164,6 +168,12 @@ class ProjectInfo:
     annotators_per_item: int
     criteria: tuple[str, ...] = ()
     """A rubric project's criteria (pairwise mode) or an attribute project's attributes; () otherwise."""
+    run: str | None = None
+    """The rounds run this project is a round of (None outside a run)."""
+    round: int | None = None
+    """Its round number in the run, 1-based (None outside a run)."""
+    ordered: bool = False
+    """True when its queue goes by item priority (some item has a priority or its own annotator count)."""
 
     @property
     def rubric(self) -> bool:
@@ -189,6 +199,12 @@ class ItemSpec:
     sources: list[str] = field(default_factory=list)
     gold_outcome: str | None = None
     gold_top: int | None = None
+    priority: float | None = None
+    """Queue order: fresh items go out highest priority first (see `next_task`); None sorts after every item
+    with one. Giving any item a priority (or annotators) makes the project's queue ordered."""
+    annotators: int | None = None
+    """How many annotators judge this item (at least 1), instead of the project's annotators_per_item: e.g. 3 on
+    a share of the items, for agreement and annotator reliability, and 1 on the rest."""
 
 
 @dataclass(frozen=True)
@@ -237,8 +253,21 @@ class Progress:
     gold_items: int
     judgments: int
     complete_items: int
-    """Non-gold items with as many judgments (skips excluded) as the project asks for."""
+    """Non-gold items with as many judgments (skips excluded) as they ask for (their own annotator count, else
+    the project's annotators_per_item)."""
     annotators: list[AnnotatorProgress]
+    labels: int = 0
+    """Non-skip judgments of non-gold items (A, B, tie, both bad; rankings; rubric and attribute answers): what a
+    rounds loop counts against its label budget."""
+    skips: int = 0
+    """Skipped tasks, gold items included."""
+    gold_labels: int = 0
+    """Non-skip judgments of gold items."""
+    slots: int = 0
+    """Labels the non-gold items ask for in all (the sum of their annotator counts): a label budget above it is
+    never met."""
+    outcomes: dict[str, int] = field(default_factory=dict)
+    """A plain pairwise project's labels by outcome (A, B, tie, both_bad); empty for other projects."""
 
 
 @dataclass
@@ -271,7 +300,7 @@ def _user_info(u: User) -> UserInfo:
 
 def _project_info(p: Project) -> ProjectInfo:
     return ProjectInfo(p.id, p.name, p.mode, p.instructions, p.responses_per_item, p.annotators_per_item,
-                       tuple(p.criteria or ()))
+                       tuple(p.criteria or ()), p.run, p.round, bool(p.ordered))
 
 
 def criteria_names(mode: str, criteria: Sequence[str] | None) -> list[str] | None:
@@ -304,6 +333,11 @@ def criteria_names(mode: str, criteria: Sequence[str] | None) -> list[str] | Non
             raise FeedbackError(f"attribute {clash[0]!r} would clash with the export column of that name; rename "
                                 "it.")
     return names
+
+
+def _check_priority(priority: Any, where: str) -> None:
+    if isinstance(priority, bool) or not isinstance(priority, (int, float)) or not math.isfinite(priority):
+        raise FeedbackError(f"{where}: priority must be a finite number (higher goes out first), got {priority!r}.")
 
 
 def label_of(mode: str, outcome: str | None, ranking: list[list[int]] | None) -> Any:
@@ -573,10 +607,12 @@ class FeedbackService:
 
     # ------------------------------------------------------------------------------------------- projects
     def create_project(self, name: str, mode: str = "pairwise", instructions: str = "", responses_per_item: int = 2,
-                       annotators_per_item: int = 1, criteria: Sequence[str] | None = None) -> ProjectInfo:
+                       annotators_per_item: int = 1, criteria: Sequence[str] | None = None, run: str | None = None,
+                       round: int | None = None) -> ProjectInfo:
         """A new project. criteria: for mode pairwise, the criteria of a rubric project (each judgment answers A, B,
         tie or both bad per criterion); for mode attributes, the attributes every response is scored 0-4 on
-        (HelpSteer2's five when None); ranking projects take none."""
+        (HelpSteer2's five when None); ranking projects take none. run and round (1-based) make it round `round`
+        of a human-in-the-loop rounds run (`round_projects(run)` lists them); a run has one project per round."""
         if not _NAME_RE.match(name):
             raise FeedbackError(f"project name {name!r} is not allowed; use 1-64 letters, digits, '_', '.', '@' "
                                 "or '-'.")
@@ -591,11 +627,23 @@ class FeedbackService:
         names = criteria_names(mode, criteria)
         if annotators_per_item < 1:
             raise FeedbackError(f"annotators_per_item must be at least 1, got {annotators_per_item}.")
+        if run is not None and not _NAME_RE.match(run):
+            raise FeedbackError(f"run name {run!r} is not allowed; use 1-64 letters, digits, '_', '.', '@' or '-'.")
+        if (run is None) != (round is None):
+            raise FeedbackError("a round project needs both a run name and a round number (or neither); got "
+                                f"run={run!r}, round={round!r}.")
+        if round is not None and (isinstance(round, bool) or not isinstance(round, int) or not 1 <= round <= MAX_ID):
+            raise FeedbackError(f"round must be a whole number from 1, got {round!r}.")
         with self.store.session() as s, s.begin():
             if s.scalar(select(Project).where(Project.name == name)) is not None:
                 raise Conflict(f"project {name!r} already exists; pick another name or add items to it.")
+            if run is not None:
+                taken = s.scalar(select(Project.name).where(Project.run == run, Project.round == round))
+                if taken is not None:
+                    raise Conflict(f"run {run!r} already has round {round} (project {taken!r}); use the next round "
+                                   "number or another run name.")
             p = Project(name=name, mode=mode, instructions=instructions, responses_per_item=responses_per_item,
-                        annotators_per_item=annotators_per_item, criteria=names)
+                        annotators_per_item=annotators_per_item, criteria=names, run=run, round=round)
             s.add(p)
             s.flush()
             return _project_info(p)
@@ -613,6 +661,12 @@ class FeedbackService:
     def projects(self) -> list[ProjectInfo]:
         with self.store.session() as s:
             return [_project_info(p) for p in s.scalars(select(Project).order_by(Project.id))]
+
+    def round_projects(self, run: str) -> list[ProjectInfo]:
+        """The projects of a rounds run, by round number; [] for a run with none."""
+        with self.store.session() as s:
+            return [_project_info(p) for p in s.scalars(select(Project).where(Project.run == run)
+                                                         .order_by(Project.round))]
 
     def add_items(self, project_id: int, items: Sequence[ItemSpec]) -> int:
         """Append items to a project; returns how many were added. A pairwise item has exactly 2 responses, a
@@ -646,13 +700,24 @@ class FeedbackService:
                 raise FeedbackError(f"{where}: gold items are not supported in project {project.name!r}, which is "
                                     f"answered per {'attribute' if project.mode == 'attributes' else 'criterion'}; "
                                     "leave the gold answer out.")
+            own = spec.annotators
+            if own is not None and (isinstance(own, bool) or not isinstance(own, int) or not 1 <= own <= MAX_ID):
+                raise FeedbackError(f"{where}: annotators must be a whole number of at least 1, got {own!r}; leave it "
+                                    f"None for the project's {project.annotators_per_item}.")
+            if spec.priority is not None:
+                _check_priority(spec.priority, where)
             rows.append((spec, sources))
+        ordered = any(spec.priority is not None or spec.annotators is not None for spec, _ in rows)
         with self.store.session() as s, s.begin():
+            if ordered:
+                s.get(Project, project_id).ordered = True
             start = s.scalar(select(func.coalesce(func.max(Item.position), -1)).where(
                 Item.project_id == project_id)) + 1
             for offset, (spec, sources) in enumerate(rows):
                 item = Item(project_id=project_id, prompt=spec.prompt, position=start + offset,
-                            responses=[{"text": t, "source": src} for t, src in zip(spec.responses, sources)])
+                            responses=[{"text": t, "source": src} for t, src in zip(spec.responses, sources)],
+                            priority=None if spec.priority is None else float(spec.priority),
+                            annotators=spec.annotators)
                 s.add(item)
                 if spec.gold_outcome is not None or spec.gold_top is not None:
                     s.flush()
@@ -669,7 +734,10 @@ class FeedbackService:
     def next_task(self, user_id: int, project_id: int) -> Task | None:
         """The user's open task in the project, else a new one: an item they have never been given, gold items
         for everyone, other items only while fewer than annotators_per_item people hold them (started items
-        first, so items complete before new ones open). None when nothing is left for this user."""
+        first, so items complete before new ones open). None when nothing is left for this user.
+
+        In position order (`_pick_item`), unless the project's queue is ordered (an item has a priority or its
+        own annotator count): then by priority, with gold items spread out (`_pick_ordered`)."""
         with self.store.session() as s, s.begin():
             project = s.get(Project, project_id)
             if project is None:
@@ -682,7 +750,8 @@ class FeedbackService:
                 a, item = open_one
                 return Task(a.id, item.id, _project_info(project), item.prompt,
                             [r["text"] for r in item.responses], list(a.display_order))
-            item = self._pick_item(s, project, user_id, now() - self.assignment_ttl_s)
+            pick = self._pick_ordered if project.ordered else self._pick_item
+            item = pick(s, project, user_id, now() - self.assignment_ttl_s)
             if item is None:
                 return None
             order = list(range(len(item.responses)))
@@ -756,6 +825,83 @@ class FeedbackService:
         pick = fresh if started is None or fresh.position < started[0].position else started[0]
         hints.frontier = max(hints.frontier, pick.id)
         return pick
+
+    def _pick_ordered(self, s: Any, project: Project, user_id: int, cutoff: float) -> Item | None:
+        """next_task's pick in an ordered project, as plain queries over the project's items (a round has at most
+        a few thousand). Among the items this user was never given, and counting an item as held by its
+        judgments (skips included) and its assignments younger than the TTL, exactly as `_pick_item` does:
+
+        1. a gold item when one is due: every annotator gets each gold item once, spread evenly through their
+           tasks, so a gold item is due while the user's gold share after this task would stay below the
+           project's (gold_given * items < (given + 1) * gold_items). The first task is therefore gold, which
+           gives annotator reliability an anchor from the start, then one about every items / gold_items tasks;
+        2. else a started item still open (held by fewer than its annotator count, its own or the project's), the
+           most-held first, so overlap items complete before new ones open;
+        3. else a fresh item (held by nobody): highest priority first, items without one last, ties by position;
+        4. else any gold item left for this user, though not yet due.
+
+        Within each group ties go by priority, then position. A priority changes only which fresh item goes out
+        next: started items are finished first whatever their priority."""
+        need = func.coalesce(Item.annotators, project.annotators_per_item)
+        held = (select(func.count()).select_from(Assignment)
+                .where(Assignment.item_id == Item.id,
+                       or_(Assignment.completed_at.is_not(None), Assignment.created_at > cutoff))
+                .correlate(Item).scalar_subquery())
+        is_gold = exists().where(Gold.item_id == Item.id)
+        mine = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user_id)
+        by_priority = (Item.priority.is_(None), Item.priority.desc(), Item.position)  # None last, on any database
+        open_to_me = select(Item).where(Item.project_id == project.id, ~mine)
+        gold = open_to_me.where(is_gold).order_by(*by_priority).limit(1)
+
+        items, gold_items = s.execute(select(func.count(Item.id), func.count(Gold.item_id)).select_from(Item)
+                                      .outerjoin(Gold, Gold.item_id == Item.id)
+                                      .where(Item.project_id == project.id)).one()
+        if gold_items:
+            given, gold_given = s.execute(
+                select(func.count(Assignment.id), func.count(Gold.item_id)).select_from(Assignment)
+                .join(Item, Item.id == Assignment.item_id)
+                .outerjoin(Gold, Gold.item_id == Item.id)
+                .where(Assignment.user_id == user_id, Item.project_id == project.id)).one()
+            if gold_given * items < (given + 1) * gold_items and (pick := s.scalar(gold)) is not None:
+                return pick
+        started = s.scalar(open_to_me.where(~is_gold, held > 0, held < need)
+                           .order_by(held.desc(), *by_priority).limit(1))
+        if started is not None:
+            return started
+        fresh = s.scalar(open_to_me.where(~is_gold, held == 0).order_by(*by_priority).limit(1))
+        if fresh is not None:
+            return fresh
+        return s.scalar(gold) if gold_items else None
+
+    def set_priorities(self, project_id: int, priorities: Mapping[int, float]) -> int:
+        """Set the priority of items of the project ({item id: priority}; higher goes out first) and order its
+        queue by priority from now on; returns how many items were updated. Items already started are finished
+        first whatever their priority: a priority decides only which fresh item goes out next. How a rounds loop
+        re-orders the queue as labels arrive (e.g. the items whose label is most uncertain first)."""
+        project = self.project(project_id)
+        updates = []
+        for item_id, priority in priorities.items():
+            if isinstance(item_id, bool) or not isinstance(item_id, int) or not 0 < item_id <= MAX_ID:
+                raise FeedbackError(f"item id {item_id!r} is not an item id; use the ids next_task and judged_items "
+                                    "report.")
+            _check_priority(priority, f"item {item_id}")
+            updates.append({"id": item_id, "priority": float(priority)})
+        if not updates:
+            return 0
+        with self.store.session() as s, s.begin():
+            ids = [u["id"] for u in updates]
+            found: set[int] = set()
+            for start in range(0, len(ids), 500):  # well under any database's bound-parameter limit
+                found.update(s.scalars(select(Item.id).where(Item.project_id == project.id,
+                                                             Item.id.in_(ids[start : start + 500]))))
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise NotFound(f"item {missing[0]} is not in project {project.name!r}"
+                               f"{f' (nor are {len(missing) - 1} more)' if len(missing) > 1 else ''}; set "
+                               "priorities only of that project's items.")
+            s.execute(update(Item), updates)  # one UPDATE per row, by primary key
+            s.execute(update(Project).where(Project.id == project.id).values(ordered=True))
+        return len(updates)
 
     def task(self, user_id: int, assignment_id: int) -> Task:
         """An assignment of this user (Forbidden for someone else's)."""
@@ -844,8 +990,15 @@ class FeedbackService:
         return done, total - done
 
     def progress(self, project_id: int) -> Progress:
+        """Items, judgments and per-annotator counts of a project; `labels` is what a rounds loop waits on."""
         project = self.project(project_id)
+        k = project.annotators_per_item
         with self.store.session() as s:
+            # the items with their own annotator count (ordered projects only); every other item asks for k
+            need: dict[int, int] = dict(s.execute(select(Item.id, Item.annotators).where(
+                Item.project_id == project_id, Item.annotators.is_not(None))).all())
+            slots = s.scalar(select(func.coalesce(func.sum(func.coalesce(Item.annotators, k)), 0))
+                             .where(Item.project_id == project_id, ~exists().where(Gold.item_id == Item.id)))
             items = s.scalar(select(func.count()).select_from(Item).where(Item.project_id == project_id))
             gold_items = s.scalar(select(func.count()).select_from(Gold).join(Item, Item.id == Gold.item_id)
                                   .where(Item.project_id == project_id))
@@ -854,15 +1007,19 @@ class FeedbackService:
         per: dict[str, AnnotatorProgress] = {}
         seconds: dict[str, list[float]] = defaultdict(list)
         labelled: dict[int, int] = defaultdict(int)
+        outcomes = {o: 0 for o in VERDICTS} if project.mode == "pairwise" and not project.criteria else {}
+        skips = gold_labels = 0
         judgments = self._judgments(project_id)
         for j, name, is_gold in judgments:
             p = per.setdefault(name, AnnotatorProgress(name))
             p.judgments += 1
             p.skips += j.outcome == "skip"
             p.flagged += bool(j.flags)
+            skips += j.outcome == "skip"
             if j.time_spent_ms is not None:
                 seconds[name].append(j.time_spent_ms / 1000)
             if is_gold:
+                gold_labels += j.outcome != "skip"
                 label = label_of(project.mode, j.outcome, j.ranking)
                 if label is not None:
                     g = golds[j.item_id]
@@ -870,10 +1027,14 @@ class FeedbackService:
                     p.gold_correct += label == (g.outcome if project.mode == "pairwise" else (g.top,))
             elif j.outcome != "skip":
                 labelled[j.item_id] += 1
+                if j.outcome in outcomes:
+                    outcomes[j.outcome] += 1
         for name, values in seconds.items():
             per[name].median_seconds = statistics.median(values)
-        complete = sum(n >= project.annotators_per_item for n in labelled.values())
-        return Progress(items, gold_items, len(judgments), complete, sorted(per.values(), key=lambda p: p.name))
+        complete = sum(n >= need.get(i, k) for i, n in labelled.items())
+        return Progress(items, gold_items, len(judgments), complete, sorted(per.values(), key=lambda p: p.name),
+                        labels=sum(labelled.values()), skips=skips, gold_labels=gold_labels, slots=slots,
+                        outcomes=outcomes)
 
     def agreement(self, project_id: int, min_shared: int = 5) -> Agreement:
         """Agreement on non-gold items (gold items measure accuracy instead): percent agreement and
@@ -917,6 +1078,47 @@ class FeedbackService:
                     for a, by_unit in units.items()}
         return {c: _agreement(by_unit, min_shared, krippendorff_alpha_nominal, f"{c} outcome (A/B/tie/both_bad)")
                 for c, by_unit in units.items()}
+
+    def reliability(self, project_ids: Sequence[int | str], criterion: str | None = None, *,
+                    prior: tuple[float, float] = PRIOR, min_informative: int = MIN_INFORMATIVE,
+                    random_below: float = RANDOM_BELOW, flag_probability: float = FLAG_PROBABILITY,
+                    ) -> ReliabilityReport:
+        """Annotator reliability over the pairwise judgments of one or more projects (a run's rounds pooled, so
+        an annotator is one person across rounds): the one-coin Dawid & Skene fit of `reliability.dawid_skene`,
+        with each annotator's accuracy, flag and suspicion and each A/B judgment's posterior. A rubric project is
+        fit one criterion at a time (pass criterion); ranking and attribute projects have no A/B judgments to
+        fit. The settings are dawid_skene's (its module documents the defaults)."""
+        if isinstance(project_ids, (int, str)) or not project_ids:
+            raise FeedbackError(f"reliability takes a non-empty list of project ids, got {project_ids!r}; pass "
+                                "[project_id] for one project.")
+        try:
+            check_settings(prior, min_informative, random_below, flag_probability)
+        except UserError as exc:
+            raise FeedbackError(str(exc)) from None
+        projects = list({p.id: p for p in map(self.project, project_ids)}.values())  # each project once
+        for project in projects:
+            if project.mode != "pairwise":
+                raise FeedbackError(f"project {project.name!r} is a {project.mode} project; annotator reliability "
+                                    "is estimated from pairwise (A/B) judgments only.")
+            if project.rubric and criterion is None:
+                raise FeedbackError(f"project {project.name!r} is answered per criterion; pass criterion, one of "
+                                    f"{', '.join(project.criteria)}.")
+            if project.rubric and criterion not in project.criteria:
+                raise FeedbackError(f"criterion {criterion!r} is not one of project {project.name!r}'s criteria "
+                                    f"({', '.join(project.criteria)}); pass one of them.")
+            if not project.rubric and criterion is not None:
+                raise FeedbackError(f"project {project.name!r} has no criteria, so there is no criterion "
+                                    f"{criterion!r} to fit; drop criterion.")
+        with self.store.session() as s:
+            rows = s.execute(
+                select(Judgment.item_id, User.name, Judgment.outcome, Judgment.rubric, Gold.outcome)
+                .join(Item, Item.id == Judgment.item_id).join(User, User.id == Judgment.user_id)
+                .outerjoin(Gold, Gold.item_id == Item.id)
+                .where(Item.project_id.in_([p.id for p in projects])).order_by(Judgment.id)).all()
+        labels = [Label(item_id, name, rubric[criterion]["outcome"] if criterion and rubric else outcome, gold)
+                  for item_id, name, outcome, rubric, gold in rows]
+        return dawid_skene(labels, criterion=criterion, prior=prior, min_informative=min_informative,
+                           random_below=random_below, flag_probability=flag_probability)
 
     def flagged(self, project_id: int) -> list[Flagged]:
         with self.store.session() as s:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event, true,
+    JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event, false, true,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DatabaseError
@@ -103,6 +103,13 @@ class Project(Base):
     criteria: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     """Pairwise rubric projects: the criteria answered one by one (["helpfulness", "harmlessness", "honesty"]);
     attribute projects: the attributes scored. None for a plain pairwise or ranking project."""
+    run: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    """The human-in-the-loop rounds run this project is a round of; None for a project outside any run."""
+    round: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Its round number in that run, 1-based; None outside a run."""
+    ordered: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    """True once any item has a priority or its own annotator count: the queue then picks by priority
+    (FeedbackService._pick_ordered) instead of by position along hints (_pick_item)."""
 
 
 class Item(Base):
@@ -114,6 +121,11 @@ class Item(Base):
     """[{"text": ..., "source": model or file id}, ...]; index i is response i ("A" = 0, "B" = 1)."""
     position: Mapped[int] = mapped_column(Integer, nullable=False)
     created_at: Mapped[float] = mapped_column(Float, nullable=False, default=now)
+    priority: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Queue order of an ordered project: fresh items go out highest priority first; None sorts after every
+    prioritised item."""
+    annotators: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """How many annotators judge this item, overriding the project's annotators_per_item; None: the project's."""
 
 
 class Gold(Base):

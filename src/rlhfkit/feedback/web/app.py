@@ -1,6 +1,7 @@
 """FastAPI app for people: login, the annotator queue (pairwise, ranking, per-criterion rubric and per-attribute
 score pages, all with keyboard shortcuts), a password page, and admin pages (progress, agreement, gold accuracy,
-flagged items, export, users). All reads and writes go through `FeedbackService`.
+annotator reliability, flagged items, export, users; round projects grouped under their run). All reads and
+writes go through `FeedbackService`.
 
 Security, by default: scrypt password hashes and a per-name login lockout with back-off (service.py); server-side
 sessions (a random token in an HttpOnly, SameSite=Strict cookie, only its hash in the database) that logout, an
@@ -38,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.export import attribute_rows, export_by_criterion, export_rows
+from rlhfkit.feedback.export import attribute_rows, export_by_criterion, export_rows, reliability_reports
 from rlhfkit.feedback.service import (
     MAX_ID, AccountLocked, FeedbackError, FeedbackService, Forbidden, NotFound, Task, UserInfo, Verdict,
 )
@@ -359,17 +360,30 @@ def create_app(service: FeedbackService, secret: bytes, rate_limit: int = 120, s
     # ----------------------------------------------------------------------------------------------- admin
     @app.get("/admin")
     def admin_home(request: Request, s: tuple[UserInfo, str] = Depends(admin)) -> HTMLResponse:
-        rows = [(p, service.progress(p.id)) for p in service.projects()]
-        return render(request, "admin.html", user=s[0], csrf=csrf_token(s[1]), rows=rows)
+        projects = service.projects()
+        rows = [(p, service.progress(p.id)) for p in projects if p.run is None]
+        runs: dict[str, list] = {}  # round projects under their run, runs by name, rounds in order
+        for p in sorted((p for p in projects if p.run is not None), key=lambda p: (p.run, p.round)):
+            runs.setdefault(p.run, []).append((p, service.progress(p.id)))
+        return render(request, "admin.html", user=s[0], csrf=csrf_token(s[1]), rows=rows, runs=runs)
 
     @app.get("/admin/p/{project_id}")
     def admin_project(request: Request, project_id: Id, s: tuple[UserInfo, str] = Depends(admin)) -> HTMLResponse:
         project = service.project(project_id)
         per_criterion = service.agreement_by_criterion(project_id) if project.criteria else {}
+        # a round's annotators are judged over the whole run: the same people label every round
+        pool = service.round_projects(project.run) if project.run else [project]
+        reliability, reliability_note = {}, None
+        if project.mode == "pairwise":
+            try:
+                reliability = reliability_reports(service, pool)
+            except FeedbackError as exc:  # e.g. a run mixing rubric and plain rounds
+                reliability_note = str(exc)
         return render(request, "admin_project.html", user=s[0], csrf=csrf_token(s[1]), project=project,
                       progress=service.progress(project_id),
                       agreement=None if project.criteria else service.agreement(project_id),
-                      per_criterion=per_criterion, flagged=service.flagged(project_id))
+                      per_criterion=per_criterion, flagged=service.flagged(project_id), reliability=reliability,
+                      reliability_note=reliability_note, pool=pool)
 
     @app.get("/admin/p/{project_id}/export")
     def admin_export(project_id: Id, format: str = "pairs", criterion: str | None = None,
