@@ -28,21 +28,22 @@ LAYERS: list[tuple[str, ...]] = [
     ("rlhfkit.playground",),
     ("rlhfkit.judging",),
     ("rlhfkit.eval",),
-    ("rlhfkit.pipeline", "rlhfkit.demo_hhh", "rlhfkit.serve", "rlhfkit.label", "rlhfkit.cai", "rlhfkit.data.convert",
+    ("rlhfkit.pipeline", "rlhfkit.demo_hhh", "rlhfkit.rounds", "rlhfkit.demo_rounds", "rlhfkit.serve", "rlhfkit.label", "rlhfkit.cai", "rlhfkit.data.convert",
      "rlhfkit.eval.cai_playground", "rlhfkit.feedback.web"),
     ("rlhfkit.cli", "rlhfkit.__main__"),
 ]
-ENTRY_POINTS = ("rlhfkit.cli", "rlhfkit.__main__", "rlhfkit.pipeline", "rlhfkit.feedback.web", "rlhfkit.label",
+ENTRY_POINTS = ("rlhfkit.cli", "rlhfkit.__main__", "rlhfkit.pipeline", "rlhfkit.rounds", "rlhfkit.feedback.web", "rlhfkit.label",
                 "rlhfkit.cai", "rlhfkit.data.convert", "rlhfkit.eval.cai_playground")
 # who may import an entry point: the CLI dispatches to every stage by name; the `label serve` command runs the web app
-MAY_IMPORT_ENTRY = {"rlhfkit.label": ("rlhfkit.feedback.web",)}
+# the demo's rounds experiment runs the rounds loop
+MAY_IMPORT_ENTRY = {"rlhfkit.label": ("rlhfkit.feedback.web",), "rlhfkit.demo_rounds": ("rlhfkit.rounds",)}
 
 GOLD = ("rlhfkit.playground.gold",)
 # evaluation, the simulated annotators, labelling simulation (pairs labelled by them; `label simulate`), and the two
 # programs that run those beside training (the demo pipeline and the `label` command)
 MAY_REACH_GOLD = ("rlhfkit.eval", "rlhfkit.playground.gold", "rlhfkit.playground.annotators",
                   "rlhfkit.playground.preferences", "rlhfkit.playground.simulate", "rlhfkit.pipeline", "rlhfkit.demo_hhh",
-                  "rlhfkit.label")
+                  "rlhfkit.label", "rlhfkit.rounds", "rlhfkit.demo_rounds")
 
 
 def module_name(path: Path) -> str:

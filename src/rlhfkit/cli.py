@@ -26,6 +26,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "dpo": ("rlhfkit.policy.dpo", "DPOConfig", "preference optimisation without a reward model: DPO, cDPO, IPO, SimPO, KTO, ORPO"),
     "online-dpo": ("rlhfkit.policy.online_dpo", "OnlineDPOConfig",
                    "iterative DPO: each round samples pairs from the policy, a reward model labels them, DPO trains"),
+    "rounds": ("rlhfkit.rounds", "RoundsConfig",
+               "human-in-the-loop rounds: sample -> label (people, simulated, AI) -> reward refit -> policy, resumable"),
     "label": ("rlhfkit.label", "LabelConfig",
               "human feedback: create projects, add users, serve the labelling app, export, simulate annotators"),
     "cai": ("rlhfkit.cai", "CAIConfig",

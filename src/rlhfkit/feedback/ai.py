@@ -245,12 +245,13 @@ class AIAnnotator:
 
 def label_store_project(svc: Any, project_name: str, annotator: AIAnnotator, rng: random.Random,
                         pairs: Sequence[tuple[str, str, str]] = (), sources: tuple[str, str] = ("a", "b"),
-                        known: Sequence[AILabel] = ()) -> dict[str, Any]:
+                        known: Sequence[AILabel] = (), limit: int | None = None) -> dict[str, Any]:
     """The AI judge labels a pairwise project through the service layer, like a person: it takes tasks from the
     queue, judges each in both orders, and submits A/B (with strength and its probability in the rationale) or a
     tie. With `pairs`, a missing project is created from them (2 annotators per item, so people can judge the same
     items and agreement with the AI can be measured). `known` labels (already judged, e.g. by `cai label`) are
-    reused for items with the same prompt and responses instead of asking the judge again."""
+    reused for items with the same prompt and responses instead of asking the judge again. limit: stop after
+    that many judgments (a rounds loop labels up to its budget, reordering the queue in between)."""
     from rlhfkit.feedback.service import Conflict, ItemSpec
 
     try:
@@ -271,7 +272,7 @@ def label_store_project(svc: Any, project_name: str, annotator: AIAnnotator, rng
     uid = svc.ensure_user(user).id
     stored = Counter()
     done = {(lab.prompt, lab.a, lab.b): lab for lab in known}
-    while (task := svc.next_task(uid, project.id)) is not None:
+    while (limit is None or sum(stored.values()) < limit) and (task := svc.next_task(uid, project.id)) is not None:
         key = (task.prompt, task.responses[0], task.responses[1])
         lab = done.get(key) or ai_preferences(judge, annotator.constitution, [key], rng, annotator.principle)[0]
         if lab.prob_a is None or abs(lab.prob_a - 0.5) < annotator.min_confidence or lab.prob_a == 0.5:

@@ -731,6 +731,12 @@ class FeedbackService:
             return [(i, p) for i, p in s.execute(select(Item.id, Item.prompt).where(Item.project_id == project_id)
                                                  .order_by(Item.id))]
 
+    def gold_item_ids(self, project_id: int) -> set[int]:
+        """Ids of the project's gold items."""
+        with self.store.session() as s:
+            return set(s.scalars(select(Gold.item_id).join(Item, Item.id == Gold.item_id)
+                                 .where(Item.project_id == project_id)))
+
     def next_task(self, user_id: int, project_id: int) -> Task | None:
         """The user's open task in the project, else a new one: an item they have never been given, gold items
         for everyone, other items only while fewer than annotators_per_item people hold them (started items
@@ -1136,7 +1142,7 @@ class FeedbackService:
                 select(Judgment, Item, User.name, Gold.item_id).join(Item, Item.id == Judgment.item_id)
                 .join(User, User.id == Judgment.user_id).outerjoin(Gold, Gold.item_id == Item.id)
                 .where(Item.project_id == project_id).order_by(Item.position, Judgment.id)).all()
-        return [{"item_id": item.id, "prompt": item.prompt, "responses": [r["text"] for r in item.responses],
+        return [{"item_id": item.id, "judgment_id": j.id, "prompt": item.prompt, "responses": [r["text"] for r in item.responses],
                  "sources": [r.get("source", "") for r in item.responses], "annotator": name,
                  "gold": gold is not None, "outcome": j.outcome, "strength": j.strength, "ranking": j.ranking,
                  "flags": list(j.flags), "rationale": j.rationale, "display_order": list(j.display_order),

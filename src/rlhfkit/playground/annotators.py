@@ -74,6 +74,9 @@ class Annotator:
     tie_threshold: float  # tau: gold gaps below this are judged a tie
     both_bad_floor: float  # both responses scoring below this gold value are judged "both bad"
     refusal_bias: float = 0.0  # gold points a refusing response seems better by (harmlessness raters' caution)
+    behaviour: str = "honest"
+    """honest: the model above. random: a click-through worker who picks A or B by a fair coin, never reading.
+    adversarial: someone who reads carefully (the model above) and then answers the opposite."""
 
     def prob_first_wins(self, gold_a: float, gold_b: float, len_a: int, len_b: int, a_first: bool) -> float:
         """P(a > b) before label noise."""
@@ -88,6 +91,8 @@ class Annotator:
         otherwise `a` is shown first."""
         a_first = rng.random() < 0.5 if shuffle else True
         order = ("A", "B") if a_first else ("B", "A")
+        if self.behaviour == "random":
+            return Judgment("A" if rng.random() < 0.5 else "B", STRENGTHS[-1], self.id, order)
         gold_a, gold_b = criterion_score(prompt, a, criterion), criterion_score(prompt, b, criterion)
         if self.refusal_bias:  # what this rater sees: a refusal looks safer than it is, whatever was asked
             gold_a += self.refusal_bias * is_refusal(a)
@@ -105,6 +110,8 @@ class Annotator:
             a_wins = rng.random() < 0.5
         # An annotator who picked the worse response was not confidently right; a large margin on such a
         # pair would make a margin loss amplify the noise.
+        if self.behaviour == "adversarial":
+            a_wins = not a_wins
         agrees = a_wins == (gap > 0)
         return Judgment("A" if a_wins else "B", strength_from_gap(gap) if agrees else STRENGTHS[-1], self.id, order)
 
@@ -146,6 +153,28 @@ def make_pool(seed: int = 0, n: int = 13) -> list[Annotator]:
             tie_threshold=rng.uniform(0.1, 0.4),
             both_bad_floor=rng.uniform(-1.75, -1.0),
         ))
+    return pool
+
+
+BEHAVIOURS = ("honest", "random", "adversarial")
+
+
+def make_mixed_pool(seed: int = 0, n: int = 20, random_share: float = 0.2, adversarial_share: float = 0.05
+                    ) -> list[Annotator]:
+    """`make_pool(seed, n)` with round(random_share × n) of its annotators replaced by random clickers and
+    round(adversarial_share × n) by adversaries (at least one each when the share is above 0), at positions drawn
+    from the seed: the crowd a reliability estimate has to clean up."""
+    from dataclasses import replace
+
+    pool = make_pool(seed, n)
+    rng = random.Random(seed + 7)
+    n_random = max(1, round(random_share * n)) if random_share > 0 else 0
+    n_adv = max(1, round(adversarial_share * n)) if adversarial_share > 0 else 0
+    if n_random + n_adv > n:
+        raise ValueError(f"{n_random} random and {n_adv} adversarial annotators do not fit in a pool of {n}")
+    bad = rng.sample(range(n), n_random + n_adv)
+    for k, j in enumerate(bad):
+        pool[j] = replace(pool[j], behaviour="random" if k < n_random else "adversarial")
     return pool
 
 

@@ -4,8 +4,10 @@ hidden gold judge, so this module is one of the few allowed to reach it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from rlhfkit.errors import UserError
@@ -97,3 +99,51 @@ def simulate(cfg: LabelConfig) -> dict:
                                 for c, a in svc.agreement_by_criterion(project.id).items()}
     print(json.dumps(summary))
     return summary
+
+
+def _turn_seed(seed: int, project_id: int, user: str, done: int) -> int:
+    """A seed for one simulated judgment, from who judges and how many tasks of the project they have finished: a
+    run killed mid-way and rerun draws exactly the judgments (and display orders) of an uninterrupted one."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{project_id}|{user}|{done}".encode()).digest()[:8], "little")
+
+
+def label_until(svc: Any, project_id: int, pool: Sequence[Any], seed: int, budget: int,
+                after_label: Callable[[int], None] | None = None) -> int:
+    """The pool's annotators take tasks of a plain pairwise project in turn (annotator T mod n after T finished
+    tasks) until the project holds `budget` labels (`Progress.labels`: A/B/tie/both-bad judgments of non-gold
+    items) or its queue is empty for everyone. Every judgment and display order is drawn from `_turn_seed`, so a
+    killed and rerun labelling continues exactly as an uninterrupted one would have (an open task is handed back
+    to the annotator who held it). after_label(labels so far) runs after each stored label (the rounds loop
+    reorders the queue there). Returns the labels the project holds."""
+    project = svc.project(project_id)
+    if project.mode != "pairwise" or project.rubric:
+        raise UserError(f"project {project.name!r}: simulated rounds label plain pairwise projects only.")
+    _check_playground_prompts(svc, project.id, lookup)
+    users = {a.id: svc.ensure_user(a.id) for a in pool}
+    done = {a.id: svc.user_progress(users[a.id].id, project.id)[0] for a in pool}
+    turn = sum(done.values())
+    labels = svc.progress(project.id).labels
+    gold = svc.gold_item_ids(project.id)
+    idle: set[str] = set()
+    while labels < budget and len(idle) < len(pool):
+        annotator = pool[turn % len(pool)]
+        turn += 1
+        if annotator.id in idle:
+            continue
+        uid = users[annotator.id].id
+        svc.rng = random.Random(_turn_seed(seed, project.id, annotator.id, done[annotator.id]))
+        task = svc.next_task(uid, project.id)
+        if task is None:
+            idle.add(annotator.id)
+            continue
+        rng = random.Random(_turn_seed(seed + 1, project.id, annotator.id, done[annotator.id]))
+        shown = [task.responses[i] for i in task.display_order]
+        j = annotator.compare(lookup(task.prompt), shown[0], shown[1], rng, shuffle=False)
+        outcome = _item_outcome(j.outcome, task.display_order)
+        svc.submit(uid, task.assignment_id, f"sim-{project.id:04d}-{task.assignment_id:08d}", outcome=outcome,
+                   strength=j.strength if outcome in ("A", "B") else None)
+        done[annotator.id] += 1
+        labels += task.item_id not in gold  # every simulated answer is a label (they never skip)
+        if after_label is not None:
+            after_label(labels)
+    return labels
