@@ -1,0 +1,275 @@
+"""The human-in-the-loop experiment of `rlhfkit demo` (root/rounds): `rlhfkit rounds` on the playground, with the
+simulated annotators as the people, measured against the gold judge. Three questions, each in summary.json's
+"rounds" section:
+
+- label efficiency: the reward model's gold agreement after the same label budget, collected in rounds with an
+  active queue (BALD over the previous round's ensemble) or at random, over several seeds;
+- rounds against one shot: a policy trained over three rounds (labels sampled from the policy of the round
+  before) against one trained after collecting the same labels once from the SFT model;
+- reliability: a crowd with random clickers and an adversary, the reward model trained with the Dawid-Skene
+  posteriors as soft labels against the same labels taken at face value, and how well the estimate finds the bad
+  annotators (AUC).
+
+It runs the rounds loop and the simulated annotators beside training, so it sits with the pipeline (and may reach
+the gold judge for evaluation)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.eval.playground import reward_gold_accuracy
+
+
+def _row(prompt: Any, a: str, b: str) -> dict[str, Any]:
+    return {"prompt": [{"role": "user", "content": prompt.text}], "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": b}]}
+
+
+def gold_pairs(sft_dir: str, prompts: list[Any], seed: int, k: int = 4) -> list[dict[str, Any]]:
+    """Held-out pairs of SFT samples (every distinct pair of k per prompt) the gold judge does not call a tie: the
+    distribution the rounds' candidates come from, for the reward models' gold agreement."""
+    import itertools
+
+    from rlhfkit.playground.gold import gold_score
+    from rlhfkit.playground.preferences import policy_groups
+
+    rows = []
+    for p, group in policy_groups(sft_dir, prompts, k, seed=seed):
+        for a, b in itertools.combinations(group, 2):
+            if gold_score(p, a) != gold_score(p, b):
+                rows.append(_row(p, a, b))
+    return rows
+
+
+def gold_items(prompts: list[Any], seed: int, n: int, min_gap: float = 1.5) -> list[dict[str, Any]]:
+    """n gold items: generator pairs the gold judge separates by at least min_gap, with the answer it gives."""
+    from rlhfkit.playground.gold import gold_score
+    from rlhfkit.playground.preferences import generator_pairs
+
+    out: list[dict[str, Any]] = []
+    for s in range(50):
+        for p, a, b in generator_pairs(prompts, seed + s):
+            gap = gold_score(p, a) - gold_score(p, b)
+            if abs(gap) >= min_gap and len(out) < n:
+                out.append({"prompt": p.text, "responses": [a, b], "answer": "A" if gap > 0 else "B"})
+        if len(out) >= n:
+            break
+    return out
+
+
+def auc(scores: list[float], positives: list[bool]) -> float:
+    """Area under the ROC curve: the chance a random positive scores above a random negative (ties count half)."""
+    pos = [s for s, y in zip(scores, positives) if y]
+    neg = [s for s, y in zip(scores, positives) if not y]
+    if not pos or not neg:
+        return math.nan
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def run_experiment(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int, wall: dict[str, float],
+                   progress: Any = None) -> dict[str, Any]:
+    """The three studies in root/rounds on the main demo's SFT model and prompts, sized by plan (configs/demo.yaml's
+    rounds section); base holds RoundsConfig fields shared by every run. Returns summary.json's "rounds"."""
+    import time
+
+    from rlhfkit.config import from_dict
+    from rlhfkit.playground.annotators import make_mixed_pool
+    from rlhfkit.playground.world import read_prompts
+    from rlhfkit.reward import train as rtrain
+    from rlhfkit.rounds import RoundsConfig, main as rounds_main
+
+    t0 = time.time()
+    out = Path(root) / "rounds"
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(root) / "data"
+    sft = str(Path(root) / "sft")
+    val = read_prompts(data / "prompts_val.jsonl")
+    eval_path = out / "gold_pairs.jsonl"
+    if not eval_path.exists():
+        rows = gold_pairs(sft, val, seed + 4242)
+        eval_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    eval_rows = [json.loads(line) for line in eval_path.read_text().splitlines()]
+
+    def config(name: str, **fields: Any) -> RoundsConfig:
+        merged = {**base, "sft_model": sft, "prompts": str(data / "prompts_train.jsonl"),
+                  "output_dir": str(out / name), **fields}
+        return from_dict(RoundsConfig, merged, "configs/demo.yaml rounds")
+
+    def accuracy(reward_dir: str) -> dict[str, float]:
+        return reward_gold_accuracy(reward_dir, eval_rows)
+
+    result: dict[str, Any] = {"eval_pairs": len(eval_rows)}
+
+    # 1. label efficiency: the same budget, an active queue in rounds or all at random
+    le = plan["label_efficiency"]
+    budget = le["rounds"] * le["labels_per_round"]
+    curves: dict[str, list[list[float]]] = {"active": [], "random": []}
+    finals: dict[str, list[float]] = {"active": [], "random": []}
+    for s in le["seeds"]:
+        active = config(f"active-{s}", seed=seed + s, queue=le.get("queue", "bald"), rounds=le["rounds"],
+                        labels_per_round=le["labels_per_round"], prompts_per_round=le["prompts_per_round"],
+                        policy="none", overlap_share=0.0, reliability=False)
+        rounds_main(active, progress)
+        accs = [accuracy(str(Path(active.output_dir) / f"round-{r}" / "reward"))["gold_accuracy"]
+                for r in range(1, le["rounds"] + 1)]
+        curves["active"].append(accs)
+        finals["active"].append(accs[-1])
+        # random: one round of the whole budget from as many prompts (the policy does not move, so rounds would
+        # sample the same distribution; the reward model is fitted once, on all of it)
+        rand = config(f"random-{s}", seed=seed + s, queue="random", rounds=1, labels_per_round=budget,
+                      prompts_per_round=le["rounds"] * le["prompts_per_round"], policy="none", overlap_share=0.0,
+                      reliability=False)
+        rounds_main(rand, progress)
+        finals["random"].append(accuracy(str(Path(rand.output_dir) / "round-1" / "reward"))["gold_accuracy"])
+    a_mean, a_se = mean_se(finals["active"])
+    r_mean, r_se = mean_se(finals["random"])
+    diffs = [a - r for a, r in zip(finals["active"], finals["random"])]
+    d_mean, d_se = mean_se(diffs)
+    per_round = [mean_se([c[i] for c in curves["active"]]) for i in range(le["rounds"])]
+    labels_to_match = next(((i + 1) * le["labels_per_round"] for i, (m, _) in enumerate(per_round) if m >= r_mean),
+                           None)
+    result["queue"] = {
+        "budget": budget, "seeds": list(le["seeds"]), "strategy": le.get("queue", "bald"),
+        "active": {"gold_accuracy": a_mean, "gold_accuracy_se": a_se, "per_seed": finals["active"],
+                   "per_round": [{"labels": (i + 1) * le["labels_per_round"], "gold_accuracy": m, "gold_accuracy_se": e}
+                                 for i, (m, e) in enumerate(per_round)]},
+        "random": {"gold_accuracy": r_mean, "gold_accuracy_se": r_se, "per_seed": finals["random"]},
+        "difference": d_mean, "difference_se": d_se,
+        "active_labels_to_reach_random": labels_to_match,
+        "active_label_ratio": None if labels_to_match is None else labels_to_match / budget,
+    }
+    wall["rounds_queue"] = round(time.time() - t0, 1)
+
+    # 2. rounds against one shot, the same labels and policy steps
+    t1 = time.time()
+    it = plan["iterative"]
+    test = str(data / "prompts_test.jsonl")
+    iterative = config("iterative", seed=seed, rounds=it["rounds"], labels_per_round=it["labels_per_round"],
+                       prompts_per_round=it["prompts_per_round"], policy_steps=it["policy_steps"],
+                       eval_prompts=test, gold_eval=True)
+    one_shot = config("one_shot", seed=seed, rounds=1, labels_per_round=it["rounds"] * it["labels_per_round"],
+                      prompts_per_round=it["rounds"] * it["prompts_per_round"],
+                      policy_steps=it["rounds"] * it["policy_steps"], eval_prompts=test, gold_eval=True)
+    it_summary = rounds_main(iterative, progress)
+    os_summary = rounds_main(one_shot, progress)
+    last_it, last_os = it_summary["rounds"][-1]["eval"], os_summary["rounds"][-1]["eval"]
+    result["iterative"] = {"gold_score": last_it["gold_score"], "gold_score_se": last_it["gold_score_se"],
+                           "kl": last_it["kl"], "per_round": [
+                               {k: r["eval"][k] for k in ("round", "gold_score", "gold_score_se", "proxy", "kl")}
+                               | {"reward_gold_accuracy": accuracy(str(Path(iterative.output_dir) / f"round-{r['round']}"
+                                                                       / "reward"))["gold_accuracy"]}
+                               for r in it_summary["rounds"]]}
+    result["one_shot"] = {"gold_score": last_os["gold_score"], "gold_score_se": last_os["gold_score_se"],
+                          "kl": last_os["kl"], "reward_gold_accuracy": accuracy(
+                              str(Path(one_shot.output_dir) / "round-1" / "reward"))["gold_accuracy"]}
+    wall["rounds_iterative"] = round(time.time() - t1, 1)
+
+    # 3. reliability: a crowd with random clickers and an adversary
+    t2 = time.time()
+    rel = plan["reliability"]
+    gold_path = out / "gold_items.jsonl"
+    if not gold_path.exists():
+        items = gold_items(read_prompts(data / "prompts_train.jsonl"), seed + 99, rel["gold_items"])
+        gold_path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    weighted, unweighted, aucs, flags = [], [], [], []
+    for s in rel["seeds"]:
+        cfg = config(f"crowd-{s}", seed=seed + s, rounds=1, labels_per_round=rel["labels"],
+                     prompts_per_round=rel["prompts"], policy="none", queue="random", gold=str(gold_path),
+                     overlap_share=rel["overlap_share"], simulated_annotators=rel["annotators"],
+                     simulated_random_share=rel["random_share"], simulated_adversarial_share=rel["adversarial_share"],
+                     reliability=True)
+        rounds_main(cfg, progress)
+        rdir = Path(cfg.output_dir) / "round-1"
+        weighted.append(accuracy(str(rdir / "reward"))["gold_accuracy"])
+        plain = rdir / "reward_unweighted"
+        rcfg = json.loads(json.dumps(_reward_config(rdir / "reward")))
+        rtrain.main(replace(from_dict(rtrain.RewardConfig, rcfg, "the weighted run's config"),
+                            output_dir=str(plain), use_confidence=False, resume=(plain / "config.yaml").exists()))
+        unweighted.append(accuracy(str(plain))["gold_accuracy"])
+        pool = make_mixed_pool(cfg.seed, cfg.simulated_annotators, cfg.simulated_random_share,
+                               cfg.simulated_adversarial_share)
+        bad = {a.id for a in pool if a.behaviour != "honest"}
+        report = json.loads((rdir / "reliability.json").read_text())["annotators"]
+        aucs.append(auc([a["suspicion"] for a in report], [a["name"] in bad for a in report]))
+        flags.append({"bad": sorted(bad), "flagged": sorted(a["name"] for a in report
+                                                            if a["flag"] in ("random", "adversarial"))})
+    w_mean, w_se = mean_se(weighted)
+    u_mean, u_se = mean_se(unweighted)
+    d_mean, d_se = mean_se([w - u for w, u in zip(weighted, unweighted)])
+    auc_mean, auc_se = mean_se(aucs)
+    result["reliability"] = {
+        "weighted": {"gold_accuracy": w_mean, "gold_accuracy_se": w_se, "per_seed": weighted},
+        "unweighted": {"gold_accuracy": u_mean, "gold_accuracy_se": u_se, "per_seed": unweighted},
+        "difference": d_mean, "difference_se": d_se, "flag_auc": auc_mean, "flag_auc_se": auc_se,
+        "per_seed_auc": aucs, "flags": flags, "seeds": list(rel["seeds"]),
+        "crowd": {"annotators": rel["annotators"], "random_share": rel["random_share"],
+                  "adversarial_share": rel["adversarial_share"]},
+    }
+    wall["rounds_reliability"] = round(time.time() - t2, 1)
+    result["claims"] = rounds_claims(result)
+    return result
+
+
+def _reward_config(run_dir: Path) -> dict[str, Any]:
+    from rlhfkit.config import load_yaml
+
+    return load_yaml(run_dir / "config.yaml")
+
+
+def rounds_claims(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each [ok] or [NOT MET] with the measured numbers."""
+    q, it, rel = result["queue"], result["iterative"], result["reliability"]
+    ratio = q.get("active_label_ratio")
+    gap_se = q["difference_se"] if not math.isnan(q["difference_se"]) else float("inf")
+    claims = [
+        {"claim": f"an active queue beats a random one at {q['budget']} labels by more than 2 s.e. (or reaches the "
+                  "random queue's accuracy with ≤ 0.7× its labels)",
+         "ok": q["difference"] > 2 * gap_se or (ratio is not None and ratio <= 0.7),
+         "value": f"active {q['active']['gold_accuracy']:.3f} vs random {q['random']['gold_accuracy']:.3f}, "
+                  f"difference {q['difference']:+.3f} ± {q['difference_se']:.3f} over {len(q['seeds'])} seeds; "
+                  f"active reached random's final accuracy at "
+                  + (f"{q['active_labels_to_reach_random']} labels" if ratio is not None else "no round")},
+    ]
+    d = it["gold_score"] - result["one_shot"]["gold_score"]
+    se = math.hypot(it["gold_score_se"], result["one_shot"]["gold_score_se"])
+    claims.append({"claim": "three rounds beat one shot with the same labels (gold score, by more than 2 s.e.)",
+                   "ok": d > 2 * se,
+                   "value": f"iterative {it['gold_score']:+.3f} ± {it['gold_score_se']:.3f} vs one shot "
+                            f"{result['one_shot']['gold_score']:+.3f} ± {result['one_shot']['gold_score_se']:.3f}"})
+    rse = rel["difference_se"] if not math.isnan(rel["difference_se"]) else float("inf")
+    claims.append({"claim": "reliability-weighted labels give a better reward model than the same labels "
+                            "unweighted (by more than 2 s.e.)",
+                   "ok": rel["difference"] > 2 * rse,
+                   "value": f"weighted {rel['weighted']['gold_accuracy']:.3f} vs unweighted "
+                            f"{rel['unweighted']['gold_accuracy']:.3f}, difference {rel['difference']:+.3f} ± "
+                            f"{rel['difference_se']:.3f}"})
+    claims.append({"claim": "the reliability estimate finds the random and adversarial annotators (AUC ≥ 0.9)",
+                   "ok": rel["flag_auc"] >= 0.9, "value": f"AUC {rel['flag_auc']:.3f} over {len(rel['seeds'])} seeds"})
+    return claims
+
+
+def format_rounds_table(result: dict[str, Any]) -> str:
+    q, it, os_, rel = result["queue"], result["iterative"], result["one_shot"], result["reliability"]
+    lines = ["human-in-the-loop rounds (reward model gold agreement on "
+             f"{result['eval_pairs']} held-out SFT pairs; policy gold score on test prompts):",
+             f"  queue at {q['budget']} labels   active {q['active']['gold_accuracy']:.3f} ± "
+             f"{q['active']['gold_accuracy_se']:.3f}   random {q['random']['gold_accuracy']:.3f} ± "
+             f"{q['random']['gold_accuracy_se']:.3f}",
+             f"  policy gold score      iterative {it['gold_score']:+.3f} ± {it['gold_score_se']:.3f}   one shot "
+             f"{os_['gold_score']:+.3f} ± {os_['gold_score_se']:.3f}",
+             f"  crowd with bad raters  weighted {rel['weighted']['gold_accuracy']:.3f}   unweighted "
+             f"{rel['unweighted']['gold_accuracy']:.3f}   flag AUC {rel['flag_auc']:.3f}"]
+    return "\n".join(lines)
