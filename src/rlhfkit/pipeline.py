@@ -105,6 +105,10 @@ class DemoConfig:
     safety gating and Safe RLHF's Lagrangian, each scored per criterion by the gold judge."""
     hhh_rl_steps: int = 160
     """GRPO steps of each of the five HHH policies, 8 prompts x 4 samples each (quick: 40)."""
+    rounds: bool = True
+    """Run the human-in-the-loop experiment too (`rlhfkit rounds` on this world, configs/demo.yaml's rounds
+    sections): an active labelling queue against a random one over seeds, three rounds against one shot, and
+    reliability-weighted labels from a crowd with random clickers and an adversary."""
     rebuild: bool = False
     """Ignore cached stages and run everything again."""
     progress: bool = True
@@ -291,6 +295,9 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         plan = {**presets["hhh"], **(presets["hhh_quick"] if cfg.quick else {})}
         hhh = run_experiment(root, plan, presets, stage_config, run_stage, common, cfg.seed, setting("hhh_rl_steps"),
                              cfg.rebuild, wall)
+    rounds = None
+    if cfg.rounds:  # human-in-the-loop rounds: the queue, rounds against one shot, annotator reliability
+        rounds = run_rounds(root, presets, cfg, wall, "sft" in wall or "labels" in wall)
     policies = {}
     for name, ev in evals.items():
         policies[name] = {**ev.summary(), "kl_to_sft": ev.kl_to_ref,
@@ -309,11 +316,13 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         "overoptimization": overoptimization,
         "dpo_beta_sweep": beta_sweep,
         **({"hhh": hhh} if hhh is not None else {}),
+        **({"rounds": rounds} if rounds is not None else {}),
         "wall_seconds": {**wall, "total": round(time.time() - t0, 1)},
         "samples": {name: ev.samples for name, ev in evals.items()},
         "config": to_dict(cfg),
     }
-    summary["claims"] = check_claims(summary) + (hhh["claims"] if hhh is not None else [])
+    summary["claims"] = (check_claims(summary) + (hhh["claims"] if hhh is not None else [])
+                         + (rounds["claims"] if rounds is not None else []))
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(root, summary)
     print(format_table(policies))
@@ -327,12 +336,38 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         print(f"  [{'ok' if c['ok'] else 'NOT MET'}] {c['claim']}: {c['value']}")
     if hhh is not None:
         print("\n" + format_hhh_table(hhh))
+    if rounds is not None:
+        from rlhfkit.demo_rounds import format_rounds_table
+
+        print("\n" + format_rounds_table(rounds))
     fits = [f"{k} R² {overoptimization[k]['r2']:.2f}" for k in ("best_of_n", "rl") if overoptimization.get(k)]
     cut = overoptimization["kl_cut"]
     print(f"over-optimisation fits: {', '.join(fits)}; KL leash cut: proxy {cut['proxy_delta']:+.3f}, "
           f"gold {cut['gold_delta']:+.3f} (monitor {'flagged it' if cut['monitor_flagged'] else 'silent'})")
     print(f"\nsummary: {root / 'summary.json'}; report: {report}; stage configs: {root / 'configs'}")
     return summary
+
+
+def run_rounds(root: Path, presets: dict[str, Any], cfg: DemoConfig, wall: dict[str, float], sft_changed: bool
+               ) -> dict[str, Any]:
+    """The rounds experiment in root/rounds (demo_rounds), sized by configs/demo.yaml's rounds sections. Its runs
+    resume where they stopped; they start again when the SFT model or the plan changed."""
+    import shutil
+
+    from rlhfkit.demo_rounds import run_experiment
+
+    section = presets["rounds"]
+    plan = {**section["plan"], **(presets["rounds_quick"] if cfg.quick else {})}
+    stamp = root / "rounds" / "plan.json"
+    recipe = {"plan": plan, "base": section["base"], "seed": cfg.seed}
+    if (root / "rounds").exists() and (cfg.rebuild or sft_changed or not stamp.exists()
+                                       or json.loads(stamp.read_text()) != recipe):
+        shutil.rmtree(root / "rounds")
+    (root / "rounds").mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(recipe, indent=2))
+    base = {**section["base"], "reward": {**section["base"].get("reward", {}), "progress": cfg.progress},
+            "ppo": {**section["base"].get("ppo", {}), "progress": cfg.progress}}
+    return run_experiment(root, plan, base, cfg.seed, wall)
 
 
 def check_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -470,6 +470,10 @@ def _reward(cfg: RoundsConfig, root: Path, r: int, policy_dir: str) -> dict[str,
     if cfg.reward_epochs > 0:
         steps = max(20, math.ceil(cfg.reward_epochs * rows / (cfg.reward.batch_size * cfg.reward.grad_accum)))
     out = rdir / "reward"
+    if (out / "summary.json").exists():  # finished before a kill that came ahead of state.json's update
+        summary = json.loads((out / "summary.json").read_text())
+        return {k: summary[k] for k in ("heldout_accuracy", "heldout_ece", "heldout_loss") if k in summary} | {
+            "steps": steps, "rows": rows}
     rcfg = replace(cfg.reward, model=cfg.sft_model, data=str(rdir / "preferences.jsonl"), output_dir=str(out),
                    max_steps=steps, seed=cfg.seed * 100 + r, resume=(out / "config.yaml").exists(),
                    chat=cfg.conversational or cfg.reward.chat,
@@ -483,6 +487,9 @@ def _reward(cfg: RoundsConfig, root: Path, r: int, policy_dir: str) -> dict[str,
 def _policy(cfg: RoundsConfig, root: Path, r: int, policy_dir: str) -> dict[str, Any]:
     rdir = root / f"round-{r}"
     out = rdir / "policy"
+    if (out / "summary.json").exists():  # finished before a kill that came ahead of state.json's update
+        summary = json.loads((out / "summary.json").read_text())
+        return {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
     common = dict(model=policy_dir, ref_model=cfg.sft_model, reward_model=str(rdir / "reward"), data=cfg.prompts,
                   output_dir=str(out), seed=cfg.seed * 100 + r, resume=(out / "config.yaml").exists(),
                   chat=cfg.conversational)
