@@ -263,6 +263,54 @@ def _hhh_section(hhh: dict[str, Any] | None) -> list[str]:
     return html
 
 
+def _se(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _rounds_section(rounds: dict[str, Any] | None) -> list[str]:
+    """The human-in-the-loop experiment: the reward model's gold agreement against labels for the active and the
+    random queue, the policy's gold score round by round against one shot, and the crowd with bad annotators."""
+    if not rounds:
+        return []
+    q, it, one, rel = rounds["queue"], rounds["iterative"], rounds["one_shot"], rounds["reliability"]
+    curve = svg_lines({f"active queue ({q['strategy']})": [(p["labels"], p["gold_accuracy"], _se(p["gold_accuracy_se"]))
+                                                           for p in q["active"]["per_round"]],
+                       "random queue": [(q["budget"], q["random"]["gold_accuracy"],
+                                         _se(q["random"]["gold_accuracy_se"]))]},
+                      f"Reward model gold agreement against labels ({len(q['seeds'])} seeds)", x_label="labels",
+                      y_label="gold agreement", dots=["random queue"])
+    policy = svg_lines({"iterative rounds": [(p["round"], p["gold_score"], _se(p["gold_score_se"]))
+                                             for p in it["per_round"]],
+                        "one shot": [(len(it["per_round"]), one["gold_score"], _se(one["gold_score_se"]))]},
+                       "Policy gold score after each round, against one shot", x_label="round",
+                       y_label="gold score", dots=["one shot"])
+    crowd = svg_estimates({"reliability-weighted": (rel["weighted"]["gold_accuracy"],
+                                                    _se(rel["weighted"]["gold_accuracy_se"])),
+                           "unweighted": (rel["unweighted"]["gold_accuracy"], _se(rel["unweighted"]["gold_accuracy_se"]))},
+                          "A crowd with random clickers and an adversary", "reward model gold agreement")
+    html = ["<h2>Human-in-the-loop rounds</h2>",
+            "<p><code>rlhfkit rounds</code> on this world, the simulated annotators as the people. The active queue "
+            "asks first for the pairs the previous round's reward ensemble disagrees on (BALD), with a random share; "
+            "the random queue takes the same budget at random. Iterative rounds sample each round's pairs from the "
+            "policy the round before trained; one shot collects the same labels once, from the SFT model. The crowd "
+            f"has {rel['crowd']['random_share']:.0%} random clickers and {rel['crowd']['adversarial_share']:.0%} "
+            "adversaries; its labels train the reward model once with the Dawid-Skene posteriors as soft labels and "
+            f"once at face value. The estimate found the bad annotators with AUC {_num(rel['flag_auc'])}.</p>",
+            "<div class='plots'>" + curve + policy + crowd + "</div>",
+            "<table><tr><th class='l'>study</th><th>arm</th><th>value</th><th>± s.e.</th></tr>"]
+    rows = [("queue", f"active at {q['budget']} labels", q["active"]["gold_accuracy"], q["active"]["gold_accuracy_se"]),
+            ("queue", f"random at {q['budget']} labels", q["random"]["gold_accuracy"], q["random"]["gold_accuracy_se"]),
+            ("policy", "iterative (gold score)", it["gold_score"], it["gold_score_se"]),
+            ("policy", "one shot (gold score)", one["gold_score"], one["gold_score_se"]),
+            ("crowd", "weighted", rel["weighted"]["gold_accuracy"], rel["weighted"]["gold_accuracy_se"]),
+            ("crowd", "unweighted", rel["unweighted"]["gold_accuracy"], rel["unweighted"]["gold_accuracy_se"]),
+            ("crowd", "flag AUC", rel["flag_auc"], rel["flag_auc_se"])]
+    html += [f"<tr><td class='l'>{escape(a)}</td><td>{escape(b)}</td><td>{_num(v)}</td><td>{_num(e)}</td></tr>"
+             for a, b, v, e in rows]
+    html.append("</table>")
+    return html
+
+
 def _num(value: Any, fmt: str = ".3f") -> str:
     return "–" if not isinstance(value, (int, float)) else format(value, fmt)
 
@@ -399,6 +447,7 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
     html.append("<h2>Training curves</h2><div class='plots'>" + "".join(p for p in plots if p) + "</div>")
     html += _overoptimisation_section(root, summary.get("overoptimization"))
     html += _hhh_section(summary.get("hhh"))
+    html += _rounds_section(summary.get("rounds"))
     sweep = summary.get("dpo_beta_sweep")
     if sweep:
         runs = sorted((p for p in sweep if p.get("kl_to_sft") is not None), key=lambda p: p["kl_to_sft"])
