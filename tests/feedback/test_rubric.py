@@ -529,3 +529,32 @@ def test_admin_page_shows_criteria_and_per_criterion_agreement_and_exports_one_c
     assert 'id="export-attributes"' in c.get(f"/admin/p/{hs}").text
     assert c.get(f"/admin/p/{hs}/export?format=pairs").status_code == 422
     assert c.get(f"/admin/p/{hs}/export?format=attributes").status_code == 200
+
+
+def test_a_0001_database_with_judgments_upgrades_to_the_head(tmp_path):
+    """0002 once added users.active with an SQL-expression default, which made alembic rebuild the users table on
+    SQLite; with foreign keys on, dropping the old table failed as soon as an assignment pointed at a user."""
+    from alembic import command
+    from sqlalchemy import create_engine, event
+
+    from rlhfkit.feedback.store import _alembic_config, head_revision
+
+    path = tmp_path / "first.db"
+    engine = create_engine(f"sqlite:///{path}")
+    event.listen(engine, "connect", lambda c, _r: c.execute("PRAGMA foreign_keys=ON"))
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0001")  # the first release's schema
+        run = conn.exec_driver_sql
+        run("insert into users (name, role, password_hash, created_at) values ('ann', 'annotator', null, 0)")
+        run("insert into projects (name, instructions, mode, responses_per_item, annotators_per_item, created_at) "
+            "values ('old', '', 'pairwise', 2, 1, 0)")
+        run("insert into items (project_id, prompt, responses, position, created_at) values (1, 'q ?', ?, 0, 0)",
+            (json.dumps([{"text": "yes .", "source": "g"}, {"text": "no .", "source": "b"}]),))
+        run("insert into assignments (item_id, user_id, display_order, created_at, completed_at) "
+            "values (1, 1, '[0, 1]', 0, null)")
+    engine.dispose()
+    svc = FeedbackService(open_store(str(path)))  # upgrades to the head
+    with svc.store.engine.connect() as conn:
+        assert conn.exec_driver_sql("select version_num from alembic_version").scalar() == head_revision()
+    assert [a.active for a in svc.accounts() if a.name == "ann"] == [True]
+    assert svc.progress(svc.project("old").id).items == 1

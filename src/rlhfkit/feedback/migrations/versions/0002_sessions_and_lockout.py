@@ -16,7 +16,9 @@ depends_on = None
 def upgrade() -> None:
     # existing users stay able to log in: the column arrives filled with true
     with op.batch_alter_table("users") as batch:
-        batch.add_column(sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()))
+        # a literal default: an SQL expression (sa.true()) makes alembic rebuild the table on SQLite, and the rebuild's DROP
+        # fails under enforced foreign keys once any session or assignment points at a user
+        batch.add_column(sa.Column("active", sa.Boolean, nullable=False, server_default="1"))
     op.create_table(
         "sessions",
         sa.Column("id", sa.String(64), primary_key=True),
