@@ -609,7 +609,10 @@ def main(cfg: RoundsConfig, progress: Callable[[str], None] | None = None) -> di
             step("eval", lambda: evaluate(cfg, policy_dir, reward_dir, r))
     summary = _summary(cfg, per_round)
     _write_json(root / "summary.json", summary)
-    say(f"rounds finished: {root / 'summary.json'}")
+    from rlhfkit.eval.report import write_rounds_report
+
+    report = write_rounds_report(root, summary)
+    say(f"rounds finished: {root / 'summary.json'}; report: {report}")
     return summary
 
 

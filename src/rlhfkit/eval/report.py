@@ -487,3 +487,42 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
     out = root / "report.html"
     out.write_text("\n".join(html), encoding="utf-8")
     return out
+
+
+def write_rounds_report(root: Path, summary: dict[str, Any]) -> Path:
+    """Write root/report.html for an `rlhfkit rounds` run: per round, the labels and their agreement, flagged
+    annotators, the reward model's held-out accuracy, and the policy's proxy reward, gold score (playground) and KL
+    to the SFT model, as plots and a table."""
+    rounds = summary.get("rounds", [])
+
+    def series(key: str, se_key: str | None = None) -> list[Point]:
+        return [(r["round"], r["eval"][key], _se(r["eval"].get(se_key)) if se_key else None)
+                for r in rounds if isinstance(r.get("eval", {}).get(key), (int, float))]
+
+    scores = {name: pts for name, pts in (("proxy reward (this round's model)", series("proxy", "proxy_se")),
+                                          ("gold score", series("gold_score", "gold_score_se"))) if pts}
+    plots = [svg_lines(scores, "The policy after each round (held-out prompts)", x_label="round", y_label="score"),
+             svg_lines({"KL to SFT": series("kl")}, "KL of the policy to the SFT model", x_label="round",
+                       y_label="nats"),
+             svg_lines({"held-out label accuracy": [(r["round"], r["reward"]["heldout_accuracy"], None)
+                                                    for r in rounds if "heldout_accuracy" in r.get("reward", {})]},
+                       "The reward ensemble after each round", x_label="round", y_label="accuracy")]
+    html = [f"<!doctype html><html><head><meta charset='utf-8'><title>rlhfkit rounds: {escape(summary.get('run', ''))}"
+            f"</title><style>{CSS}</style></head><body><h1>rlhfkit rounds: {escape(summary.get('run', ''))}</h1>",
+            f"<p>queue {escape(str(summary.get('queue')))}, policy {escape(str(summary.get('policy')))}; the store: "
+            f"{escape(str(summary.get('db')))}.</p>", "<div class='plots'>" + "".join(plots) + "</div>",
+            "<table><tr><th>round</th><th>items</th><th>labels</th><th>agreement α</th><th>rows so far</th>"
+            "<th class='l'>flagged annotators</th><th>reward held-out acc.</th><th>proxy</th><th>gold</th>"
+            "<th>KL</th></tr>"]
+    for r in rounds:
+        ev, lab = r.get("eval", {}), r.get("labels", {})
+        html.append(f"<tr><td>{r['round']}</td><td>{_num(r.get('items', {}).get('items'), 'd')}</td>"
+                    f"<td>{_num(lab.get('labels'), 'd')}</td><td>{_num(lab.get('agreement', {}).get('alpha'))}</td>"
+                    f"<td>{_num(r.get('export', {}).get('rows'), 'd')}</td>"
+                    f"<td class='l'>{escape(', '.join(r.get('export', {}).get('flagged', [])) or '–')}</td>"
+                    f"<td>{_num(r.get('reward', {}).get('heldout_accuracy'))}</td><td>{_num(ev.get('proxy'), '+.3f')}"
+                    f"</td><td>{_num(ev.get('gold_score'), '+.3f')}</td><td>{_num(ev.get('kl'), '.2f')}</td></tr>")
+    html.append("</table></body></html>")
+    path = Path(root) / "report.html"
+    path.write_text("\n".join(html))
+    return path
