@@ -85,6 +85,20 @@ def test_the_loop_runs_rounds_end_to_end_and_records_each(world, tmp_path):
     assert again["rounds"] == summary["rounds"]
 
 
+def test_an_ai_judge_and_simulated_people_share_the_budget_and_online_dpo_trains(world, tmp_path):
+    from rlhfkit.rounds import main
+
+    out = tmp_path / "mixed"
+    cfg = make(world, out, rounds=1, labellers=["simulated", "ai"], policy="online-dpo", policy_steps=2,
+               online_dpo={"rounds": 1, "prompts_per_round": 4, "batch_size": 2, "max_new_tokens": 12,
+                           "report_to": ["jsonl"], "progress": False})
+    r = main(cfg)["rounds"][0]
+    annotators = {json.loads(x)["annotator"] for x in (out / "round-1" / "preferences.jsonl").read_text().splitlines()}
+    assert any(a.startswith("ai-") for a in annotators) and any(a.startswith("sim-") for a in annotators)
+    assert r["labels"]["labels"] >= 12 and r["policy"]["stage"] == "online-dpo"
+    assert (out / "round-1" / "policy" / "model.safetensors").is_file()
+
+
 def test_bad_settings_are_errors_that_name_the_fix(world, tmp_path):
     from rlhfkit.rounds import main
 

@@ -18,8 +18,8 @@ is now being used. One round here:
    is truly better (`confidence`) when `reliability` is on, so random clickers count for nothing and
    adversaries are turned round;
 5. reward: the reward ensemble refitted on all of it, from the SFT model;
-6. policy: PPO (or GRPO / RLOO / REINFORCE through ppo.advantage) or online DPO continues from the last round's
-   policy against the new reward model, with the SFT model as the reference;
+6. policy: PPO (or GRPO / RLOO / REINFORCE through ppo.advantage) continues from the last round's policy against
+   the new reward model, with the SFT model as the reference; or online DPO, labelled by the new reward model;
 7. eval: the policy's proxy reward and KL to the SFT model on held-out prompts (and, on the playground, its gold
    score).
 
@@ -128,11 +128,12 @@ class RoundsConfig:
     """The policy stage of each round: ppo (with ppo.advantage gae, grpo, rloo, ...), online-dpo, or none
     (labels and reward models only)."""
     policy_steps: int = 40
-    """Policy optimizer steps per round (online-dpo: its rounds x steps come from online_dpo)."""
+    """Policy optimizer steps per round (online-dpo: per round of its own, online_dpo.rounds of them)."""
     ppo: PPOConfig = field(default_factory=_ppo_defaults)
     """policy ppo: the settings (model, ref_model, reward_model, data and output_dir are filled in)."""
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
-    """policy online-dpo: the settings (model, ref_model, reward_model, data and output_dir are filled in)."""
+    """policy online-dpo: the settings (model, reward_model, data and output_dir are filled in). Online DPO's own
+    rounds each take a KL step from the policy they start from, which is their reference (not the SFT model)."""
     eval_samples: int = 2
     """Responses per held-out prompt in each round's evaluation."""
     gold_eval: bool = False
@@ -500,7 +501,7 @@ def _policy(cfg: RoundsConfig, root: Path, r: int, policy_dir: str) -> dict[str,
     else:
         from rlhfkit.policy import online_dpo
 
-        summary = online_dpo.main(replace(cfg.online_dpo, **common))
+        summary = online_dpo.main(replace(cfg.online_dpo, max_steps=cfg.policy_steps, **common))
     return {k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str))}
 
 
