@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit.config import from_dict, load_yaml, save_config
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import ConfigError, UserError
 
 pytest.importorskip("sqlalchemy", reason="rounds need the `web` extra: pip install -e '.[web]'")
 
@@ -99,6 +99,14 @@ def test_an_ai_judge_and_simulated_people_share_the_budget_and_online_dpo_trains
     assert (out / "round-1" / "policy" / "model.safetensors").is_file()
 
 
+def test_candidates_keep_the_sampled_text_and_drop_only_repeats():
+    from rlhfkit.rounds import candidate_pairs, distinct_responses
+
+    assert distinct_responses([" 42", "42", " 41\n", "   ", ""]) == [" 42", " 41\n"]
+    assert candidate_pairs([{"prompt": "q", "responses": ["a", "b", "c"]}]) == [("q", "a", "b"), ("q", "a", "c"),
+                                                                                ("q", "b", "c")]
+
+
 def test_bad_settings_are_errors_that_name_the_fix(world, tmp_path):
     from rlhfkit.rounds import main
 
@@ -108,6 +116,15 @@ def test_bad_settings_are_errors_that_name_the_fix(world, tmp_path):
         make(world, tmp_path / "a", labellers=["crowd"]).validate()
     with pytest.raises(ConfigError, match="samples_per_prompt must be at least 2"):
         make(world, tmp_path / "a", samples_per_prompt=1).validate()
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text(json.dumps({"prompt": "first ?"}) + "\n" + json.dumps({"prompt": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "second ?"}]}) + "\n")
+    with pytest.raises(UserError, match=r"prompts.jsonl.*(row|line) 2.*prompt"):
+        main(make(world, tmp_path / "c", prompts=str(bad)))
+    assert not (tmp_path / "c" / "state.json").exists()  # refused before anything ran
+    bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "first ?"}]}) + "\n")
+    with pytest.raises(UserError, match="conversational"):
+        main(make(world, tmp_path / "d", prompts=str(bad), conversational=False))
     out = tmp_path / "b"
     cfg = make(world, out, rounds=1, policy="none", eval_prompts="")
     main(cfg)

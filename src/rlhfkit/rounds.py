@@ -221,9 +221,26 @@ def _check_same_run(cfg: RoundsConfig, root: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ steps
 def _prompt_text(prompt: Any) -> str:
-    from rlhfkit.feedback.commands import _prompt_text as text
+    """The text a round's item shows: the prompt itself, or the one user turn of a conversation (main checks every
+    prompt of the file before anything runs, so this cannot fail)."""
+    return prompt if isinstance(prompt, str) else prompt[0]["content"]
 
-    return text(prompt, "prompts", 0)
+
+def check_prompts(cfg: RoundsConfig) -> list[Any]:
+    """Every prompt of cfg.prompts, checked before the first round samples: a string, or a conversation of one
+    user turn (what a labelling item shows); a conversation needs conversational on. Errors name file and row."""
+    from rlhfkit.data.readers import read_prompts, read_rows
+    from rlhfkit.errors import DataError
+    from rlhfkit.feedback.commands import _prompt_text as item_text
+
+    for lineno, row in read_rows(cfg.prompts):
+        value = row.get("prompt", row.get("text"))
+        item_text(value, cfg.prompts, lineno)  # one user turn at most: longer conversations are refused here
+        if isinstance(value, list) and not cfg.conversational:
+            raise DataError(cfg.prompts, lineno, "prompt", "is a conversation, but --conversational is off, so the "
+                            "exported labels would hold plain text the policy never saw; turn --conversational on "
+                            "or give the prompts as strings")
+    return read_prompts(cfg.prompts)
 
 
 def round_prompts(prompts: list[Any], r: int, n: int) -> list[Any]:
@@ -245,7 +262,17 @@ def _sample(policy_dir: str, prompts: list[Any], k: int, cfg: RoundsConfig, seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = sample(model, tokenizer, texts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature).texts
-    return [list(dict.fromkeys(t.strip() for t in out[i * k:(i + 1) * k] if t.strip())) for i in range(len(prompts))]
+    return [distinct_responses(out[i * k:(i + 1) * k]) for i in range(len(prompts))]
+
+
+def distinct_responses(texts: list[str]) -> list[str]:
+    """The non-empty responses, distinct by their stripped text but kept exactly as sampled (a plain-text prompt's
+    response " 42" is the tokens the policy makes; "42" would teach the reward model other ones)."""
+    kept: dict[str, str] = {}
+    for t in texts:
+        if t.strip():
+            kept.setdefault(t.strip(), t)
+    return list(kept.values())
 
 
 def _chat(prompt: Any, cfg: RoundsConfig) -> Any:
@@ -554,7 +581,6 @@ def _mean_se(name: str, values: list[float], per: int = 1) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ main
 def main(cfg: RoundsConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the rounds; returns summary.json's content ({"rounds": [...]} and the settings)."""
-    from rlhfkit.data.readers import read_prompts
     from rlhfkit.feedback.service import FeedbackService
     from rlhfkit.feedback.store import open_store
 
@@ -566,7 +592,7 @@ def main(cfg: RoundsConfig, progress: Callable[[str], None] | None = None) -> di
     save_config(cfg, root / "config.yaml")
     state = State(root)
     svc = FeedbackService(open_store(cfg.db_path()), rng=random.Random(cfg.seed))
-    prompts = read_prompts(cfg.prompts)
+    prompts = check_prompts(cfg)
     results: dict[str, Any] = json.loads((root / "summary.json").read_text()) if (root / "summary.json").exists() \
         else {}
     per_round: dict[str, Any] = {str(x["round"]): x for x in results.get("rounds", [])}
