@@ -98,6 +98,9 @@ class RoundsConfig:
     gold: str = ""
     """Gold items added to every round (rows {"prompt", "responses": [a, b], "answer": "A" | "B"}); every
     annotator sees them once, and they anchor the reliability estimate."""
+    gold_every: int = 5
+    """Every gold_every-th task of an annotator is a gold item until they have answered them all, so a round's
+    budget anchors every annotator's reliability however few tasks each takes."""
     labellers: list[str] = field(default_factory=lambda: ["people"])
     """Who labels: people (the loop waits while they label in the browser), simulated (the playground's
     annotators; playground prompts only), ai (the judge below). Several split each round's budget in order."""
@@ -152,7 +155,7 @@ class RoundsConfig:
             if not getattr(self, name):
                 raise ConfigError(f"rounds needs --{name.replace('_', '-')}.")
         for name in ("rounds", "prompts_per_round", "labels_per_round", "simulated_annotators", "eval_samples",
-                     "overlap_annotators"):
+                     "overlap_annotators", "gold_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.samples_per_prompt < 2:
@@ -203,7 +206,7 @@ class State:
 
 
 COMPARED = ("sft_model", "prompts", "prompts_per_round", "samples_per_prompt", "labels_per_round", "queue",
-            "random_share", "reprioritise_every", "overlap_share", "overlap_annotators", "gold", "labellers",
+            "random_share", "reprioritise_every", "overlap_share", "overlap_annotators", "gold", "gold_every", "labellers",
             "reliability", "seed", "policy", "policy_steps", "reward_epochs")
 
 
@@ -390,7 +393,7 @@ def _items(cfg: RoundsConfig, svc: Any, root: Path, r: int, prev_reward: str | N
     name = round_project_name(cfg, r)
     try:
         project = svc.create_project(name, "pairwise", "Which response is better? Helpful, correct, kind, safe.",
-                                     run=cfg.run_name(), round=r)
+                                     run=cfg.run_name(), round=r, gold_every=cfg.gold_every if gold else None)
     except Conflict:
         project = svc.project(name)
     if not svc.item_prompts(project.id):  # add_items is one transaction: all items or none

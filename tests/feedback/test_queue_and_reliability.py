@@ -602,3 +602,23 @@ def test_the_admin_pages_show_the_round_and_a_flagged_annotator(app, svc):
     assert run_table.index("hitl-r1") < run_table.index("hitl-r2")
     assert f"{prog.labels} of {prog.slots}" in run_table
     assert 'class="project">pairs</a>' in home  # projects outside runs keep their table
+
+
+def test_gold_every_puts_a_gold_item_at_every_kth_task_until_all_are_answered(tmp_path):
+    from rlhfkit.feedback.service import FeedbackService, ItemSpec
+    from rlhfkit.feedback.store import open_store
+
+    svc = FeedbackService(open_store(str(tmp_path / "g.db")))
+    p = svc.create_project("g", "pairwise", gold_every=3)
+    assert p.gold_every == 3
+    svc.add_items(p.id, [ItemSpec(f"q{i} ?", [f"a{i} .", f"b{i} ."], priority=float(-i)) for i in range(12)]
+                  + [ItemSpec(f"gold{i} ?", [f"good{i} .", f"bad{i} ."], gold_outcome="A") for i in range(3)])
+    uid = svc.ensure_user("ann").id
+    gold = svc.gold_item_ids(p.id)
+    kinds = []
+    while (task := svc.next_task(uid, p.id)) is not None:
+        kinds.append("G" if task.item_id in gold else "i")
+        svc.submit(uid, task.assignment_id, f"ann-{task.assignment_id:08d}", outcome="A", strength="better")
+    assert "".join(kinds) == "GiiGiiGiiiiiiiiii"[:len(kinds)] and kinds.count("G") == 3 and len(kinds) == 15
+    with pytest.raises(FeedbackError, match="gold_every"):
+        svc.create_project("h", "pairwise", gold_every=0)

@@ -174,6 +174,8 @@ class ProjectInfo:
     """Its round number in the run, 1-based (None outside a run)."""
     ordered: bool = False
     """True when its queue goes by item priority (some item has a priority or its own annotator count)."""
+    gold_every: int | None = None
+    """Ordered projects: every gold_every-th task of an annotator is gold until all are answered (None: spread)."""
 
     @property
     def rubric(self) -> bool:
@@ -300,7 +302,7 @@ def _user_info(u: User) -> UserInfo:
 
 def _project_info(p: Project) -> ProjectInfo:
     return ProjectInfo(p.id, p.name, p.mode, p.instructions, p.responses_per_item, p.annotators_per_item,
-                       tuple(p.criteria or ()), p.run, p.round, bool(p.ordered))
+                       tuple(p.criteria or ()), p.run, p.round, bool(p.ordered), p.gold_every)
 
 
 def criteria_names(mode: str, criteria: Sequence[str] | None) -> list[str] | None:
@@ -608,11 +610,13 @@ class FeedbackService:
     # ------------------------------------------------------------------------------------------- projects
     def create_project(self, name: str, mode: str = "pairwise", instructions: str = "", responses_per_item: int = 2,
                        annotators_per_item: int = 1, criteria: Sequence[str] | None = None, run: str | None = None,
-                       round: int | None = None) -> ProjectInfo:
+                       round: int | None = None, gold_every: int | None = None) -> ProjectInfo:
         """A new project. criteria: for mode pairwise, the criteria of a rubric project (each judgment answers A, B,
         tie or both bad per criterion); for mode attributes, the attributes every response is scored 0-4 on
         (HelpSteer2's five when None); ranking projects take none. run and round (1-based) make it round `round`
-        of a human-in-the-loop rounds run (`round_projects(run)` lists them); a run has one project per round."""
+        of a human-in-the-loop rounds run (`round_projects(run)` lists them); a run has one project per round.
+        gold_every: in an ordered queue, every gold_every-th task of an annotator is a gold item until they have
+        answered all of them (None: gold items spread evenly over the project's items)."""
         if not _NAME_RE.match(name):
             raise FeedbackError(f"project name {name!r} is not allowed; use 1-64 letters, digits, '_', '.', '@' "
                                 "or '-'.")
@@ -634,6 +638,9 @@ class FeedbackService:
                                 f"run={run!r}, round={round!r}.")
         if round is not None and (isinstance(round, bool) or not isinstance(round, int) or not 1 <= round <= MAX_ID):
             raise FeedbackError(f"round must be a whole number from 1, got {round!r}.")
+        if gold_every is not None and (isinstance(gold_every, bool) or not isinstance(gold_every, int)
+                                       or not 1 <= gold_every <= MAX_ID):
+            raise FeedbackError(f"gold_every must be a whole number from 1 (1: gold items first), got {gold_every!r}.")
         with self.store.session() as s, s.begin():
             if s.scalar(select(Project).where(Project.name == name)) is not None:
                 raise Conflict(f"project {name!r} already exists; pick another name or add items to it.")
@@ -643,7 +650,8 @@ class FeedbackService:
                     raise Conflict(f"run {run!r} already has round {round} (project {taken!r}); use the next round "
                                    "number or another run name.")
             p = Project(name=name, mode=mode, instructions=instructions, responses_per_item=responses_per_item,
-                        annotators_per_item=annotators_per_item, criteria=names, run=run, round=round)
+                        annotators_per_item=annotators_per_item, criteria=names, run=run, round=round,
+                        gold_every=gold_every)
             s.add(p)
             s.flush()
             return _project_info(p)
@@ -837,10 +845,12 @@ class FeedbackService:
         a few thousand). Among the items this user was never given, and counting an item as held by its
         judgments (skips included) and its assignments younger than the TTL, exactly as `_pick_item` does:
 
-        1. a gold item when one is due: every annotator gets each gold item once, spread evenly through their
-           tasks, so a gold item is due while the user's gold share after this task would stay below the
-           project's (gold_given * items < (given + 1) * gold_items). The first task is therefore gold, which
-           gives annotator reliability an anchor from the start, then one about every items / gold_items tasks;
+        1. a gold item when one is due: every annotator gets each gold item once. With the project's gold_every,
+           at every gold_every-th task of theirs (gold_given * gold_every <= given) until they have answered
+           all, so a round's budget anchors every annotator however few tasks each takes. Otherwise spread evenly
+           through their tasks: due while the user's gold share after this task would stay below the project's
+           (gold_given * items < (given + 1) * gold_items). Either way the first task is gold, which gives
+           annotator reliability an anchor from the start;
         2. else a started item still open (held by fewer than its annotator count, its own or the project's), the
            most-held first, so overlap items complete before new ones open;
         3. else a fresh item (held by nobody): highest priority first, items without one last, ties by position;
@@ -868,7 +878,9 @@ class FeedbackService:
                 .join(Item, Item.id == Assignment.item_id)
                 .outerjoin(Gold, Gold.item_id == Item.id)
                 .where(Assignment.user_id == user_id, Item.project_id == project.id)).one()
-            if gold_given * items < (given + 1) * gold_items and (pick := s.scalar(gold)) is not None:
+            due = (gold_given * project.gold_every <= given if project.gold_every
+                   else gold_given * items < (given + 1) * gold_items)
+            if due and (pick := s.scalar(gold)) is not None:
                 return pick
         started = s.scalar(open_to_me.where(~is_gold, held > 0, held < need)
                            .order_by(held.desc(), *by_priority).limit(1))

@@ -110,6 +110,10 @@ class Project(Base):
     ordered: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
     """True once any item has a priority or its own annotator count: the queue then picks by priority
     (FeedbackService._pick_ordered) instead of by position along hints (_pick_item)."""
+    gold_every: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Ordered projects: every gold_every-th task of an annotator is a gold item until they have answered them all
+    (a labelling budget smaller than the project then still anchors every annotator's reliability); None spreads
+    the gold items evenly over the whole project."""
 
 
 class Item(Base):
