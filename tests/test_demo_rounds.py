@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from rlhfkit.demo_rounds import auc, format_rounds_table, mean_se, rounds_claims
+from rlhfkit.demo_rounds import auc, format_rounds_table, label_efficiency, mean_se, rounds_claims
 
 
 def result(active=(0.70, 0.71, 0.72), random=(0.66, 0.65, 0.67), it=(0.9, 0.05), one=(0.6, 0.05),
@@ -23,7 +23,10 @@ def result(active=(0.70, 0.71, 0.72), random=(0.66, 0.65, 0.67), it=(0.9, 0.05),
                   "active": {"gold_accuracy": a, "gold_accuracy_se": ase,
                              "per_round": [{"labels": 500 * (i + 1), "gold_accuracy": 0.6 + 0.03 * i,
                                             "gold_accuracy_se": 0.01} for i in range(4)]},
-                  "random": {"gold_accuracy": r, "gold_accuracy_se": rse}, "difference": d, "difference_se": dse,
+                  "random": {"gold_accuracy": r, "gold_accuracy_se": rse,
+                             "per_round": [{"labels": 500 * (i + 1), "gold_accuracy": 0.6 + 0.02 * i,
+                                            "gold_accuracy_se": 0.01} for i in range(4)]},
+                  "difference": d, "difference_se": dse, "random_curve_rise": 0.06,
                   "active_labels_to_reach_random": 1500, "active_label_ratio": 0.75},
         "iterative": {"gold_score": it[0], "gold_score_se": it[1], "kl": 1.0,
                       "per_round": [{"round": 1, "gold_score": 0.5, "gold_score_se": 0.05, "proxy": 0.1, "kl": 1.0}]},
@@ -46,6 +49,21 @@ def test_mean_se_by_hand():
     m, se = mean_se([1.0, 2.0, 3.0])
     assert m == 2.0 and se == pytest.approx(math.sqrt(1.0 / 3))
     assert math.isnan(mean_se([1.0])[1])
+
+
+def test_labels_to_reach_random_count_only_where_the_random_curve_still_rises():
+    rising = {"active": [[0.60, 0.68, 0.70, 0.71], [0.61, 0.67, 0.71, 0.72], [0.59, 0.69, 0.70, 0.70]],
+              "random": [[0.60, 0.63, 0.66, 0.68], [0.61, 0.64, 0.66, 0.69], [0.59, 0.62, 0.65, 0.67]]}
+    q = label_efficiency(rising, 500, "bald", [0, 1, 2])
+    assert q["active_labels_to_reach_random"] == 1000 and q["active_label_ratio"] == 0.5
+    assert q["random"]["per_round"][0]["gold_accuracy"] == pytest.approx(0.60)
+    assert q["difference"] == pytest.approx((0.03 + 0.03 + 0.03) / 3) and q["random_curve_rise"] == pytest.approx(0.08)
+    # flat: the first round already has the final agreement, so no label count is "needed"
+    flat = {"active": [[0.66, 0.67, 0.66, 0.66]] * 3, "random": [[0.66, 0.66, 0.67, 0.665], [0.67, 0.66, 0.66, 0.668],
+                                                                 [0.66, 0.67, 0.66, 0.662]]}
+    q = label_efficiency(flat, 500, "bald", [0, 1, 2])
+    assert q["active_labels_to_reach_random"] is None and q["active_label_ratio"] is None
+    assert [c["ok"] for c in rounds_claims({**result(), "queue": q})][0] is False
 
 
 def test_claims_follow_the_numbers():
