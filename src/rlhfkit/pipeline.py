@@ -357,16 +357,19 @@ def run_rounds(root: Path, presets: dict[str, Any], cfg: DemoConfig, wall: dict[
     from rlhfkit.demo_rounds import run_experiment
 
     section = presets["rounds"]
-    plan = {**section["plan"], **(presets["rounds_quick"] if cfg.quick else {})}
+    quick = dict(presets["rounds_quick"]) if cfg.quick else {}
+    lighter = quick.pop("base", {})
+    plan = {**section["plan"], **quick}
+    base = {**section["base"], **lighter}
+    for nested in ("reward", "ppo"):
+        base[nested] = {**section["base"].get(nested, {}), **lighter.get(nested, {}), "progress": cfg.progress}
     stamp = root / "rounds" / "plan.json"
-    recipe = {"plan": plan, "base": section["base"], "seed": cfg.seed}
+    recipe = {"plan": plan, "base": base, "seed": cfg.seed}
     if (root / "rounds").exists() and (cfg.rebuild or sft_changed or not stamp.exists()
                                        or json.loads(stamp.read_text()) != recipe):
         shutil.rmtree(root / "rounds")
     (root / "rounds").mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(recipe, indent=2))
-    base = {**section["base"], "reward": {**section["base"].get("reward", {}), "progress": cfg.progress},
-            "ppo": {**section["base"].get("ppo", {}), "progress": cfg.progress}}
     return run_experiment(root, plan, base, cfg.seed, wall)
 
 
