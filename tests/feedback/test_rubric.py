@@ -315,7 +315,7 @@ def test_a_0002_database_upgrades_and_its_projects_behave_as_before(tmp_path):
 
     store = open_store(str(path))
     with store.engine.connect() as conn:
-        assert conn.exec_driver_sql("select version_num from alembic_version").scalar() == head_revision() == "0004"
+        assert conn.exec_driver_sql("select version_num from alembic_version").scalar() == head_revision() == "0005"
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     svc = FeedbackService(store)
     old = svc.project("old")

@@ -24,7 +24,6 @@ def upgrade() -> None:
         batch.add_column(sa.Column("run", sa.String(128), nullable=True))
         batch.add_column(sa.Column("round", sa.Integer, nullable=True))
         batch.add_column(sa.Column("ordered", sa.Boolean, nullable=False, server_default="0"))
-        batch.add_column(sa.Column("gold_every", sa.Integer, nullable=True))
     op.create_index("ix_projects_run", "projects", ["run"])
     with op.batch_alter_table("items") as batch:
         batch.add_column(sa.Column("priority", sa.Float, nullable=True))
@@ -37,7 +36,6 @@ def downgrade() -> None:
         batch.drop_column("priority")
     op.drop_index("ix_projects_run", "projects")
     with op.batch_alter_table("projects") as batch:
-        batch.drop_column("gold_every")
         batch.drop_column("ordered")
         batch.drop_column("round")
         batch.drop_column("run")
