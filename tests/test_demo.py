@@ -14,7 +14,7 @@ from rlhfkit.train import read_metrics
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2700)  # the quick demo alone is about 13 minutes on the 2-core CI machine (6 of them HHH)
+@pytest.mark.timeout(3000)  # the quick demo alone is about 17 minutes on the 2-core CI machine (6 of them HHH)
 def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     out = tmp_path / "demo"
     summary = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
@@ -74,16 +74,26 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     assert hhh["policies"]["helpful_only"]["unsafe_rate"] > hhh["policies"]["harmless_only"]["unsafe_rate"] + 0.2
     assert sum(c["claim"].startswith("the honesty reward model") for c in summary["claims"]) == 1
     assert {"hhh_pretrain", "hhh_sft", "hhh_reward_harmlessness", "hhh_gated", "hhh_eval"} <= set(summary["wall_seconds"])
+    # the human-in-the-loop rounds: both queues, rounds against one shot, the crowd with bad annotators
+    rounds = summary["rounds"]
+    for arm in ("active", "random"):
+        assert 0.4 < rounds["queue"][arm]["gold_accuracy"] < 1.0 and len(rounds["queue"][arm]["per_round"]) == 2
+    for key in ("iterative", "one_shot"):
+        assert math.isfinite(rounds[key]["gold_score"]) and rounds[key]["gold_score_se"] > 0
+    rel = rounds["reliability"]
+    assert 0.0 <= rel["flag_auc"] <= 1.0 and rel["weighted"]["gold_accuracy"] > 0.4
+    assert sum(c["claim"].startswith("the reliability estimate finds") for c in summary["claims"]) == 1
+    assert (out / "rounds" / "active-0" / "round-2" / "queue.pt").exists()  # round 2 was ordered by the ensemble
     report = (out / "report.html").read_text()
-    # the gold score per policy, five training curves, best-of-n and RL over-optimisation, the KL cut, and the HHH
-    # plane, unsafe and over-refusal rates
-    assert report.count("<svg") == 12 and "best_of_n" in report and "<script" not in report
-    assert "Helpfulness against harmlessness" in report
+    # the gold score per policy, five training curves, best-of-n and RL over-optimisation, the KL cut, the HHH
+    # plane, unsafe and over-refusal rates, and the rounds: queues, rounds against one shot, the crowd
+    assert report.count("<svg") == 15 and "best_of_n" in report and "<script" not in report
+    assert "Helpfulness against harmlessness" in report and "Human-in-the-loop rounds" in report
     if shutil.which("chromium") and importlib.util.find_spec("playwright"):
         from tests.report_browser import check_report_in_browser
 
         seen = check_report_in_browser(out / "report.html")
-        assert seen["plots"] == 12 and seen["table_rows"] == 1 + len(summary["policies"])
+        assert seen["plots"] == 15 and seen["table_rows"] == 1 + len(summary["policies"])
     for name in ("base", "sft"):
         assert (out / name / "model.safetensors").exists() and (out / "configs" / "pretrain.yaml").exists()
 
@@ -94,6 +104,7 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
         assert stage not in again["wall_seconds"], stage
     assert again["policies"] == summary["policies"]
     assert again["hhh"]["policies"] == hhh["policies"]
+    assert again["rounds"]["queue"] == rounds["queue"]  # the rounds runs are reused, not repeated
 
     # any stage reruns alone from the config the demo wrote
     proc = subprocess.run([sys.executable, "-m", "rlhfkit", "sft", "--config", str(out / "configs" / "sft.yaml"),

@@ -297,7 +297,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
                              cfg.rebuild, wall)
     rounds = None
     if cfg.rounds:  # human-in-the-loop rounds: the queue, rounds against one shot, annotator reliability
-        rounds = run_rounds(root, presets, cfg, wall, "sft" in wall or "labels" in wall)
+        rounds = run_rounds(root, presets, cfg, wall, "sft" in wall)
     policies = {}
     for name, ev in evals.items():
         policies[name] = {**ev.summary(), "kl_to_sft": ev.kl_to_ref,
