@@ -18,7 +18,7 @@ from rlhfkit.feedback.reliability import Label, beta_cdf, dawid_skene
 from rlhfkit.feedback.service import Conflict, FeedbackError, FeedbackService, ItemSpec, NotFound
 from rlhfkit.feedback.store import open_store
 
-from .fb_helpers import arith_items
+from .fb_helpers import arith_items, old_database
 
 
 def sid() -> str:
@@ -210,32 +210,13 @@ def test_the_ordered_queue_picks_what_its_rule_says(store):
 
 # ------------------------------------------------------------------------------------------------ migration
 def test_a_0003_database_upgrades_in_place_and_keeps_its_queue(tmp_path):
-    from alembic import command
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
-    from sqlalchemy import create_engine
 
-    from rlhfkit.feedback.store import Base, _alembic_config, head_revision
+    from rlhfkit.feedback.store import Base, head_revision
 
     path = tmp_path / "old.db"
-    engine = create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:
-        command.upgrade(_alembic_config(conn), "0003")  # the schema as the previous release left it
-        run = conn.exec_driver_sql
-        run("insert into users (name, role, password_hash, created_at, active) values ('ann', 'annotator', null, 0, 1)")
-        run("insert into projects (name, instructions, mode, responses_per_item, annotators_per_item, created_at) "
-            "values ('old', '', 'pairwise', 2, 1, 0)")
-        for pos, prompt in enumerate(("q1 ?", "q2 ?", "q3 ?")):
-            responses = json.dumps([{"text": f"{prompt} yes .", "source": "g"},
-                                    {"text": f"{prompt} no .", "source": "b"}])
-            run("insert into items (project_id, prompt, responses, position, created_at) values (1, ?, ?, ?, 0)",
-                (prompt, responses, pos))
-        run("insert into assignments (item_id, user_id, display_order, created_at, completed_at) "
-            "values (1, 1, '[1, 0]', 0, 1)")
-        run("insert into judgments (submission_id, assignment_id, item_id, user_id, outcome, strength, ranking, flags, "
-            "rationale, time_spent_ms, display_order, created_at) values "
-            "('old-submission', 1, 1, 1, 'A', 'better', null, '[]', '', 900, '[1, 0]', 0)")
-    engine.dispose()
+    old_database(path, "0003", prompts=("q1 ?", "q2 ?", "q3 ?"))  # the schema as that release left it
 
     store = open_store(str(path))
     with store.engine.connect() as conn:

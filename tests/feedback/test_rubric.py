@@ -15,6 +15,8 @@ from rlhfkit.feedback.export import attribute_rows, export_by_criterion, export_
 from rlhfkit.feedback.service import FeedbackError, FeedbackService, ItemSpec, Verdict
 from rlhfkit.feedback.store import HELPSTEER2_ATTRIBUTES, open_store
 
+from .fb_helpers import old_database
+
 HHH = ("helpfulness", "harmlessness", "honesty")
 SMALL = {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligible": 0.0}
 """The small strength -> margin scale (Llama 2 section 3.2.2), export's default."""
@@ -287,31 +289,13 @@ def test_attribute_agreement_uses_the_interval_alpha_per_attribute(svc):
 
 # ---------------------------------------------------------------------------------------------- migration
 def test_a_0002_database_upgrades_and_its_projects_behave_as_before(tmp_path):
-    from alembic import command
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
-    from sqlalchemy import create_engine
 
-    from rlhfkit.feedback.store import Base, _alembic_config, head_revision
+    from rlhfkit.feedback.store import Base, head_revision
 
     path = tmp_path / "old.db"
-    engine = create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:
-        command.upgrade(_alembic_config(conn), "0002")  # the schema as the previous release left it
-        run = conn.exec_driver_sql
-        run("insert into users (name, role, password_hash, created_at, active) values ('ann', 'annotator', null, 0, 1)")
-        run("insert into projects (name, instructions, mode, responses_per_item, annotators_per_item, created_at) "
-            "values ('old', '', 'pairwise', 2, 1, 0)")
-        for pos, prompt in enumerate(("q1 ?", "q2 ?")):
-            responses = json.dumps([{"text": f"{prompt} yes .", "source": "g"}, {"text": f"{prompt} no .", "source": "b"}])
-            run("insert into items (project_id, prompt, responses, position, created_at) values (1, ?, ?, ?, 0)",
-                (prompt, responses, pos))
-        run("insert into assignments (item_id, user_id, display_order, created_at, completed_at) "
-            "values (1, 1, '[1, 0]', 0, 1)")
-        run("insert into judgments (submission_id, assignment_id, item_id, user_id, outcome, strength, ranking, flags, "
-            "rationale, time_spent_ms, display_order, created_at) values "
-            "('old-submission', 1, 1, 1, 'A', 'better', null, '[]', '', 900, '[1, 0]', 0)")
-    engine.dispose()
+    old_database(path, "0002")  # the schema as that release left it
 
     store = open_store(str(path))
     with store.engine.connect() as conn:
@@ -534,25 +518,10 @@ def test_admin_page_shows_criteria_and_per_criterion_agreement_and_exports_one_c
 def test_a_0001_database_with_judgments_upgrades_to_the_head(tmp_path):
     """0002 once added users.active with an SQL-expression default, which made alembic rebuild the users table on
     SQLite; with foreign keys on, dropping the old table failed as soon as an assignment pointed at a user."""
-    from alembic import command
-    from sqlalchemy import create_engine, event
-
-    from rlhfkit.feedback.store import _alembic_config, head_revision
+    from rlhfkit.feedback.store import head_revision
 
     path = tmp_path / "first.db"
-    engine = create_engine(f"sqlite:///{path}")
-    event.listen(engine, "connect", lambda c, _r: c.execute("PRAGMA foreign_keys=ON"))
-    with engine.begin() as conn:
-        command.upgrade(_alembic_config(conn), "0001")  # the first release's schema
-        run = conn.exec_driver_sql
-        run("insert into users (name, role, password_hash, created_at) values ('ann', 'annotator', null, 0)")
-        run("insert into projects (name, instructions, mode, responses_per_item, annotators_per_item, created_at) "
-            "values ('old', '', 'pairwise', 2, 1, 0)")
-        run("insert into items (project_id, prompt, responses, position, created_at) values (1, 'q ?', ?, 0, 0)",
-            (json.dumps([{"text": "yes .", "source": "g"}, {"text": "no .", "source": "b"}]),))
-        run("insert into assignments (item_id, user_id, display_order, created_at, completed_at) "
-            "values (1, 1, '[0, 1]', 0, null)")
-    engine.dispose()
+    old_database(path, "0001", prompts=("q ?",), judged=False)  # the first release's schema, a task left open
     svc = FeedbackService(open_store(str(path)))  # upgrades to the head
     with svc.store.engine.connect() as conn:
         assert conn.exec_driver_sql("select version_num from alembic_version").scalar() == head_revision()
