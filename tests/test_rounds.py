@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit.config import from_dict, load_yaml, save_config
+from rlhfkit.config import from_dict, save_config
 from rlhfkit.errors import ConfigError, UserError
 
 pytest.importorskip("sqlalchemy", reason="rounds need the `web` extra: pip install -e '.[web]'")

@@ -116,7 +116,6 @@ def run_experiment(root: Path, plan: dict[str, Any], base: dict[str, Any], seed:
     # 1. label efficiency: the same budget in the same rounds, the queue ordered by the ensemble or at random (round
     # 1 is the same in both: there is no model to ask yet, and the seed draws the same prompts, samples and labels)
     le = plan["label_efficiency"]
-    budget = le["rounds"] * le["labels_per_round"]
     curves: dict[str, list[list[float]]] = {"active": [], "random": []}
     for s in le["seeds"]:
         for arm, queue in (("active", le.get("queue", "bald")), ("random", "random")):

@@ -30,7 +30,6 @@ run would), and the reward and policy stages resume from their own checkpoints."
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
