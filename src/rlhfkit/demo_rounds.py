@@ -246,7 +246,7 @@ def rounds_claims(result: dict[str, Any]) -> list[dict[str, Any]]:
                   "random queue's accuracy with ≤ 0.7× its labels)",
          "ok": q["difference"] > 2 * gap_se or (ratio is not None and ratio <= 0.7),
          "value": f"active {q['active']['gold_accuracy']:.3f} vs random {q['random']['gold_accuracy']:.3f}, "
-                  f"difference {q['difference']:+.3f} ± {q['difference_se']:.3f} over {len(q['seeds'])} seeds; "
+                  f"difference {q['difference']:+.3f} ± {q['difference_se']:.3f} over {len(q['seeds'])} seeds"
                   + (f"; active reached random's final accuracy at {q['active_labels_to_reach_random']} labels"
                      if ratio is not None else
                      f"; the random queue's curve rose {q['random_curve_rise']:+.3f} from {q['budget'] // len(q['random']['per_round'])} "
