@@ -141,7 +141,8 @@ def test_people_label_in_the_store_while_the_loop_waits(world, tmp_path):
 
     out = tmp_path / "people"
     cfg = make(world, out, rounds=1, policy="none", eval_prompts="", labellers=["people"], poll_seconds=0.2,
-               labels_per_round=6)
+               labels_per_round=6, max_wait_s=60)
+    out.mkdir()  # the person opens the store at once, before the loop has made the run directory
     stop = threading.Event()
 
     def person() -> None:
@@ -168,6 +169,11 @@ def test_people_label_in_the_store_while_the_loop_waits(world, tmp_path):
         t.join(5)
     r = summary["rounds"][0]
     assert r["labels"]["labels"] >= 6 and r["reward"]["rows"] >= 6
+    # nobody labelling: the loop gives up after max_wait_s with an error that says how to go on
+    idle = make(world, tmp_path / "idle", rounds=1, policy="none", eval_prompts="", labellers=["people"],
+                poll_seconds=0.1, max_wait_s=0.5)
+    with pytest.raises(UserError, match="no new label in 0.5 s.*rerun the same command"):
+        main(idle)
 
 
 KILLER = r"""

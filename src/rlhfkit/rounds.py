@@ -146,6 +146,9 @@ class RoundsConfig:
     """Sampling temperature of the round's candidates."""
     poll_seconds: float = 5.0
     """labellers people: how often the loop checks the store for new labels."""
+    max_wait_s: float = 0.0
+    """labellers people: stop with an error after this many seconds without a new label (rerun to go on waiting);
+    0 waits as long as it takes."""
     seed: int = 0
     """Seed of sampling, queue order, simulated annotators and training."""
 
@@ -167,8 +170,9 @@ class RoundsConfig:
         for name in ("random_share", "overlap_share", "simulated_random_share", "simulated_adversarial_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
-        if self.reprioritise_every < 0 or self.reward_epochs < 0 or self.poll_seconds <= 0:
-            raise ConfigError("reprioritise_every and reward_epochs must be 0 or more and poll_seconds positive.")
+        if self.reprioritise_every < 0 or self.reward_epochs < 0 or self.poll_seconds <= 0 or self.max_wait_s < 0:
+            raise ConfigError("reprioritise_every, reward_epochs and max_wait_s must be 0 or more and poll_seconds "
+                              "positive.")
         if not self.labellers or any(lab not in LABELLERS for lab in self.labellers):
             raise ConfigError(f"labellers must name one or more of {', '.join(LABELLERS)}, got {self.labellers}.")
         if len(set(self.labellers)) != len(self.labellers):
@@ -432,12 +436,15 @@ def _labels(cfg: RoundsConfig, svc: Any, root: Path, r: int, progress: Callable[
         elif labeller == "ai":
             _ai_labels(cfg, svc, project, target, queue)
         else:
-            last = -1
+            last, since = -1, time.monotonic()
             while (n := svc.progress(project.id).labels) < target:
                 if n != last:
                     progress(f"round {r}: {n}/{budget} labels in {cfg.db_path()} (project {project.name}); waiting "
                              "for people to label (rlhfkit label serve)")
-                    last = n
+                    last, since = n, time.monotonic()
+                elif cfg.max_wait_s and time.monotonic() - since > cfg.max_wait_s:
+                    raise UserError(f"round {r}: no new label in {cfg.max_wait_s:g} s ({n}/{budget} so far, project "
+                                    f"{project.name} in {cfg.db_path()}); rerun the same command to go on waiting.")
                 queue.update(svc, project.id, n)
                 if not _open_work(svc, project.id):
                     break

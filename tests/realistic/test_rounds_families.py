@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from rlhfkit.errors import UserError
 import torch
 
 from realistic.families import Family, FamilyData
@@ -42,7 +44,7 @@ def settings(family: Family, prompts: Path, out: Path, rounds: int) -> dict[str,
     return {
         "output_dir": str(out), "sft_model": str(family.path), "prompts": str(prompts), "eval_prompts": "",
         "rounds": rounds, "prompts_per_round": PROMPTS_PER_ROUND, "samples_per_prompt": SAMPLES,
-        "labels_per_round": BUDGET, "labellers": ["people"], "poll_seconds": 0.1, "conversational": family.has_template,
+        "labels_per_round": BUDGET, "labellers": ["people"], "poll_seconds": 0.1, "max_wait_s": 60, "conversational": family.has_template,
         "queue": "bald", "random_share": 0.0, "reprioritise_every": 3, "overlap_share": 0.0, "max_new_tokens": 12,
         "reward": {"ensemble_size": 2, "batch_size": 4, "max_length": 256, "max_steps": 4, "normalize_samples": 8,
                    "save_every": 2, **quiet},
@@ -127,8 +129,13 @@ def test_rounds_label_refit_and_train_on_a_real_family(tmp_path, family, family_
     n_rounds = 2 if family.name == TWO_ROUNDS else 1
     out = tmp_path / "run"
     cfg = from_dict(RoundsConfig, settings(family, prompts, out, n_rounds), "test")
+    out.mkdir()  # the person opens the store as soon as they start, before the loop has made the run directory
     with Person(cfg.db_path(), cfg.run_name()) as person:
-        summary = main(cfg, progress=person.progress)
+        try:
+            summary = main(cfg, progress=person.progress)
+        except UserError:  # the loop gave up waiting: say why the person stopped, if they did
+            assert person.error is None, person.error
+            raise
     assert person.error is None, person.error
     svc = FeedbackService(open_store(cfg.db_path()))
     records = summary["rounds"]
