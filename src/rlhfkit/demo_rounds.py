@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.eval.overopt import mean_se as overopt_mean_se
 from rlhfkit.eval.playground import reward_gold_accuracy
 
 
@@ -72,11 +73,10 @@ def auc(scores: list[float], positives: list[bool]) -> float:
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    """Mean and standard error over seeds; one seed has no standard error (nan), so no difference is called
+    significant on one."""
+    mean, se = overopt_mean_se(values)
+    return mean, se if len(values) > 1 else math.nan
 
 
 def run_experiment(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int, wall: dict[str, float],

@@ -579,12 +579,11 @@ def evaluate(cfg: RoundsConfig, policy_dir: str, reward_dir: str | None, r: int)
 def _mean_se(name: str, values: list[float], per: int = 1) -> dict[str, float]:
     """Mean and its standard error; with `per` samples per prompt the s.e. is over prompt means (samples of one
     prompt are not independent)."""
+    from rlhfkit.eval.overopt import mean_se
+
     groups = [values[i:i + per] for i in range(0, len(values), per)]
-    means = [sum(g) / len(g) for g in groups]
-    n = len(means)
-    mean = sum(means) / n
-    var = sum((m - mean) ** 2 for m in means) / max(1, n - 1)
-    return {name: mean, f"{name}_se": math.sqrt(var / n)}
+    mean, se = mean_se([sum(g) / len(g) for g in groups])
+    return {name: mean, f"{name}_se": se}
 
 
 # ------------------------------------------------------------------------------------------------ main
