@@ -46,3 +46,19 @@ def old_database(path, revision: str, prompts=("q1 ?", "q2 ?"), judged: bool = T
                 "flags, rationale, time_spent_ms, display_order, created_at) values "
                 "('old-submission', 1, 1, 1, 'A', 'better', null, '[]', '', 900, '[1, 0]', 0)")
     engine.dispose()
+
+
+def upgraded_service(path):
+    """Open the store at `path` (which upgrades it), check it reached the head revision with exactly the schema the
+    models declare, and return a service on it."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from rlhfkit.feedback.service import FeedbackService
+    from rlhfkit.feedback.store import Base, head_revision, open_store
+
+    store = open_store(str(path))
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("select version_num from alembic_version").scalar() == head_revision()
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    return FeedbackService(store)

@@ -18,7 +18,7 @@ from rlhfkit.feedback.reliability import Label, beta_cdf, dawid_skene
 from rlhfkit.feedback.service import Conflict, FeedbackError, FeedbackService, ItemSpec, NotFound
 from rlhfkit.feedback.store import open_store
 
-from .fb_helpers import arith_items, old_database
+from .fb_helpers import arith_items, old_database, upgraded_service
 
 
 def sid() -> str:
@@ -210,19 +210,10 @@ def test_the_ordered_queue_picks_what_its_rule_says(store):
 
 # ------------------------------------------------------------------------------------------------ migration
 def test_a_0003_database_upgrades_in_place_and_keeps_its_queue(tmp_path):
-    from alembic.autogenerate import compare_metadata
-    from alembic.runtime.migration import MigrationContext
-
-    from rlhfkit.feedback.store import Base, head_revision
-
     path = tmp_path / "old.db"
     old_database(path, "0003", prompts=("q1 ?", "q2 ?", "q3 ?"))  # the schema as that release left it
 
-    store = open_store(str(path))
-    with store.engine.connect() as conn:
-        assert conn.exec_driver_sql("select version_num from alembic_version").scalar() == head_revision() == "0005"
-        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    svc = FeedbackService(store)
+    svc = upgraded_service(path)
     old = svc.project("old")
     assert (old.run, old.round, old.ordered) == (None, None, False)
     ann = svc.user_by_name("ann").id
@@ -235,7 +226,7 @@ def test_a_0003_database_upgrades_in_place_and_keeps_its_queue(tmp_path):
     svc.add_items(r1.id, [pair(1, priority=1.0), pair(2, priority=2.0, annotators=2)])
     assert svc.next_task(ann, r1.id).prompt == "question 2 ?"
     assert [p.name for p in svc.round_projects("run")] == ["run-r1"]
-    store.close()
+    svc.store.close()
 
 
 # ----------------------------------------------------------------------------------------------- Beta CDF

@@ -15,7 +15,7 @@ from rlhfkit.feedback.export import attribute_rows, export_by_criterion, export_
 from rlhfkit.feedback.service import FeedbackError, FeedbackService, ItemSpec, Verdict
 from rlhfkit.feedback.store import HELPSTEER2_ATTRIBUTES, open_store
 
-from .fb_helpers import old_database
+from .fb_helpers import old_database, upgraded_service
 
 HHH = ("helpfulness", "harmlessness", "honesty")
 SMALL = {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligible": 0.0}
@@ -289,19 +289,10 @@ def test_attribute_agreement_uses_the_interval_alpha_per_attribute(svc):
 
 # ---------------------------------------------------------------------------------------------- migration
 def test_a_0002_database_upgrades_and_its_projects_behave_as_before(tmp_path):
-    from alembic.autogenerate import compare_metadata
-    from alembic.runtime.migration import MigrationContext
-
-    from rlhfkit.feedback.store import Base, head_revision
-
     path = tmp_path / "old.db"
     old_database(path, "0002")  # the schema as that release left it
 
-    store = open_store(str(path))
-    with store.engine.connect() as conn:
-        assert conn.exec_driver_sql("select version_num from alembic_version").scalar() == head_revision() == "0005"
-        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    svc = FeedbackService(store)
+    svc = upgraded_service(path)
     old = svc.project("old")
     assert old.criteria == () and not old.rubric
     (row,), _ = export_rows(svc, "old")
@@ -315,7 +306,7 @@ def test_a_0002_database_upgrades_and_its_projects_behave_as_before(tmp_path):
     # and the upgraded database takes rubric projects
     rubric = svc.create_project("new", criteria=["honesty"])
     assert svc.project("new").criteria == ("honesty",) == rubric.criteria
-    store.close()
+    svc.store.close()
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
