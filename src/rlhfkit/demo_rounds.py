@@ -85,7 +85,7 @@ def run_experiment(root: Path, plan: dict[str, Any], base: dict[str, Any], seed:
     rounds section); base holds RoundsConfig fields shared by every run. Returns summary.json's "rounds"."""
     import time
 
-    from rlhfkit.config import from_dict
+    from rlhfkit.config import from_dict, load_config
     from rlhfkit.playground.annotators import make_mixed_pool
     from rlhfkit.playground.world import read_prompts
     from rlhfkit.reward import train as rtrain
@@ -170,8 +170,8 @@ def run_experiment(root: Path, plan: dict[str, Any], base: dict[str, Any], seed:
         rdir = Path(cfg.output_dir) / "round-1"
         weighted.append(accuracy(str(rdir / "reward"))["gold_accuracy"])
         plain = rdir / "reward_unweighted"
-        rcfg = json.loads(json.dumps(_reward_config(rdir / "reward")))
-        rtrain.main(replace(from_dict(rtrain.RewardConfig, rcfg, "the weighted run's config"),
+        # the same fit on the same rows, every label taken at face value
+        rtrain.main(replace(load_config(rtrain.RewardConfig, rdir / "reward" / "config.yaml"),
                             output_dir=str(plain), use_confidence=False, resume=(plain / "config.yaml").exists()))
         unweighted.append(accuracy(str(plain))["gold_accuracy"])
         pool = make_mixed_pool(cfg.seed, cfg.simulated_annotators, cfg.simulated_random_share,
@@ -228,12 +228,6 @@ def label_efficiency(curves: dict[str, list[list[float]]], per_round: int, strat
     return {"budget": budget, "seeds": seeds, "strategy": strategy, **arms, "difference": d_mean,
             "difference_se": d_se, "random_curve_rise": last - first,
             "active_labels_to_reach_random": reach, "active_label_ratio": None if reach is None else reach / budget}
-
-
-def _reward_config(run_dir: Path) -> dict[str, Any]:
-    from rlhfkit.config import load_yaml
-
-    return load_yaml(run_dir / "config.yaml")
 
 
 def rounds_claims(result: dict[str, Any]) -> list[dict[str, Any]]:
