@@ -479,14 +479,16 @@ def _ai_labels(cfg: RoundsConfig, svc: Any, project: Any, target: int, queue: Qu
 
 
 def _export(cfg: RoundsConfig, svc: Any, root: Path, r: int) -> dict[str, Any]:
-    from rlhfkit.feedback.export import export_run_rows, reliability_reports, write_export
+    from rlhfkit.feedback.export import add_reliability_columns, export_run_rows, reliability_reports, write_export
 
     run = cfg.run_name()
     projects = [p for p in svc.round_projects(run) if p.round <= r]
-    reports = reliability_reports(svc, projects)
-    rows, report = export_run_rows(svc, run, conversational=cfg.conversational,
-                                   reliability=reports if cfg.reliability else None)
+    rows, report = export_run_rows(svc, run, conversational=cfg.conversational)
     rows = [row for row in rows if row["round"] <= r]
+    # fitted after the export: people may still be labelling, and the fit must cover every exported judgment
+    reports = reliability_reports(svc, projects)
+    if cfg.reliability:
+        add_reliability_columns(rows, reports)
     rdir = root / f"round-{r}"
     write_export(rdir / "preferences.jsonl", rows)
     fit = reports[None]

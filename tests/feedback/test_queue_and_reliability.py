@@ -594,3 +594,29 @@ def test_gold_every_puts_a_gold_item_at_every_kth_task_until_all_are_answered(tm
     assert "".join(kinds) == "GiiGiiGiiiiiiiiii"[:len(kinds)] and kinds.count("G") == 3 and len(kinds) == 15
     with pytest.raises(FeedbackError, match="gold_every"):
         svc.create_project("h", "pairwise", gold_every=0)
+
+
+def test_a_fit_made_after_the_export_covers_it_while_people_keep_labelling(svc):
+    from rlhfkit.feedback.export import add_reliability_columns
+
+    p = svc.create_project("live", run="live", round=1)
+    svc.add_items(p.id, [pair(i, priority=float(-i)) for i in range(4)])
+    ann, bob = svc.ensure_user("ann").id, svc.ensure_user("bob").id
+
+    def judge(user: int) -> None:
+        task = svc.next_task(user, p.id)
+        svc.submit(user, task.assignment_id, sid(), outcome="A", strength="better")
+
+    judge(ann)
+    judge(bob)
+    early = reliability_reports(svc, [p.id])  # a fit made before the export ...
+    rows, _ = export_run_rows(svc, "live")
+    judge(ann)  # ... and a label that arrives in between
+    rows_now, _ = export_run_rows(svc, "live")
+    with pytest.raises(UserError, match="no posterior for item .* fit it over the exported projects"):
+        add_reliability_columns(rows_now, early)
+    # the order the rounds loop uses: export, then fit; a label arriving after the export is in the fit, harmless
+    judge(bob)
+    add_reliability_columns(rows_now, reliability_reports(svc, [p.id]))
+    assert len(rows_now) == 3 and all(0.0 <= r["confidence"] <= 1.0 and "annotator_accuracy" in r for r in rows_now)
+    assert len(rows) == 2

@@ -127,6 +127,13 @@ def _add_reliability(info: ProjectInfo, rows: list[dict[str, Any]], reliability:
     if info.mode != "pairwise" or kto:
         raise UserError(f"reliability columns are for preference pairs of pairwise projects; project {info.name!r} "
                         f"is a {info.mode} project{' exported as KTO rows' if kto else ''}, so drop reliability.")
+    add_reliability_columns(rows, reliability)
+
+
+def add_reliability_columns(rows: list[dict[str, Any]], reliability: Reliability) -> None:
+    """Give exported pair rows `confidence` and `annotator_accuracy` from a fit of their judgments. Fit after
+    exporting (a fit may cover judgments the rows lack, never the other way round): while people keep labelling,
+    a fit made first can miss a judgment the export then reads."""
     reports = {reliability.criterion: reliability} if isinstance(reliability, ReliabilityReport) else reliability
     for row in rows:
         criterion = row.get("criterion")
