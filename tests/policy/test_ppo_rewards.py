@@ -141,7 +141,9 @@ for step in range(3):  # the same global batches as the one-process run: 8 per s
     share = slice(4 * acc.process_index, 4 * acc.process_index + 4) if acc.num_processes == 2 else slice(0, 8)
     combined, metrics = combine_global(run, rewards, {"help": help_[share], "safe": safe[share]}, risky[share])
     out.append({"combined": combined.tolist(), "metrics": metrics})
-print("RESULT" + json.dumps({"rank": acc.process_index, "steps": out}), flush=True)
+# one file per process: two processes printing to one pipe can interleave their lines
+with open(f"{sys.argv[2]}.rank{acc.process_index}.json", "w") as fh:
+    json.dump({"rank": acc.process_index, "steps": out}, fh)
 acc.wait_for_everyone()
 if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()
@@ -161,19 +163,19 @@ def test_two_processes_combine_over_the_global_batch_as_one_does(tmp_path, combi
 
     script = tmp_path / "combine_global.py"
     script.write_text(_GLOBAL)
-    one = subprocess.run([sys.executable, str(script), combine], capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, str(script), combine, str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", str(script), combine],
+                          "--mixed_precision", "no", "--dynamo_backend", "no", str(script), combine, str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert two.returncode == 0, two.stderr[-3000:]
 
-    def results(proc):
-        return [json.loads(line[len("RESULT"):]) for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    def results(stem):
+        return [json.loads(p.read_text()) for p in sorted(tmp_path.glob(f"{stem}.rank*.json"))]
 
-    (single,) = results(one)
-    ranks = sorted(results(two), key=lambda r: r["rank"])
+    (single,) = results("one")
+    ranks = sorted(results("two"), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1]
     for step, want in enumerate(single["steps"]):
         got = ranks[0]["steps"][step]["combined"] + ranks[1]["steps"][step]["combined"]
