@@ -36,6 +36,11 @@ SIZES: dict[str, dict[str, Any]] = {
                        rm_hidden=128, rm_layers=2),
     "tiny": dict(data="synthetic", vocab=1000, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, max_positions=128,
                  rm_hidden=32, rm_layers=1, prompt=16, completion=16, rl_prompt=8, rl_completion=8),
+    # a real model's vocabulary (Qwen2's 151,936 tokens) on a small Llama, 1,024-token sequences: the logits, not
+    # the model, set peak memory (run with --workloads dpo,grpo; the memory rows of RESULTS.md)
+    "vocab152k": dict(data="synthetic", vocab=151936, hidden=128, layers=2, heads=4, kv_heads=2, mlp=256,
+                      max_positions=1100, rm_hidden=32, rm_layers=1, prompt=512, completion=512, rl_prompt=512,
+                      rl_completion=512),
     "0.4b": dict(data="synthetic", vocab=32000, hidden=896, layers=24, heads=14, kv_heads=2, mlp=4864,
                  max_positions=1024, rm_hidden=256, rm_layers=2, prompt=256, completion=256, rl_prompt=128,
                  rl_completion=128),
@@ -55,6 +60,12 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "rm": dict(batch=8, steps=10, warmup=3, lr=1e-5),
         "dpo": dict(batch=8, steps=10, warmup=3, lr=1e-6, beta=0.1),
         "rl": dict(batch=16, k=4, steps=3, warmup=1, lr=1e-6, beta=0.04, temperature=1.0, eval_max_new_tokens=32),
+    },
+    "vocab152k": {
+        "sft": dict(batch=2, steps=3, warmup=1, lr=1e-5),
+        "rm": dict(batch=2, steps=3, warmup=1, lr=1e-5),
+        "dpo": dict(batch=2, steps=3, warmup=1, lr=1e-6, beta=0.1),
+        "rl": dict(batch=2, k=4, steps=2, warmup=1, lr=1e-6, beta=0.04, temperature=1.0, eval_max_new_tokens=16),
     },
     "tiny": {
         "sft": dict(batch=4, steps=6, warmup=2, lr=1e-4),

@@ -7,13 +7,16 @@ sampling temperature are handled in one place. What we save loads with plain `tr
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
+import torch.utils.checkpoint
 
 from rlhfkit.errors import UserError
 
@@ -277,33 +280,194 @@ def logprobs_of(
     temperature: float = 1.0,
     position_ids: torch.Tensor | None = None,
     return_entropy: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    start: int = 0,
+    keep: torch.Tensor | None = None,
+    with_output: bool = False,
+) -> Any:
     """Log-probability of each token given the ones before it.
 
-    input_ids, attention_mask: (B, T), mask 1 = real token. Returns (B, T-1): entry t is log p(x_{t+1} | x_<=t).
-    temperature divides the logits, matching the sampler (N implementation details of RLHF: training logits
-    are divided by the sampling temperature, else the ratio and KL are computed against a different policy).
-    attention_mask may also be a 4D (B, 1, T, T) additive mask (packed sequences); then pass position_ids."""
+    input_ids, attention_mask: (B, T), mask 1 = real token. Returns (B, T-1-start): entry t is
+    log p(x_{start+t+1} | x_<=start+t). temperature divides the logits, matching the sampler (N implementation
+    details of RLHF: training logits are divided by the sampling temperature, else the ratio and KL are computed
+    against a different policy). attention_mask may also be a 4D (B, 1, T, T) additive mask (packed sequences);
+    then pass position_ids. keep: (B, T-1-start) bool, the entries that are needed; the others come back 0 and
+    their logits are never computed. with_output: also return the model's own output (its logits hold only the
+    last position on the fast path).
+
+    The LM head runs on the final hidden states in chunks of rows (recomputed chunk by chunk in backward), so
+    the (B, T, V) logits are never materialised: with a 150k-token vocabulary they, not the model, would set
+    peak memory. Values and gradients are those of the full logits (tested). A model whose output is more than
+    its head's linear map (logit scaling, soft-capping, a LoRA head) is detected on its first call and takes the
+    full-logits path."""
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
+    lm = causal_lm_of(model)
+    head = output_head(lm) if lm is not None else None
+    if head is not None:
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(_module: Any, _args: Any, output: Any) -> None:
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        hook = lm.get_decoder().register_forward_hook(grab)
+        try:
+            out = model(input_ids=input_ids, attention_mask=model_mask(attention_mask, model),
+                        position_ids=position_ids, use_cache=False, logits_to_keep=1)
+        finally:
+            hook.remove()
+        hidden = captured.get("hidden")
+        if hidden is not None and _head_matches(lm, head, hidden, _logits_of(out)):
+            result = logprobs_from_hidden(hidden, head, input_ids, temperature, return_entropy, start, keep)
+            return (result, out) if with_output else result
     out = model(input_ids=input_ids, attention_mask=model_mask(attention_mask, model), position_ids=position_ids,
                 use_cache=False)
-    return token_logprobs(out.logits, input_ids, temperature, return_entropy)
+    result = token_logprobs(_logits_of(out), input_ids, temperature, return_entropy, start, keep)
+    return (result, out) if with_output else result
 
 
 def token_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False,
+    start: int = 0, keep: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Next-token log-probs (and entropies) from a forward pass's logits (B, T, V); returns (B, T-1)."""
-    logits = logits[:, :-1].float()  # (B, T-1, V)
+    """Next-token log-probs (and entropies) from a forward pass's logits (B, T, V); returns (B, T-1-start), 0
+    where keep (B, T-1-start) is False."""
+    lp, ent = _logprobs_rows(logits[:, start:-1], input_ids[:, start + 1 :], temperature, return_entropy)
+    if keep is not None:
+        lp = lp * keep
+        ent = ent * keep if ent is not None else None
+    return (lp, ent) if return_entropy else lp
+
+
+def _logprobs_rows(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) and (if asked) the entropy of each row of logits (..., V), in float32."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, 1:]  # (B, T-1)
-    # gather minus logsumexp avoids materialising the full (B, T, V) log-softmax a second time
-    normaliser = torch.logsumexp(logits, dim=-1)  # (B, T-1)
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser  # (B, T-1)
-    if not return_entropy:
-        return logprobs
+    # gather minus logsumexp avoids materialising a log-softmax the size of the logits
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
+    if not entropy:
+        return logprobs, None
     probs = torch.softmax(logits, dim=-1)
-    entropy = normaliser - (probs * logits).sum(-1)  # (B, T-1)
-    return logprobs, entropy
+    return logprobs, normaliser - (probs * logits).sum(-1)
+
+
+# ------------------------------------------------------------------------------ the LM head, chunk by chunk
+# One chunk's float32 logits take about this many bytes (a few copies live at once inside a chunk): 128 MiB is
+# ~220 rows of a 152k-token vocabulary, and the whole batch at once for the playground's.
+LOGIT_CHUNK_BYTES = 128 * 2**20
+_HEAD_CHECKED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+# config fields of families whose logits are more than hidden @ W^T (Gemma 2/3 soft-capping, Cohere and Granite
+# scaling): they take the full-logits path without trying
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def causal_lm_of(model: Any) -> Any | None:
+    """The Hugging Face causal LM inside the wrappers training puts around it (DDP, torch.compile, peft, a
+    module carrying a value head that names it `causal_lm`), or None."""
+    for _ in range(8):
+        if is_peft(model):
+            model = model.get_base_model()
+        elif hasattr(model, "causal_lm"):
+            model = model.causal_lm
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            break
+    return model if hasattr(model, "get_output_embeddings") and hasattr(model, "get_decoder") else None
+
+
+def output_head(lm: Any) -> torch.nn.Linear | None:
+    """The LM's head when logits are exactly its linear map of the final hidden state, else None."""
+    if _HEAD_CHECKED.get(lm) is False:
+        return None
+    try:
+        head = lm.get_output_embeddings()
+        lm.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    config = getattr(lm, "config", None)
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks or any(getattr(config, k, None) not in (None, 1, 1.0)
+                                                for k in _LOGIT_TRANSFORMS):
+        return None
+    parameters = inspect.signature(lm.forward).parameters
+    if "logits_to_keep" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return head
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
+@torch.no_grad()
+def _head_matches(lm: Any, head: torch.nn.Linear, hidden: torch.Tensor, last_logits: torch.Tensor) -> bool:
+    """On an LM's first call: do its last-position logits equal its head applied to the captured hidden state?
+    A model that scales or caps logits in a way no config field says fails here and is remembered."""
+    known = _HEAD_CHECKED.get(lm)
+    if known is not None:
+        return known
+    ours = torch.nn.functional.linear(hidden[:, -1], head.weight, head.bias).float()
+    theirs = last_logits[:, -1].float()
+    tolerance = 1e-4 if theirs.dtype == ours.dtype == torch.float32 and hidden.dtype == torch.float32 else 2e-2
+    scale = theirs.abs().max().clamp(min=1e-6)
+    ok = bool(ours.shape == theirs.shape and ((ours - theirs).abs().max() <= tolerance * scale).item())
+    if not ok:
+        log.warning("%s: its logits are not its output head's linear map; log-probs use the full logits "
+                    "(more memory with a large vocabulary).", type(lm).__name__)
+    _HEAD_CHECKED[lm] = ok
+    return ok
+
+
+def logprobs_from_hidden(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tensor,
+                         temperature: float = 1.0, return_entropy: bool = False, start: int = 0,
+                         keep: torch.Tensor | None = None, chunk_bytes: int | None = None) -> Any:
+    """logprobs_of's result from the final hidden states (B, T, H) and the LM head, chunk by chunk."""
+    B, T = input_ids.shape
+    h = hidden[:, start:-1]  # (B, T-1-start, H): position t predicts token t+1
+    targets = input_ids[:, start + 1 :]  # (B, T-1-start)
+    if keep is None:
+        rows, row_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    else:
+        keep = keep.bool()
+        rows, row_targets = h[keep], targets[keep]  # (N, H), (N,)
+    lp, ent = chunked_head_logprobs(rows, head.weight, head.bias, row_targets, temperature, return_entropy,
+                                    chunk_bytes)
+
+    def place(values: torch.Tensor) -> torch.Tensor:
+        if keep is None:
+            return values.view(B, T - 1 - start)
+        return values.new_zeros((B, T - 1 - start)).masked_scatter(keep, values)
+
+    return (place(lp), place(ent)) if return_entropy else place(lp)
+
+
+def _head_chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                temperature: float, entropy: bool) -> Any:
+    lp, ent = _logprobs_rows(torch.nn.functional.linear(h, weight, bias), targets, temperature, entropy)
+    return (lp, ent) if entropy else lp
+
+
+def chunked_head_logprobs(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          targets: torch.Tensor, temperature: float = 1.0, entropy: bool = False,
+                          chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) (and entropy) of hidden rows (N, H) under the head (V, H), a chunk of rows at a time.
+    Under autograd each chunk is checkpointed: its logits are recomputed in backward, never stored."""
+    n, vocab = rows.shape[0], weight.shape[0]
+    size = max(1, (chunk_bytes or LOGIT_CHUNK_BYTES) // (4 * vocab))
+    if n <= size:
+        out = _head_chunk(rows, weight, bias, targets, temperature, entropy)
+        return out if entropy else (out, None)
+    grad = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)
+    lps, ents = [], []
+    for s in range(0, n, size):
+        args = (rows[s : s + size], weight, bias, targets[s : s + size], temperature, entropy)
+        out = (torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False) if grad
+               else _head_chunk(*args))
+        lps.append(out[0] if entropy else out)
+        if entropy:
+            ents.append(out[1])
+    return torch.cat(lps), (torch.cat(ents) if entropy else None)

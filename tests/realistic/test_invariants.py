@@ -112,6 +112,42 @@ def test_sampler_logprobs_equal_training_logprobs_and_rollouts_end_at_eos(family
             assert row[n - 1] == tok.eos_token_id and (row[: n - 1] != tok.eos_token_id).all()
 
 
+def test_log_probs_from_the_head_in_chunks_equal_the_full_logits_with_gradients(family, monkeypatch):
+    """Each family's real layout (Qwen2 and Llama's untied or tied head, GPT-2's tied wte) takes the chunked LM
+    head, and its log-probs and gradients are the full logits' on templated, padded batches."""
+    import rlhfkit.models as models
+    from rlhfkit.models import position_ids_from_mask, token_logprobs
+    from rlhfkit.data.collate import sequence_batch
+
+    tok = load_tokenizer(str(family.path))
+    model = load_causal_lm(str(family.path), tok)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(models, "LOGIT_CHUNK_BYTES", 4 * vocab * 5)  # 5 rows a chunk: several per batch
+    rows = []
+    for _, prompt, chosen, rejected in cases(family):
+        for response in (chosen, rejected):
+            p = encode_prompt(tok, prompt)
+            rows.append(p + tok(response if isinstance(response, str) else response[0]["content"],
+                                add_special_tokens=False)["input_ids"])
+    batch = sequence_batch(rows, tok.pad_token_id, False)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        if chunked:
+            lp = logprobs_of(model, ids, mask, temperature=0.9)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+            lp = token_logprobs(out.logits, ids, 0.9)
+        lp = lp * mask[:, 1:]
+        lp.sum().backward()
+        results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert models._HEAD_CHECKED.get(models.causal_lm_of(model)) is True  # the chunked path ran
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=2e-5, msg=n)
+
+
 def test_chat_flag_reads_string_prompts_as_a_user_turn_in_every_stage(family_dir, tmp_path):
     """--chat: data that stores prompts as text (UltraFeedback's `prompt` column) used with a chat model; every
     reader then gives the same templated prompt ids."""

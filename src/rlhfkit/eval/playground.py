@@ -66,8 +66,8 @@ def sequence_kl(policy: Any, ref: Any, rollout: Rollout, temperature: float = 1.
     ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)  # (B, P+R)
     mask = torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1)  # (B, P+R)
     P = rollout.prompt_ids.shape[1]
-    lp = logprobs_of(policy, ids, mask, temperature)[:, P - 1 :]  # (B, R): log-probs of the response tokens
-    lp_ref = logprobs_of(ref, ids, mask, temperature)[:, P - 1 :]
+    lp = logprobs_of(policy, ids, mask, temperature, start=P - 1)  # (B, R): log-probs of the response tokens
+    lp_ref = logprobs_of(ref, ids, mask, temperature, start=P - 1)
     return float(((lp - lp_ref) * rollout.response_mask).sum(-1).mean())
 
 

@@ -29,7 +29,7 @@ from rlhfkit.losses.advantages import (
 from rlhfkit.losses.masked import aggregate
 from rlhfkit.losses.ppo import ppo_policy_loss, ppo_value_loss
 from rlhfkit.generation import Rollout, sample
-from rlhfkit.models import load_causal_lm, load_tokenizer, position_ids_from_mask, token_logprobs
+from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of, position_ids_from_mask
 from rlhfkit.reward.combine import CombineConfig, RewardSet, load_reward_set, read_risky_flags
 from rlhfkit.reward.model import load_reward_ensemble, score_texts
 from rlhfkit.train import Run, check_finite
@@ -216,10 +216,17 @@ class PolicyWithValue(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids_from_mask(attention_mask), output_hidden_states=True,
-                          use_cache=False)
+    @property
+    def causal_lm(self) -> Any:  # models.causal_lm_of finds the LM head through this
+        return self.policy
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                use_cache: bool = False, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, logits_to_keep or T, V), values (B, T))."""
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=True, use_cache=use_cache, logits_to_keep=logits_to_keep)
         values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, T)
         return out.logits, values
 
@@ -258,13 +265,14 @@ def response_forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, P: int, 
                      entropy: bool = False):
     """Log-probs (B, R), values (B, R) and optionally entropies (B, R) of the response tokens. ids: prompt (P,
     left-padded) + response (R, right-padded). Training logits are divided by the sampling temperature
-    (N implementation details), so the ratio compares the distributions actually sampled from."""
-    logits, values = model(ids, mask)  # (B, T, V), (B, T)
-    out = token_logprobs(logits, ids, temperature, return_entropy=entropy)
+    (N implementation details), so the ratio compares the distributions actually sampled from. The LM head
+    runs only on the response positions (models.logprobs_of)."""
+    out, (_, values) = logprobs_of(model, ids, mask, temperature, return_entropy=entropy, start=P - 1,
+                                   with_output=True)  # (B, R) [, (B, R)]; values (B, T)
     if entropy:
         lp, ent = out
-        return lp[:, P - 1 :], values[:, P - 1 : -1], ent[:, P - 1 :]
-    return out[:, P - 1 :], values[:, P - 1 : -1]
+        return lp, values[:, P - 1 : -1], ent
+    return out, values[:, P - 1 : -1]
 
 
 @torch.no_grad()
@@ -273,12 +281,8 @@ def reference_logprobs(ref: Any | None, policy_net: Any, ids: torch.Tensor, mask
     """Log-probs under pi_ref: a frozen copy, or (LoRA) the same network with the adapter disabled."""
     if ref is None:
         with policy_net.disable_adapter():
-            logits = policy_net(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                use_cache=False).logits
-    else:
-        logits = ref(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                     use_cache=False).logits
-    return token_logprobs(logits, ids, temperature)[:, P - 1 :]
+            return logprobs_of(policy_net, ids, mask, temperature, start=P - 1)
+    return logprobs_of(ref, ids, mask, temperature, start=P - 1)
 
 
 @torch.no_grad()

@@ -68,8 +68,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ log π over each row's response tokens, and the response lengths: (N,), (N,)."""
-    logprobs = logprobs_of(model, batch["input_ids"], batch["attention_mask"])  # (N, T-1), entry t scores token t+1
-    return sequence_logps(logprobs, batch["response_mask"][:, 1:])  # (N,), (N,)
+    response = batch["response_mask"][:, 1:]  # (N, T-1): the LM head runs on these positions only
+    logprobs = logprobs_of(model, batch["input_ids"], batch["attention_mask"], keep=response)  # entry t: token t+1
+    return sequence_logps(logprobs, response)  # (N,), (N,)
 
 
 @contextlib.contextmanager

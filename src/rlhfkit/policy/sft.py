@@ -67,9 +67,10 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 def token_nll(model: Any, batch: dict[str, torch.Tensor], num_tokens: torch.Tensor | None = None):
     """Loss and stats for one (micro-)batch; batch from collate_sft or collate_packed."""
+    loss_mask = batch["loss_mask"][:, 1:]  # (B, T-1): the LM head runs on these positions only
     logprobs = logprobs_of(model, batch["input_ids"], batch["attention_mask"],
-                           position_ids=batch.get("position_ids"))  # (B, T-1)
-    return sft_loss(logprobs, batch["loss_mask"][:, 1:], num_tokens)
+                           position_ids=batch.get("position_ids"), keep=loss_mask)  # (B, T-1)
+    return sft_loss(logprobs, loss_mask, num_tokens)
 
 
 @torch.no_grad()
