@@ -91,6 +91,8 @@ ALL_WORKLOADS = ["sft", "rm", "dpo", "grpo", "ppo", "rloo"]
 TARGETS = {"cpu": {"sft": 1.3, "rm": 1.3, "dpo": 1.3, "grpo": 2.0, "rloo": 2.0, "ppo": 2.0},
            "cuda": {"dpo": 1.5, "grpo": 4.0, "rloo": 4.0, "ppo": 4.0}}
 """Issue #10's throughput targets (rlhfkit / TRL); peak memory at most TRL's is judged beside them (memory_le_trl)."""
+MEMORY_TARGETS = {"vocab152k": 0.5}
+"""Peak-memory targets (rlhfkit / TRL) by model size: with a real vocabulary the log-prob path sets the peak."""
 BUDGET_WEIGHT = {"sft": 0.8, "rm": 0.8, "dpo": 1.0, "grpo": 2.2, "rloo": 2.2, "ppo": 2.2}
 """Relative time each workload group needs (RL steps generate, so they take longest)."""
 
@@ -226,6 +228,7 @@ def build_spec(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         s["items_per_step"] = {"sft": s["batch"] * assets["sft_mean_tokens"]}.get(w, s["batch"] * s.get("k", 1))
         workloads[w] = s
     return {"device": args.device, "seed": args.seed, "workdir": str(workdir), "compile": args.compile,
+            "model_size": args.model_size,
             "quality_last": 5 if not args.quick else 2, **assets, "workloads": workloads}
 
 
@@ -396,6 +399,12 @@ def rows_of(group: str, results: dict[tuple[str, str], list[dict[str, Any]]], sp
                              row["ratio"] >= row["target_ratio"])
         row["memory_le_trl"] = (None if row["ours_peak_mb"] is None or row["trl_peak_mb"] is None else
                                 row["ours_peak_mb"] <= row["trl_peak_mb"])
+        row["memory_ratio"] = (row["ours_peak_mb"] / row["trl_peak_mb"] if row["memory_le_trl"] is not None
+                               else None)
+        row["memory_target"] = MEMORY_TARGETS.get(spec.get("model_size", ""))
+        if row["memory_target"] is not None:
+            row["memory_target_met"] = (None if row["memory_ratio"] is None else
+                                        row["memory_ratio"] <= row["memory_target"])
         if spec["device"] == "cuda":  # memory a repetition left allocated in its (persistent) worker
             row["leftover_mb"] = max([r.get("leftover_mb", 0.0) for r in runs + trl_runs] or [0.0])
         if w in RL:
@@ -440,7 +449,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             if "ours_gen_fraction" in r else "",
             str(r["reps"]),
             ("" if r.get("target_met") is None else f"{r['target_ratio']}x: {'met' if r['target_met'] else 'MISSED'}")
-            + ("" if r.get("memory_le_trl") in (None, True) else "; memory > TRL"),
+            + ("" if r.get("memory_le_trl") in (None, True) else "; memory > TRL")
+            + ("" if r.get("memory_target_met") is None else
+               f"{'; ' if r.get('target_met') is not None else ''}memory {fmt(r['memory_ratio'], '.2f')}x "
+               f"(≤ {r['memory_target']}x): {'met' if r['memory_target_met'] else 'MISSED'}"),
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["| " + " | ".join(c.ljust(wd) for c, wd in zip(row, widths)) + " |" for row in lines]

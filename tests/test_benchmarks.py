@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"workload", "unit", "ours_per_s", "trl_per_s", "ratio", "ours_peak_mb", "trl_peak_mb", "ours_quality",
-            "trl_quality", "device"}
+            "trl_quality", "device", "memory_ratio"}
 
 
 @pytest.mark.slow
@@ -32,6 +32,7 @@ def test_vs_trl_writes_one_row_per_workload_with_the_documented_fields(tmp_path)
         for key in ("ours_per_s", "trl_per_s", "ours_peak_mb", "trl_peak_mb"):
             assert row[key] > 0, key
         assert row["ratio"] == pytest.approx(row["ours_per_s"] / row["trl_per_s"])  # one repetition: one pair
+        assert row["memory_ratio"] == pytest.approx(row["ours_peak_mb"] / row["trl_peak_mb"])
         assert isinstance(row["ours_quality"], float) and isinstance(row["trl_quality"], float)
     assert rows[0]["unit"] == "pairs" and rows[1]["unit"] == rows[2]["unit"] == "completions"
     assert rows[2]["trl"] == "GRPOTrainer" and rows[2]["trl_runs"] == rows[1]["trl_runs"]  # PPO shares GRPO's TRL runs

@@ -292,7 +292,7 @@ def logprobs_of(
     against a different policy). attention_mask may also be a 4D (B, 1, T, T) additive mask (packed sequences);
     then pass position_ids. keep: (B, T-1-start) bool, the entries that are needed; the others come back 0 and
     their logits are never computed. with_output: also return the model's own output (its logits hold only the
-    last position on the fast path).
+    last position on the fast path). Entropies come without gradient (a metric).
 
     The LM head runs on the final hidden states in chunks of rows (recomputed chunk by chunk in backward), so
     the (B, T, V) logits are never materialised: with a 150k-token vocabulary they, not the model, would set
@@ -340,7 +340,7 @@ def token_logprobs(
 
 def _logprobs_rows(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) and (if asked) the entropy of each row of logits (..., V), in float32."""
+    """log p(target) and (if asked) the entropy, without gradient, of each row of logits (..., V), in float32."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -349,8 +349,11 @@ def _logprobs_rows(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
     if not entropy:
         return logprobs, None
-    probs = torch.softmax(logits, dim=-1)
-    return logprobs, normaliser - (probs * logits).sum(-1)
+    # the entropy is a metric, never a loss term here: computed without autograd, so a checkpointed chunk's
+    # recomputation leaves no softmax behind that no backward step would ever consume
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        return logprobs, normaliser - (probs * logits).sum(-1)
 
 
 # ------------------------------------------------------------------------------ the LM head, chunk by chunk
