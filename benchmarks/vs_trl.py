@@ -88,9 +88,10 @@ QUALITY = {"sft": "training loss, mean of the last {n} steps", "rm": "training l
            "rl": "mean reward-model score of the trained policy's samples on the first batch of prompts, sampled "
                  "and scored identically for both sides (train_reward: the trainer's own logged reward)"}
 ALL_WORKLOADS = ["sft", "rm", "dpo", "grpo", "ppo", "rloo"]
-TARGETS = {"cpu": {"sft": 1.3, "rm": 1.3, "dpo": 1.3, "grpo": 2.0, "rloo": 2.0, "ppo": 2.0},
-           "cuda": {"dpo": 1.5, "grpo": 4.0, "rloo": 4.0, "ppo": 4.0}}
-"""Issue #10's throughput targets (rlhfkit / TRL); peak memory at most TRL's is judged beside them (memory_le_trl)."""
+TARGETS = {"cpu": {"sft": 1.3, "rm": 1.3, "dpo": 1.3, "grpo": 1.5, "rloo": 1.5, "ppo": 1.5},
+           "cuda": {"dpo": 2.5, "grpo": 7.0, "rloo": 7.0, "ppo": 7.0, "sft": 1.5, "rm": 1.5}}
+"""Throughput targets (rlhfkit / TRL); DPO's is judged counting rlhfkit's one-off reference pass over the one epoch
+of data. Peak memory at most TRL's is judged beside them (memory_le_trl)."""
 MEMORY_TARGETS = {"vocab152k": 0.5}
 """Peak-memory targets (rlhfkit / TRL) by model size: with a real vocabulary the log-prob path sets the peak."""
 BUDGET_WEIGHT = {"sft": 0.8, "rm": 0.8, "dpo": 1.0, "grpo": 2.2, "rloo": 2.2, "ppo": 2.2}
@@ -424,6 +425,8 @@ def rows_of(group: str, results: dict[tuple[str, str], list[dict[str, Any]]], sp
                 pairs = s["batch"] * s["steps"]
                 row["ours_per_s_incl_ref"] = pairs / (pairs / row["ours_per_s"] + ref)
                 row["ratio_incl_ref"] = (row["ours_per_s_incl_ref"] / row["trl_per_s"]) if row["trl_per_s"] else None
+            if row.get("ratio_incl_ref") is not None and row["target_ratio"] is not None:
+                row["target_met"] = row["ratio_incl_ref"] >= row["target_ratio"]
         if w == "sft":
             row["tokens_per_example"] = spec["sft_mean_tokens"]
         rows.append(row)
@@ -448,7 +451,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{fmt(r.get('ours_gen_fraction'), '.0%')}/{fmt(r.get('trl_gen_fraction'), '.0%')}"
             if "ours_gen_fraction" in r else "",
             str(r["reps"]),
-            ("" if r.get("target_met") is None else f"{r['target_ratio']}x: {'met' if r['target_met'] else 'MISSED'}")
+            ("" if r.get("target_met") is None else
+             f"{r['target_ratio']}x{' incl. ref pass' if r.get('ratio_incl_ref') is not None else ''}: "
+             f"{'met' if r['target_met'] else 'MISSED'}")
             + ("" if r.get("memory_le_trl") in (None, True) else "; memory > TRL")
             + ("" if r.get("memory_target_met") is None else
                f"{'; ' if r.get('target_met') is not None else ''}memory {fmt(r['memory_ratio'], '.2f')}x "
