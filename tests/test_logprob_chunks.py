@@ -186,3 +186,27 @@ def test_bf16_autocast_matches_the_full_path_to_bf16_precision(small_chunks):
         want = full_logprobs(model, ids, mask)
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_hf_generate_backend_never_holds_every_steps_logits(small_chunks):
+    """The hf sampler used to ask generate for each step's logits (B × R × V floats); its log-probs now come from
+    one forward with the head in chunks, equal to the training path's, and no tensor near B × R × V exists."""
+    from rlhfkit.generation import Decoding, generate_hf
+
+    model = llama().eval()
+    ids, mask = batch(B=4, T=6)
+    mask[:] = 1
+    decoding = Decoding(max_new_tokens=60, eos_token_id=2, pad_token_id=0, temperature=0.9, top_p=0.9, top_k=50)
+    torch.manual_seed(0)
+    with LargestTensor() as seen:
+        response, lp, flp = generate_hf(model, ids, mask, decoding)
+    assert response.shape[0] == 4 and response.shape[1] <= 60
+    # the head's weight (V × 32) is the largest tensor left; every step's logits would be 4 × 60 × V
+    assert seen.largest <= V * 32 < 4 * 60 * V / 4, seen.largest
+    full = torch.cat([ids, response], 1)
+    real = torch.cat([mask, torch.ones_like(response)], 1)
+    want = full_logprobs(model, full, real, 0.9, start=ids.shape[1] - 1)
+    ended = (response == 2).long()
+    live = (ended.cumsum(-1) - ended) == 0
+    torch.testing.assert_close(lp[live], want[live], rtol=1e-5, atol=1e-5)
+    assert (flp[live] >= lp[live] - 1e-6).all()  # the truncated distribution puts at least as much on a kept token

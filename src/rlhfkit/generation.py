@@ -24,6 +24,7 @@ import torch
 
 from rlhfkit.compat import declares_static_cache
 from rlhfkit.data.encoding import encode_prompt
+from rlhfkit import models
 from rlhfkit.models import position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -364,34 +365,58 @@ def generate_hf(
     attention_mask: torch.Tensor,
     decoding: Decoding,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hugging Face `generate` (dynamic cache); same contract as `generate_static`. The log-probs come from the
-    raw per-step logits generate returns, scaled by the temperature as the sampler did."""
+    """Hugging Face `generate` (dynamic cache); same contract as `generate_static`. The log-probs are recomputed
+    after generation by one forward over prompt + response, the LM head applied in chunks of rows
+    (`models.final_hidden`): asking generate for every step's logits would hold B × R × V floats, 20 GB for 64
+    answers of 512 tokens with a 152k-token vocabulary."""
     max_new_tokens, eos_token_id, pad_token_id = decoding.max_new_tokens, decoding.eos_token_id, decoding.pad_token_id
     temperature, top_p, top_k = decoding.temperature, decoding.top_p, decoding.top_k
     greedy = temperature <= 0
-    out = model.generate(
+    sequences = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
         temperature=None if greedy else temperature, top_p=None if greedy else top_p,
         top_k=None if greedy else (top_k or 0), pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-        output_logits=True, return_dict_in_generate=True,
     )
-    response = out.sequences[:, input_ids.shape[1] :]  # (B, R)
-    logits = torch.stack(out.logits, dim=1).float()  # (B, R, V) raw, before any processor
-    B, R, V = logits.shape
-    flat = logits.reshape(B * R, V)
-    if greedy:
-        lp = torch.log_softmax(flat, -1)
-        flp = lp
-    else:
-        scaled = flat / temperature
-        lp = torch.log_softmax(scaled, -1)
-        flp = torch.log_softmax(top_p_filter(top_k_filter(scaled, top_k), top_p), -1)
-    idx = response.reshape(B * R, 1)
-    logprobs = lp.gather(-1, idx).reshape(B, R)
-    filtered = flp.gather(-1, idx).reshape(B, R)
-    # generate writes pad after a row's EOS: zero the log-probs there (the EOS itself keeps its log-prob)
-    after_eos = (response == eos_token_id).long().cumsum(-1) - (response == eos_token_id).long() > 0  # (B, R)
+    P = input_ids.shape[1]
+    response = sequences[:, P:]  # (B, R)
+    # generate writes pad after a row's EOS: those positions are not attended and get log-prob 0 (the EOS itself
+    # keeps its log-prob)
+    is_eos = (response == eos_token_id).long()
+    after_eos = is_eos.cumsum(-1) - is_eos > 0  # (B, R)
+    mask = torch.cat([attention_mask, (~after_eos).long()], 1)  # (B, P + R)
+    logprobs, filtered = sampled_logprobs(model, sequences, mask, P, decoding)
     return response, logprobs.masked_fill(after_eos, 0.0), filtered.masked_fill(after_eos, 0.0)
+
+
+def sampled_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, P: int, decoding: Decoding
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) log-probs of the response tokens ids[:, P:] under the tempered full distribution and under the
+    top-k / top-p truncated one, from one forward; the logits are formed a chunk of rows at a time."""
+    B, T = ids.shape
+    targets = ids[:, P:].reshape(-1)  # (B * R,)
+    positions = position_ids_from_mask(mask)
+    found = models.final_hidden(model, ids, mask, positions)
+    if found is None:  # a model whose logits are more than its head's map: its own full logits
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        rows, head = out.logits[:, P - 1 : T - 1].reshape(B * (T - P), -1), None
+    else:
+        hidden, head, _ = found
+        rows = hidden[:, P - 1 : T - 1].reshape(B * (T - P), -1)  # (B * R, H)
+    vocab = head.weight.shape[0] if head is not None else rows.shape[-1]
+    size = max(1, models.LOGIT_CHUNK_BYTES // (4 * vocab))  # read at call time: tests shrink it
+    greedy = decoding.temperature <= 0
+    filtering = not greedy and (0 < decoding.top_k < vocab or decoding.top_p < 1.0)
+    lps, flps = [], []
+    for s in range(0, rows.shape[0], size):
+        chunk = rows[s : s + size]
+        logits = (chunk if head is None else torch.nn.functional.linear(chunk, head.weight, head.bias)).float()
+        scaled = logits if greedy else logits / decoding.temperature  # (n, V)
+        t = targets[s : s + size, None]
+        lps.append(torch.log_softmax(scaled, -1).gather(-1, t).squeeze(-1))
+        flps.append(torch.log_softmax(top_p_filter(top_k_filter(scaled, decoding.top_k), decoding.top_p), -1)
+                    .gather(-1, t).squeeze(-1) if filtering else lps[-1])
+    R = T - P
+    return torch.cat(lps).view(B, R), torch.cat(flps).view(B, R)
 
 
 # ------------------------------------------------------------------------------------------------------ sample

@@ -301,28 +301,41 @@ def logprobs_of(
     full-logits path."""
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    lm = causal_lm_of(model)
-    head = output_head(lm) if lm is not None else None
-    if head is not None:
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab(_module: Any, _args: Any, output: Any) -> None:
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-        hook = lm.get_decoder().register_forward_hook(grab)
-        try:
-            out = model(input_ids=input_ids, attention_mask=model_mask(attention_mask, model),
-                        position_ids=position_ids, use_cache=False, logits_to_keep=1)
-        finally:
-            hook.remove()
-        hidden = captured.get("hidden")
-        if hidden is not None and _head_matches(lm, head, hidden, _logits_of(out)):
-            result = logprobs_from_hidden(hidden, head, input_ids, temperature, return_entropy, start, keep)
-            return (result, out) if with_output else result
+    found = final_hidden(model, input_ids, attention_mask, position_ids)
+    if found is not None:
+        hidden, head, out = found
+        result = logprobs_from_hidden(hidden, head, input_ids, temperature, return_entropy, start, keep)
+        return (result, out) if with_output else result
     out = model(input_ids=input_ids, attention_mask=model_mask(attention_mask, model), position_ids=position_ids,
                 use_cache=False)
     result = token_logprobs(_logits_of(out), input_ids, temperature, return_entropy, start, keep)
     return (result, out) if with_output else result
+
+
+def final_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.nn.Linear, Any] | None:
+    """One forward that computes the logits of the last position only: (the decoder's final hidden states
+    (B, T, H), the LM head that maps them to logits, the model's output), or None for a model whose logits are
+    not exactly that head's map of those states (the caller then asks for the full logits)."""
+    lm = causal_lm_of(model)
+    head = output_head(lm) if lm is not None else None
+    if head is None:
+        return None
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_module: Any, _args: Any, output: Any) -> None:
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    hook = lm.get_decoder().register_forward_hook(grab)
+    try:
+        out = model(input_ids=input_ids, attention_mask=model_mask(attention_mask, model), position_ids=position_ids,
+                    use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = captured.get("hidden")
+    if hidden is None or not _head_matches(lm, head, hidden, _logits_of(out)):
+        return None
+    return hidden, head, out
 
 
 def token_logprobs(
