@@ -185,6 +185,29 @@ def test_reference_cache_is_reused_and_a_stale_one_is_recomputed(tmp_path, tiny_
         assert fh.metadata()["fingerprint"] != metadata["fingerprint"]
 
 
+def test_reference_pass_batched_by_length_equals_one_item_at_a_time(tmp_path, tiny_model):
+    """The reference pass sorts items by length into batches and puts the results back in item order: the cache
+    is the same, item for item, as scoring each item alone."""
+    rows = sum_pairs(30, seed=3)
+    for i, row in enumerate(rows):  # lengths that differ a lot, in no particular order
+        row["chosen"] = row["chosen"].replace(" .", " ." * (1 + (7 * i) % 11))
+    data = write_jsonl(tmp_path / "varied.jsonl", rows)
+    out = tmp_path / "ref"
+    dpo.main(cfg(tiny_model, data, out, max_steps=1, ref_batch_size=7))
+    tables = load_file(str(out / dpo.REF_CACHE))
+    from rlhfkit.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    train, held, _ = dpo.load_data(cfg(tiny_model, data, out), tok)
+    model = load_causal_lm(str(tiny_model), tok).eval()
+    for name, split in (("train", train), ("eval", held)):
+        assert len({len(split.items[i].chosen_input_ids) for i in range(len(split))}) > 3 or name == "eval"
+        with torch.no_grad():
+            alone = torch.stack([reference.sequence_logprobs(model, split.collate_both([i], tok.pad_token_id))[0]
+                                 for i in range(len(split))])  # (N, 2)
+        torch.testing.assert_close(tables[name], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_resume_refuses_a_reference_cache_for_other_inputs(tmp_path, tiny_model, pairs_file):
     out = tmp_path / "run"
     dpo.main(cfg(tiny_model, pairs_file, out, max_steps=2, save_every=2))

@@ -70,8 +70,9 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     disabled, computed on the fly; no cache, no second model). simpo and orpo use no reference."""
     ref_model: str = ""
     """Reference model directory for reference: cached; empty means --model (the usual choice: the SFT policy)."""
-    ref_batch_size: int = 16
-    """Pairs per forward pass while computing the cached reference log-probs."""
+    ref_batch_size: int = 64
+    """Pairs per forward pass while computing the cached reference log-probs (batched by length; the logits are
+    formed a chunk of rows at a time, so a large batch costs hidden states, not B × T × V logits)."""
     eval_data: str = ""
     """Held-out data file; when empty, eval_fraction of --data is held out (deterministically, by seed)."""
     eval_fraction: float = 0.05

@@ -172,11 +172,17 @@ def compute_reference_logps(run: Run, model: Any, data: ReferenceData, pad_id: i
     shares = [list(range(r, n, world)) for r in range(world)]
     shares = [s + [0] * (per - len(s)) for s in shares]  # equal sizes for the gather; padding rows are dropped
     mine = shares[run.rank]
+    # batches of items of similar length (longest first), so little of each forward is padding; the results go
+    # back to the share's order (a row's log-probs do not depend on its batch-mates)
+    seqs = iter(data.sequences())
+    longest = [max(len(next(seqs)[0]), len(next(seqs)[0])) for _ in range(n)]
+    order = sorted(range(len(mine)), key=lambda k: -longest[mine[k]])
     parts = [torch.zeros((0, 2), device=run.accelerator.device)]
     with reference_mode(model, peft_model):
-        for start in range(0, len(mine), batch_size):
-            parts.append(column_logps(run, model, data, mine[start : start + batch_size], pad_id))
-    local = torch.cat(parts)  # (per, 2)
+        for start in range(0, len(order), batch_size):
+            parts.append(column_logps(run, model, data, [mine[k] for k in order[start : start + batch_size]], pad_id))
+    local = torch.empty((len(mine), 2), device=run.accelerator.device)
+    local[torch.tensor(order, dtype=torch.long, device=local.device)] = torch.cat(parts)  # (per, 2), share order
     gathered = (run.accelerator.gather(local) if world > 1 else local).cpu()  # (world * per, 2), rank-major
     items = [i for r in range(world) for i in range(r, n, world)]
     rows = [r * per + k for r in range(world) for k in range(len(range(r, n, world)))]
