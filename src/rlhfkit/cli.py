@@ -36,6 +36,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
              "win rate of a policy against a baseline (AI judge, reward model or gold), position-swapped, with a CI"),
     "serve": ("rlhfkit.serve", "ServeConfig", "OpenAI-compatible HTTP server (completions, chat, logprobs, streaming)"),
     "demo": ("rlhfkit.pipeline", "DemoConfig", "the built-in playground pipeline end to end on a CPU"),
+    "plan": ("rlhfkit.plan", "PlanConfig",
+             "per-GPU memory of a stage under DDP, FSDP, ZeRO-2/3, LoRA, QLoRA, from the model's shape (no GPU)"),
 }
 
 
