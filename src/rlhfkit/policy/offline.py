@@ -44,6 +44,10 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     label_smoothing: float = 0.1
     """cdpo only: assumed probability ε in [0, 0.5) that a preference label is flipped. With a confidence column
     it composes with each row's c as an independent flip: the label is right with probability c(1 - ε) + (1 - c)ε."""
+    padding_free: bool = True
+    """Each micro-batch's chosen and rejected sequences packed into rows as wide as the longest one (block-diagonal
+    attention, positions restarting per sequence), so little of a forward pass is padding; off pads every
+    sequence to the longest. The same log-probs either way (tested). KTO keeps padded rows."""
     use_confidence: bool = True
     """dpo and cdpo: rows with a confidence column (the probability that chosen is truly better, e.g. from
     annotator reliability) train as soft targets, cDPO with a per-row flip probability 1 - confidence; off trains

@@ -67,10 +67,21 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ log π over each row's response tokens, and the response lengths: (N,), (N,)."""
-    response = batch["response_mask"][:, 1:]  # (N, T-1): the LM head runs on these positions only
-    logprobs = logprobs_of(model, batch["input_ids"], batch["attention_mask"], keep=response)  # entry t: token t+1
-    return sequence_logps(logprobs, response)  # (N,), (N,)
+    """Σ log π over each sequence's response tokens, and the response lengths: (N,), (N,). A packed batch
+    (`segment` and `position_ids` present) sums each sequence's tokens wherever its row holds them."""
+    response = batch["response_mask"][:, 1:]  # (R, T-1): the LM head runs on these positions only
+    logprobs = logprobs_of(model, batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"),
+                           keep=response)  # (R, T-1), entry t scores token t+1
+    if "segment" not in batch:
+        return sequence_logps(logprobs, response)  # (N,), (N,)
+    # a target token's sequence; a sequence's first token (a prompt token, never a response one) is the only
+    # target whose predicting position belongs to the sequence before it
+    owner = batch["segment"][:, 1:].clamp(min=0).reshape(-1)  # (R * (T-1),); padding (-1) carries mask 0
+    mask = response.to(logprobs.dtype)
+    n = batch["last_index"].shape[0]
+    logps = logprobs.new_zeros(n).index_add(0, owner, (logprobs * mask).reshape(-1))  # (N,)
+    lengths = mask.new_zeros(n).index_add(0, owner, mask.reshape(-1))  # (N,)
+    return logps, lengths
 
 
 @contextlib.contextmanager
