@@ -376,7 +376,8 @@ def generate_hf(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
         temperature=None if greedy else temperature, top_p=None if greedy else top_p,
         top_k=None if greedy else (top_k or 0), pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-    )
+        return_dict_in_generate=True,  # whatever the model's generation_config says: one known shape
+    ).sequences
     P = input_ids.shape[1]
     response = sequences[:, P:]  # (B, R)
     # generate writes pad after a row's EOS: those positions are not attended and get log-prob 0 (the EOS itself
