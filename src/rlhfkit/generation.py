@@ -404,7 +404,7 @@ def sampled_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, P: int, 
         hidden, head, _ = found
         rows = hidden[:, P - 1 : T - 1].reshape(B * (T - P), -1)  # (B * R, H)
     vocab = head.weight.shape[0] if head is not None else rows.shape[-1]
-    size = max(1, models.LOGIT_CHUNK_BYTES // (4 * vocab))  # read at call time: tests shrink it
+    size = models.rows_per_chunk(vocab)
     greedy = decoding.temperature <= 0
     filtering = not greedy and (0 < decoding.top_k < vocab or decoding.top_p < 1.0)
     lps, flps = [], []

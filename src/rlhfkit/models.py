@@ -397,22 +397,32 @@ def causal_lm_of(model: Any) -> Any | None:
 
 
 def output_head(lm: Any) -> torch.nn.Linear | None:
-    """The LM's head when logits are exactly its linear map of the final hidden state, else None."""
-    if _HEAD_CHECKED.get(lm) is False:
+    """The LM's head when logits are exactly its linear map of the final hidden state, else None. The model's
+    structure is inspected once (then its first call's check is remembered); a hook on the head, which can come
+    and go, is looked at every call."""
+    known = _HEAD_CHECKED.get(lm)
+    if known is False:
         return None
     try:
         head = lm.get_output_embeddings()
         lm.get_decoder()
     except (AttributeError, NotImplementedError, ValueError):
         return None
-    config = getattr(lm, "config", None)
-    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks or any(getattr(config, k, None) not in (None, 1, 1.0)
-                                                for k in _LOGIT_TRANSFORMS):
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
         return None
-    parameters = inspect.signature(lm.forward).parameters
-    if "logits_to_keep" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        return None
+    if known is None:
+        config = getattr(lm, "config", None)
+        if any(getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):
+            return None
+        parameters = inspect.signature(lm.forward).parameters
+        if "logits_to_keep" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            return None
     return head
+
+
+def rows_per_chunk(vocab: int, chunk_bytes: int | None = None) -> int:
+    """Rows of logits formed at once so one chunk's float32 logits take about chunk_bytes (LOGIT_CHUNK_BYTES)."""
+    return max(1, (chunk_bytes or LOGIT_CHUNK_BYTES) // (4 * vocab))
 
 
 def _logits_of(out: Any) -> torch.Tensor:
@@ -473,7 +483,7 @@ def chunked_head_logprobs(rows: torch.Tensor, weight: torch.Tensor, bias: torch.
     """log p(target) (and entropy) of hidden rows (N, H) under the head (V, H), a chunk of rows at a time.
     Under autograd each chunk is checkpointed: its logits are recomputed in backward, never stored."""
     n, vocab = rows.shape[0], weight.shape[0]
-    size = max(1, (chunk_bytes or LOGIT_CHUNK_BYTES) // (4 * vocab))
+    size = rows_per_chunk(vocab, chunk_bytes)
     if n <= size:
         out = _head_chunk(rows, weight, bias, targets, temperature, entropy)
         return out if entropy else (out, None)
