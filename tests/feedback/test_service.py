@@ -50,6 +50,52 @@ def test_an_empty_pre_existing_sqlite_file_is_migrated(tmp_path):
     assert FeedbackService(store).projects() == []
 
 
+def test_opening_waits_for_a_writer_holding_a_new_file(tmp_path):
+    """The rounds loop and a person's pages open a new feedback file at the same moment (CI failed a rounds test on
+    it). Switching a file to WAL mode needs its exclusive lock, and SQLite answers "database is locked" at once,
+    without its busy handler, while another connection holds the write lock of a file still in rollback mode."""
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE scratch (x)")
+    release = threading.Timer(0.5, lambda: writer.execute("ROLLBACK"))
+    release.start()
+    try:
+        store = open_store(str(path))
+    finally:
+        release.join()
+        writer.close()
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    assert FeedbackService(store).projects() == []
+
+
+def test_many_openers_of_one_new_database_all_get_it(tmp_path):
+    """Eight openers of each new file at once: every one gets a migrated, WAL-mode store."""
+    failures, modes = [], set()
+    for i in range(10):
+        path = str(tmp_path / f"new{i}.db")
+        start = threading.Barrier(8)
+
+        def opener() -> None:
+            start.wait()
+            try:
+                store = open_store(path)
+                with store.engine.connect() as conn:
+                    modes.add(conn.exec_driver_sql("PRAGMA journal_mode").scalar())
+                assert FeedbackService(store).projects() == []
+                store.close()
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                failures.append(f"{path}: {exc}")
+
+        threads = [threading.Thread(target=opener) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert modes == {"wal"}
+
 # ---------------------------------------------------------------------------------------------------- users
 def test_passwords_are_salted_hashes_and_no_default_account_exists(svc, store):
     assert svc.user_by_name("admin") is None and svc.authenticate("admin", "admin") is None

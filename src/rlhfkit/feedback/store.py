@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import stat
 import time
 from dataclasses import dataclass
@@ -189,6 +190,28 @@ def database_url(db: str) -> str:
     return f"sqlite:///{Path(db).expanduser().resolve()}"
 
 
+def _enter_wal(cur: Any, wait: float = 60.0) -> None:
+    """Put the database in write-ahead-log mode (persistent, so only a new file's first opener changes it).
+
+    Switching a fresh file to WAL needs its exclusive lock. When several connections open a new database at once
+    (the loop and a person's labelling pages), each holds a shared lock while asking for it, and SQLite answers one
+    of them SQLITE_BUSY at once instead of calling the busy handler (its deadlock avoidance). So retry, briefly
+    sleeping, for as long as the busy timeout would have waited."""
+    deadline = time.monotonic() + wait
+    pause = 0.005
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+
 def _sqlite_engine(url: str) -> Engine:
     # check_same_thread off: the web app's worker threads share the pool; timeout waits for the write lock
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
@@ -197,7 +220,7 @@ def _sqlite_engine(url: str) -> Engine:
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (SQLAlchemy's documented pysqlite recipe)
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        _enter_wal(cur)
         cur.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable against process crashes, fast commits
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=60000")
