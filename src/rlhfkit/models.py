@@ -379,6 +379,25 @@ _HEAD_CHECKED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionar
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Hugging Face gradient checkpointing, non-reentrant (correct with frozen inputs, LoRA and FSDP), on every
+    outermost transformers model inside `model` (a policy inside a value-head wrapper, a peft model's base)."""
+    from transformers import PreTrainedModel
+
+    done: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel) or id(module) in done:
+            continue
+        done.update(id(m) for m in module.modules())
+        if not module.supports_gradient_checkpointing:
+            raise UserError(f"{type(module).__name__} does not support gradient checkpointing; set "
+                            "gradient_checkpointing: false.")
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers 5.x's name
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def causal_lm_of(model: Any) -> Any | None:
     """The Hugging Face causal LM inside the wrappers training puts around it (DDP, torch.compile, peft, a
     module carrying a value head that names it `causal_lm`), or None."""

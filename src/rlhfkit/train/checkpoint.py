@@ -62,6 +62,8 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     every file matches its manifest entry. A checkpoint from before manifests is trusted if its files exist."""
     manifest = ckpt / MANIFEST
     required = ["trainer_state.json", "optimizer.pt", "scheduler.pt"]
+    if (ckpt / "sharded").is_dir():  # an FSDP run's: model and optimizer state in torch.distributed.checkpoint files
+        required = ["trainer_state.json", "scheduler.pt", "sharded/.metadata"]
     if not manifest.exists():
         missing = [f for f in required if not (ckpt / f).is_file()]
         return f"{missing[0]} is missing" if missing else None
@@ -107,8 +109,10 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    sharded: bool = False,
 ) -> Path:
-    """Write checkpoints/step-{step} atomically from every process (collective: call on all ranks)."""
+    """Write checkpoints/step-{step} atomically from every process (collective: call on all ranks). A sharded
+    (FSDP) model and its optimizer go to sharded/, each process writing its own shard."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -119,12 +123,17 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
-    if is_main:
-        from rlhfkit.models import quiet_transformers
+    if sharded:
+        from rlhfkit.train.sharding import SHARDED_DIR, save_sharded
 
-        quiet_transformers()
-        _unwrap(accelerator, model).save_pretrained(tmp / "model", safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_sharded(tmp / SHARDED_DIR, model, optimizer)
+    if is_main:
+        if not sharded:
+            from rlhfkit.models import quiet_transformers
+
+            quiet_transformers()
+            _unwrap(accelerator, model).save_pretrained(tmp / "model", safe_serialization=True)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         state = {"step": step, "num_processes": accelerator.num_processes, **trainer_state}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -177,7 +186,8 @@ def _load_model_weights(model: Any, model_dir: Path) -> None:
 
 
 def load_checkpoint(
-    ckpt: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, restore_rng: bool = True
+    ckpt: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, restore_rng: bool = True,
+    sharded: bool = False,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this process's RNG; returns trainer_state.json."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -188,8 +198,19 @@ def load_checkpoint(
             f"{ckpt} was written by {state.get('num_processes')} processes but this run has "
             f"{accelerator.num_processes}; resume with the same number of processes."
         )
-    _load_model_weights(_unwrap(accelerator, model), ckpt / "model")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    from rlhfkit.train.sharding import SHARDED_DIR, load_sharded
+
+    if (ckpt / SHARDED_DIR).is_dir() != sharded:
+        from rlhfkit.errors import UserError
+
+        was, now = ("sharded (FSDP)", "unsharded") if not sharded else ("unsharded", "sharded (FSDP)")
+        raise UserError(f"{ckpt} was written by a {was} run and this run is {now}; resume with the same "
+                        "--sharding and launch config.")
+    if sharded:
+        load_sharded(ckpt / SHARDED_DIR, model, optimizer)
+    else:
+        _load_model_weights(_unwrap(accelerator, model), ckpt / "model")
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     if restore_rng:
         restore_rng_state(torch.load(ckpt / f"rng-rank{accelerator.process_index}.pt", weights_only=False))

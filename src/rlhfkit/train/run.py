@@ -21,6 +21,7 @@ from rlhfkit.train.checkpoint import checkpoint_dirs, latest_intact_checkpoint, 
 from rlhfkit.train.metrics import MetricsLogger, check_finite
 from rlhfkit.train.sampler import EpochSampler
 from rlhfkit.train.seeding import set_seed
+from rlhfkit.train import sharding
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class Run:
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
+        self.fsdp = self._use_fsdp()
+        self.skeleton: sharding.Skeleton | None = None
         self.resume_from = self._check_run_dir()
         set_seed(cfg.seed)
         if self.is_main:
@@ -99,6 +102,16 @@ class Run:
         self._bar = None
         self._start_time = time.time()
         self._kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+
+    def _use_fsdp(self) -> bool:
+        wanted = self.cfg.sharding == "fsdp" or (self.cfg.sharding == "auto" and sharding.fsdp_from_launcher())
+        if wanted and self.world == 1:
+            log.info("sharding: one process, nothing to shard; training unsharded")
+            return False
+        if wanted and os.environ.get("FSDP_VERSION", "2") != "2":
+            log.warning("the launch config asks for FSDP version %s; rlhfkit shards with FSDP2 (fully_shard)",
+                        os.environ["FSDP_VERSION"])
+        return wanted
 
     # ------------------------------------------------------------------------------------------- run dir
     def _check_run_dir(self) -> Path | None:
@@ -189,8 +202,9 @@ class Run:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
             # one fused kernel over all parameters instead of a loop of small ops per tensor (Hugging Face
-            # Trainer's default optimizer too); the same update up to float rounding
-            fused=True,
+            # Trainer's default optimizer too); the same update up to float rounding. Sharded (DTensor)
+            # parameters take the multi-tensor path.
+            **({"foreach": True} if self.fsdp else {"fused": True}),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
@@ -205,7 +219,8 @@ class Run:
         if self.resume_from is None:
             return None
         try:
-            state = load_checkpoint(self.resume_from, self.accelerator, model, optimizer, scheduler, restore_rng)
+            state = load_checkpoint(self.resume_from, self.accelerator, model, optimizer, scheduler, restore_rng,
+                                    sharded=self.fsdp)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
             raise UserError(f"--resume: could not load {self.resume_from} ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); delete that checkpoint directory to "
@@ -226,8 +241,20 @@ class Run:
         """Optimizer and schedule, Accelerate wrapping, the data sampler, and --resume: everything a trainer does
         between building its model and its first step. Returns (model, optimizer, scheduler, sampler,
         start_step) with the progress bar started and the model in train mode."""
-        optimizer, scheduler = self.optimizer_and_schedule(model)
-        model, optimizer = self.prepare(model, optimizer)
+        if self.cfg.gradient_checkpointing:
+            from rlhfkit.models import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
+        if self.fsdp:
+            # the optimizer must hold the sharded parameters, so it is made after fully_shard; the model is not
+            # given to Accelerate (on a CPU it would wrap it in DDP)
+            self.skeleton = sharding.Skeleton(model) if self.is_main else None
+            sharding.shard(model, self.world, self.accelerator.device,
+                           reshard_after_forward=sharding.reshard_from_launcher(True))
+            optimizer, scheduler = self.optimizer_and_schedule(model)
+        else:
+            optimizer, scheduler = self.optimizer_and_schedule(model)
+            model, optimizer = self.prepare(model, optimizer)
         sampler = EpochSampler(num_items, self.cfg.seed)
         start_step = 0
         resumed = self.resume(model, optimizer, scheduler)
@@ -251,9 +278,18 @@ class Run:
     def micro_step(self, model: Any, index: int, count: int) -> Iterator[None]:
         """Context for micro-batch `index` of `count` in one optimizer step: gradients are all-reduced only
         on the last one (DDP no_sync), and autocast follows cfg.precision."""
-        sync = contextlib.nullcontext() if index == count - 1 else self.accelerator.no_sync(model)
+        if self.fsdp:  # reduce-scatter the gradients only after the last micro-batch
+            model.set_requires_gradient_sync(index == count - 1)
+            sync = contextlib.nullcontext()
+        else:
+            sync = contextlib.nullcontext() if index == count - 1 else self.accelerator.no_sync(model)
         with sync, self.accelerator.autocast():
             yield
+
+    def gathered(self, model: Any) -> Any:
+        """Context for sampling and evaluation: a sharded model's weights gathered whole for the block (each
+        process may then run any number of forwards); nothing for an unsharded one."""
+        return sharding.gathered(model)
 
     def all_sum(self, value: torch.Tensor | float) -> torch.Tensor:
         t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device).clone()
@@ -271,7 +307,9 @@ class Run:
                        ) -> float:
         """Clip, then step, unless the gradient is NaN/inf: then stop before the weights are corrupted, so the
         newest checkpoint is still a good place to resume from."""
-        if self.cfg.max_grad_norm > 0:
+        if self.fsdp:
+            grad_norm = sharding.grad_norm(list(model.parameters()), self.cfg.max_grad_norm)
+        elif self.cfg.max_grad_norm > 0:
             grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm))
         else:
             norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
@@ -312,7 +350,7 @@ class Run:
             self._bar.update(1)
         if self.cfg.save_every and step % self.cfg.save_every == 0:
             save_checkpoint(self.dir, step, self.accelerator, model, optimizer, scheduler, trainer_state,
-                            keep=self.cfg.keep_checkpoints)
+                            keep=self.cfg.keep_checkpoints, sharded=self.fsdp)
         if self._kill_after and step == self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -323,6 +361,9 @@ class Run:
         if self._bar is not None:
             self._bar.close()
         self.accelerator.wait_for_everyone()
+        if self.fsdp:  # gathered to the main process and saved as the plain model
+            state = sharding.full_state(model)
+            model = self.skeleton.filled(state) if self.is_main else None
         if self.is_main:
             save_pretrained(self.accelerator.unwrap_model(model), tokenizer, self.dir)
             if summary is not None:
