@@ -33,6 +33,13 @@ Message = dict[str, str]
 Backend = Literal["auto", "hf", "static"]
 
 
+def _has_shards(model: Any) -> bool:
+    """Whether any part of the model is an FSDP unit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 @dataclass
 class Rollout:
     prompt_ids: torch.Tensor
@@ -212,7 +219,8 @@ class _Decoder:
         once and refreshed from the model's current weights on every call (an in-place copy, so a compiled
         step's captured buffers stay valid). Buffers such as RoPE's inverse frequencies stay in fp32."""
         base = self._model()
-        if dtype is None or next(base.parameters()).dtype == dtype:
+        if dtype is None or next(base.parameters()).dtype == dtype or _has_shards(base):
+            # a copy of a sharded (FSDP) model would copy its sharding too: it samples in its own dtype
             self.active = None
             return
         if self.shadow is None or next(self.shadow.parameters()).dtype != dtype:

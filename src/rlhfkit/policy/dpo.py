@@ -208,7 +208,8 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
         metrics.update({"grad_norm": grad_norm, "lr": lr, "pairs": int(step_items),
                         "epoch": round(sampler.epochs_done, 4)})
         if len(held) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            metrics.update(evaluate(run, cfg, model, held, reference, pad_id))
+            with run.gathered(model):  # each process evaluates its share: any number of forwards
+                metrics.update(evaluate(run, cfg, model, held, reference, pad_id))
         run.log(step, metrics, headline=("loss", "rewards/margin", "eval/loss"))
         run.end_step(step, model, optimizer, scheduler, {"sampler": sampler.state_dict()})
         last = metrics

@@ -366,9 +366,13 @@ def rollout(run: Run, m: Models, prompts: list[Any], sampler: Any, cfg: PPOConfi
     indices = run.shard(sampler.next_indices(cfg.batch_size * run.world))
     step_index = [i for i in indices for _ in range(cfg.samples_per_prompt)]
     step_prompts = [prompts[i] for i in step_index]
-    out = sample(net.policy, m.tokenizer, step_prompts, max_new_tokens=cfg.max_new_tokens,
-                 temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(step_prompts), backend=cfg.sampler,
-                 compile=cfg.compile_sampler, dtype=sampling_dtype(cfg))
+    # sharded: the weights gathered for the whole decode (see train.sharding); sampled in their own dtype, as a
+    # low-precision copy of a sharded model is not made
+    with run.gathered(m.model):
+        out = sample(net.policy, m.tokenizer, step_prompts, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(step_prompts),
+                     backend=cfg.sampler, compile=cfg.compile_sampler,
+                     dtype=None if run.fsdp else sampling_dtype(cfg))
     ids = torch.cat([out.prompt_ids, out.response_ids], 1).to(device)  # (B, P+R)
     mask = torch.cat([out.prompt_mask, out.response_mask], 1).to(device)  # (B, P+R)
     rmask = out.response_mask.to(device).float()  # (B, R), 1 = real response token incl. EOS
@@ -566,9 +570,10 @@ def monitor(run: Run, m: Models, b: Batch, watch: Watch, metrics: dict[str, Any]
         return False
     if watch.prompts:
         net = run.accelerator.unwrap_model(m.model)
-        proxy, metrics["judge/score"], judge_se, per_prompt = held_out_scores(
-            net.policy, m.tokenizer, m.rewards or m.reward, watch.judge, watch.prompts, cfg, seed=cfg.seed,
-            risky=watch.risky)
+        with run.gathered(m.model):
+            proxy, metrics["judge/score"], judge_se, per_prompt = held_out_scores(
+                net.policy, m.tokenizer, m.rewards or m.reward, watch.judge, watch.prompts, cfg, seed=cfg.seed,
+                risky=watch.risky)
         metrics["eval/proxy"] = proxy
     else:  # fresh prompts every step: nothing to pair
         proxy, per_prompt = metrics["reward/score"], None
@@ -628,7 +633,10 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
     if eval_prompts and m.risky is not None:
         watch.risky = read_risky_flags(cfg.data_source(cfg.eval_prompts, held_out=True), cfg.gate_field)[
             : cfg.eval_samples]
-    m.model, optimizer, scheduler, sampler, start_step = run.begin(PolicyWithValue(m.model), len(prompts))
+    net = PolicyWithValue(m.model)
+    if cfg.advantage != "gae":  # critic-free: the value head is not trained (DDP would wait for its gradients)
+        net.value_head.requires_grad_(False)
+    m.model, optimizer, scheduler, sampler, start_step = run.begin(net, len(prompts))
     if run.resumed_state is not None:
         kl_ctl.load_state_dict(run.resumed_state["kl_controller"])
         watch.monitor.load_state_dict(run.resumed_state["monitor"])

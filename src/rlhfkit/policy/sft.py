@@ -137,7 +137,8 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
             "epoch": round(sampler.epochs_done, 4),
         }
         if held_out and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            metrics.update(evaluate(run, model, held_out, tokenizer.pad_token_id, cfg.eval_batch_size))
+            with run.gathered(model):  # each process evaluates its share: any number of forwards
+                metrics.update(evaluate(run, model, held_out, tokenizer.pad_token_id, cfg.eval_batch_size))
         run.log(step, metrics, headline=("loss", "eval/loss"))
         run.end_step(step, model, optimizer, scheduler, {"sampler": sampler.state_dict()})
         last = metrics

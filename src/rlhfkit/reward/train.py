@@ -699,8 +699,9 @@ def train_member(cfg: RewardConfig, samples: tuple[list[Any], list[str]] | None,
         metrics: dict[str, Any] = {"loss": loss_value, **objective.step_metrics(cfg, summed), "grad_norm": grad_norm,
                                    "lr": lr, "epoch": round(sampler.epochs_done, 4)}
         if held_out and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            metrics.update(objective.evaluate(model, held_out, tokenizer.pad_token_id, cfg.eval_batch_size, device,
-                                              heads))
+            with run.gathered(model):  # each process evaluates its share: any number of forwards
+                metrics.update(objective.evaluate(model, held_out, tokenizer.pad_token_id, cfg.eval_batch_size,
+                                                  device, heads))
         run.log(step, metrics, headline=objective.headline)
         run.end_step(step, model, optimizer, scheduler, {"sampler": sampler.state_dict()})
         last = metrics
@@ -714,9 +715,10 @@ def train_member(cfg: RewardConfig, samples: tuple[list[Any], list[str]] | None,
             summary.setdefault(f"heldout_accuracy_{c}", None)
     # ECE and accuracy above are on the trained scale; normalisation changes the scale, not the ordering
     if samples is not None:
-        summary["normalisation"] = normalise(run.accelerator.unwrap_model(model), tokenizer, samples,
-                                             cfg.max_length, device, keep_zero=cfg.safety_loss_weight > 0,
-                                             criteria=cfg.criteria, safety_criterion=cfg.safety_criterion)
+        with run.gathered(model):
+            summary["normalisation"] = normalise(run.accelerator.unwrap_model(model), tokenizer, samples,
+                                                 cfg.max_length, device, keep_zero=cfg.safety_loss_weight > 0,
+                                                 criteria=cfg.criteria, safety_criterion=cfg.safety_criterion)
     net = run.accelerator.unwrap_model(model)
     net = net.get_base_model() if hasattr(net, "get_base_model") else net
     if cfg.criterion:  # saved in config.json: which criterion this model scores

@@ -113,6 +113,9 @@ def shard(model: torch.nn.Module, world: int, device: torch.device, reshard_afte
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    # FSDP2 takes the first unit to run forward as the root; sampling calls the policy inside a value-head
+    # wrapper first, so settle the root now (what the root's first forward would do)
+    model._get_fsdp_state()._lazy_init()
 
 
 def is_sharded(model: Any) -> bool:
