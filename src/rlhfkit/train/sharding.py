@@ -100,6 +100,20 @@ class Skeleton:
         return module
 
 
+def directly_called(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Parts our code calls without going through the model's own forward, each made an FSDP unit of its own (a
+    unit's weights are gathered by its own forward hook): a reward model's backbone and score head
+    (`reward.model.sequence_scores` reads the score at the last token itself)."""
+    from transformers import PreTrainedModel
+
+    parts: list[torch.nn.Module] = []
+    for net in model.modules():
+        if isinstance(net, PreTrainedModel) and isinstance(getattr(net, "score", None), torch.nn.Module):
+            backbone = getattr(net, net.base_model_prefix, None)
+            parts += [p for p in (backbone, net.score) if isinstance(p, torch.nn.Module)]
+    return parts
+
+
 def shard(model: torch.nn.Module, world: int, device: torch.device, reshard_after_forward: bool = True) -> None:
     """Apply fully_shard in place: each decoder layer, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -112,6 +126,8 @@ def shard(model: torch.nn.Module, world: int, device: torch.device, reshard_afte
                     "whole model is one FSDP unit, gathered whole for every forward")
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for part in directly_called(model):
+        fully_shard(part, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     # FSDP2 takes the first unit to run forward as the root; sampling calls the policy inside a value-head
     # wrapper first, so settle the root now (what the root's first forward would do)
