@@ -122,17 +122,24 @@ def test_sharded_two_processes_match_one(tmp_path, world, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo"])
-def test_sharded_ppo_matches_replicated(tmp_path, world, advantage):
+@pytest.mark.parametrize("advantage,frozen", [("gae", "auto"), ("grpo", "replicate"), ("rloo", "shard")])
+def test_sharded_ppo_matches_replicated(tmp_path, world, advantage, frozen):
+    """The policy sharded, and the reference and reward model sharded too (auto, shard) or replicated; the
+    held-out evaluation (scored from texts, so the sharded reward model is gathered for it) every step."""
     common = ["--model", str(world["model"]), "--reward-model", str(world["rm"]), "--data", str(world["prompts"]),
               "--advantage", advantage, "--samples-per-prompt", "1" if advantage == "gae" else "2",
-              "--max-new-tokens", "8", "--batch-size", "4", *COMMON, "--max-steps", "3", "--save-every", "3"]
+              "--max-new-tokens", "8", "--batch-size", "4", *COMMON, "--max-steps", "3", "--save-every", "3",
+              "--judge-reward-model", str(world["rm"]), "--eval-prompts", str(world["prompts"]),
+              "--eval-samples", "6", "--eval-every", "1"]
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     ok(launch("ddp", "ppo", [*common, "--output-dir", str(ddp)]))
-    ok(launch("fsdp", "ppo", [*common, "--output-dir", str(fsdp)]))
+    proc = launch("fsdp", "ppo", [*common, "--output-dir", str(fsdp), "--frozen-models", frozen])
+    ok(proc)
+    sharded_frozen = "frozen networks (reference, reward models) sharded over 2 processes" in proc.stderr
+    assert sharded_frozen == (frozen != "replicate")
     assert_sharded_checkpoint(fsdp, 3)
     assert_same(ddp, fsdp, "policy_loss")
-    for key in ("reward/score", "kl", "value_loss") if advantage == "gae" else ("reward/score", "kl"):
+    for key in ("reward/score", "kl", "judge/score", "eval/proxy", *(("value_loss",) if advantage == "gae" else ())):
         a = [m[key] for m in read_metrics(ddp / "metrics.jsonl")]
         b = [m[key] for m in read_metrics(fsdp / "metrics.jsonl")]
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
@@ -230,3 +237,26 @@ def test_gradient_checkpointing_takes_the_same_steps(tmp_path, world, stage, mon
     from rlhfkit.config import load_yaml
 
     assert load_yaml(ckpt / "config.yaml")["gradient_checkpointing"] is True
+
+
+def test_a_deepspeed_launch_is_refused_naming_the_fsdp_config(tmp_path, world, monkeypatch):
+    from rlhfkit.errors import UserError
+    from rlhfkit.policy import sft
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` exports for a DeepSpeed config
+    with pytest.raises(UserError, match="DeepSpeed, which rlhfkit does not support yet; launch with "
+                                        "examples/accelerate/fsdp.yaml"):
+        sft.main(sft.SFTConfig(model=str(world["model"]), data=str(world["sft"]), output_dir=str(tmp_path / "r"),
+                               max_steps=1, report_to=["jsonl"], progress=False))
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_sharding_fsdp_in_one_process_trains_unsharded(tmp_path, world):
+    from rlhfkit.policy import sft
+
+    common = dict(model=str(world["model"]), data=str(world["sft"]), max_steps=2, batch_size=4, seed=1,
+                  report_to=["jsonl"], progress=False, save_every=2)
+    sft.main(sft.SFTConfig(output_dir=str(tmp_path / "plain"), **common))
+    sft.main(sft.SFTConfig(output_dir=str(tmp_path / "fsdp"), sharding="fsdp", **common))
+    assert_same(tmp_path / "plain", tmp_path / "fsdp", "loss", exact=True)
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-2" / "optimizer.pt").exists()  # nothing to shard over

@@ -39,12 +39,14 @@ def test_readme_commands_run(tmp_path, tiny_model, sft_file):
     shutil.copytree(tiny_model, tmp_path / "runs" / "demo" / "base")
     shutil.copy(sft_file, tmp_path / "runs" / "demo" / "data" / "sft.jsonl")
     hhh_world(tmp_path / "runs" / "demo" / "hhh", tiny_model)
+    shutil.copytree(README.parent / "examples", tmp_path / "examples")  # the launch configs, as in a clone
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": ""}
     for cmd in bash_commands()[2:]:
         proc = subprocess.run(shlex.split(cmd), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
     assert (tmp_path / "runs" / "my-sft" / "checkpoints" / "step-40").is_dir()
     assert (tmp_path / "runs" / "my-sft-ddp" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "my-sft-fsdp" / "model.safetensors").is_file()
 
 
 def hhh_world(root: Path, model: Path) -> None:

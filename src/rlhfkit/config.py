@@ -117,8 +117,8 @@ class TrainConfig:
     sharding: Literal["auto", "none", "fsdp"] = "auto"
     """Under several processes: `fsdp` shards the trained model's weights, gradients and optimizer state over
     them (FSDP2, each decoder layer a unit); `none` replicates it (DDP). `auto` follows the launcher: FSDP when
-    `accelerate launch` was given an FSDP config (examples/accelerate/fsdp.yaml), else DDP. Frozen models (the
-    reference, reward models) are replicated either way."""
+    `accelerate launch` was given an FSDP config (examples/accelerate/fsdp.yaml), else DDP. PPO's frozen
+    reference and reward models follow `frozen_models`."""
     log_every: int = 1
     """Write metrics every N optimizer steps."""
     save_every: int = 0

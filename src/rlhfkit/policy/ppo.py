@@ -11,7 +11,7 @@ Each of "The N Implementation Details of RLHF with PPO" (Huang et al. 2023) is n
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -32,7 +32,7 @@ from rlhfkit.generation import Rollout, sample
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of, position_ids_from_mask
 from rlhfkit.reward.combine import CombineConfig, RewardSet, load_reward_set, read_risky_flags
 from rlhfkit.reward.model import load_reward_ensemble, score_texts
-from rlhfkit.train import Run, check_finite
+from rlhfkit.train import Run, check_finite, sharding
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ class PPOConfig(TrainConfig, CombineConfig):
     """Rollout backend: our static-KV-cache decode loop, Hugging Face generate, or auto (static where supported)."""
     compile_sampler: bool = False
     """torch.compile the static loop's one-token decode step (CUDA graphs on a GPU; compiles once, ~1 min)."""
+    frozen_models: Literal["auto", "shard", "replicate"] = "auto"
+    """Under FSDP (`sharding`): `auto` and `shard` shard the reference and reward models over the processes as
+    the policy is (forward only, one layer gathered at a time); `replicate` keeps a full copy on every process
+    (more memory, no all-gathers). Unsharded runs replicate them."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
     minibatches: int = 1
@@ -329,6 +333,21 @@ class Models:
     """The named reward models of --rewards and their combiner."""
     risky: list[bool] | None = None
     """Per training prompt: flagged risky (the gated combination's --gate-field)."""
+    sharded_frozen: list[Any] = field(default_factory=list)
+    """The reference and reward networks sharded under FSDP (frozen_models), else empty."""
+
+    def frozen_networks(self) -> list[Any]:
+        """The reference and every reward model's members, each once."""
+        nets = [self.ref] if self.ref is not None else []
+        ensembles = list(self.rewards.ensembles.values()) if self.rewards is not None else [self.reward]
+        for ensemble in ensembles:
+            nets += [n for n in ensemble.members if all(n is not k for k in nets)]
+        return nets
+
+    def reads_text(self) -> bool:
+        """Whether some reward model re-tokenises the responses (another vocabulary): its forwards then depend on
+        this process's texts, not only on the batch's shape."""
+        return not self.same_vocab if self.rewards is None else not all(self.rewards.same_vocab.values())
 
 
 @dataclass
@@ -392,18 +411,11 @@ def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> N
             m.model.eval()
             b.old_logprobs, b.old_values = response_forward(m.model, b.ids, b.mask, b.P, cfg.temperature)
         b.ref_logprobs = reference_logprobs(m.ref, net.policy, b.ids, b.mask, b.P, cfg.temperature)
-        # the reward model reads the score at the last real token itself
-        if m.rewards is not None:  # several: each reward (its ensemble penalty applied), then the combination
-            named = m.rewards.named_scores(b.ids, b.mask, b.prompts, b.rollout.texts, cfg.ensemble_penalty)
-            risky = torch.tensor([m.risky[i] for i in b.prompt_index], dtype=torch.bool, device=device) \
-                if m.risky is not None else None
-            mean, b.reward_metrics = combine_global(run, m.rewards, named, risky)
-            std = torch.zeros_like(mean)
-        elif m.same_vocab:
-            mean, std = m.reward.mean_std(b.ids, b.mask)
-        else:
-            mu, sd = score_texts(m.reward, b.prompts, b.rollout.texts)
-            mean, std = torch.tensor(mu, device=device), torch.tensor(sd, device=device)
+        # sharded frozen reward models scoring texts are gathered: the number of forwards then depends on this
+        # process's texts, and every process must make the same collective calls
+        with sharding.gathered_all(m.sharded_frozen if m.reads_text() else []):
+            mean, std = reward_scores(run, m, b, cfg)
+        sharding.release(m.sharded_frozen)
         b.raw_score, b.std = mean.float(), std
         penalised = b.raw_score - cfg.length_penalty * b.rmask.sum(-1)
         if m.rewards is None:
@@ -419,6 +431,23 @@ def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> N
         with run.micro_step(m.model, 0, 1):
             b.fused = response_forward(m.model, b.ids, b.mask, b.P, cfg.temperature, entropy=True)
         b.old_logprobs, b.old_values = b.fused[0].detach(), b.fused[1].detach()
+
+
+def reward_scores(run: Run, m: Models, b: Batch, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's reward (B,) and the ensemble's disagreement (B,); with several rewards, their combination
+    (b.reward_metrics set) and zero disagreement (each reward's penalty is applied before combining). The
+    reward model reads the score at the last real token itself."""
+    device = run.accelerator.device
+    if m.rewards is not None:  # several: each reward (its ensemble penalty applied), then the combination
+        named = m.rewards.named_scores(b.ids, b.mask, b.prompts, b.rollout.texts, cfg.ensemble_penalty)
+        risky = torch.tensor([m.risky[i] for i in b.prompt_index], dtype=torch.bool, device=device) \
+            if m.risky is not None else None
+        mean, b.reward_metrics = combine_global(run, m.rewards, named, risky)
+        return mean, torch.zeros_like(mean)
+    if m.same_vocab:
+        return m.reward.mean_std(b.ids, b.mask)
+    mu, sd = score_texts(m.reward, b.prompts, b.rollout.texts)
+    return torch.tensor(mu, device=device), torch.tensor(sd, device=device)
 
 
 def combine_global(run: Run, rewards: RewardSet, named: dict[str, torch.Tensor], risky: torch.Tensor | None
@@ -570,7 +599,7 @@ def monitor(run: Run, m: Models, b: Batch, watch: Watch, metrics: dict[str, Any]
         return False
     if watch.prompts:
         net = run.accelerator.unwrap_model(m.model)
-        with run.gathered(m.model):
+        with run.gathered(m.model), sharding.gathered_all(m.sharded_frozen):  # scored from texts
             proxy, metrics["judge/score"], judge_se, per_prompt = held_out_scores(
                 net.policy, m.tokenizer, m.rewards or m.reward, watch.judge, watch.prompts, cfg, seed=cfg.seed,
                 risky=watch.risky)
@@ -637,6 +666,12 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
     if cfg.advantage != "gae":  # critic-free: the value head is not trained (DDP would wait for its gradients)
         net.value_head.requires_grad_(False)
     m.model, optimizer, scheduler, sampler, start_step = run.begin(net, len(prompts))
+    if run.fsdp and cfg.frozen_models != "replicate":
+        m.sharded_frozen = m.frozen_networks()
+        for frozen in m.sharded_frozen:
+            sharding.shard(frozen, run.world, run.accelerator.device)
+        log.info("frozen_models: %d frozen networks (reference, reward models) sharded over %d processes",
+                 len(m.sharded_frozen), run.world)
     if run.resumed_state is not None:
         kl_ctl.load_state_dict(run.resumed_state["kl_controller"])
         watch.monitor.load_state_dict(run.resumed_state["monitor"])

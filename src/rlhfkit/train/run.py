@@ -79,6 +79,12 @@ class Run:
         # process launched by `accelerate launch --multi_gpu` would silently train alone.
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
         cpu = cfg.cpu or (multi and not torch.cuda.is_available())
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # Accelerate's DeepSpeed engine steps the optimizer inside backward, while every rlhfkit trainer runs
+            # its own micro-batch loop and steps once per optimizer step: the two would disagree silently
+            raise UserError("this launch config uses DeepSpeed, which rlhfkit does not support yet; launch with "
+                            "examples/accelerate/fsdp.yaml instead (FSDP2 shards weights, gradients and optimizer "
+                            "state like ZeRO-3; fsdp_reshard_after_forward: false is ZeRO-2-like).")
         reset_accelerator_state()  # an earlier run in this process must not fix this run's precision
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
         if cpu and multi and "OMP_NUM_THREADS" not in os.environ:

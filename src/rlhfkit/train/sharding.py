@@ -13,8 +13,11 @@ What is sharded, and how:
   default, which the chunked LM head of `models.logprobs_of` relies on (it applies the head's weight after the
   forward returns). Gradients are reduce-scattered (averaged over processes, as DDP does), the optimizer holds
   only its shard's state.
-- Frozen models (the reference, reward models) are replicated, without gradients: they only run forward, and a
-  replicated forward needs no collective, so ranks may call it different numbers of times.
+- Frozen models (PPO's reference and reward models) are sharded the same way by default and run forward only,
+  every process making the same calls on equal batches; their gathered root weights are freed after each use
+  (`release`), and a reward model that scores texts (another vocabulary, evaluation) is gathered whole for it,
+  since its number of forwards then depends on each process's texts. `frozen_models: replicate` keeps a full
+  copy per process instead.
 - Sampling and evaluation run inside `gathered(model)`: every unit all-gathered once and kept gathered until the
   block ends. Decoding is hundreds of one-token forwards; a sharded forward would all-gather every layer for
   every token, and ranks whose responses end at different lengths would call it different numbers of times
@@ -162,6 +165,26 @@ def gathered(model: Any) -> Iterator[None]:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(before[id(unit)], recurse=False)
+
+
+@contextlib.contextmanager
+def gathered_all(models: list[Any]) -> Iterator[None]:
+    """`gathered` for several models at once."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(gathered(model))
+        yield
+
+
+def release(models: list[Any]) -> None:
+    """Free what frozen sharded models hold gathered after a forward (their root units, and a reward model's
+    backbone and head, keep their weights from forward to backward, and a frozen model has no backward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for model in models:
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
 
 
 def grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
