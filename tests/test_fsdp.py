@@ -162,7 +162,7 @@ def test_sharded_online_dpo_matches_one_process(tmp_path, world):
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-RESUMABLE = {
+RESUMABLE = {  # kto, reward and the other RL estimators share these code paths (Run, checkpoint, sharding)
     "sft": ("sft", lambda w: ["--model", str(w["model"]), "--data", str(w["sft"]), "--dropout-off", "false"],
             "loss"),
     "dpo": ("dpo", lambda w: ["--model", str(w["model"]), "--data", str(w["pairs"])], "loss"),
@@ -176,19 +176,30 @@ RESUMABLE = {
 @pytest.mark.parametrize("case", list(RESUMABLE))
 def test_sharded_resume_after_sigkill_reproduces_the_run(tmp_path, world, case):
     stage, args, loss = RESUMABLE[case]
-    common = [*args(world), *COMMON, "--max-steps", "6", "--save-every", "3", "--batch-size", "4"]
+    common = [*args(world), *COMMON, "--max-steps", "6", "--save-every", "2", "--batch-size", "4"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     ok(launch("fsdp", stage, [*common, "--output-dir", str(full)]))
-    proc = launch("fsdp", stage, [*common, "--output-dir", str(killed)], env={"RLHFKIT_KILL_AFTER_STEP": "4"})
+    proc = launch("fsdp", stage, [*common, "--output-dir", str(killed)], env={"RLHFKIT_KILL_AFTER_STEP": "5"})
     assert proc.returncode != 0 and not (killed / "model.safetensors").exists()
-    assert [p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-3"]
-    if case == "sft":  # a sharded checkpoint is not resumed by a replicated run: one error, naming the fix
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-")) == \
+        ["step-2", "step-4"]
+    if case == "sft":
+        # a damaged shard (process 1's, of the newest checkpoint) fails its checksum: resume falls back to step 2
+        shard = killed / "checkpoints" / "step-4" / "sharded" / "__1_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        # a sharded checkpoint is not resumed by a replicated run: one error, naming the fix
         refused = launch("ddp", stage, [*common, "--output-dir", str(killed), "--resume"])
         assert refused.returncode != 0 and "failed (exitcode: 2)" in refused.stderr  # our error's exit status
         assert "was written by a sharded (FSDP) run and this run is unsharded; resume with the same --sharding" \
             in refused.stderr
         assert "rlhfkit/train" not in refused.stderr  # no traceback of ours (the launcher prints its own)
-    ok(launch("fsdp", stage, [*common, "--output-dir", str(killed), "--resume"]))
+    resumed = launch("fsdp", stage, [*common, "--output-dir", str(killed), "--resume"])
+    ok(resumed)
+    if case == "sft":
+        assert "skipping damaged checkpoint" in resumed.stderr and "__1_0.distcp does not match its checksum" \
+            in resumed.stderr and "resumed from" in resumed.stderr and "step-2 (step 2)" in resumed.stderr
     assert_same(full, killed, loss, exact=True)
 
 
