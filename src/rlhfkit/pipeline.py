@@ -37,12 +37,12 @@ class DemoConfig:
     seed: int = 0
     """Seed for the world, every stage and evaluation."""
     pretrain_steps: int = 1000
-    """Optimizer steps of base-model pretraining on the web-text corpus (quick: 300)."""
+    """Optimizer steps of base-model pretraining on the web-text corpus (quick: 200)."""
     sft_steps: int = 300
-    """Optimizer steps of SFT on demonstrations (quick: 100)."""
+    """Optimizer steps of SFT on demonstrations (quick: 60)."""
     reward_steps: int = 600
     """Optimizer steps of reward-model training, batch 32: about one epoch of the full demo's labels
-    (quick: 100)."""
+    (quick: 60)."""
     policy_label_rounds: int = 4
     """Rounds of SFT samples ranked for training: each round, 4 samples per training prompt, ranked by one
     annotator (quick: 1)."""
@@ -58,7 +58,7 @@ class DemoConfig:
     """Annotators judging each training item, their judgments merged by majority vote (pairs) or Borda count
     (rankings). At a fixed number of judgments, fresh items helped the reward model more than overlap did."""
     dpo_steps: int = 200
-    """Optimizer steps of DPO from the SFT model (quick: 60)."""
+    """Optimizer steps of DPO from the SFT model (quick: 30)."""
     dpo_beta: float = 0.1
     """DPO's KL coefficient beta."""
     dpo_beta_sweep: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0])
@@ -68,10 +68,10 @@ class DemoConfig:
     out a third of the labels per member, scored 0.73 where full-data members scored 0.75 on the same seed's
     held-out pairs); PPO penalises their disagreement (quick: 2)."""
     ppo_steps: int = 60
-    """PPO rollout steps from the SFT model, 64 prompts each (quick: 20). PPO's one sample per prompt needs the
+    """PPO rollout steps from the SFT model, 64 prompts each (quick: 10). PPO's one sample per prompt needs the
     larger batch: at 16 prompts per step its advantage estimates were too noisy to move the policy."""
     rl_steps: int = 120
-    """GRPO / RLOO steps, 4 prompts x 4 samples each (quick: 40)."""
+    """GRPO / RLOO steps, 4 prompts x 4 samples each (quick: 24)."""
     ppo_learning_rate: float = 5e-5
     """PPO's peak learning rate."""
     ppo_kl_coef: float = 0.05
@@ -90,21 +90,22 @@ class DemoConfig:
     (160 steps: proxy +0.63, gold -0.57 on the test prompts)."""
     monitor_samples: int = 200
     """Answers to the 100 validation prompts (each asked in turn) at every evaluation of the PPO/GRPO runs, judged
-    by the gold judge for the over-optimisation monitor (quick: 64)."""
+    by the gold judge for the over-optimisation monitor (quick: 32)."""
     sweep_n: int = 64
     """Largest n of the best-of-n over-optimisation sweep (quick: 16)."""
     best_of_n: int = 16
     """Candidates per prompt for the best-of-n policy (SFT samples, reward model picks)."""
     eval_prompts: int = 200
-    """Held-out test prompts scored by the gold judge (quick: 100)."""
+    """Held-out test prompts scored by the gold judge (quick: 60)."""
     eval_samples: int = 4
-    """Responses sampled per test prompt for each policy's gold score (more samples, smaller standard error)."""
+    """Responses sampled per test prompt for each policy's gold score (more samples, smaller standard error;
+    quick: 2)."""
     hhh: bool = True
     """Run the helpful-harmless-honest experiment too (its own world; configs/demo.yaml's hhh sections): a reward
     model per criterion and five policies trained on helpfulness only, harmlessness only, their sum, Llama 2's
     safety gating and Safe RLHF's Lagrangian, each scored per criterion by the gold judge."""
     hhh_rl_steps: int = 160
-    """GRPO steps of each of the five HHH policies, 8 prompts x 4 samples each (quick: 40)."""
+    """GRPO steps of each of the five HHH policies, 8 prompts x 4 samples each (quick: 20)."""
     rounds: bool = True
     """Run the human-in-the-loop experiment too (`rlhfkit rounds` on this world, configs/demo.yaml's rounds
     sections): an active labelling queue against a random one over seeds, three rounds against one shot, and
@@ -180,7 +181,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     pretrain_steps, sft_steps, n_eval = setting("pretrain_steps"), setting("sft_steps"), setting("eval_prompts")
     reward_steps, dpo_steps, ppo_steps = setting("reward_steps"), setting("dpo_steps"), setting("ppo_steps")
     rl_steps, ensemble, sweep_n = setting("rl_steps"), setting("reward_ensemble"), setting("sweep_n")
-    monitor_samples = setting("monitor_samples")
+    monitor_samples, eval_samples = setting("monitor_samples"), setting("eval_samples")
     wall: dict[str, float] = {}
     t0 = time.time()
 
@@ -274,18 +275,18 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     reward_dir = str(root / "reward")
     for name in ("base", "sft", "ppo", "grpo", *variants, "dpo"):
         evals[name] = evaluate_policy(str(root / name), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
-                                      keep_samples=12, reward_dir=reward_dir, samples_per_prompt=cfg.eval_samples)
+                                      keep_samples=12, reward_dir=reward_dir, samples_per_prompt=eval_samples)
     evals["best_of_n"] = evaluate_best_of_n(str(root / "sft"), reward_dir, test_prompts, n=cfg.best_of_n,
                                             seed=cfg.seed)
     beta_sweep = []
     for beta in sorted({cfg.dpo_beta, *betas}) if betas else []:
         ev = evals["dpo"] if beta == cfg.dpo_beta else evaluate_policy(
             str(root / f"dpo_beta_{beta:g}"), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
-            reward_dir=reward_dir, samples_per_prompt=cfg.eval_samples)
+            reward_dir=reward_dir, samples_per_prompt=eval_samples)
         beta_sweep.append({"beta": beta, "gold_score": ev.gold_score, "gold_se": ev.gold_se, "kl_to_sft": ev.kl_to_ref,
                            "proxy_score": ev.proxy_score, "unsafe_rate": ev.unsafe_rate})
     klcut = evaluate_policy(str(root / "grpo_klcut"), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
-                            reward_dir=reward_dir, samples_per_prompt=cfg.eval_samples)
+                            reward_dir=reward_dir, samples_per_prompt=eval_samples)
     overoptimization = overoptimisation_sweeps(root, test_prompts, evals["sft"], klcut, sweep_n, cfg)
     wall["eval"] = round(time.time() - start, 1)
     hhh = None
