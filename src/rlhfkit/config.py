@@ -44,6 +44,11 @@ class LoraConfig:
     """Dropout on the adapter input; keep 0 for RL so sampling and training see the same network."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module names (suffixes) that receive an adapter."""
+    load_in_4bit: bool = False
+    """QLoRA (Dettmers et al. 2023): load the frozen base in 4-bit NF4 with double quantization (bitsandbytes,
+    `pip install bitsandbytes`; GPUs and CPUs), adapters in full precision. The saved model merges the adapter
+    into the base's original full-precision weights. Policy stages (sft, dpo, kto, ppo, online-dpo); not under
+    FSDP."""
 
 
 @dataclass
@@ -174,6 +179,9 @@ class TrainConfig:
             raise ConfigError(f"lora.alpha must be positive, got {self.lora.alpha}.")
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}.")
+        if self.lora.load_in_4bit and not self.lora.enabled:
+            raise ConfigError("lora.load_in_4bit needs lora.enabled: QLoRA trains LoRA adapters on the 4-bit base "
+                              "(set lora.enabled: true, or drop lora.load_in_4bit).")
         if self.lora.enabled and not self.lora.target_modules:
             raise ConfigError("lora.target_modules is empty; name the modules to adapt (e.g. q_proj,v_proj).")
         bad = sorted(set(self.report_to) - {"jsonl", "tensorboard", "wandb"})

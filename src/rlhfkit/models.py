@@ -194,8 +194,9 @@ def load_causal_lm(
 
     quiet_transformers()
     _require_dir(path, "model")
+    quantize = lora is not None and lora.enabled and lora.load_in_4bit
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **(_nf4_kwargs(dtype) if quantize else {}))
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load a causal LM from {path}: {exc}") from None
     if tokenizer is not None:
@@ -209,9 +210,74 @@ def load_causal_lm(
             model.generation_config.eos_token_id = tokenizer.eos_token_id
     if dropout_off:
         disable_dropout(model)
+    if quantize:
+        from peft import prepare_model_for_kbit_training
+
+        # the base frozen, its norms and embeddings in fp32; checkpointing stays the run's own choice
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_4bit_layout_differentiable(model)
     if lora is not None and lora.enabled:
         model = add_lora(model, lora)
     return model
+
+
+def _nf4_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained arguments for QLoRA's base: 4-bit NF4 with double quantization, computing in `dtype`, on
+    this process's GPU (or the CPU)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("lora.load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes (or rlhfkit's "
+                        "[qlora] extra).") from None
+    from transformers import BitsAndBytesConfig
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+            "device_map": {"": device}}
+
+
+def _keep_4bit_layout_differentiable(model: Any) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit weight for its AVX512-BF16 CPU kernel at the first no-grad forward
+    in eval mode, for good, and that kernel has no backward: every training step after an evaluation (or DPO's
+    reference pass) would then get wrong gradients through the base layers, with only a warning. Keep the
+    differentiable layout (slower CPU inference, the same results)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether the network (inside a peft wrapper or not) was loaded in 4 or 8 bits."""
+    net = model.get_base_model() if is_peft(model) else model
+    return bool(getattr(net, "is_loaded_in_4bit", False) or getattr(net, "is_loaded_in_8bit", False))
+
+
+def _merged_in_full_precision(model: Any) -> Any:
+    """A QLoRA model's adapter merged into its base's original full-precision weights (merging into the 4-bit copy
+    would save quantized weights that plain transformers cannot load without bitsandbytes, and carry the
+    quantization error). What is not adapted and not quantized (embeddings grown for a pad token, norms) is
+    taken from the trained model."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    peft_config = model.peft_config["default"]
+    base = AutoModelForCausalLM.from_pretrained(peft_config.base_model_name_or_path, dtype=torch.float32)
+    trained = model.get_base_model()
+    if trained.get_input_embeddings().num_embeddings != base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(trained.get_input_embeddings().num_embeddings)
+    plain = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if name in plain and param.dtype.is_floating_point and param.shape == plain[name].shape:
+                plain[name].copy_(param.detach().to("cpu", torch.float32))
+    from peft import get_peft_model
+
+    merged = get_peft_model(base, copy.deepcopy(peft_config))
+    set_peft_model_state_dict(merged, get_peft_model_state_dict(model))
+    return merged.merge_and_unload()
 
 
 def add_lora(model: Any, lora: LoraConfig) -> Any:
@@ -251,7 +317,7 @@ def save_pretrained(model: Any, tokenizer: Any | None, out_dir: str | os.PathLik
         return
     if is_peft(model):
         model.save_pretrained(out / "adapter")
-        model = copy.deepcopy(model).merge_and_unload()
+        model = _merged_in_full_precision(model) if is_quantized(model) else copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -121,6 +121,9 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.lora.load_in_4bit:
+            raise ConfigError("lora.load_in_4bit (QLoRA) is not supported by the reward stage yet; train the "
+                              "reward model with plain LoRA (drop lora.load_in_4bit).")
         if self.ensemble_size < 1:
             raise ConfigError(f"ensemble_size must be at least 1, got {self.ensemble_size}.")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -111,6 +111,8 @@ class Run:
 
     def _use_fsdp(self) -> bool:
         wanted = self.cfg.sharding == "fsdp" or (self.cfg.sharding == "auto" and sharding.fsdp_from_launcher())
+        if wanted:
+            sharding.check_shardable(self.cfg)
         if wanted and self.world == 1:
             log.info("sharding: one process, nothing to shard; training unsharded")
             return False

@@ -54,6 +54,15 @@ def reshard_from_launcher(default: bool) -> bool:
     return default if value is None else value.lower() == "true"
 
 
+def check_shardable(cfg: Any) -> None:
+    """Refuse what FSDP cannot shard, naming the alternative."""
+    from rlhfkit.errors import UserError
+
+    if cfg.lora.enabled and cfg.lora.load_in_4bit:
+        raise UserError("QLoRA (lora.load_in_4bit) is not supported under FSDP (its 4-bit weights are not "
+                        "sharded); train it replicated (examples/accelerate/ddp.yaml), or use plain LoRA with FSDP.")
+
+
 def layer_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules to shard one by one: instances of the classes the model's Hugging Face parts name in
     `_no_split_modules` (their decoder layers), outermost first and never one inside another."""
