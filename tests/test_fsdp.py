@@ -162,10 +162,12 @@ def test_sharded_online_dpo_matches_one_process(tmp_path, world):
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-RESUMABLE = {  # kto, reward and the other RL estimators share these code paths (Run, checkpoint, sharding)
+RESUMABLE = {  # the other RL estimators and online-dpo share these code paths (Run, checkpoint, sharding)
     "sft": ("sft", lambda w: ["--model", str(w["model"]), "--data", str(w["sft"]), "--dropout-off", "false"],
             "loss"),
+    "reward": ("reward", lambda w: ["--model", str(w["model"]), "--data", str(w["pairs"])], "loss"),
     "dpo": ("dpo", lambda w: ["--model", str(w["model"]), "--data", str(w["pairs"])], "loss"),
+    "kto": ("dpo", lambda w: ["--model", str(w["model"]), "--data", str(w["pairs"]), "--loss", "kto"], "loss"),
     "grpo": ("ppo", lambda w: ["--model", str(w["model"]), "--reward-model", str(w["rm"]), "--data",
                                str(w["prompts"]), "--advantage", "grpo", "--samples-per-prompt", "2",
                                "--max-new-tokens", "8"], "policy_loss"),

@@ -160,7 +160,9 @@ def measured_peak(hidden, layers, heads, kv_heads, mlp, vocab, tied, batch, seq,
         num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
         max_position_embeddings=seq, attn_implementation="sdpa"))
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from rlhfkit.models import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)  # what --gradient-checkpointing does
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (batch, seq))  # (B, T)
