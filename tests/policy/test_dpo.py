@@ -333,6 +333,39 @@ def test_two_processes_match_one(tmp_path, tiny_model, pairs_file, loss):
     assert_same_run(one, two, exact=False)
 
 
+def test_kto_padding_free_takes_the_padded_steps(tmp_path, tiny_model):
+    """KTO's completions and mismatched pairs packed into shared rows: the same reference cache, reference point
+    z0 (kl), per-step losses, gradient norms, eval metrics and weights as right padding, up to float rounding."""
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.policy import kto
+
+    rows = sum_pairs(48, seed=5)
+    for i, row in enumerate(rows):  # responses of very different lengths, so short sequences share rows
+        row["rejected"] = row["rejected"].replace(" .", " ." * (1 + (5 * i) % 23))
+    data = write_jsonl(tmp_path / "varied.jsonl", rows)
+    split, _, _ = kto.load_data(cfg(tiny_model, data, tmp_path / "x", loss="kto", padding_free=True),
+                                load_tokenizer(str(tiny_model)))
+    assert split.padding_free
+    for batch in (split.collate(list(range(8)), 0), split.collate_both(list(range(8)), 0)):
+        assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] < len(batch["desirable"])
+    padded, packed = tmp_path / "padded", tmp_path / "packed"
+    for out, free in ((padded, False), (packed, True)):
+        dpo.main(cfg(tiny_model, data, out, max_steps=4, batch_size=8, padding_free=free, loss="kto",
+                     eval_every=2))
+    la = [(m["step"], m["loss"], m["grad_norm"], m["kl"]) for m in metrics_of(padded) if "loss" in m]
+    lb = [(m["step"], m["loss"], m["grad_norm"], m["kl"]) for m in metrics_of(packed) if "loss" in m]
+    assert [x[0] for x in la] == [x[0] for x in lb] and len(la) == 4
+    assert [v for x in la for v in x[1:]] == pytest.approx([v for x in lb for v in x[1:]], rel=1e-4, abs=1e-6)
+    wa, wb = load_file(str(padded / "model.safetensors")), load_file(str(packed / "model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4  # Adam at lr 3e-3: rounding-level
+    ea = [m for m in metrics_of(padded) if "eval/loss" in m]
+    eb = [m for m in metrics_of(packed) if "eval/loss" in m]
+    assert ea and [m["eval/loss"] for m in ea] == pytest.approx([m["eval/loss"] for m in eb], rel=1e-4)
+    ra, rb = load_file(str(padded / dpo.REF_CACHE)), load_file(str(packed / dpo.REF_CACHE))
+    for name in ra:
+        torch.testing.assert_close(rb[name], ra[name], rtol=1e-5, atol=1e-5)
+
+
 def test_kto_resume_in_process_is_exact(tmp_path, tiny_dropout_model, kto_file, monkeypatch):
     full, broken = tmp_path / "full", tmp_path / "broken"
     kw = dict(loss="kto", max_steps=6, save_every=2, dropout_off=False)

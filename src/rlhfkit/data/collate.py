@@ -224,11 +224,13 @@ def collate_rankings(rankings: list[TokenizedRanking], pad_id: int, padding_free
     return batch
 
 
-def collate_completions(examples: list[TokenizedCompletion], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_completions(examples: list[TokenizedCompletion], pad_id: int, padding_free: bool = False
+                        ) -> dict[str, torch.Tensor]:
     """One right-padded batch of KTO completions. Returns input_ids, attention_mask, response_mask: (B, T);
-    last_index: (B,); desirable: (B,) bool."""
-    batch = padded_batch([e.input_ids for e in examples], pad_id,
-                         response_mask=[e.response_mask for e in examples])
+    last_index: (B,); desirable: (B,) bool. padding_free: the packed layout instead (see `packed_batch`;
+    sequence n is still n)."""
+    batch = sequence_batch([e.input_ids for e in examples], pad_id, padding_free,
+                           response_mask=[e.response_mask for e in examples])
     batch["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)  # (B,)
     return batch
 

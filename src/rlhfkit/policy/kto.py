@@ -38,6 +38,8 @@ class KTOSplit:
     """Item i's prompt followed by its fixed partner's completion, for the reference point z₀."""
     ref: torch.Tensor | None = None
     """(N, 2) cached sequence log π_ref of the completion and of the mismatched pair, when reference: cached."""
+    padding_free: bool = False
+    """Batches in the packed layout (`collate_completions(..., padding_free=True)`); sequence n is still n."""
     layout: ClassVar[str] = "kto"
 
     def __len__(self) -> int:
@@ -45,15 +47,16 @@ class KTOSplit:
 
     def collate(self, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         """The policy's batch: (B, T) completions."""
-        return collate_completions([self.items[i] for i in idx], pad_id)
+        return collate_completions([self.items[i] for i in idx], pad_id, self.padding_free)
 
     def collate_kl(self, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         """(B, T) mismatched pairs."""
-        return collate_completions([self.kl_items[i] for i in idx], pad_id)
+        return collate_completions([self.kl_items[i] for i in idx], pad_id, self.padding_free)
 
     def collate_both(self, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         """(2B, T): completions in rows 0..B-1, mismatched pairs in rows B..2B-1."""
-        return collate_completions([self.items[i] for i in idx] + [self.kl_items[i] for i in idx], pad_id)
+        return collate_completions([self.items[i] for i in idx] + [self.kl_items[i] for i in idx], pad_id,
+                                   self.padding_free)
 
     def sequences(self) -> Iterator[tuple[list[int], list[int]]]:
         for item, kl_item in zip(self.items, self.kl_items):
@@ -68,7 +71,8 @@ def load_data(cfg: DPOConfig, tokenizer: Any) -> tuple[KTOSplit, KTOSplit, dict[
 
     def build(recs: list[Any], seed: int) -> tuple[KTOSplit, Any]:
         examples, report = tokenize_kto(tokenizer, unpair(recs), cfg.max_length, cfg.overlong)
-        return KTOSplit(examples, mismatched(examples, kl_partners(len(examples), seed), cfg.max_length)), report
+        kl_items = mismatched(examples, kl_partners(len(examples), seed), cfg.max_length)
+        return KTOSplit(examples, kl_items, padding_free=cfg.padding_free), report
 
     train, report = build(records, cfg.seed)
     held = build(held_records, cfg.seed + 1)[0]

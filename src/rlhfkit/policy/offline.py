@@ -47,7 +47,8 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     padding_free: bool = True
     """Each micro-batch's chosen and rejected sequences packed into rows as wide as the longest one (block-diagonal
     attention, positions restarting per sequence), so little of a forward pass is padding; off pads every
-    sequence to the longest. The same log-probs either way (tested). KTO keeps padded rows."""
+    sequence to the longest (KTO: its completions and mismatched pairs alike). The same log-probs either way
+    (tested)."""
     use_confidence: bool = True
     """dpo and cdpo: rows with a confidence column (the probability that chosen is truly better, e.g. from
     annotator reliability) train as soft targets, cDPO with a per-row flip probability 1 - confidence; off trains
