@@ -344,6 +344,10 @@ class Models:
             nets += [n for n in ensemble.members if all(n is not k for k in nets)]
         return nets
 
+    def sharded_rewards(self) -> list[Any]:
+        """The sharded reward networks (the reference left out: it never scores texts)."""
+        return [n for n in self.sharded_frozen if n is not self.ref]
+
     def reads_text(self) -> bool:
         """Whether some reward model re-tokenises the responses (another vocabulary): its forwards then depend on
         this process's texts, not only on the batch's shape."""
@@ -413,7 +417,7 @@ def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> N
         b.ref_logprobs = reference_logprobs(m.ref, net.policy, b.ids, b.mask, b.P, cfg.temperature)
         # sharded frozen reward models scoring texts are gathered: the number of forwards then depends on this
         # process's texts, and every process must make the same collective calls
-        with sharding.gathered_all(m.sharded_frozen if m.reads_text() else []):
+        with sharding.gathered_all(m.sharded_rewards() if m.reads_text() else []):
             mean, std = reward_scores(run, m, b, cfg)
         sharding.release(m.sharded_frozen)
         b.raw_score, b.std = mean.float(), std
@@ -599,7 +603,7 @@ def monitor(run: Run, m: Models, b: Batch, watch: Watch, metrics: dict[str, Any]
         return False
     if watch.prompts:
         net = run.accelerator.unwrap_model(m.model)
-        with run.gathered(m.model), sharding.gathered_all(m.sharded_frozen):  # scored from texts
+        with run.gathered(m.model), sharding.gathered_all(m.sharded_rewards()):  # scored from texts
             proxy, metrics["judge/score"], judge_se, per_prompt = held_out_scores(
                 net.policy, m.tokenizer, m.rewards or m.reward, watch.judge, watch.prompts, cfg, seed=cfg.seed,
                 risky=watch.risky)
