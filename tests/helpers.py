@@ -102,3 +102,24 @@ def tiny_reward_world(d: Path, model: Path, prompts: int = 24, reward_steps: int
                                     max_steps=reward_steps, batch_size=8, learning_rate=2e-3, report_to=["jsonl"],
                                     progress=False, eval_fraction=0.0))
     return d, write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows(prompts, seed=5)])
+
+
+def largest_tensor_mode():
+    """A dispatch mode recording the most elements of any tensor an aten op produces (`.largest`): how a test
+    shows that no (B x T x V) logits were formed."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    return LargestTensor()

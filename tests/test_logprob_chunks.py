@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhfkit.models as models
+from helpers import largest_tensor_mode
 from rlhfkit.models import logprobs_of, position_ids_from_mask, token_logprobs
 
 V = 3000
@@ -82,21 +82,6 @@ def test_no_grad_and_one_chunk_paths_agree(small_chunks, monkeypatch):
     torch.testing.assert_close(logprobs_of(model, ids, mask), want, rtol=1e-5, atol=1e-5)
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the most elements of any tensor an aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_tensor_the_size_of_the_logits_exists_in_forward_or_backward(small_chunks):
     """The point of chunking: neither pass holds B × T × V floats (the full path does, so this can fail)."""
     model = llama()
@@ -104,7 +89,7 @@ def test_no_tensor_the_size_of_the_logits_exists_in_forward_or_backward(small_ch
     logits_size = 4 * 39 * V
     for fn, expect_small in ((full_logprobs, False), (logprobs_of, True)):
         model.zero_grad()
-        with LargestTensor() as seen:
+        with largest_tensor_mode() as seen:
             fn(model, ids, mask).sum().backward()
         # the head's weight and its gradient (V × 32) are the largest tensors left; a chunk is 7 × V
         assert (seen.largest < logits_size / 4) == expect_small, (fn.__name__, seen.largest, logits_size)
@@ -198,7 +183,7 @@ def test_hf_generate_backend_never_holds_every_steps_logits(small_chunks):
     mask[:] = 1
     decoding = Decoding(max_new_tokens=60, eos_token_id=2, pad_token_id=0, temperature=0.9, top_p=0.9, top_k=50)
     torch.manual_seed(0)
-    with LargestTensor() as seen:
+    with largest_tensor_mode() as seen:
         response, lp, flp = generate_hf(model, ids, mask, decoding)
     assert response.shape[0] == 4 and response.shape[1] <= 60
     # the head's weight (V × 32) is the largest tensor left; every step's logits would be 4 × 60 × V

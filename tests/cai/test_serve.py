@@ -247,9 +247,8 @@ def test_the_openai_judge_backend_labels_pairs_through_the_server(server, tmp_pa
 def test_echo_logprobs_are_computed_a_chunk_of_positions_at_a_time(served, monkeypatch):
     """Echoed prompt log-probs and their top lists equal those of the full logits, and no tensor of T x V
     floats is formed (a chunk of 3 positions here; the full path would form one, so this can fail)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import rlhfkit.models as models
+    from helpers import largest_tensor_mode
 
     _, engine, _ = served
     ids = engine.encode_text(PROMPT * 4)[0]
@@ -257,20 +256,9 @@ def test_echo_logprobs_are_computed_a_chunk_of_positions_at_a_time(served, monke
         logp = torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     vocab = logp.shape[-1]
     monkeypatch.setattr(models, "LOGIT_CHUNK_BYTES", 3 * 4 * vocab)
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Largest.largest = max(Largest.largest, t.numel())
-            return out
-
-    with Largest():
+    with largest_tensor_mode() as seen:
         steps = engine.prompt_logprobs(ids, 3)
-    assert Largest.largest < len(ids) * vocab / 2  # the largest left: hidden states, 25 x 128
+    assert seen.largest < len(ids) * vocab / 2  # the largest left: hidden states, 25 x 128
     assert steps[0] is None and len(steps) == len(ids)
     for t, step in enumerate(steps[1:], start=1):
         assert step.token_id == ids[t] and step.logprob == pytest.approx(float(logp[t - 1, ids[t]]), abs=1e-5)

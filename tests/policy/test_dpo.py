@@ -222,11 +222,17 @@ def test_padding_free_pairs_take_the_padded_steps(tmp_path, tiny_model, loss):
     batch = split.collate(list(range(8)), 0)
     assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] < 16  # rows were saved
     padded, packed = tmp_path / "padded", tmp_path / "packed"
+    assert_padding_free_takes_the_padded_steps(tiny_model, data, padded, packed, loss, ("loss", "grad_norm"),
+                                               cached_reference=loss == "dpo")
+
+
+def assert_padding_free_takes_the_padded_steps(model, data, padded, packed, loss, keys, cached_reference):
+    """Train 4 steps padded and packed; the logged `keys` per step, the eval losses, the weights and (with a
+    cached reference) the reference cache agree up to float rounding."""
     for out, free in ((padded, False), (packed, True)):
-        dpo.main(cfg(tiny_model, data, out, max_steps=4, batch_size=8, padding_free=free, loss=loss,
-                     eval_every=2))
-    la = [(m["step"], m["loss"], m["grad_norm"]) for m in metrics_of(padded) if "loss" in m]
-    lb = [(m["step"], m["loss"], m["grad_norm"]) for m in metrics_of(packed) if "loss" in m]
+        dpo.main(cfg(model, data, out, max_steps=4, batch_size=8, padding_free=free, loss=loss, eval_every=2))
+    la = [(m["step"], *(m[k] for k in keys)) for m in metrics_of(padded) if "loss" in m]
+    lb = [(m["step"], *(m[k] for k in keys)) for m in metrics_of(packed) if "loss" in m]
     assert [x[0] for x in la] == [x[0] for x in lb] and len(la) == 4
     assert [v for x in la for v in x[1:]] == pytest.approx([v for x in lb for v in x[1:]], rel=1e-4, abs=1e-6)
     wa, wb = load_file(str(padded / "model.safetensors")), load_file(str(packed / "model.safetensors"))
@@ -234,7 +240,7 @@ def test_padding_free_pairs_take_the_padded_steps(tmp_path, tiny_model, loss):
     ea = [m for m in metrics_of(padded) if "eval/loss" in m]
     eb = [m for m in metrics_of(packed) if "eval/loss" in m]
     assert ea and [m["eval/loss"] for m in ea] == pytest.approx([m["eval/loss"] for m in eb], rel=1e-4)
-    if loss == "dpo":
+    if cached_reference:
         ra, rb = load_file(str(padded / dpo.REF_CACHE)), load_file(str(packed / dpo.REF_CACHE))
         for name in ra:
             torch.testing.assert_close(rb[name], ra[name], rtol=1e-5, atol=1e-5)
@@ -348,22 +354,8 @@ def test_kto_padding_free_takes_the_padded_steps(tmp_path, tiny_model):
     assert split.padding_free
     for batch in (split.collate(list(range(8)), 0), split.collate_both(list(range(8)), 0)):
         assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] < len(batch["desirable"])
-    padded, packed = tmp_path / "padded", tmp_path / "packed"
-    for out, free in ((padded, False), (packed, True)):
-        dpo.main(cfg(tiny_model, data, out, max_steps=4, batch_size=8, padding_free=free, loss="kto",
-                     eval_every=2))
-    la = [(m["step"], m["loss"], m["grad_norm"], m["kl"]) for m in metrics_of(padded) if "loss" in m]
-    lb = [(m["step"], m["loss"], m["grad_norm"], m["kl"]) for m in metrics_of(packed) if "loss" in m]
-    assert [x[0] for x in la] == [x[0] for x in lb] and len(la) == 4
-    assert [v for x in la for v in x[1:]] == pytest.approx([v for x in lb for v in x[1:]], rel=1e-4, abs=1e-6)
-    wa, wb = load_file(str(padded / "model.safetensors")), load_file(str(packed / "model.safetensors"))
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4  # Adam at lr 3e-3: rounding-level
-    ea = [m for m in metrics_of(padded) if "eval/loss" in m]
-    eb = [m for m in metrics_of(packed) if "eval/loss" in m]
-    assert ea and [m["eval/loss"] for m in ea] == pytest.approx([m["eval/loss"] for m in eb], rel=1e-4)
-    ra, rb = load_file(str(padded / dpo.REF_CACHE)), load_file(str(packed / dpo.REF_CACHE))
-    for name in ra:
-        torch.testing.assert_close(rb[name], ra[name], rtol=1e-5, atol=1e-5)
+    assert_padding_free_takes_the_padded_steps(tiny_model, data, tmp_path / "padded", tmp_path / "packed", "kto",
+                                               ("loss", "grad_norm", "kl"), cached_reference=True)
 
 
 def test_kto_resume_in_process_is_exact(tmp_path, tiny_dropout_model, kto_file, monkeypatch):
