@@ -252,18 +252,6 @@ def test_gradient_checkpointing_takes_the_same_steps(tmp_path, world, stage, mon
     assert load_yaml(ckpt / "config.yaml")["gradient_checkpointing"] is True
 
 
-def test_a_deepspeed_launch_is_refused_naming_the_fsdp_config(tmp_path, world, monkeypatch):
-    from rlhfkit.errors import UserError
-    from rlhfkit.policy import sft
-
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` exports for a DeepSpeed config
-    with pytest.raises(UserError, match="DeepSpeed, which rlhfkit does not support yet; launch with "
-                                        "examples/accelerate/fsdp.yaml"):
-        sft.main(sft.SFTConfig(model=str(world["model"]), data=str(world["sft"]), output_dir=str(tmp_path / "r"),
-                               max_steps=1, report_to=["jsonl"], progress=False))
-    assert not (tmp_path / "r" / "model.safetensors").exists()
-
-
 def test_sharding_fsdp_in_one_process_trains_unsharded(tmp_path, world):
     from rlhfkit.policy import sft
 

@@ -119,11 +119,13 @@ class TrainConfig:
     """Recompute each decoder layer's activations in backward instead of storing them (Hugging Face's gradient
     checkpointing, non-reentrant): activation memory of one layer instead of all, for about a third more compute.
     The same losses and gradients."""
-    sharding: Literal["auto", "none", "fsdp"] = "auto"
+    sharding: Literal["auto", "none", "fsdp", "zero2", "zero3"] = "auto"
     """Under several processes: `fsdp` shards the trained model's weights, gradients and optimizer state over
-    them (FSDP2, each decoder layer a unit); `none` replicates it (DDP). `auto` follows the launcher: FSDP when
-    `accelerate launch` was given an FSDP config (examples/accelerate/fsdp.yaml), else DDP. PPO's frozen
-    reference and reward models follow `frozen_models`."""
+    them (FSDP2, each decoder layer a unit); `zero2` partitions the optimizer state and gradients (DeepSpeed
+    ZeRO-2), `zero3` the weights too (ZeRO-3); `none` replicates it (DDP). `auto` follows the launcher: FSDP or
+    DeepSpeed when `accelerate launch` was given such a config (examples/accelerate/fsdp.yaml, zero2.yaml,
+    zero3.yaml), else DDP. PPO's frozen reference and reward models follow `frozen_models` (replicated under
+    DeepSpeed)."""
     log_every: int = 1
     """Write metrics every N optimizer steps."""
     save_every: int = 0

@@ -199,7 +199,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
             batch = to_device(train.collate(idx, pad_id), device)
             with run.micro_step(model, k, len(chunks)):
                 loss, values = paired_terms(model, batch, ref, loss_fn)
-                run.accelerator.backward(loss * (len(idx) / step_items * run.world))
+                run.backward(model, loss * (len(idx) / step_items * run.world))
             tally.add(values)
         lr = scheduler.get_last_lr()[0]
         metrics: dict[str, Any] = tally.means(run)

@@ -19,7 +19,7 @@ import torch
 
 from rlhfkit.config import TrainConfig
 from rlhfkit.data.readers import read_prompts
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.losses import masked_mean
 from rlhfkit.eval.overopt import OveroptimisationMonitor, mean_se
 from rlhfkit.losses.advantages import (
@@ -73,7 +73,8 @@ class PPOConfig(TrainConfig, CombineConfig):
     frozen_models: Literal["auto", "shard", "replicate"] = "auto"
     """Under FSDP (`sharding`): `auto` and `shard` shard the reference and reward models over the processes as
     the policy is (forward only, one layer gathered at a time); `replicate` keeps a full copy on every process
-    (more memory, no all-gathers). Unsharded runs replicate them."""
+    (more memory, no all-gathers). Unsharded runs replicate them, and so do DeepSpeed runs (`shard` is refused
+    there)."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
     minibatches: int = 1
@@ -534,7 +535,7 @@ def update(run: Run, m: Models, b: Batch, optimizer: Any, scheduler: Any, step: 
                     stats["value_loss"].append(float(vl.detach()))
                     stats["value_clip_frac"].append(float(vs.clip_fraction))
                     stats["explained_var"].append(float(vs.explained_variance))
-                run.accelerator.backward(loss)
+                run.backward(model, loss)
             stats["policy_loss"].append(float(pl.detach()))
             stats["clip_frac"].append(float(ps.clip_fraction))
             stats["approx_kl"].append(float(ps.approx_kl))
@@ -544,7 +545,7 @@ def update(run: Run, m: Models, b: Batch, optimizer: Any, scheduler: Any, step: 
                 if drift > 1.5 * cfg.target_kl:
                     # Spinning Up's PPO early stop: this minibatch already sees a policy too far from the one
                     # that sampled, so its update and the rest of this step's epochs are skipped
-                    optimizer.zero_grad(set_to_none=True)
+                    run.discard_gradients(model, optimizer)
                     early_stop = True
                     break
             last_update = epoch == cfg.ppo_epochs - 1 and j == cfg.minibatches - 1
@@ -669,6 +670,10 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
     net = PolicyWithValue(m.model)
     if cfg.advantage != "gae":  # critic-free: the value head is not trained (DDP would wait for its gradients)
         net.value_head.requires_grad_(False)
+    if run.zero and cfg.frozen_models == "shard":
+        raise UserError("--frozen-models shard is not supported under DeepSpeed ZeRO (the reference and reward "
+                        "models are replicated there); use --frozen-models auto, or launch with "
+                        "examples/accelerate/fsdp.yaml to shard them.")
     m.model, optimizer, scheduler, sampler, start_step = run.begin(net, len(prompts))
     if run.fsdp and cfg.frozen_models != "replicate":
         m.sharded_frozen = m.frozen_networks()

@@ -123,7 +123,7 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
         for k, batch in enumerate(batches):
             with run.micro_step(model, k, len(batches)):
                 loss, stats = token_nll(model, _to(batch, device), step_tokens.to(torch.float32))
-                run.accelerator.backward(loss * run.world)
+                run.backward(model, loss * run.world)
             nll_sum += stats.nll_sum.double().cpu()
         lr = scheduler.get_last_lr()[0]
         loss_value = float(run.all_sum(nll_sum) / step_tokens.clamp(min=1))

@@ -691,7 +691,7 @@ def train_member(cfg: RewardConfig, samples: tuple[list[Any], list[str]] | None,
             with run.micro_step(model, k, len(chunks)):
                 loss, counts = objective.loss(model, [train[i] for i in chunk], tokenizer.pad_token_id, cfg,
                                               device, step_items)
-                run.accelerator.backward(loss * run.world)
+                run.backward(model, loss * run.world)
             for key, value in counts.items():
                 totals[key] += value
         summed = {k: float(run.all_sum(v)) for k, v in totals.items()}

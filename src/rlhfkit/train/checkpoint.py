@@ -64,6 +64,10 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     required = ["trainer_state.json", "optimizer.pt", "scheduler.pt"]
     if (ckpt / "sharded").is_dir():  # an FSDP run's: model and optimizer state in torch.distributed.checkpoint files
         required = ["trainer_state.json", "scheduler.pt", "sharded/.metadata"]
+    elif (ckpt / "deepspeed").is_dir():  # a DeepSpeed run's: model and optimizer partitions in DeepSpeed's files
+        from rlhfkit.train.zero import required_files
+
+        required = ["trainer_state.json", "scheduler.pt", *required_files(ckpt)]
     if not manifest.exists():
         missing = [f for f in required if not (ckpt / f).is_file()]
         return f"{missing[0]} is missing" if missing else None
@@ -109,10 +113,11 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int = 2,
-    sharded: bool = False,
+    layout: str = "full",
 ) -> Path:
     """Write checkpoints/step-{step} atomically from every process (collective: call on all ranks). A sharded
-    (FSDP) model and its optimizer go to sharded/, each process writing its own shard."""
+    (layout "fsdp") model and its optimizer go to sharded/, each process writing its own shard; a DeepSpeed
+    engine's (layout "deepspeed") to deepspeed/, in DeepSpeed's own format."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -123,12 +128,16 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
-    if sharded:
+    if layout == "fsdp":
         from rlhfkit.train.sharding import SHARDED_DIR, save_sharded
 
         save_sharded(tmp / SHARDED_DIR, model, optimizer)
+    elif layout == "deepspeed":
+        from rlhfkit.train import zero
+
+        zero.save(tmp / zero.ZERO_DIR, model)
     if is_main:
-        if not sharded:
+        if layout == "full":
             from rlhfkit.models import quiet_transformers
 
             quiet_transformers()
@@ -185,9 +194,19 @@ def _load_model_weights(model: Any, model_dir: Path) -> None:
         )
 
 
+_LAYOUT_NAMES = {"full": "unsharded", "fsdp": "sharded (FSDP)", "deepspeed": "DeepSpeed ZeRO"}
+
+
+def checkpoint_layout(ckpt: Path) -> str:
+    from rlhfkit.train.sharding import SHARDED_DIR
+    from rlhfkit.train.zero import ZERO_DIR
+
+    return "fsdp" if (ckpt / SHARDED_DIR).is_dir() else "deepspeed" if (ckpt / ZERO_DIR).is_dir() else "full"
+
+
 def load_checkpoint(
     ckpt: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, restore_rng: bool = True,
-    sharded: bool = False,
+    layout: str = "full",
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this process's RNG; returns trainer_state.json."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -200,14 +219,18 @@ def load_checkpoint(
         )
     from rlhfkit.train.sharding import SHARDED_DIR, load_sharded
 
-    if (ckpt / SHARDED_DIR).is_dir() != sharded:
+    written = checkpoint_layout(ckpt)
+    if written != layout:
         from rlhfkit.errors import UserError
 
-        was, now = ("sharded (FSDP)", "unsharded") if not sharded else ("unsharded", "sharded (FSDP)")
-        raise UserError(f"{ckpt} was written by a {was} run and this run is {now}; resume with the same "
-                        "--sharding and launch config.")
-    if sharded:
+        raise UserError(f"{ckpt} was written by a {_LAYOUT_NAMES[written]} run and this run is "
+                        f"{_LAYOUT_NAMES[layout]}; resume with the same --sharding and launch config.")
+    if layout == "fsdp":
         load_sharded(ckpt / SHARDED_DIR, model, optimizer)
+    elif layout == "deepspeed":
+        from rlhfkit.train import zero
+
+        zero.load(ckpt / zero.ZERO_DIR, model)
     else:
         _load_model_weights(_unwrap(accelerator, model), ckpt / "model")
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))

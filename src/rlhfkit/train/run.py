@@ -21,7 +21,7 @@ from rlhfkit.train.checkpoint import checkpoint_dirs, latest_intact_checkpoint, 
 from rlhfkit.train.metrics import MetricsLogger, check_finite
 from rlhfkit.train.sampler import EpochSampler
 from rlhfkit.train.seeding import set_seed
-from rlhfkit.train import sharding
+from rlhfkit.train import sharding, zero
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,16 @@ class Run:
         # process launched by `accelerate launch --multi_gpu` would silently train alone.
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
         cpu = cfg.cpu or (multi and not torch.cuda.is_available())
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            # Accelerate's DeepSpeed engine steps the optimizer inside backward, while every rlhfkit trainer runs
-            # its own micro-batch loop and steps once per optimizer step: the two would disagree silently
-            raise UserError("this launch config uses DeepSpeed, which rlhfkit does not support yet; launch with "
-                            "examples/accelerate/fsdp.yaml instead (FSDP2 shards weights, gradients and optimizer "
-                            "state like ZeRO-3; fsdp_reshard_after_forward: false is ZeRO-2-like).")
+        self._ds_launch = zero.launcher_uses_deepspeed()
+        self.zero = zero.stage_wanted(cfg.sharding)
+        self._zero_section = zero.zero_section_from_launcher() if self._ds_launch else None
+        if self.zero:
+            zero.check_usable(cfg, self.zero)
+            if not torch.cuda.is_available():
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if self._ds_launch:
+            # rlhfkit builds the DeepSpeed engine itself (train.zero); Accelerate only forms the process group
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
         reset_accelerator_state()  # an earlier run in this process must not fix this run's precision
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
         if cpu and multi and "OMP_NUM_THREADS" not in os.environ:
@@ -95,6 +99,9 @@ class Run:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.fsdp = self._use_fsdp()
+        if self.zero and self.world == 1:
+            log.info("DeepSpeed ZeRO: one process, nothing to partition; training unsharded")
+            self.zero = 0
         self.skeleton: sharding.Skeleton | None = None
         self.resume_from = self._check_run_dir()
         set_seed(cfg.seed)
@@ -109,8 +116,17 @@ class Run:
         self._start_time = time.time()
         self._kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
 
+    @property
+    def layout(self) -> str:
+        """How checkpoints hold the model and optimizer: whole ("full"), FSDP shards, or DeepSpeed partitions."""
+        return "fsdp" if self.fsdp else "deepspeed" if self.zero else "full"
+
     def _use_fsdp(self) -> bool:
         wanted = self.cfg.sharding == "fsdp" or (self.cfg.sharding == "auto" and sharding.fsdp_from_launcher())
+        if (wanted and self.zero) or (self.zero and sharding.fsdp_from_launcher()) or (
+                self.cfg.sharding == "fsdp" and self._ds_launch):
+            raise UserError(f"--sharding {self.cfg.sharding} contradicts the launch config (FSDP and DeepSpeed "
+                            "cannot both shard one run); use --sharding auto to follow the launch config.")
         if wanted:
             sharding.check_shardable(self.cfg)
         if wanted and self.world == 1:
@@ -212,7 +228,7 @@ class Run:
             # one fused kernel over all parameters instead of a loop of small ops per tensor (Hugging Face
             # Trainer's default optimizer too); the same update up to float rounding. Sharded (DTensor)
             # parameters take the multi-tensor path.
-            **({"foreach": True} if self.fsdp else {"fused": True}),
+            **({"foreach": True} if self.fsdp or self.zero else {"fused": True}),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
@@ -228,7 +244,7 @@ class Run:
             return None
         try:
             state = load_checkpoint(self.resume_from, self.accelerator, model, optimizer, scheduler, restore_rng,
-                                    sharded=self.fsdp)
+                                    layout=self.layout)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
             raise UserError(f"--resume: could not load {self.resume_from} ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); delete that checkpoint directory to "
@@ -260,6 +276,12 @@ class Run:
             sharding.shard(model, self.world, self.accelerator.device,
                            reshard_after_forward=sharding.reshard_from_launcher(True))
             optimizer, scheduler = self.optimizer_and_schedule(model)
+        elif self.zero:
+            # the LR schedule drives the optimizer's parameter groups, which DeepSpeed's ZeRO optimizer keeps
+            self.skeleton = sharding.Skeleton(model) if self.is_main and self.zero == 3 else None
+            optimizer, scheduler = self.optimizer_and_schedule(model)
+            model, optimizer = zero.wrap(model, optimizer, self.cfg, self.zero, self._zero_section)
+            log.info("DeepSpeed ZeRO-%d over %d processes", self.zero, self.world)
         else:
             optimizer, scheduler = self.optimizer_and_schedule(model)
             model, optimizer = self.prepare(model, optimizer)
@@ -289,15 +311,30 @@ class Run:
         if self.fsdp:  # reduce-scatter the gradients only after the last micro-batch
             model.set_requires_gradient_sync(index == count - 1)
             sync = contextlib.nullcontext()
+        elif self.zero:  # the engine accumulates until step_optimizer (managed_gradient_accumulation: false)
+            sync = contextlib.nullcontext()
         else:
             sync = contextlib.nullcontext() if index == count - 1 else self.accelerator.no_sync(model)
         with sync, self.accelerator.autocast():
             yield
 
+    def backward(self, model: Any, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (gradients accumulate until step_optimizer)."""
+        if self.zero:
+            model.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
+
+    def discard_gradients(self, model: Any, optimizer: Any) -> None:
+        """Drop the gradients accumulated since the last optimizer step without taking it."""
+        if self.zero:
+            model.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
+
     def gathered(self, model: Any) -> Any:
         """Context for sampling and evaluation: a sharded model's weights gathered whole for the block (each
         process may then run any number of forwards); nothing for an unsharded one."""
-        return sharding.gathered(model)
+        return zero.gathered(model) if self.zero else sharding.gathered(model)
 
     def all_sum(self, value: torch.Tensor | float) -> torch.Tensor:
         t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device).clone()
@@ -314,7 +351,15 @@ class Run:
     def step_optimizer(self, model: Any, optimizer: Any, scheduler: Any, step: int, advance_schedule: bool = True
                        ) -> float:
         """Clip, then step, unless the gradient is NaN/inf: then stop before the weights are corrupted, so the
-        newest checkpoint is still a good place to resume from."""
+        newest checkpoint is still a good place to resume from. Under DeepSpeed the engine's step reduces,
+        clips and updates at once, so a non-finite norm stops the run after that update instead, before any
+        checkpoint holds it."""
+        if self.zero:
+            grad_norm = zero.grad_norm_and_step(model)
+            check_finite({"grad_norm": grad_norm}, step)
+            if advance_schedule:
+                scheduler.step()
+            return grad_norm
         if self.fsdp:
             grad_norm = sharding.grad_norm(list(model.parameters()), self.cfg.max_grad_norm)
         elif self.cfg.max_grad_norm > 0:
@@ -358,7 +403,7 @@ class Run:
             self._bar.update(1)
         if self.cfg.save_every and step % self.cfg.save_every == 0:
             save_checkpoint(self.dir, step, self.accelerator, model, optimizer, scheduler, trainer_state,
-                            keep=self.cfg.keep_checkpoints, sharded=self.fsdp)
+                            keep=self.cfg.keep_checkpoints, layout=self.layout)
         if self._kill_after and step == self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -371,6 +416,9 @@ class Run:
         self.accelerator.wait_for_everyone()
         if self.fsdp:  # gathered to the main process and saved as the plain model
             state = sharding.full_state(model)
+            model = self.skeleton.filled(state) if self.is_main else None
+        elif self.zero == 3:
+            state = zero.full_state(model)
             model = self.skeleton.filled(state) if self.is_main else None
         if self.is_main:
             save_pretrained(self.accelerator.unwrap_model(model), tokenizer, self.dir)
