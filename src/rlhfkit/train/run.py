@@ -222,8 +222,11 @@ class Run:
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.zero:  # DeepSpeed drops empty groups (LoRA has no biases), which the schedule must not count
+            groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            groups,
             lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
             # one fused kernel over all parameters instead of a loop of small ops per tensor (Hugging Face
             # Trainer's default optimizer too); the same update up to float rounding. Sharded (DTensor)
