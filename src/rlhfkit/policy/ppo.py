@@ -535,19 +535,22 @@ def update(run: Run, m: Models, b: Batch, optimizer: Any, scheduler: Any, step: 
                     stats["value_loss"].append(float(vl.detach()))
                     stats["value_clip_frac"].append(float(vs.clip_fraction))
                     stats["explained_var"].append(float(vs.explained_variance))
-                run.backward(model, loss)
+                # Spinning Up's PPO early stop: a minibatch that already sees a policy too far from the one that
+                # sampled is not applied, and the rest of this step's epochs are skipped. Every process takes the
+                # same decision. Its backward still runs, of a zero loss, so no gradient of it reaches the
+                # optimizer (DeepSpeed reduces gradients into its partitions during backward) and sharded
+                # engines see every forward's backward.
+                stop = bool(cfg.target_kl) and float(
+                    run.all_sum(ps.approx_kl.detach().reshape(1)).sum()) / run.world > 1.5 * cfg.target_kl
+                run.backward(model, loss * 0.0 if stop else loss)
             stats["policy_loss"].append(float(pl.detach()))
             stats["clip_frac"].append(float(ps.clip_fraction))
             stats["approx_kl"].append(float(ps.approx_kl))
             stats["entropy"].append(float(masked_mean(ent.detach(), mask)))
-            if cfg.target_kl:  # every process takes the same decision
-                drift = float(run.all_sum(ps.approx_kl.detach().reshape(1)).sum()) / run.world
-                if drift > 1.5 * cfg.target_kl:
-                    # Spinning Up's PPO early stop: this minibatch already sees a policy too far from the one
-                    # that sampled, so its update and the rest of this step's epochs are skipped
-                    run.discard_gradients(model, optimizer)
-                    early_stop = True
-                    break
+            if stop:
+                run.discard_gradients(model, optimizer)
+                early_stop = True
+                break
             last_update = epoch == cfg.ppo_epochs - 1 and j == cfg.minibatches - 1
             grad_norm = run.step_optimizer(model, optimizer, scheduler, step, advance_schedule=last_update)
     if early_stop:
