@@ -1,4 +1,4 @@
-"""Sharded training (FSDP2) and QLoRA on the real families: Qwen2 (tied embeddings, ChatML), Llama 3 and GPT-2
+"""Sharded training (FSDP2, DeepSpeed ZeRO-3) and QLoRA on the real families: Qwen2 (tied embeddings, ChatML), Llama 3 and GPT-2
 (its own block class, Conv1D layers, real dropout), each with its byte-level BPE tokenizer and chat template."""
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from safetensors.torch import load_file
 from realistic.test_stages import QUIET, assert_plain_transformers_loads, case
 from test_fsdp import assert_same, assert_sharded_checkpoint, launch, ok, single
 
+SHARDED = [("fsdp", "qwen2"), ("fsdp", "llama3"), ("fsdp", "gpt2"), ("zero3", "qwen2"), ("zero3", "gpt2")]
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2", "llama3", "gpt2"])
-def test_sharded_sft_on_a_real_family_matches_one_process(tmp_path, family_dir, family_data, name):
+@pytest.mark.parametrize("config,name", SHARDED)
+def test_sharded_sft_on_a_real_family_matches_one_process(tmp_path, family_dir, family_data, config, name):
     family, data = case(family_dir, family_data, name)
     fmt = "messages" if family.has_template else "text"
     common = ["--model", str(family.path), "--data", str(data.path("sft", fmt)), "--max-steps", "3",
@@ -21,8 +23,13 @@ def test_sharded_sft_on_a_real_family_matches_one_process(tmp_path, family_dir, 
               "--report-to", "jsonl", "--progress", "false"]
     one, two = tmp_path / "one", tmp_path / "two"
     ok(single("sft", [*common, "--output-dir", str(one), "--batch-size", "8"]))
-    ok(launch("fsdp", "sft", [*common, "--output-dir", str(two), "--batch-size", "4"]))
-    assert_sharded_checkpoint(two, 3)
+    ok(launch(config, "sft", [*common, "--output-dir", str(two), "--batch-size", "4"]))
+    if config == "fsdp":
+        assert_sharded_checkpoint(two, 3)
+    else:
+        from test_deepspeed import assert_zero_checkpoint
+
+        assert_zero_checkpoint(two, 3, 3)
     assert_same(one, two, "loss")
     assert_plain_transformers_loads(two, family)
     if name == "qwen2":  # tied: saved once, and the loaded model's head is its embedding matrix again
