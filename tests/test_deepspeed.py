@@ -85,6 +85,26 @@ def test_zero_ppo_matches_replicated(tmp_path, world, config, advantage, extra):
 
 
 @pytest.mark.slow
+def test_zero3_online_dpo_matches_one_process(tmp_path, world):
+    common = ["--model", str(world["model"]), "--reward-model", str(world["rm"]), "--data", str(world["prompts"]),
+              "--rounds", "2", "--prompts-per-round", "16", "--max-new-tokens", "8", "--temperature", "1.5",
+              "--min-score-gap", "0", *COMMON, "--max-steps", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(single("online-dpo", [*common, "--output-dir", str(one), "--batch-size", "8"]))
+    ok(launch("zero3", "online-dpo", [*common, "--output-dir", str(two), "--batch-size", "4"]))
+    for r in (1, 2):  # the same pairs (the second round's sampled from the first round's ZeRO-3-trained policy)
+        assert (one / f"round-{r}" / "pairs.jsonl").read_text() == (two / f"round-{r}" / "pairs.jsonl").read_text()
+        assert_same(one / f"round-{r}", two / f"round-{r}", "loss")
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config,case", [("zero3", "sft"), ("zero2", "dpo"), ("zero3", "grpo")])
 def test_zero_resume_after_sigkill_reproduces_the_run(tmp_path, world, config, case):
     stage, args, loss = RESUMABLE[case]
