@@ -6,6 +6,7 @@ when that stage runs, so `rlhfkit --help` does not pay for torch."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -71,6 +72,18 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _quiet_deepspeed_on_cpu() -> None:
+    """Accelerate imports DeepSpeed whenever it is installed, and DeepSpeed then warns on every command of a
+    machine without a GPU that it chose its CPU accelerator. Name that choice for it (what it would pick anyway).
+    Only when DeepSpeed is installed and the choice is not named already."""
+    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -92,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_deepspeed_on_cpu()
     try:
         module, cfg_cls = _load_stage(name)
         if "-h" in rest or "--help" in rest:
