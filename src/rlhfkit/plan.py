@@ -14,20 +14,27 @@ Parameters (Llama: RMSNorm, no biases, SwiGLU, GQA)
 
 Model states per trained parameter (ZeRO, Rajbhandari et al. 2020, §3.1: mixed-precision Adam holds 2 + 2 + K
 bytes, K = 12)
-  bf16-mixed     weights 2 (16-bit), gradients 2, optimizer 12 (fp32 master copy 4 + Adam m 4 + v 4).
-                 torch autocast (Accelerate's DDP mixed precision) keeps fp32 weights and gradients and no extra
-                 master copy instead: 4 + 4 + 8, the same 16 bytes in all.
+  autocast       what rlhfkit trains with (the default): torch autocast under --precision bf16 keeps fp32 weights
+                 and gradients and no extra master copy: 4 + 4 + 8, the same 16 bytes in all as bf16-mixed, but
+                 split differently (which matters where weights and gradients are divided differently: ZeRO-2),
+                 and FSDP and ZeRO-3 gather fp32 units. Activations and the KV cache are 16-bit.
+  bf16-mixed     the ZeRO paper's: weights 2 (16-bit), gradients 2, optimizer 12 (fp32 master copy 4 + Adam m 4 +
+                 v 4), as DeepSpeed's bf16 mode or FSDP's mixed-precision policy hold them (not rlhfkit's layout).
   bf16           weights 2, gradients 2, optimizer 4 (m and v in bf16): 8 bytes.
-  fp32           weights 4, gradients 4, optimizer 8: 16 bytes (the mode the CPU validation test uses).
-  A frozen network (reference, reward model, LoRA's base) holds only its weights: 2 bytes (4 in fp32).
+  fp32           weights 4, gradients 4, optimizer 8: 16 bytes, and 32-bit activations (the mode the CPU
+                 validation test uses).
+  A frozen network (reference, reward model, LoRA's base) holds only its weights: 4 bytes under autocast and fp32
+  (rlhfkit loads them in fp32), 2 otherwise.
 
 Per-GPU split by strategy (ZeRO paper, Figure 1 and §5)
   DDP            everything replicated: weights, gradients and optimizer state of Ψ on every GPU.
   ZeRO-2         weights replicated; gradients and optimizer state divided by N. Frozen networks replicated.
-  ZeRO-3, FSDP   weights, gradients, optimizer state and frozen networks all divided by N (FSDP FULL_SHARD is
-                 ZeRO-3). Both also gather one wrapped unit's full 16-bit weights to compute it, prefetch the
-                 next, and hold its full gradients before the reduce-scatter: "gathered" = 3 × the largest unit
-                 (a decoder layer, the embedding or the head) × 2 bytes. DeepSpeed's bucket sizes
+  ZeRO-3, FSDP   weights, gradients and optimizer state divided by N (FSDP FULL_SHARD is ZeRO-3). Frozen
+                 networks divided by N under FSDP (rlhfkit's --frozen-models auto) and replicated under ZeRO-3
+                 (rlhfkit's DeepSpeed integration replicates them). Both also gather one wrapped unit's full
+                 weights to compute it, prefetch the next, and hold its full gradients before the
+                 reduce-scatter: "gathered" = 3 × the largest unit (a decoder layer, the embedding or the head)
+                 × the weight bytes. DeepSpeed's bucket sizes
                  (stage3_prefetch_bucket_size, reduce_bucket_size) can move this a little; they are not modelled,
                  and neither are DDP's 25 MB gradient buckets.
   LoRA           the base frozen and replicated; adapters trained (data parallel, replicated): an adapter on a
@@ -153,9 +160,10 @@ class PlanConfig:
     """Response tokens R (ppo, grpo)."""
     rollout_batch: int = 16
     """Sequences sampled at once per GPU (ppo, grpo; GRPO's K samples per prompt included): sets the KV cache."""
-    precision: Literal["bf16-mixed", "bf16", "fp32"] = "bf16-mixed"
-    """bf16-mixed: 16-bit weights and gradients, fp32 master weights and AdamW (2+2+12 bytes per parameter);
-    bf16: everything 16-bit (2+2+4); fp32: everything 32-bit (4+4+8)."""
+    precision: Literal["autocast", "bf16-mixed", "bf16", "fp32"] = "autocast"
+    """autocast: rlhfkit's own layout under --precision bf16 (fp32 weights, gradients, AdamW and frozen networks,
+    16-bit activations: 4+4+8 bytes per parameter); bf16-mixed: 16-bit weights and gradients, fp32 master weights
+    and AdamW (2+2+12, the ZeRO paper's); bf16: everything 16-bit (2+2+4); fp32: everything 32-bit (4+4+8)."""
     gradient_checkpointing: bool = True
     """Recompute each decoder layer in backward (the total uses this; the table shows both)."""
     lora_rank: int = 16
@@ -315,7 +323,7 @@ def validate(cfg: PlanConfig) -> None:
 # ---------------------------------------------------------------------------------------------- activations
 def _bytes(precision: str) -> tuple[float, float, float, float]:
     """(trained weight, gradient, optimizer, frozen weight) bytes per parameter; see the module docstring."""
-    return {"bf16-mixed": (2, 2, 12, 2), "bf16": (2, 2, 4, 2), "fp32": (4, 4, 8, 4)}[precision]
+    return {"autocast": (4, 4, 8, 4), "bf16-mixed": (2, 2, 12, 2), "bf16": (2, 2, 4, 2), "fp32": (4, 4, 8, 4)}[precision]
 
 
 def layer_activation_bytes(shape: Shape, tokens: int, act_bytes: int, lora: tuple[int, list[str]] | None) -> int:
@@ -422,13 +430,14 @@ def strategy_bytes(cfg: PlanConfig, shape: Shape, strategy: str, nets: list[Netw
         return out
     shard = n if strategy in ("FSDP", "ZeRO-3") else 1
     state_shard = n if strategy in ("FSDP", "ZeRO-3", "ZeRO-2") else 1
+    frozen_shard = n if strategy == "FSDP" else 1
     for net in nets:
         if net.trained:
             out["weights"] += wb * net.params / shard
             out["gradients"] += gb * net.params / state_shard
             out["optimizer"] += ob * net.params / state_shard
         else:
-            out["weights"] += fb * net.params / shard
+            out["weights"] += fb * net.params / frozen_shard
     if shard > 1:
         unit = max(shape.layer_params(), shape.embedding_params(), shape.head_params())
         out["gathered"] = 3 * unit * wb
