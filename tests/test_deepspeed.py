@@ -35,14 +35,16 @@ def assert_zero_checkpoint(run: Path, step: int, stage: int) -> None:
         json.loads((ckpt / "manifest.json").read_text())["files"]
 
 
-ZERO_OFFLINE = [("zero3", "sft"), ("zero3", "sft-lora"), ("zero3", "reward"), ("zero3", "dpo"), ("zero3", "kto"),
+CASES = {**OFFLINE, "sft-checkpointing": ("sft", lambda w: [*OFFLINE["sft"][1](w), "--gradient-checkpointing",
+                                                             "true"], "loss", "causal")}
+ZERO_OFFLINE = [("zero3", "sft"), ("zero3", "sft-lora"), ("zero3", "sft-checkpointing"), ("zero3", "reward"), ("zero3", "dpo"), ("zero3", "kto"),
                 ("zero2", "sft"), ("zero2", "reward"), ("zero2", "dpo")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config,case", ZERO_OFFLINE)
 def test_zero_two_processes_match_one(tmp_path, world, config, case):
-    stage, args, loss, kind = OFFLINE[case]
+    stage, args, loss, kind = CASES[case]
     common = [*args(world), *COMMON, "--max-steps", "4", "--save-every", "4"]
     one, two = tmp_path / "one", tmp_path / "two"
     ok(single(stage, [*common, "--output-dir", str(one), "--batch-size", "8"]))
