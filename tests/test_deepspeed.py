@@ -37,7 +37,9 @@ def assert_zero_checkpoint(run: Path, step: int, stage: int) -> None:
 
 CASES = {**OFFLINE, "sft-checkpointing": ("sft", lambda w: [*OFFLINE["sft"][1](w), "--gradient-checkpointing",
                                                              "true"], "loss", "causal")}
-ZERO_OFFLINE = [("zero3", "sft"), ("zero3", "sft-lora"), ("zero3", "sft-checkpointing"), ("zero3", "reward"), ("zero3", "dpo"), ("zero3", "kto"),
+ZERO_OFFLINE = [("zero3", "sft"), ("zero3", "sft-lora"), ("zero3", "sft-checkpointing"),
+                # ZeRO-Offload: the optimizer (and under ZeRO-3 the weights) on the CPU, DeepSpeed's CPU AdamW
+                ("zero2-offload", "sft"), ("zero3-offload", "dpo"), ("zero3", "reward"), ("zero3", "dpo"), ("zero3", "kto"),
                 ("zero2", "sft"), ("zero2", "reward"), ("zero2", "dpo")]
 
 
@@ -48,10 +50,20 @@ def test_zero_two_processes_match_one(tmp_path, world, config, case):
     common = [*args(world), *COMMON, "--max-steps", "4", "--save-every", "4"]
     one, two = tmp_path / "one", tmp_path / "two"
     ok(single(stage, [*common, "--output-dir", str(one), "--batch-size", "8"]))
+    zero_stage = int(config[4])
+    if config.endswith("-offload"):  # the shipped config with its offload devices set to the CPU
+        from test_fsdp import CONFIGS
+
+        text = (CONFIGS / f"zero{zero_stage}.yaml").read_text().replace("offload_optimizer_device: none",
+                                                                        "offload_optimizer_device: cpu")
+        if zero_stage == 3:
+            text = text.replace("offload_param_device: none", "offload_param_device: cpu")
+        (tmp_path / "offload.yaml").write_text(text)
+        config = str(tmp_path / "offload")
     proc = launch(config, stage, [*common, "--output-dir", str(two), "--batch-size", "4"])
     ok(proc)
-    assert f"DeepSpeed ZeRO-{config[-1]} over 2 processes" in proc.stderr
-    assert_zero_checkpoint(two, 4, int(config[-1]))
+    assert f"DeepSpeed ZeRO-{zero_stage} over 2 processes" in proc.stderr
+    assert_zero_checkpoint(two, 4, zero_stage)
     assert_same(one, two, loss)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -62,12 +74,17 @@ def test_zero_two_processes_match_one(tmp_path, world, config, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,advantage,extra", [
-    ("zero3", "gae", []), ("zero2", "grpo", []),
+@pytest.mark.parametrize("config,advantage,extra,frozen", [
+    ("zero3", "gae", [], []),  # the frozen networks partitioned (auto)
+    ("zero2", "grpo", [], []),  # replicated (auto)
+    ("zero2", "rloo", [], ["--frozen-models", "shard"]),
+    ("zero3", "grpo", [], ["--frozen-models", "replicate"]),
     # PPO's KL early stop discards a minibatch's gradients (already reduced into the partitions) unapplied
-    ("zero2", "gae", ["--ppo-epochs", "3", "--target-kl", "1e-6"]),
+    ("zero2", "gae", ["--ppo-epochs", "3", "--target-kl", "1e-6"], []),
 ])
-def test_zero_ppo_matches_replicated(tmp_path, world, config, advantage, extra):
+def test_zero_ppo_matches_replicated(tmp_path, world, config, advantage, extra, frozen):
+    """The held-out evaluation (scored from texts, so partitioned reward models are gathered for it) every
+    step."""
     common = [*extra, "--model", str(world["model"]), "--reward-model", str(world["rm"]), "--data", str(world["prompts"]),
               "--advantage", advantage, "--samples-per-prompt", "1" if advantage == "gae" else "2",
               "--max-new-tokens", "8", "--batch-size", "4", *COMMON, "--max-steps", "3", "--save-every", "3",
@@ -75,7 +92,12 @@ def test_zero_ppo_matches_replicated(tmp_path, world, config, advantage, extra):
               "--eval-samples", "6", "--eval-every", "1"]
     ddp, zero = tmp_path / "ddp", tmp_path / "zero"
     ok(launch("ddp", "ppo", [*common, "--output-dir", str(ddp)]))
-    ok(launch(config, "ppo", [*common, "--output-dir", str(zero)]))
+    proc = launch(config, "ppo", [*common, "--output-dir", str(zero), *frozen])
+    ok(proc)
+    # the reference and reward models partitioned (ZeRO-3 inference) under ZeRO-3 by default, or when asked
+    partitioned = "frozen networks (reference, reward models) partitioned over 2 processes" in proc.stderr
+    asked = frozen[1:] or ["auto"]
+    assert partitioned == (asked == ["shard"] or (config == "zero3" and asked == ["auto"]))
     assert_zero_checkpoint(zero, 3, int(config[-1]))
     assert_same(ddp, zero, "policy_loss")
     for key in ("reward/score", "kl", "judge/score", "eval/proxy", *(("value_loss",) if advantage == "gae" else ())):

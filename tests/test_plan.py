@@ -61,17 +61,12 @@ def test_strategy_relations(stage):
     n = 8
     s = P.plan(cfg(preset="llama3-8b", stage=stage, gpus=n, cached_reference=False))["strategies"]
     ddp, z2, z3, fsdp = s["DDP"], s["ZeRO-2"], s["ZeRO-3"], s["FSDP"]
-    trained = sum(net["params"] for net in P.plan(cfg(preset="llama3-8b", stage=stage, gpus=n,
-                                                        cached_reference=False))["networks"] if net["trained"])
-    frozen_weights = ddp["weights"] - 4 * trained
-    for key in ("gradients", "optimizer"):
-        assert z3[key] == pytest.approx(ddp[key] / n) and fsdp[key] == z3[key]
-    # trained weights divided by N under both; frozen networks too under FSDP, replicated under rlhfkit's ZeRO-3
-    assert fsdp["weights"] == pytest.approx(ddp["weights"] / n)
-    assert z3["weights"] == pytest.approx(4 * trained / n + frozen_weights)
+    for key in ("weights", "gradients", "optimizer"):
+        assert z3[key] == pytest.approx(ddp[key] / n)  # ZeRO-3 shards every model state (frozen networks too)
+        assert fsdp[key] == z3[key]
     assert z2["weights"] == ddp["weights"]
     assert z2["gradients"] == pytest.approx(ddp["gradients"] / n) and z2["optimizer"] == pytest.approx(ddp["optimizer"] / n)
-    assert ddp["total"] > z2["total"] > z3["total"] >= fsdp["total"]
+    assert ddp["total"] > z2["total"] > z3["total"] == fsdp["total"]
     # adapters train a sliver; QLoRA's base is ~4x smaller than LoRA's in its linear layers
     assert s["LoRA"]["optimizer"] < ddp["optimizer"] / 100 and s["QLoRA"]["weights"] < s["LoRA"]["weights"]
     for row in s.values():

@@ -29,12 +29,11 @@ bytes, K = 12)
 Per-GPU split by strategy (ZeRO paper, Figure 1 and §5)
   DDP            everything replicated: weights, gradients and optimizer state of Ψ on every GPU.
   ZeRO-2         weights replicated; gradients and optimizer state divided by N. Frozen networks replicated.
-  ZeRO-3, FSDP   weights, gradients and optimizer state divided by N (FSDP FULL_SHARD is ZeRO-3). Frozen
-                 networks divided by N under FSDP (rlhfkit's --frozen-models auto) and replicated under ZeRO-3
-                 (rlhfkit's DeepSpeed integration replicates them). Both also gather one wrapped unit's full
-                 weights to compute it, prefetch the next, and hold its full gradients before the
-                 reduce-scatter: "gathered" = 3 × the largest unit (a decoder layer, the embedding or the head)
-                 × the weight bytes. DeepSpeed's bucket sizes
+  ZeRO-3, FSDP   weights, gradients, optimizer state and frozen networks all divided by N (FSDP FULL_SHARD is
+                 ZeRO-3; rlhfkit shards the frozen networks under both by default, --frozen-models auto). Both
+                 also gather one wrapped unit's full weights to compute it, prefetch the next, and hold its full
+                 gradients before the reduce-scatter: "gathered" = 3 × the largest unit (a decoder layer, the
+                 embedding or the head) × the weight bytes. DeepSpeed's bucket sizes
                  (stage3_prefetch_bucket_size, reduce_bucket_size) can move this a little; they are not modelled,
                  and neither are DDP's 25 MB gradient buckets.
   LoRA           the base frozen and replicated; adapters trained (data parallel, replicated): an adapter on a
@@ -430,14 +429,13 @@ def strategy_bytes(cfg: PlanConfig, shape: Shape, strategy: str, nets: list[Netw
         return out
     shard = n if strategy in ("FSDP", "ZeRO-3") else 1
     state_shard = n if strategy in ("FSDP", "ZeRO-3", "ZeRO-2") else 1
-    frozen_shard = n if strategy == "FSDP" else 1
     for net in nets:
         if net.trained:
             out["weights"] += wb * net.params / shard
             out["gradients"] += gb * net.params / state_shard
             out["optimizer"] += ob * net.params / state_shard
         else:
-            out["weights"] += fb * net.params / frozen_shard
+            out["weights"] += fb * net.params / shard
     if shard > 1:
         unit = max(shape.layer_params(), shape.embedding_params(), shape.head_params())
         out["gathered"] = 3 * unit * wb

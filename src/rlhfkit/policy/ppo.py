@@ -32,7 +32,7 @@ from rlhfkit.generation import Rollout, sample
 from rlhfkit.models import load_causal_lm, load_tokenizer, logprobs_of, position_ids_from_mask
 from rlhfkit.reward.combine import CombineConfig, RewardSet, load_reward_set, read_risky_flags
 from rlhfkit.reward.model import load_reward_ensemble, score_texts
-from rlhfkit.train import Run, check_finite, sharding
+from rlhfkit.train import Run, check_finite, sharding, zero
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,11 @@ class PPOConfig(TrainConfig, CombineConfig):
     compile_sampler: bool = False
     """torch.compile the static loop's one-token decode step (CUDA graphs on a GPU; compiles once, ~1 min)."""
     frozen_models: Literal["auto", "shard", "replicate"] = "auto"
-    """Under FSDP (`sharding`): `auto` and `shard` shard the reference and reward models over the processes as
-    the policy is (forward only, one layer gathered at a time); `replicate` keeps a full copy on every process
-    (more memory, no all-gathers). Unsharded runs replicate them, and so do DeepSpeed runs (`shard` is refused
-    there)."""
+    """Under FSDP or ZeRO-3 (`sharding`): `auto` and `shard` shard the reference and reward models over the
+    processes as the policy is (forward only, one layer gathered at a time; under DeepSpeed, ZeRO-3 inference);
+    `replicate` keeps a full copy on every process (more memory, no all-gathers). Under ZeRO-2, whose policy
+    weights are replicated, `auto` replicates them too and `shard` partitions them (ZeRO-3 inference).
+    Unsharded runs replicate them."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
     minibatches: int = 1
@@ -335,7 +336,8 @@ class Models:
     risky: list[bool] | None = None
     """Per training prompt: flagged risky (the gated combination's --gate-field)."""
     sharded_frozen: list[Any] = field(default_factory=list)
-    """The reference and reward networks sharded under FSDP (frozen_models), else empty."""
+    """The reference and reward networks sharded under FSDP or partitioned under DeepSpeed (frozen_models), else
+    empty."""
 
     def frozen_networks(self) -> list[Any]:
         """The reference and every reward model's members, each once."""
@@ -418,7 +420,7 @@ def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> N
         b.ref_logprobs = reference_logprobs(m.ref, net.policy, b.ids, b.mask, b.P, cfg.temperature)
         # sharded frozen reward models scoring texts are gathered: the number of forwards then depends on this
         # process's texts, and every process must make the same collective calls
-        with sharding.gathered_all(m.sharded_rewards() if m.reads_text() else []):
+        with run.gathered_all(m.sharded_rewards() if m.reads_text() else []):
             mean, std = reward_scores(run, m, b, cfg)
         sharding.release(m.sharded_frozen)
         b.raw_score, b.std = mean.float(), std
@@ -607,7 +609,7 @@ def monitor(run: Run, m: Models, b: Batch, watch: Watch, metrics: dict[str, Any]
         return False
     if watch.prompts:
         net = run.accelerator.unwrap_model(m.model)
-        with run.gathered(m.model), sharding.gathered_all(m.sharded_rewards()):  # scored from texts
+        with run.gathered(m.model), run.gathered_all(m.sharded_rewards()):  # scored from texts
             proxy, metrics["judge/score"], judge_se, per_prompt = held_out_scores(
                 net.policy, m.tokenizer, m.rewards or m.reward, watch.judge, watch.prompts, cfg, seed=cfg.seed,
                 risky=watch.risky)
@@ -673,10 +675,6 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
     net = PolicyWithValue(m.model)
     if cfg.advantage != "gae":  # critic-free: the value head is not trained (DDP would wait for its gradients)
         net.value_head.requires_grad_(False)
-    if run.zero and cfg.frozen_models == "shard":
-        raise UserError("--frozen-models shard is not supported under DeepSpeed ZeRO (the reference and reward "
-                        "models are replicated there); use --frozen-models auto, or launch with "
-                        "examples/accelerate/fsdp.yaml to shard them.")
     m.model, optimizer, scheduler, sampler, start_step = run.begin(net, len(prompts))
     if run.fsdp and cfg.frozen_models != "replicate":
         m.sharded_frozen = m.frozen_networks()
@@ -684,6 +682,11 @@ def main(cfg: PPOConfig, judge: Callable[[list[Any], list[str]], list[float]] | 
             sharding.shard(frozen, run.world, run.accelerator.device)
         log.info("frozen_models: %d frozen networks (reference, reward models) sharded over %d processes",
                  len(m.sharded_frozen), run.world)
+    elif (run.zero == 3 and cfg.frozen_models != "replicate") or (run.zero and cfg.frozen_models == "shard"):
+        m.sharded_frozen = m.frozen_networks()
+        zero.shard_frozen(m.sharded_frozen)
+        log.info("frozen_models: %d frozen networks (reference, reward models) partitioned over %d processes "
+                 "(ZeRO-3)", len(m.sharded_frozen), run.world)
     if run.resumed_state is not None:
         kl_ctl.load_state_dict(run.resumed_state["kl_controller"])
         watch.monitor.load_state_dict(run.resumed_state["monitor"])

@@ -100,7 +100,11 @@ class Run:
         self.rank = self.accelerator.process_index
         self.fsdp = self._use_fsdp()
         if self.zero and self.world == 1:
-            log.info("DeepSpeed ZeRO: one process, nothing to partition; training unsharded")
+            if zero.offloads_optimizer(self._zero_section):
+                log.warning("DeepSpeed ZeRO: one process, so rlhfkit trains unsharded and without the launch "
+                            "config's CPU offload (rlhfkit runs DeepSpeed with 2 or more processes)")
+            else:
+                log.info("DeepSpeed ZeRO: one process, nothing to partition; training unsharded")
             self.zero = 0
         self.skeleton: sharding.Skeleton | None = None
         self.resume_from = self._check_run_dir()
@@ -225,6 +229,16 @@ class Run:
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.zero:  # DeepSpeed drops empty groups (LoRA has no biases), which the schedule must not count
             groups = [g for g in groups if g["params"]]
+        if self.zero and zero.offloads_optimizer(self._zero_section):
+            # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU AdamW (the same update as
+            # torch's AdamW up to float rounding; built on first use)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                         eps=cfg.adam_eps, adamw_mode=True)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
+            return optimizer, scheduler
         optimizer = torch.optim.AdamW(
             groups,
             lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -338,6 +352,10 @@ class Run:
         """Context for sampling and evaluation: a sharded model's weights gathered whole for the block (each
         process may then run any number of forwards); nothing for an unsharded one."""
         return zero.gathered(model) if self.zero else sharding.gathered(model)
+
+    def gathered_all(self, models: list[Any]) -> Any:
+        """`gathered` for several models at once (frozen networks sharded beside the trained one)."""
+        return zero.gathered_all(models) if self.zero else sharding.gathered_all(models)
 
     def all_sum(self, value: torch.Tensor | float) -> torch.Tensor:
         t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device).clone()

@@ -21,7 +21,10 @@ What is partitioned:
 - Precision: the engine holds fp32 weights and --precision bf16 runs the forward under autocast, exactly as the
   unsharded run does (DeepSpeed's own bf16 mode would keep bf16 weights with fp32 master copies: other
   numerics). fp16 is refused (its loss scaling would be DeepSpeed's, not the unsharded run's).
-- PPO's frozen reference and reward models are replicated (no optimizer state or gradients to partition).
+- PPO's frozen reference and reward models are partitioned under ZeRO-3 (`shard_frozen`: ZeRO-3 inference) unless
+  --frozen-models replicate, and replicated under ZeRO-2 unless --frozen-models shard.
+- ZeRO-Offload (offload_optimizer_device / offload_param_device: cpu in the launch config) steps the optimizer on
+  the CPU with DeepSpeed's CPU AdamW, the same update as torch's AdamW up to float rounding.
 - Checkpoints are DeepSpeed's own (each process writes its partition of the optimizer state, and of the weights
   under ZeRO-3) inside the same atomic, checksummed checkpoint directory as every other run; the final model is
   gathered to the main process and saved as full Hugging Face weights.
@@ -150,6 +153,12 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, sta
     return engine, zero_optimizer
 
 
+def offloads_optimizer(section: dict[str, Any] | None) -> bool:
+    """Whether the launcher's ZeRO settings move the optimizer to the CPU (ZeRO-Offload)."""
+    device = ((section or {}).get("offload_optimizer") or {}).get("device", "none")
+    return device not in ("none", None)
+
+
 def is_engine(model: Any) -> bool:
     try:
         from deepspeed import DeepSpeedEngine
@@ -169,12 +178,48 @@ def _offload(engine: Any) -> Any:
     return getattr(optimizer, "parameter_offload", optimizer)
 
 
+_FROZEN_ENGINES: dict[int, Any] = {}  # id(frozen module) -> the ZeRO-3 inference engine partitioning it
+
+
+def shard_frozen(modules: list[torch.nn.Module]) -> None:
+    """Partition frozen networks' weights over the processes (ZeRO-3 inference: no optimizer, forward only). The
+    modules stay what they were and are called as before: DeepSpeed's hooks on each submodule gather its weights
+    for its forward and free them after, so every process must make the same forward calls (as under FSDP);
+    `gathered` lifts that for blocks whose number of forwards depends on each process's data."""
+    import deepspeed
+
+    quiet()
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "bf16": {"enabled": False}, "fp16": {"enabled": False}, "steps_per_print": 1 << 30,
+              "wall_clock_breakdown": False}
+    for module in modules:
+        engine = deepspeed.initialize(model=module, config=config, dist_init_required=False)[0]
+        engine.eval()
+        _FROZEN_ENGINES[id(module)] = engine
+
+
+def _engine_of(model: Any) -> Any | None:
+    if is_engine(model):
+        return model
+    return _FROZEN_ENGINES.get(id(model))
+
+
+@contextlib.contextmanager
+def gathered_all(models: list[Any]) -> Iterator[None]:
+    """`gathered` for several models at once."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(gathered(model))
+        yield
+
+
 @contextlib.contextmanager
 def gathered(model: Any) -> Iterator[None]:
-    """Every ZeRO-3 weight of `model` gathered for the block and the gather/free hooks lifted, so the block may
-    run any number of forwards with no collective calls; partitioned and hooked again after. A no-op for ZeRO-2
-    and anything that is not a DeepSpeed engine."""
-    if not is_engine(model) or model.zero_optimization_stage() != 3:
+    """Every ZeRO-3 weight of `model` (a training engine, or a frozen network partitioned by `shard_frozen`)
+    gathered for the block and the gather/free hooks lifted, so the block may run any number of forwards with no
+    collective calls; partitioned and hooked again after. A no-op for ZeRO-2 and unpartitioned models."""
+    model = _engine_of(model)
+    if model is None or model.zero_optimization_stage() != 3:
         yield
         return
     import deepspeed
