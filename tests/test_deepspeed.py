@@ -1,10 +1,12 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 for every stage, launched the way users launch it: `accelerate launch --config_file
 examples/accelerate/zero2.yaml` (or zero3.yaml) with 2 CPU processes (gloo; DeepSpeed's CPU accelerator).
 
-- sft (and LoRA), reward, dpo, kto: the 2-process ZeRO run equals one process at the same global batch (losses
-  and grad norms within 1e-4 relative, final weights), and the final model loads with plain transformers;
-- ppo (gae, grpo): compared with the replicated (DDP) run of the same 2 processes (each process samples from its
-  own random stream), the held-out evaluation included (ZeRO-3 gathers the policy for sampling);
+- sft (also with LoRA and with gradient checkpointing), reward, dpo, kto, and ZeRO-Offload: the 2-process ZeRO run
+  equals one process at the same global batch (losses and grad norms within 1e-4 relative, final weights), and
+  the final model loads with plain transformers; online DPO too, round by round;
+- ppo (gae, grpo, rloo; the frozen networks partitioned or replicated; the KL early stop): compared with the
+  replicated (DDP) run of the same 2 processes (each process samples from its own random stream), the held-out
+  evaluation included (ZeRO-3 gathers the policy for sampling and the reward models for text scoring);
 - resume after SIGKILL reproduces the uninterrupted run exactly, falls back past a damaged partition, and a
   DeepSpeed checkpoint is not resumed by another layout;
 - what this integration does not do is refused with one error naming the alternative."""
