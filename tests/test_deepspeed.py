@@ -117,7 +117,9 @@ def test_zero3_online_dpo_matches_one_process(tmp_path, world):
               "--min-score-gap", "0", *COMMON, "--max-steps", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     ok(single("online-dpo", [*common, "--output-dir", str(one), "--batch-size", "8"]))
-    ok(launch("zero3", "online-dpo", [*common, "--output-dir", str(two), "--batch-size", "4"]))
+    proc = launch("zero3", "online-dpo", [*common, "--output-dir", str(two), "--batch-size", "4"])
+    ok(proc)
+    assert proc.stderr.count("DeepSpeed ZeRO-3 over 2 processes") == 2  # every round's run, not only the first
     for r in (1, 2):  # the same pairs (the second round's sampled from the first round's ZeRO-3-trained policy)
         assert (one / f"round-{r}" / "pairs.jsonl").read_text() == (two / f"round-{r}" / "pairs.jsonl").read_text()
         assert_same(one / f"round-{r}", two / f"round-{r}", "loss")

@@ -86,11 +86,16 @@ class Run:
             zero.check_usable(cfg, self.zero)
             if not torch.cuda.is_available():
                 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        if self._ds_launch:
-            # rlhfkit builds the DeepSpeed engine itself (train.zero); Accelerate only forms the process group
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
         reset_accelerator_state()  # an earlier run in this process must not fix this run's precision
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+        # rlhfkit builds the DeepSpeed engine itself (train.zero); Accelerate only forms the process group, so it
+        # is not shown the launcher's DeepSpeed flag (restored after: a later run in this process, such as online
+        # DPO's next round, reads it again)
+        hidden = os.environ.pop("ACCELERATE_USE_DEEPSPEED", None) if self._ds_launch else None
+        try:
+            self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+        finally:
+            if hidden is not None:
+                os.environ["ACCELERATE_USE_DEEPSPEED"] = hidden
         if cpu and multi and "OMP_NUM_THREADS" not in os.environ:
             # N processes x all-cores threads each oversubscribe the CPU; OpenMP spin-waiting then makes every
             # step many times slower. Split the cores between the processes instead.
