@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.train import read_metrics
-from test_fsdp import COMMON, OFFLINE, RESUMABLE, assert_same, launch, ok, single, world  # noqa: F401
+from test_fsdp import (  # noqa: F401  (world: the fixture)
+    COMMON, OFFLINE, RESUMABLE, assert_same, assert_same_rl_metrics, launch, ok, online_dpo_against_one_process,
+    ppo_args, single, world,
+)
 
 pytest.importorskip("deepspeed")
 
@@ -87,11 +90,7 @@ def test_zero_two_processes_match_one(tmp_path, world, config, case):
 def test_zero_ppo_matches_replicated(tmp_path, world, config, advantage, extra, frozen):
     """The held-out evaluation (scored from texts, so partitioned reward models are gathered for it) every
     step."""
-    common = [*extra, "--model", str(world["model"]), "--reward-model", str(world["rm"]), "--data", str(world["prompts"]),
-              "--advantage", advantage, "--samples-per-prompt", "1" if advantage == "gae" else "2",
-              "--max-new-tokens", "8", "--batch-size", "4", *COMMON, "--max-steps", "3", "--save-every", "3",
-              "--judge-reward-model", str(world["rm"]), "--eval-prompts", str(world["prompts"]),
-              "--eval-samples", "6", "--eval-every", "1"]
+    common = [*extra, *ppo_args(world, advantage)]
     ddp, zero = tmp_path / "ddp", tmp_path / "zero"
     ok(launch("ddp", "ppo", [*common, "--output-dir", str(ddp)]))
     proc = launch(config, "ppo", [*common, "--output-dir", str(zero), *frozen])
@@ -102,34 +101,15 @@ def test_zero_ppo_matches_replicated(tmp_path, world, config, advantage, extra, 
     assert partitioned == (asked == ["shard"] or (config == "zero3" and asked == ["auto"]))
     assert_zero_checkpoint(zero, 3, int(config[-1]))
     assert_same(ddp, zero, "policy_loss")
-    for key in ("reward/score", "kl", "judge/score", "eval/proxy", *(("value_loss",) if advantage == "gae" else ())):
-        a = [m[key] for m in read_metrics(ddp / "metrics.jsonl")]
-        b = [m[key] for m in read_metrics(zero / "metrics.jsonl")]
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+    assert_same_rl_metrics(ddp, zero, advantage)
     if extra:
         assert all(m["early_stopped"] == 1.0 for m in read_metrics(zero / "metrics.jsonl"))
 
 
 @pytest.mark.slow
 def test_zero3_online_dpo_matches_one_process(tmp_path, world):
-    common = ["--model", str(world["model"]), "--reward-model", str(world["rm"]), "--data", str(world["prompts"]),
-              "--rounds", "2", "--prompts-per-round", "16", "--max-new-tokens", "8", "--temperature", "1.5",
-              "--min-score-gap", "0", *COMMON, "--max-steps", "2"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    ok(single("online-dpo", [*common, "--output-dir", str(one), "--batch-size", "8"]))
-    proc = launch("zero3", "online-dpo", [*common, "--output-dir", str(two), "--batch-size", "4"])
-    ok(proc)
+    _, proc = online_dpo_against_one_process(tmp_path, world, "zero3")
     assert proc.stderr.count("DeepSpeed ZeRO-3 over 2 processes") == 2  # every round's run, not only the first
-    for r in (1, 2):  # the same pairs (the second round's sampled from the first round's ZeRO-3-trained policy)
-        assert (one / f"round-{r}" / "pairs.jsonl").read_text() == (two / f"round-{r}" / "pairs.jsonl").read_text()
-        assert_same(one / f"round-{r}", two / f"round-{r}", "loss")
-    import torch
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.slow

@@ -121,16 +121,22 @@ def test_sharded_two_processes_match_one(tmp_path, world, case):
         assert (two / "adapter" / "adapter_model.safetensors").exists()
 
 
+def ppo_args(world: dict[str, Path], advantage: str) -> list[str]:
+    """3 PPO steps on 2 processes' worth of prompts, checkpointed at the end, with the held-out evaluation (scored
+    from texts) every step."""
+    return ["--model", str(world["model"]), "--reward-model", str(world["rm"]), "--data", str(world["prompts"]),
+            "--advantage", advantage, "--samples-per-prompt", "1" if advantage == "gae" else "2",
+            "--max-new-tokens", "8", "--batch-size", "4", *COMMON, "--max-steps", "3", "--save-every", "3",
+            "--judge-reward-model", str(world["rm"]), "--eval-prompts", str(world["prompts"]),
+            "--eval-samples", "6", "--eval-every", "1"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("advantage,frozen", [("gae", "auto"), ("grpo", "replicate"), ("rloo", "shard")])
 def test_sharded_ppo_matches_replicated(tmp_path, world, advantage, frozen):
     """The policy sharded, and the reference and reward model sharded too (auto, shard) or replicated; the
     held-out evaluation (scored from texts, so the sharded reward model is gathered for it) every step."""
-    common = ["--model", str(world["model"]), "--reward-model", str(world["rm"]), "--data", str(world["prompts"]),
-              "--advantage", advantage, "--samples-per-prompt", "1" if advantage == "gae" else "2",
-              "--max-new-tokens", "8", "--batch-size", "4", *COMMON, "--max-steps", "3", "--save-every", "3",
-              "--judge-reward-model", str(world["rm"]), "--eval-prompts", str(world["prompts"]),
-              "--eval-samples", "6", "--eval-every", "1"]
+    common = ppo_args(world, advantage)
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     ok(launch("ddp", "ppo", [*common, "--output-dir", str(ddp)]))
     proc = launch("fsdp", "ppo", [*common, "--output-dir", str(fsdp), "--frozen-models", frozen])
@@ -139,27 +145,44 @@ def test_sharded_ppo_matches_replicated(tmp_path, world, advantage, frozen):
     assert sharded_frozen == (frozen != "replicate")
     assert_sharded_checkpoint(fsdp, 3)
     assert_same(ddp, fsdp, "policy_loss")
+    assert_same_rl_metrics(ddp, fsdp, advantage)
+
+
+def assert_same_rl_metrics(a: Path, b: Path, advantage: str) -> None:
+    """Reward, KL, the held-out judge and proxy (and the value loss) equal step by step."""
     for key in ("reward/score", "kl", "judge/score", "eval/proxy", *(("value_loss",) if advantage == "gae" else ())):
-        a = [m[key] for m in read_metrics(ddp / "metrics.jsonl")]
-        b = [m[key] for m in read_metrics(fsdp / "metrics.jsonl")]
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+        va = [m[key] for m in read_metrics(a / "metrics.jsonl")]
+        vb = [m[key] for m in read_metrics(b / "metrics.jsonl")]
+        assert va == pytest.approx(vb, rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.slow
-def test_sharded_online_dpo_matches_one_process(tmp_path, world):
+def online_dpo_against_one_process(tmp_path: Path, world: dict[str, Path], config: str
+                                   ) -> tuple[Path, subprocess.CompletedProcess]:
+    """Online DPO, 2 rounds, launched with `config` on 2 processes and run in one: the same pairs every round (the
+    second round's sampled from the first round's distributed-trained policy), losses and final weights."""
     common = ["--model", str(world["model"]), "--reward-model", str(world["rm"]), "--data", str(world["prompts"]),
               "--rounds", "2", "--prompts-per-round", "16", "--max-new-tokens", "8", "--temperature", "1.5",
               "--min-score-gap", "0", *COMMON, "--max-steps", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     ok(single("online-dpo", [*common, "--output-dir", str(one), "--batch-size", "8"]))
-    ok(launch("fsdp", "online-dpo", [*common, "--output-dir", str(two), "--batch-size", "4"]))
-    for r in (1, 2):  # the same pairs (the second round's from the first round's sharded-trained policy)
+    proc = launch(config, "online-dpo", [*common, "--output-dir", str(two), "--batch-size", "4"])
+    ok(proc)
+    for r in (1, 2):
         assert (one / f"round-{r}" / "pairs.jsonl").read_text() == (two / f"round-{r}" / "pairs.jsonl").read_text()
         assert_same(one / f"round-{r}", two / f"round-{r}", "loss")
-        assert_sharded_checkpoint(two / f"round-{r}", 2) if (two / f"round-{r}" / "checkpoints").exists() else None
     wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+    return two, proc
+
+
+@pytest.mark.slow
+def test_sharded_online_dpo_matches_one_process(tmp_path, world):
+    two, _ = online_dpo_against_one_process(tmp_path, world, "fsdp")
+    for r in (1, 2):
+        if (two / f"round-{r}" / "checkpoints").exists():
+            assert_sharded_checkpoint(two / f"round-{r}", 2)
 
 
 RESUMABLE = {  # the other RL estimators and online-dpo share these code paths (Run, checkpoint, sharding)

@@ -360,7 +360,7 @@ class Run:
 
     def gathered_all(self, models: list[Any]) -> Any:
         """`gathered` for several models at once (frozen networks sharded beside the trained one)."""
-        return zero.gathered_all(models) if self.zero else sharding.gathered_all(models)
+        return sharding.gathered_all(models, zero.gathered if self.zero else sharding.gathered)
 
     def all_sum(self, value: torch.Tensor | float) -> torch.Tensor:
         t = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device).clone()

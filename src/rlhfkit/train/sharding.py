@@ -177,11 +177,11 @@ def gathered(model: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def gathered_all(models: list[Any]) -> Iterator[None]:
-    """`gathered` for several models at once."""
+def gathered_all(models: list[Any], gather: Any = None) -> Iterator[None]:
+    """`gathered` (or another `gather` context, such as DeepSpeed's `zero.gathered`) for several models at once."""
     with contextlib.ExitStack() as stack:
         for model in models:
-            stack.enter_context(gathered(model))
+            stack.enter_context((gather or gathered)(model))
         yield
 
 

@@ -205,15 +205,6 @@ def _engine_of(model: Any) -> Any | None:
 
 
 @contextlib.contextmanager
-def gathered_all(models: list[Any]) -> Iterator[None]:
-    """`gathered` for several models at once."""
-    with contextlib.ExitStack() as stack:
-        for model in models:
-            stack.enter_context(gathered(model))
-        yield
-
-
-@contextlib.contextmanager
 def gathered(model: Any) -> Iterator[None]:
     """Every ZeRO-3 weight of `model` (a training engine, or a frozen network partitioned by `shard_frozen`)
     gathered for the block and the gather/free hooks lifted, so the block may run any number of forwards with no
