@@ -167,11 +167,6 @@ def is_engine(model: Any) -> bool:
     return isinstance(model, DeepSpeedEngine)
 
 
-def is_partitioned(param: torch.Tensor) -> bool:
-    """A ZeRO-3 parameter (its weights live in partitions, gathered by hooks around its module's forward)."""
-    return hasattr(param, "ds_id")
-
-
 def _offload(engine: Any) -> Any:
     """ZeRO-3's parameter coordinator (the object holding the gather/free hooks)."""
     optimizer = engine.optimizer
@@ -261,8 +256,7 @@ def required_files(ckpt: Path) -> list[str]:
 
 
 def full_state(engine: Any) -> dict[str, torch.Tensor]:
-    """The full state dict on the main process (collective under ZeRO-3); ZeRO-2 keeps whole weights everywhere."""
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-        return {k: v.detach().cpu() for k, v in (state or {}).items()}
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    """A ZeRO-3 engine's full state dict, consolidated on the main process in CPU memory; empty elsewhere
+    (collective). (ZeRO-2 keeps whole weights on every process: its model is saved as it is.)"""
+    state = engine._zero3_consolidated_16bit_state_dict()
+    return {k: v.detach().cpu() for k, v in (state or {}).items()}
