@@ -495,8 +495,6 @@ def output_head(lm: Any) -> torch.nn.Linear | None:
         return None
     if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
         return None
-    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: the weight is gathered only inside the head's forward
-        return None
     if known is None:
         config = getattr(lm, "config", None)
         if any(getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):

@@ -61,10 +61,11 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     """Why ckpt cannot be trusted (a missing, truncated or altered file, an unreadable manifest), or None when
     every file matches its manifest entry. A checkpoint from before manifests is trusted if its files exist."""
     manifest = ckpt / MANIFEST
+    layout = checkpoint_layout(ckpt)
     required = ["trainer_state.json", "optimizer.pt", "scheduler.pt"]
-    if (ckpt / "sharded").is_dir():  # an FSDP run's: model and optimizer state in torch.distributed.checkpoint files
+    if layout == "fsdp":  # model and optimizer state in torch.distributed.checkpoint files
         required = ["trainer_state.json", "scheduler.pt", "sharded/.metadata"]
-    elif (ckpt / "deepspeed").is_dir():  # a DeepSpeed run's: model and optimizer partitions in DeepSpeed's files
+    elif layout == "deepspeed":  # model and optimizer partitions in DeepSpeed's files
         from rlhfkit.train.zero import required_files
 
         required = ["trainer_state.json", "scheduler.pt", *required_files(ckpt)]

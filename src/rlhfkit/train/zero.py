@@ -15,9 +15,10 @@ What is partitioned:
   after. Sampling and evaluation run inside `gathered(model)`: every weight gathered once and the hooks lifted for
   the block, so each process may run any number of forwards (decoding is hundreds of one-token forwards, and
   ranks whose responses end at different lengths would otherwise make different numbers of collective calls).
-  The LM head's weight is gathered only while the head's own forward runs, so log-probs are taken from the
-  model's full logits under ZeRO-3 (not from the hidden states a chunk at a time, which reads the head's weight
-  outside that forward).
+  In training, the LM head's weight is gathered only while the head's own forward runs, and the head carries
+  DeepSpeed's hooks, so `models.output_head` declines it and log-probs come from the model's full logits (the
+  chunked head reads the weight outside that forward); inside `gathered` the hooks are lifted and the chunked
+  head is used again.
 - Precision: the engine holds fp32 weights and --precision bf16 runs the forward under autocast, exactly as the
   unsharded run does (DeepSpeed's own bf16 mode would keep bf16 weights with fp32 master copies: other
   numerics). fp16 is refused (its loss scaling would be DeepSpeed's, not the unsharded run's).
