@@ -79,101 +79,126 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, se if len(values) > 1 else math.nan
 
 
-def run_experiment(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int, wall: dict[str, float],
-                   progress: Any = None) -> dict[str, Any]:
-    """The three studies in root/rounds on the main demo's SFT model and prompts, sized by plan (configs/demo.yaml's
-    rounds section); base holds RoundsConfig fields shared by every run. Returns summary.json's "rounds"."""
-    import time
-
-    from rlhfkit.config import from_dict, load_config
-    from rlhfkit.playground.annotators import make_mixed_pool
+def prepare(root: Path, plan: dict[str, Any], seed: int) -> int:
+    """The studies' fixed data in root/rounds, made once: held-out SFT pairs for the reward models' gold agreement
+    and the reliability study's gold items. Returns the number of held-out pairs."""
     from rlhfkit.playground.world import read_prompts
-    from rlhfkit.reward import train as rtrain
-    from rlhfkit.rounds import RoundsConfig, main as rounds_main
 
-    t0 = time.time()
     out = Path(root) / "rounds"
     out.mkdir(parents=True, exist_ok=True)
     data = Path(root) / "data"
-    sft = str(Path(root) / "sft")
-    val = read_prompts(data / "prompts_val.jsonl")
     eval_path = out / "gold_pairs.jsonl"
     if not eval_path.exists():
-        rows = gold_pairs(sft, val, seed + 4242)
+        rows = gold_pairs(str(Path(root) / "sft"), read_prompts(data / "prompts_val.jsonl"), seed + 4242)
         eval_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    eval_rows = [json.loads(line) for line in eval_path.read_text().splitlines()]
+    gold_path = out / "gold_items.jsonl"
+    if not gold_path.exists():
+        items = gold_items(read_prompts(data / "prompts_train.jsonl"), seed + 99, plan["reliability"]["gold_items"])
+        gold_path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    return len(eval_path.read_text().splitlines())
 
-    def config(name: str, **fields: Any) -> RoundsConfig:
-        merged = {**base, "sft_model": sft, "prompts": str(data / "prompts_train.jsonl"),
-                  "output_dir": str(out / name), **fields}
+
+class _Study:
+    """What the three studies share: the rounds config of a named run, and a reward model's gold agreement on the
+    held-out SFT pairs (prepare writes them)."""
+
+    def __init__(self, root: Path, base: dict[str, Any]):
+        self.out = Path(root) / "rounds"
+        self.data = Path(root) / "data"
+        self.sft = str(Path(root) / "sft")
+        self.base = base
+        self.eval_rows = [json.loads(line) for line in (self.out / "gold_pairs.jsonl").read_text().splitlines()]
+
+    def config(self, name: str, **fields: Any) -> Any:
+        from rlhfkit.config import from_dict
+        from rlhfkit.rounds import RoundsConfig
+
+        merged = {**self.base, "sft_model": self.sft, "prompts": str(self.data / "prompts_train.jsonl"),
+                  "output_dir": str(self.out / name), **fields}
         return from_dict(RoundsConfig, merged, "configs/demo.yaml rounds")
 
-    def accuracy(reward_dir: str) -> dict[str, float]:
-        return reward_gold_accuracy(reward_dir, eval_rows)
+    def accuracy(self, reward_dir: str | Path) -> dict[str, float]:
+        return reward_gold_accuracy(str(reward_dir), self.eval_rows)
 
-    result: dict[str, Any] = {"eval_pairs": len(eval_rows)}
 
-    # 1. label efficiency: the same budget in the same rounds, the queue ordered by the ensemble or at random (round
-    # 1 is the same in both: there is no model to ask yet, and the seed draws the same prompts, samples and labels)
+def queue_study(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int, progress: Any = None
+                ) -> dict[str, Any]:
+    """Label efficiency: the same budget in the same rounds, the queue ordered by the ensemble or at random (round
+    1 is the same in both: there is no model to ask yet, and the seed draws the same prompts, samples and labels).
+    Returns the "queue" section."""
+    from rlhfkit.rounds import main as rounds_main
+
+    study = _Study(root, base)
     le = plan["label_efficiency"]
     curves: dict[str, list[list[float]]] = {"active": [], "random": []}
     for s in le["seeds"]:
         for arm, queue in (("active", le.get("queue", "bald")), ("random", "random")):
-            cfg = config(f"{arm}-{s}", seed=seed + s, queue=queue, rounds=le["rounds"],
-                         labels_per_round=le["labels_per_round"], prompts_per_round=le["prompts_per_round"],
-                         policy="none", overlap_share=0.0, reliability=False)
+            cfg = study.config(f"{arm}-{s}", seed=seed + s, queue=queue, rounds=le["rounds"],
+                               labels_per_round=le["labels_per_round"], prompts_per_round=le["prompts_per_round"],
+                               policy="none", overlap_share=0.0, reliability=False)
             rounds_main(cfg, progress)
-            curves[arm].append([accuracy(str(Path(cfg.output_dir) / f"round-{r}" / "reward"))["gold_accuracy"]
+            curves[arm].append([study.accuracy(Path(cfg.output_dir) / f"round-{r}" / "reward")["gold_accuracy"]
                                 for r in range(1, le["rounds"] + 1)])
-    result["queue"] = label_efficiency(curves, le["labels_per_round"], le.get("queue", "bald"), list(le["seeds"]))
-    wall["rounds_queue"] = round(time.time() - t0, 1)
+    return label_efficiency(curves, le["labels_per_round"], le.get("queue", "bald"), list(le["seeds"]))
 
-    # 2. rounds against one shot, the same labels and policy steps
-    t1 = time.time()
+
+def iterative_study(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int, progress: Any = None
+                    ) -> dict[str, Any]:
+    """Rounds against one shot, with the same labels and policy steps. Returns the "iterative" and "one_shot"
+    sections."""
+    from rlhfkit.rounds import main as rounds_main
+
+    study = _Study(root, base)
     it = plan["iterative"]
-    test = str(data / "prompts_test.jsonl")
-    iterative = config("iterative", seed=seed, rounds=it["rounds"], labels_per_round=it["labels_per_round"],
-                       prompts_per_round=it["prompts_per_round"], policy_steps=it["policy_steps"],
-                       eval_prompts=test, gold_eval=True)
-    one_shot = config("one_shot", seed=seed, rounds=1, labels_per_round=it["rounds"] * it["labels_per_round"],
-                      prompts_per_round=it["rounds"] * it["prompts_per_round"],
-                      policy_steps=it["rounds"] * it["policy_steps"], eval_prompts=test, gold_eval=True)
+    test = str(study.data / "prompts_test.jsonl")
+    iterative = study.config("iterative", seed=seed, rounds=it["rounds"], labels_per_round=it["labels_per_round"],
+                             prompts_per_round=it["prompts_per_round"], policy_steps=it["policy_steps"],
+                             eval_prompts=test, gold_eval=True)
+    one_shot = study.config("one_shot", seed=seed, rounds=1, labels_per_round=it["rounds"] * it["labels_per_round"],
+                            prompts_per_round=it["rounds"] * it["prompts_per_round"],
+                            policy_steps=it["rounds"] * it["policy_steps"], eval_prompts=test, gold_eval=True)
     it_summary = rounds_main(iterative, progress)
     os_summary = rounds_main(one_shot, progress)
     last_it, last_os = it_summary["rounds"][-1]["eval"], os_summary["rounds"][-1]["eval"]
-    result["iterative"] = {"gold_score": last_it["gold_score"], "gold_score_se": last_it["gold_score_se"],
-                           "kl": last_it["kl"], "per_round": [
-                               {k: r["eval"][k] for k in ("round", "gold_score", "gold_score_se", "proxy", "kl")}
-                               | {"reward_gold_accuracy": accuracy(str(Path(iterative.output_dir) / f"round-{r['round']}"
-                                                                       / "reward"))["gold_accuracy"]}
-                               for r in it_summary["rounds"]]}
-    result["one_shot"] = {"gold_score": last_os["gold_score"], "gold_score_se": last_os["gold_score_se"],
-                          "kl": last_os["kl"], "reward_gold_accuracy": accuracy(
-                              str(Path(one_shot.output_dir) / "round-1" / "reward"))["gold_accuracy"]}
-    wall["rounds_iterative"] = round(time.time() - t1, 1)
+    return {
+        "iterative": {"gold_score": last_it["gold_score"], "gold_score_se": last_it["gold_score_se"],
+                      "kl": last_it["kl"], "per_round": [
+                          {k: r["eval"][k] for k in ("round", "gold_score", "gold_score_se", "proxy", "kl")}
+                          | {"reward_gold_accuracy": study.accuracy(Path(iterative.output_dir) / f"round-{r['round']}"
+                                                                    / "reward")["gold_accuracy"]}
+                          for r in it_summary["rounds"]]},
+        "one_shot": {"gold_score": last_os["gold_score"], "gold_score_se": last_os["gold_score_se"],
+                     "kl": last_os["kl"], "reward_gold_accuracy": study.accuracy(
+                         Path(one_shot.output_dir) / "round-1" / "reward")["gold_accuracy"]},
+    }
 
-    # 3. reliability: a crowd with random clickers and an adversary
-    t2 = time.time()
+
+def reliability_study(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int, progress: Any = None
+                      ) -> dict[str, Any]:
+    """A crowd with random clickers and an adversary: the reward model trained on Dawid-Skene posteriors against
+    the same labels at face value, and how well the estimate finds the bad annotators. Returns "reliability"."""
+    from rlhfkit.config import load_config
+    from rlhfkit.playground.annotators import make_mixed_pool
+    from rlhfkit.reward import train as rtrain
+    from rlhfkit.rounds import main as rounds_main
+
+    study = _Study(root, base)
     rel = plan["reliability"]
-    gold_path = out / "gold_items.jsonl"
-    if not gold_path.exists():
-        items = gold_items(read_prompts(data / "prompts_train.jsonl"), seed + 99, rel["gold_items"])
-        gold_path.write_text("".join(json.dumps(r) + "\n" for r in items))
     weighted, unweighted, aucs, flags = [], [], [], []
     for s in rel["seeds"]:
-        cfg = config(f"crowd-{s}", seed=seed + s, rounds=1, labels_per_round=rel["labels"],
-                     prompts_per_round=rel["prompts"], policy="none", queue="random", gold=str(gold_path),
-                     overlap_share=rel["overlap_share"], simulated_annotators=rel["annotators"],
-                     simulated_random_share=rel["random_share"], simulated_adversarial_share=rel["adversarial_share"],
-                     reliability=True)
+        cfg = study.config(f"crowd-{s}", seed=seed + s, rounds=1, labels_per_round=rel["labels"],
+                           prompts_per_round=rel["prompts"], policy="none", queue="random",
+                           gold=str(study.out / "gold_items.jsonl"), overlap_share=rel["overlap_share"],
+                           simulated_annotators=rel["annotators"], simulated_random_share=rel["random_share"],
+                           simulated_adversarial_share=rel["adversarial_share"], reliability=True)
         rounds_main(cfg, progress)
         rdir = Path(cfg.output_dir) / "round-1"
-        weighted.append(accuracy(str(rdir / "reward"))["gold_accuracy"])
+        weighted.append(study.accuracy(rdir / "reward")["gold_accuracy"])
         plain = rdir / "reward_unweighted"
         # the same fit on the same rows, every label taken at face value
         rtrain.main(replace(load_config(rtrain.RewardConfig, rdir / "reward" / "config.yaml"),
                             output_dir=str(plain), use_confidence=False, resume=(plain / "config.yaml").exists()))
-        unweighted.append(accuracy(str(plain))["gold_accuracy"])
+        unweighted.append(study.accuracy(plain)["gold_accuracy"])
         pool = make_mixed_pool(cfg.seed, cfg.simulated_annotators, cfg.simulated_random_share,
                                cfg.simulated_adversarial_share)
         bad = {a.id for a in pool if a.behaviour != "honest"}
@@ -185,7 +210,7 @@ def run_experiment(root: Path, plan: dict[str, Any], base: dict[str, Any], seed:
     u_mean, u_se = mean_se(unweighted)
     d_mean, d_se = mean_se([w - u for w, u in zip(weighted, unweighted)])
     auc_mean, auc_se = mean_se(aucs)
-    result["reliability"] = {
+    return {
         "weighted": {"gold_accuracy": w_mean, "gold_accuracy_se": w_se, "per_seed": weighted},
         "unweighted": {"gold_accuracy": u_mean, "gold_accuracy_se": u_se, "per_seed": unweighted},
         "difference": d_mean, "difference_se": d_se, "flag_auc": auc_mean, "flag_auc_se": auc_se,
@@ -193,7 +218,12 @@ def run_experiment(root: Path, plan: dict[str, Any], base: dict[str, Any], seed:
         "crowd": {"annotators": rel["annotators"], "random_share": rel["random_share"],
                   "adversarial_share": rel["adversarial_share"]},
     }
-    wall["rounds_reliability"] = round(time.time() - t2, 1)
+
+
+def combine(eval_pairs: int, queue: dict[str, Any], iterative: dict[str, Any], reliability: dict[str, Any]
+            ) -> dict[str, Any]:
+    """summary.json's "rounds" section from the three studies, with its claims."""
+    result = {"eval_pairs": eval_pairs, "queue": queue, **iterative, "reliability": reliability}
     result["claims"] = rounds_claims(result)
     return result
 

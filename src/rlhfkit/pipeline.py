@@ -22,6 +22,7 @@ import yaml
 
 from rlhfkit.config import from_dict, load_yaml, save_config, to_dict
 from rlhfkit.errors import ConfigError
+from rlhfkit.jobs import Done, Job, Result, default_workers, run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,10 @@ class DemoConfig:
     safety gating and Safe RLHF's Lagrangian, each scored per criterion by the gold judge."""
     hhh_rl_steps: int = 160
     """GRPO steps of each of the five HHH policies, 8 prompts x 4 samples each (quick: 20)."""
+    workers: int = 0
+    """Stages run side by side, each in its own process on its share of the cores (0: one per core, at most
+    4). Tiny models gain little from a second thread, so two stages at once on a 2-core machine finish sooner
+    than one after the other; with 1 every stage runs in this process, one at a time."""
     rounds: bool = True
     """Run the human-in-the-loop experiment too (`rlhfkit rounds` on this world, configs/demo.yaml's rounds
     sections): an active labelling queue against a random one over seeds, three rounds against one shot, and
@@ -192,51 +197,33 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         build_initial_model(root / "init", spec)
         wall["world"] = round(time.time() - t0, 1)
 
-    common = dict(seed=cfg.seed, progress=cfg.progress)
+    workers = cfg.workers or default_workers()
+    # with several workers the stages' own progress bars would interleave: each writes to DIR/logs/<stage>.log,
+    # and one bar counts the stages
+    common = dict(seed=cfg.seed, progress=cfg.progress and workers == 1)
     pretrain = stage_config(
         sft.SFTConfig, presets, "pretrain", model=str(root / "init"), data=str(data / "pretrain.jsonl"),
         output_dir=str(root / "base"), max_steps=pretrain_steps, eval_every=max(1, pretrain_steps // 4), **common)
-    run_stage("pretrain", pretrain, sft.main, root, cfg.rebuild or "world" in wall, wall)
     sft_cfg = stage_config(
         sft.SFTConfig, presets, "sft", model=str(root / "base"), data=str(data / "sft.jsonl"),
         output_dir=str(root / "sft"), max_steps=sft_steps, eval_every=max(1, sft_steps // 4), **common)
-    # a stage downstream of one that just ran must run again even when its own config is unchanged
-    run_stage("sft", sft_cfg, sft.main, root, cfg.rebuild or "pretrain" in wall, wall)
-
     # people (here: the simulated annotator pool) compare responses; only their labels reach training
     # split -> (samples per prompt, policy rounds, generator rounds); held-out pairs stay pairs (K = 2)
     policy_rounds = setting("policy_label_rounds")
     generator_rounds = setting("generator_label_rounds")
     heldout_rounds = setting("heldout_label_rounds")
     plan = {"train": (4, policy_rounds, generator_rounds), "val": (2, heldout_rounds, 2 * heldout_rounds)}
-    labels = collect_labels(root, cfg.seed, quick=cfg.quick, redo=cfg.rebuild or "sft" in wall, plan=plan,
-                            overlap=cfg.annotators_per_item)
-    if labels is not None:
-        wall["label"] = labels
     reward_cfg = stage_config(
         rtrain.RewardConfig, presets, "reward", model=str(root / "sft"), data=str(data / "preferences_train.jsonl"),
         eval_data=str(data / "preferences_val.jsonl"), output_dir=str(root / "reward"), max_steps=reward_steps,
         normalize_prompts=str(data / "prompts_train.jsonl"), ensemble_size=ensemble,
         eval_every=max(1, reward_steps // 3), **common)
-    run_stage("reward", reward_cfg, rtrain.main, root, cfg.rebuild or "label" in wall, wall)
     dpo_cfg = stage_config(
         dpo.DPOConfig, presets, "dpo", model=str(root / "sft"), data=str(data / "preferences_train.jsonl"),
         eval_data=str(data / "preferences_val.jsonl"), output_dir=str(root / "dpo"), max_steps=dpo_steps,
         beta=cfg.dpo_beta, eval_every=max(1, dpo_steps // 3), **common)
-    run_stage("dpo", dpo_cfg, dpo.main, root, cfg.rebuild or "label" in wall, wall)
     # the beta sweep: the same DPO run at other KL strengths (full demo only)
     betas = [] if cfg.quick else [b for b in cfg.dpo_beta_sweep if b != cfg.dpo_beta]
-    for beta in betas:
-        sweep_dir = root / f"dpo_beta_{beta:g}"
-        # the reference log-probs do not depend on beta: hand the main run's cache on (DPO checks its fingerprint
-        # against the data and reference model, and recomputes it if anything differs)
-        cache = Path(dpo_cfg.output_dir) / dpo.REF_CACHE
-        if cache.exists():
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(cache, sweep_dir / dpo.REF_CACHE)
-        run_stage(f"dpo_beta_{beta:g}", replace(dpo_cfg, output_dir=str(sweep_dir), beta=beta),
-                  dpo.main, root, cfg.rebuild or "label" in wall, wall)
-
     # PPO against the reward-model ensemble, KL-leashed to SFT; the gold judge only watches (judge/score on 64
     # validation prompts, feeding the over-optimisation monitor), it never shapes the reward
     ppo_cfg = stage_config(
@@ -248,57 +235,90 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         ppo_cfg = replace(ppo_cfg, ensemble_penalty=0.0)
     from rlhfkit.eval.playground import gold_scores
 
-    judge = gold_scores
-    ppo_redo = cfg.rebuild or "reward" in wall
-    run_stage("ppo", ppo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
+    rl_main = functools.partial(ppo.main, judge=gold_scores)
     # GRPO in the same loop (4 samples per prompt, 4 prompts per step), with
     # checkpoints along the way for the RL over-optimisation curve
     grpo_cfg = stage_config(ppo.PPOConfig, presets, "grpo", base=ppo_cfg, output_dir=str(root / "grpo"),
                             max_steps=rl_steps, eval_every=max(1, rl_steps // 12), save_every=max(1, rl_steps // 6))
-    run_stage("grpo", grpo_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # the reward-hacking demonstration: the same GRPO run with the KL leash cut and no ensemble penalty, run for
     # longer (kl_cut_steps) so the policy walks far enough from SFT to find what the reward model gets wrong
     cut_steps = rl_steps if cfg.quick else cfg.kl_cut_steps
     cut_cfg = stage_config(ppo.PPOConfig, presets, "grpo_klcut", base=grpo_cfg, output_dir=str(root / "grpo_klcut"),
                            kl_coef=cfg.kl_cut_coef, max_steps=cut_steps, save_every=max(1, cut_steps // 6),
                            learning_rate=cfg.kl_cut_learning_rate)
-    run_stage("grpo_klcut", cut_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
     # the other critic-free estimators, full demo only
     variants = [] if cfg.quick else [v for v in cfg.rl_variants if v != "grpo"]
-    for advantage in variants:
-        var_cfg = replace(grpo_cfg, output_dir=str(root / advantage), advantage=advantage, save_every=0)
-        run_stage(advantage, var_cfg, functools.partial(ppo.main, judge=judge), root, ppo_redo, wall)
+
+    # the stages as jobs, the longest chain and the longest jobs first (a free worker takes the first ready one)
+    def stage(name: str, stage_cfg: Any, fn: Callable[[Any], Any], needs: tuple[str, ...]) -> Job:
+        return Job(name, stage_job, (name, stage_cfg, fn, root), needs=needs, redo=True)
+
+    jobs = [stage("pretrain", pretrain, sft.main, ()),
+            stage("sft", sft_cfg, sft.main, ("pretrain",)),
+            Job("label", label_job, (root, cfg.seed, cfg.quick, plan, cfg.annotators_per_item), needs=("sft",),
+                redo=True),
+            stage("reward", reward_cfg, rtrain.main, ("label",)),
+            stage("grpo_klcut", cut_cfg, rl_main, ("reward",))]
+    if cfg.hhh:  # helpful, harmless, honest: per-criterion reward models and five ways to combine them
+        hhh_plan = {**presets["hhh"], **(presets["hhh_quick"] if cfg.quick else {})}
+        jobs.append(Job("hhh", hhh_job, (root, hhh_plan, presets, common, cfg.seed, setting("hhh_rl_steps"),
+                                         cfg.rebuild)))
+    if cfg.rounds:  # human-in-the-loop rounds: the queue, rounds against one shot, annotator reliability
+        rounds_plan, rounds_base = rounds_settings(presets, cfg, workers)
+        jobs.append(Job("rounds_setup", rounds_setup_job, (root, rounds_plan, rounds_base, cfg.seed), needs=("sft",),
+                        redo=True))
+        for study in ("iterative", "queue", "reliability"):
+            jobs.append(Job(f"rounds_{study}", rounds_study_job, (study, root, rounds_plan, rounds_base, cfg.seed),
+                            needs=("rounds_setup",)))
+    jobs += [stage("ppo", ppo_cfg, rl_main, ("reward",)),
+             stage("grpo", grpo_cfg, rl_main, ("reward",)),
+             stage("dpo", dpo_cfg, dpo.main, ("label",))]
+    # the reference log-probs do not depend on beta: each sweep run starts from the main run's cache
+    jobs += [Job(f"dpo_beta_{beta:g}", dpo_sweep_job, (f"dpo_beta_{beta:g}", replace(
+        dpo_cfg, output_dir=str(root / f"dpo_beta_{beta:g}"), beta=beta), root), needs=("dpo",), redo=True)
+        for beta in betas]
+    jobs += [stage(advantage, replace(grpo_cfg, output_dir=str(root / advantage), advantage=advantage, save_every=0),
+                   rl_main, ("reward",)) for advantage in variants]
 
     test_prompts = read_prompts(data / "prompts_test.jsonl")[:n_eval]
-    start = time.time()
-    evals = {}
     reward_dir = str(root / "reward")
-    for name in ("base", "sft", "ppo", "grpo", *variants, "dpo"):
-        evals[name] = evaluate_policy(str(root / name), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
-                                      keep_samples=12, reward_dir=reward_dir, samples_per_prompt=eval_samples)
-    evals["best_of_n"] = evaluate_best_of_n(str(root / "sft"), reward_dir, test_prompts, n=cfg.best_of_n,
-                                            seed=cfg.seed)
+    evaluate = functools.partial(evaluate_policy, prompts=test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
+                                 reward_dir=reward_dir, samples_per_prompt=eval_samples)
+    names = ("base", "sft", "ppo", "grpo", *variants, "dpo")
+    jobs += [Job(f"eval_{name}", evaluate, (str(root / name),), {"keep_samples": 12},
+                 needs=tuple(n for n in (name, "reward") if n not in ("base",)))
+             for name in names]
+    jobs.append(Job("eval_best_of_n", evaluate_best_of_n, (str(root / "sft"), reward_dir, test_prompts),
+                    {"n": cfg.best_of_n, "seed": cfg.seed}, needs=("reward", "sft")))
+    jobs += [Job(f"eval_dpo_beta_{beta:g}", evaluate, (str(root / f"dpo_beta_{beta:g}"),),
+                 needs=(f"dpo_beta_{beta:g}", "reward")) for beta in betas]
+    jobs.append(Job("eval_grpo_klcut", evaluate, (str(root / "grpo_klcut"),), needs=("grpo_klcut",)))
+    jobs.append(Job("overoptimisation", overoptimisation_sweeps,
+                    (root, test_prompts, Result("eval_sft"), Result("eval_grpo_klcut"), sweep_n, cfg),
+                    needs=("grpo", "grpo_klcut")))
+    # a new world retrains everything built on it (every job below the world needs pretraining, the HHH
+    # experiment aside, which has its own world)
+    results, job_wall = run_jobs(jobs, workers=workers, log_dir=root / "logs", rebuild=cfg.rebuild or "world" in wall,
+                                 progress=cfg.progress and workers > 1)
+    wall.update(job_wall)
+    # evaluation, summed over its jobs (with several workers they overlap each other and training)
+    wall["eval"] = round(sum(v for k, v in job_wall.items() if k.startswith("eval_") or k == "overoptimisation"), 1)
+    wall["workers"] = workers
+
+    evals = {name: results[f"eval_{name}"] for name in (*names, "best_of_n")}
     beta_sweep = []
     for beta in sorted({cfg.dpo_beta, *betas}) if betas else []:
-        ev = evals["dpo"] if beta == cfg.dpo_beta else evaluate_policy(
-            str(root / f"dpo_beta_{beta:g}"), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
-            reward_dir=reward_dir, samples_per_prompt=eval_samples)
+        ev = evals["dpo"] if beta == cfg.dpo_beta else results[f"eval_dpo_beta_{beta:g}"]
         beta_sweep.append({"beta": beta, "gold_score": ev.gold_score, "gold_se": ev.gold_se, "kl_to_sft": ev.kl_to_ref,
                            "proxy_score": ev.proxy_score, "unsafe_rate": ev.unsafe_rate})
-    klcut = evaluate_policy(str(root / "grpo_klcut"), test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
-                            reward_dir=reward_dir, samples_per_prompt=eval_samples)
-    overoptimization = overoptimisation_sweeps(root, test_prompts, evals["sft"], klcut, sweep_n, cfg)
-    wall["eval"] = round(time.time() - start, 1)
-    hhh = None
-    if cfg.hhh:  # helpful, harmless, honest: per-criterion reward models and five ways to combine them
-        from rlhfkit.demo_hhh import run_experiment
-
-        plan = {**presets["hhh"], **(presets["hhh_quick"] if cfg.quick else {})}
-        hhh = run_experiment(root, plan, presets, stage_config, run_stage, common, cfg.seed, setting("hhh_rl_steps"),
-                             cfg.rebuild, wall)
+    overoptimization = results["overoptimisation"]
+    hhh = results.get("hhh")
     rounds = None
-    if cfg.rounds:  # human-in-the-loop rounds: the queue, rounds against one shot, annotator reliability
-        rounds = run_rounds(root, presets, cfg, wall, "sft" in wall)
+    if cfg.rounds:
+        from rlhfkit.demo_rounds import combine
+
+        rounds = combine(results["rounds_setup"], results["rounds_queue"], results["rounds_iterative"],
+                         results["rounds_reliability"])
     policies = {}
     for name, ev in evals.items():
         policies[name] = {**ev.summary(), "kl_to_sft": ev.kl_to_ref,
@@ -349,29 +369,73 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     return summary
 
 
-def run_rounds(root: Path, presets: dict[str, Any], cfg: DemoConfig, wall: dict[str, float], sft_changed: bool
-               ) -> dict[str, Any]:
-    """The rounds experiment in root/rounds (demo_rounds), sized by configs/demo.yaml's rounds sections. Its runs
-    resume where they stopped; they start again when the SFT model or the plan changed."""
-    import shutil
+def stage_job(name: str, cfg: Any, main: Callable[[Any], Any], root: Path, redo: bool = False) -> Done:
+    """run_stage as a job: ran=False when a finished run with the same config was reused."""
+    wall: dict[str, float] = {}
+    run_stage(name, cfg, main, root, redo, wall)
+    return Done(ran=name in wall)
 
-    from rlhfkit.demo_rounds import run_experiment
 
+def dpo_sweep_job(name: str, cfg: Any, root: Path, redo: bool = False) -> Done:
+    """One run of the DPO beta sweep, handed the main DPO run's reference log-probs (DPO checks their fingerprint
+    against the data and reference model, and recomputes them if anything differs)."""
+    from rlhfkit.policy import dpo
+
+    cache = root / "dpo" / dpo.REF_CACHE
+    if cache.exists():
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cache, Path(cfg.output_dir) / dpo.REF_CACHE)
+    return stage_job(name, cfg, dpo.main, root, redo)
+
+
+def label_job(root: Path, seed: int, quick: bool, plan: dict[str, tuple[int, int, int]], overlap: int,
+              redo: bool = False) -> Done:
+    return Done(ran=collect_labels(root, seed, quick=quick, redo=redo, plan=plan, overlap=overlap) is not None)
+
+
+def hhh_job(root: Path, plan: dict[str, Any], presets: dict[str, Any], common: dict[str, Any], seed: int,
+            rl_steps: int, rebuild: bool) -> Done:
+    """The helpful-harmless-honest experiment (demo_hhh), its own world from start to end: one job."""
+    from rlhfkit.demo_hhh import run_experiment
+
+    wall: dict[str, float] = {}
+    result = run_experiment(root, plan, presets, stage_config, run_stage, common, seed, rl_steps, rebuild, wall)
+    return Done(result, ran=any(k != "hhh_eval" for k in wall), wall=wall)
+
+
+def rounds_settings(presets: dict[str, Any], cfg: DemoConfig, workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rounds experiment's plan and the RoundsConfig fields every run shares, from configs/demo.yaml."""
     section = presets["rounds"]
     quick = dict(presets["rounds_quick"]) if cfg.quick else {}
     lighter = quick.pop("base", {})
     plan = {**section["plan"], **quick}
     base = {**section["base"], **lighter}
     for nested in ("reward", "ppo"):
-        base[nested] = {**section["base"].get(nested, {}), **lighter.get(nested, {}), "progress": cfg.progress}
+        base[nested] = {**section["base"].get(nested, {}), **lighter.get(nested, {}),
+                        "progress": cfg.progress and workers == 1}
+    return plan, base
+
+
+def rounds_setup_job(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int, redo: bool = False) -> int:
+    """root/rounds for the experiment (demo_rounds): its runs resume where they stopped; they start again when the
+    SFT model or the plan changed. Returns the number of held-out pairs."""
+    from rlhfkit.demo_rounds import prepare
+
     stamp = root / "rounds" / "plan.json"
-    recipe = {"plan": plan, "base": base, "seed": cfg.seed}
-    if (root / "rounds").exists() and (cfg.rebuild or sft_changed or not stamp.exists()
-                                       or json.loads(stamp.read_text()) != recipe):
+    recipe = {"plan": plan, "base": base, "seed": seed}
+    if (root / "rounds").exists() and (redo or not stamp.exists() or json.loads(stamp.read_text()) != recipe):
         shutil.rmtree(root / "rounds")
     (root / "rounds").mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(recipe, indent=2))
-    return run_experiment(root, plan, base, cfg.seed, wall)
+    return prepare(root, plan, seed)
+
+
+def rounds_study_job(study: str, root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int) -> Any:
+    from rlhfkit import demo_rounds
+
+    fn = {"queue": demo_rounds.queue_study, "iterative": demo_rounds.iterative_study,
+          "reliability": demo_rounds.reliability_study}[study]
+    return fn(root, plan, base, seed)
 
 
 def check_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
