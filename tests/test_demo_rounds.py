@@ -84,3 +84,19 @@ def test_table_and_report_section_render(tmp_path):
     assert "active 0.710" in text and "flag AUC" in text
     html = "".join(_rounds_section(result()))
     assert html.count("<svg") == 3 and "Human-in-the-loop rounds" in html and "0.957" in html
+
+
+def test_queue_curves_from_one_job_per_seed_combine_as_from_one_job():
+    from rlhfkit.demo_rounds import combine
+
+    plan = {"label_efficiency": {"seeds": [0, 1, 2], "rounds": 3, "labels_per_round": 500}}
+    per_seed = [{"active": [[0.60, 0.64, 0.70]], "random": [[0.60, 0.62, 0.65]]},
+                {"active": [[0.61, 0.66, 0.69]], "random": [[0.61, 0.63, 0.64]]},
+                {"active": [[0.59, 0.65, 0.71]], "random": [[0.59, 0.61, 0.66]]}]
+    together = {arm: [c for part in per_seed for c in part[arm]] for arm in ("active", "random")}
+    r = result()
+    rounds = combine(plan, 500, per_seed, {"iterative": r["iterative"], "one_shot": r["one_shot"]},
+                     r["reliability"])
+    assert rounds["queue"] == label_efficiency(together, 500, "bald", [0, 1, 2])
+    assert rounds["queue"]["active"]["per_seed"] == [0.70, 0.69, 0.71]  # seed order kept
+    assert rounds["eval_pairs"] == 500 and len(rounds["claims"]) == 4

@@ -2,6 +2,8 @@
 rerun rule, and one clear error for a failed stage."""
 
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -38,6 +40,10 @@ def fail_user():
 
 def fail_bug():
     return 1 / 0
+
+
+def killed():
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -85,6 +91,14 @@ def test_a_failed_stage_names_itself_and_its_log_and_stops_the_rest(tmp_path):
     # in one process the error is raised as it is
     with pytest.raises(UserError, match="the data file has no rows"):
         run_jobs(jobs, workers=1)
+
+
+def test_a_worker_killed_from_outside_fails_the_demo_instead_of_hanging(tmp_path):
+    never = tmp_path / "never.jsonl"
+    jobs = [Job("victim", killed), Job("later", stamp, (str(never), "later", 0.0), needs=("victim",))]
+    with pytest.raises(RuntimeError, match="demo stage victim: its worker process died .* --workers 1"):
+        run_jobs(jobs, workers=2)
+    assert not never.exists()
 
 
 def test_bad_job_graphs_are_refused_before_anything_runs():

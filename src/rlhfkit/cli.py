@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes (imported with peft) warns on every command that an optional CPU 4-bit kernel package is absent
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     _quiet_deepspeed_on_cpu()
     try:
         module, cfg_cls = _load_stage(name)

@@ -121,17 +121,18 @@ class _Study:
         return reward_gold_accuracy(str(reward_dir), self.eval_rows)
 
 
-def queue_study(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int, progress: Any = None
-                ) -> dict[str, Any]:
+def queue_study(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int, progress: Any = None,
+                seeds: list[int] | None = None) -> dict[str, list[list[float]]]:
     """Label efficiency: the same budget in the same rounds, the queue ordered by the ensemble or at random (round
     1 is the same in both: there is no model to ask yet, and the seed draws the same prompts, samples and labels).
-    Returns the "queue" section."""
+    Returns each arm's gold agreement after every round, one curve per seed (`seeds`, default the plan's: the
+    demo runs each seed as a job of its own); label_efficiency turns them into the "queue" section."""
     from rlhfkit.rounds import main as rounds_main
 
     study = _Study(root, base)
     le = plan["label_efficiency"]
     curves: dict[str, list[list[float]]] = {"active": [], "random": []}
-    for s in le["seeds"]:
+    for s in le["seeds"] if seeds is None else seeds:
         for arm, queue in (("active", le.get("queue", "bald")), ("random", "random")):
             cfg = study.config(f"{arm}-{s}", seed=seed + s, queue=queue, rounds=le["rounds"],
                                labels_per_round=le["labels_per_round"], prompts_per_round=le["prompts_per_round"],
@@ -139,7 +140,7 @@ def queue_study(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: in
             rounds_main(cfg, progress)
             curves[arm].append([study.accuracy(Path(cfg.output_dir) / f"round-{r}" / "reward")["gold_accuracy"]
                                 for r in range(1, le["rounds"] + 1)])
-    return label_efficiency(curves, le["labels_per_round"], le.get("queue", "bald"), list(le["seeds"]))
+    return curves
 
 
 def iterative_study(root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int, progress: Any = None
@@ -220,9 +221,13 @@ def reliability_study(root: Path, plan: dict[str, Any], base: dict[str, Any], se
     }
 
 
-def combine(eval_pairs: int, queue: dict[str, Any], iterative: dict[str, Any], reliability: dict[str, Any]
-            ) -> dict[str, Any]:
-    """summary.json's "rounds" section from the three studies, with its claims."""
+def combine(plan: dict[str, Any], eval_pairs: int, curves: list[dict[str, list[list[float]]]],
+            iterative: dict[str, Any], reliability: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's "rounds" section from the three studies (the queue study's curves in the plan's seed order,
+    from one or more queue_study calls), with its claims."""
+    le = plan["label_efficiency"]
+    merged = {arm: [c for part in curves for c in part[arm]] for arm in ("active", "random")}
+    queue = label_efficiency(merged, le["labels_per_round"], le.get("queue", "bald"), list(le["seeds"]))
     result = {"eval_pairs": eval_pairs, "queue": queue, **iterative, "reliability": reliability}
     result["claims"] = rounds_claims(result)
     return result

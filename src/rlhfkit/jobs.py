@@ -18,6 +18,8 @@ import multiprocessing
 import os
 import time
 import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -199,28 +201,39 @@ def run_jobs(jobs: list[Job], workers: int = 1, threads: int | None = None, log_
                 start = time.time()
                 finish(name, by_name[name].fn(*args, **kwargs), time.time() - start)
             return results, wall
-        ctx = multiprocessing.get_context("spawn")
         threads = threads or max(1, available_cores() // workers)
-        with ctx.Pool(workers, initializer=_worker_init, initargs=(threads,)) as pool:
-            running: dict[str, Any] = {}
-            try:
-                while pending or running:
-                    for name in [n for n in pending if deps[n] <= set(results)][: workers - len(running)]:
-                        pending.remove(name)
-                        args, kwargs = arguments(by_name[name])
-                        path = str(log_dir / f"{name}.log") if log_dir is not None else None
-                        running[name] = pool.apply_async(_call, (by_name[name].fn, args, kwargs, path))
-                        log.info("%s started (running: %s)", name, ", ".join(running))
-                        if bar is not None:
-                            bar.set_postfix_str(", ".join(running))
-                    for name in [n for n, r in running.items() if r.ready()]:
-                        out, seconds = running.pop(name).get()
-                        finish(name, out, seconds)
-                    if running:
-                        time.sleep(0.05)
-            except BaseException:
-                pool.terminate()
-                raise
+        # a pool that notices a worker killed from outside (out of memory, kill -9): the job fails with
+        # BrokenProcessPool instead of waiting for an answer forever
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(threads,))
+        running: dict[Future, str] = {}
+        try:
+            while pending or running:
+                for name in [n for n in pending if deps[n] <= set(results)][: workers - len(running)]:
+                    pending.remove(name)
+                    args, kwargs = arguments(by_name[name])
+                    path = str(log_dir / f"{name}.log") if log_dir is not None else None
+                    running[pool.submit(_call, by_name[name].fn, args, kwargs, path)] = name
+                    log.info("%s started (running: %s)", name, ", ".join(running.values()))
+                    if bar is not None:
+                        bar.set_postfix_str(", ".join(running.values()))
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    try:
+                        out, seconds = future.result()
+                    except BrokenProcessPool:
+                        raise RuntimeError(f"demo stage {name}: its worker process died (killed from outside, or "
+                                           "out of memory); rerun the demo to continue from the finished stages, "
+                                           "with --workers 1 if memory is short") from None
+                    finish(name, out, seconds)
+        except BaseException:
+            # stop the other stages now rather than after they finish (their finished runs are kept)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         return results, wall
     finally:
         if bar is not None:

@@ -267,7 +267,9 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         rounds_plan, rounds_base = rounds_settings(presets, cfg, workers)
         jobs.append(Job("rounds_setup", rounds_setup_job, (root, rounds_plan, rounds_base, cfg.seed), needs=("sft",),
                         redo=True))
-        for study in ("iterative", "queue", "reliability"):
+        # the queue study one job per seed: its six runs were the demo's longest job
+        queue_seeds = list(rounds_plan["label_efficiency"]["seeds"])
+        for study in ("iterative", "reliability", *(f"queue_{s}" for s in queue_seeds)):
             jobs.append(Job(f"rounds_{study}", rounds_study_job, (study, root, rounds_plan, rounds_base, cfg.seed),
                             needs=("rounds_setup",)))
     jobs += [stage("ppo", ppo_cfg, rl_main, ("reward",)),
@@ -303,7 +305,6 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     wall.update(job_wall)
     # evaluation, summed over its jobs (with several workers they overlap each other and training)
     wall["eval"] = round(sum(v for k, v in job_wall.items() if k.startswith("eval_") or k == "overoptimisation"), 1)
-    wall["workers"] = workers
 
     evals = {name: results[f"eval_{name}"] for name in (*names, "best_of_n")}
     beta_sweep = []
@@ -317,8 +318,8 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.rounds:
         from rlhfkit.demo_rounds import combine
 
-        rounds = combine(results["rounds_setup"], results["rounds_queue"], results["rounds_iterative"],
-                         results["rounds_reliability"])
+        rounds = combine(rounds_plan, results["rounds_setup"], [results[f"rounds_queue_{s}"] for s in queue_seeds],
+                         results["rounds_iterative"], results["rounds_reliability"])
     policies = {}
     for name, ev in evals.items():
         policies[name] = {**ev.summary(), "kl_to_sft": ev.kl_to_ref,
@@ -339,6 +340,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         **({"hhh": hhh} if hhh is not None else {}),
         **({"rounds": rounds} if rounds is not None else {}),
         "wall_seconds": {**wall, "total": round(time.time() - t0, 1)},
+        "workers": workers,
         "samples": {name: ev.samples for name, ev in evals.items()},
         "config": to_dict(cfg),
     }
@@ -431,10 +433,12 @@ def rounds_setup_job(root: Path, plan: dict[str, Any], base: dict[str, Any], see
 
 
 def rounds_study_job(study: str, root: Path, plan: dict[str, Any], base: dict[str, Any], seed: int) -> Any:
+    """One study of the rounds experiment: iterative, reliability, or queue_<s> (the queue study's seed s)."""
     from rlhfkit import demo_rounds
 
-    fn = {"queue": demo_rounds.queue_study, "iterative": demo_rounds.iterative_study,
-          "reliability": demo_rounds.reliability_study}[study]
+    if study.startswith("queue_"):
+        return demo_rounds.queue_study(root, plan, base, seed, seeds=[int(study.removeprefix("queue_"))])
+    fn = {"iterative": demo_rounds.iterative_study, "reliability": demo_rounds.reliability_study}[study]
     return fn(root, plan, base, seed)
 
 

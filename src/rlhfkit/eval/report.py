@@ -481,7 +481,9 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
         html.append("</table>")
     wall = summary.get("wall_seconds", {})
     if wall:
-        html.append("<h2>Wall time (seconds)</h2><p>" +
+        side = (f"each stage's own; up to {summary['workers']} ran side by side, so they add up to more than "
+                "the total. ") if summary.get("workers", 1) > 1 else ""
+        html.append("<h2>Wall time (seconds)</h2><p>" + side +
                     ", ".join(f"{escape(k)} {_num(v, '.1f')}" for k, v in wall.items()) + "</p>")
     html.append("</body></html>")
     out = root / "report.html"
