@@ -14,7 +14,7 @@ from rlhfkit.train import read_metrics
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3000)  # the quick demo alone is about 11 minutes on a 2-core machine (3 of them HHH, 3.5 rounds)
+@pytest.mark.timeout(3000)  # the quick demo alone is about 6 minutes on a 2-core machine, two stages at a time
 def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     out = tmp_path / "demo"
     summary = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
