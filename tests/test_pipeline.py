@@ -65,3 +65,12 @@ def test_kl_cut_claims_need_a_fall_beyond_noise_and_the_monitor_on_the_cut_run_o
     assert claims(-0.1, -0.5, 0.1) == [False, True]  # the proxy fell too: a worse policy, not reward hacking
     assert claims(0.5, -0.5, 0.1, cut_flag=True, default_flag=True) == [True, False]
     assert claims(0.5, -0.5, 0.1, cut_flag=False) == [True, False]
+
+
+def test_a_negative_worker_count_is_refused_naming_the_flag(tmp_path):
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.pipeline import DemoConfig, main
+
+    with pytest.raises(ConfigError, match=r"--workers -2: give 0"):
+        main(DemoConfig(output_dir=str(tmp_path / "demo"), quick=True, workers=-2, hhh=False, rounds=False))
+    assert not (tmp_path / "demo").exists()  # refused before anything was built

@@ -177,6 +177,8 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     from rlhfkit.policy import dpo, ppo, sft
     from rlhfkit.reward import train as rtrain
 
+    if cfg.workers < 0:
+        raise ConfigError(f"--workers {cfg.workers}: give 0 (one worker per core, at most 4) or a positive number.")
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     presets = demo_presets()
