@@ -74,3 +74,23 @@ def test_a_negative_worker_count_is_refused_naming_the_flag(tmp_path):
     with pytest.raises(ConfigError, match=r"--workers -2: give 0"):
         main(DemoConfig(output_dir=str(tmp_path / "demo"), quick=True, workers=-2, hhh=False, rounds=False))
     assert not (tmp_path / "demo").exists()  # refused before anything was built
+
+
+def test_the_rounds_runs_survive_a_change_of_progress_bars_or_workers(tmp_path):
+    from rlhfkit.pipeline import rounds_setup_job
+
+    plan = {"reliability": {"gold_items": 2}}
+    rounds = tmp_path / "rounds"
+    rounds.mkdir()
+    (rounds / "gold_pairs.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    (rounds / "gold_items.jsonl").write_text('{"b": 1}\n')
+    (rounds / "active-0").mkdir()  # a finished run of the study
+    # the stamp an earlier demo wrote: the plan, the runs' shared settings and the seed
+    (rounds / "plan.json").write_text(json.dumps(
+        {"plan": plan, "base": {"labellers": ["simulated"], "reward": {"ensemble_size": 3}}, "seed": 0}))
+    base = {"labellers": ["simulated"], "reward": {"ensemble_size": 3, "progress": True}}
+    assert rounds_setup_job(tmp_path, plan, base, seed=0) == 2
+    assert (rounds / "active-0").exists()
+    quiet = {**base, "reward": {"ensemble_size": 3, "progress": False}}
+    assert rounds_setup_job(tmp_path, plan, quiet, seed=0) == 2
+    assert (rounds / "active-0").exists()

@@ -428,7 +428,10 @@ def rounds_setup_job(root: Path, plan: dict[str, Any], base: dict[str, Any], see
     from rlhfkit.demo_rounds import prepare
 
     stamp = root / "rounds" / "plan.json"
-    recipe = {"plan": plan, "base": base, "seed": seed}
+    # progress bars change nothing in the runs (they are off with several workers): not part of the recipe
+    quiet = {k: ({kk: vv for kk, vv in v.items() if kk != "progress"} if isinstance(v, dict) else v)
+             for k, v in base.items() if k != "progress"}
+    recipe = {"plan": plan, "base": quiet, "seed": seed}
     if (root / "rounds").exists() and (redo or not stamp.exists() or json.loads(stamp.read_text()) != recipe):
         shutil.rmtree(root / "rounds")
     (root / "rounds").mkdir(parents=True, exist_ok=True)
