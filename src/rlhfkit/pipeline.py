@@ -292,7 +292,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
                                  reward_dir=reward_dir, samples_per_prompt=eval_samples)
     names = ("base", "sft", "ppo", "grpo", *variants, "dpo")
     jobs += [Job(f"eval_{name}", evaluate, (str(root / name),), {"keep_samples": 12},
-                 needs=tuple(n for n in (name, "reward") if n not in ("base",)))
+                 needs=("reward",) if name == "base" else (name, "reward"))
              for name in names]
     jobs.append(Job("eval_best_of_n", evaluate_best_of_n, (str(root / "sft"), reward_dir, test_prompts),
                     {"n": cfg.best_of_n, "seed": cfg.seed}, needs=("reward", "sft")))
