@@ -300,8 +300,8 @@ def member_probabilities(reward_dir: str, pairs: list[tuple[str, str, str]], con
     ensemble = load_reward_ensemble(reward_dir)
     prompts = [[{"role": "user", "content": p}] if conversational else p for p, _, _ in pairs]
     head = ensemble.head or 0
-    a = score_texts_all_heads(ensemble, prompts, [x for _, x, _ in pairs])[:, :, head]
-    b = score_texts_all_heads(ensemble, prompts, [x for _, _, x in pairs])[:, :, head]
+    both = score_texts_all_heads(ensemble, prompts + prompts, [x for _, x, _ in pairs] + [x for _, _, x in pairs])
+    a, b = both[:, : len(pairs), head], both[:, len(pairs) :, head]
     return pair_probabilities(a, b)
 
 

@@ -192,6 +192,58 @@ def test_reward_stage_learns_normalises_and_plain_transformers_agrees(tmp_path, 
     assert res["score"] == pytest.approx(ours[0], abs=1e-4), text
 
 
+def test_scoring_batches_across_prompts_and_equals_each_pair_scored_alone(rm, tiny_model):
+    """The defect: score_texts ran one forward pass per prompt, so PPO's one sample per prompt (64 prompts a step)
+    and the held-out pairs (a few responses per prompt) were scored in batches of 1-6 rows."""
+    from rlhfkit.data.collate import encode_responses
+    from rlhfkit.reward import model as rmodel
+
+    model, tok = rm
+    second = load_reward_model(str(tiny_model), tok).eval()
+    with torch.no_grad():
+        second.score.weight.mul_(-2.0)  # a member that disagrees, so the std is not zero
+    ensemble = rmodel.RewardEnsemble([model, second], tok, ["a", "b"])
+    words = ["red", "blue", "green", "ada", "bo", "hi", "i like", "what is 2 plus 3 ?", "5 ,", "say"]
+    prompts, responses = [], []
+    for i in range(40):
+        prompt = "say hi ." if i % 3 == 0 else [{"role": "user", "content": f"what is {i} plus 3 ?"}]
+        for k in range(1 + i % 4):  # 1-4 responses per prompt, of different lengths, some repeated
+            prompts.append(prompt)
+            responses.append(" ".join(words[(i + j) % len(words)] for j in range(1 + (k * 7 + i) % 9)))
+    prompts.append(prompts[0])
+    responses.append(responses[0])  # the same pair twice
+    calls = []
+    real = rmodel.sequence_scores
+
+    def counted(m, ids, *a, **k):
+        calls.append(ids.shape)
+        return real(m, ids, *a, **k)
+
+    rmodel.sequence_scores = counted
+    try:
+        mean, std = rmodel.score_texts(ensemble, prompts, responses, max_length=64)
+    finally:
+        rmodel.sequence_scores = real
+    distinct = len({(json.dumps(p), r) for p, r in zip(prompts, responses)})
+    assert sum(shape[0] for shape in calls) == 2 * distinct  # each distinct pair once per member
+    assert len(calls) == 2  # every row in one batch per member (not one per prompt)
+    for i in range(0, len(prompts), 7):
+        batch = encode_responses(tok, prompts[i], [responses[i]], 64)
+        with torch.no_grad():
+            alone = [float(rmodel.sequence_scores(m, batch["input_ids"], batch["attention_mask"])) for m in
+                     (model, second)]
+        assert mean[i] == pytest.approx(sum(alone) / 2, abs=1e-5)
+        assert std[i] == pytest.approx(abs(alone[0] - alone[1]) / 2 ** 0.5, abs=1e-5)
+    assert (mean[-1], std[-1]) == (mean[0], std[0])
+    # a small token budget splits the rows into several batches of sorted lengths; the scores do not change
+    batches = list(rmodel._scoring_batches(ensemble, prompts, responses, 64, max_tokens=200, max_rows=16))
+    assert len(batches) > 2 and all(ids.shape[0] * ids.shape[1] <= 200 or ids.shape[0] == 1
+                                    for _, ids, _, _ in batches)
+    assert sorted(i for rows, *_ in batches for idx in rows for i in idx) == list(range(len(prompts)))
+    every = rmodel.score_texts_all_heads(ensemble, prompts, responses, max_length=64)  # (M, B, 1)
+    assert every.mean(0)[:, 0].tolist() == pytest.approx(mean, abs=1e-5)
+
+
 def test_gradient_accumulation_1x8_equals_8x1(tmp_path, tiny_model, pref_file):
     a, b = tmp_path / "1x8", tmp_path / "8x1"
     rtrain.main(cfg_for(tiny_model, pref_file, a, max_steps=3, batch_size=8, grad_accum=1))

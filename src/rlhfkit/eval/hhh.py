@@ -100,8 +100,8 @@ def criterion_gold_accuracy(reward_dir: str, pairs: Sequence[tuple[Prompt, str, 
         return {"gold_accuracy": float("nan"), "gold_accuracy_se": float("nan"), "pairs": 0}
     ensemble = load_reward_ensemble(reward_dir)
     msgs = [p.messages for p, _, _, _ in kept]
-    sa, _ = score_texts(ensemble, msgs, [a for _, a, _, _ in kept])
-    sb, _ = score_texts(ensemble, msgs, [b for _, _, b, _ in kept])
+    both, _ = score_texts(ensemble, msgs + msgs, [a for _, a, _, _ in kept] + [b for _, _, b, _ in kept])
+    sa, sb = both[: len(kept)], both[len(kept) :]
     agree = sum((x - y) * gap > 0 for x, y, (_, _, _, gap) in zip(sa, sb, kept))
     acc, se = rate_se(agree, len(kept))
     return {"gold_accuracy": acc, "gold_accuracy_se": se, "pairs": len(kept)}

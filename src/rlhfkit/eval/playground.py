@@ -137,8 +137,9 @@ def reward_gold_accuracy(reward_dir: str, rows: Sequence[dict[str, Any]], min_ga
 
     ensemble = load_reward_ensemble(reward_dir)
     prompts = [r["prompt"] for r in rows]
-    chosen, _ = score_texts(ensemble, prompts, [r["chosen"] for r in rows])
-    rejected, _ = score_texts(ensemble, prompts, [r["rejected"] for r in rows])
+    # one call for both sides: batched together, and a response in several pairs is scored once
+    both, _ = score_texts(ensemble, prompts + prompts, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    chosen, rejected = both[: len(rows)], both[len(rows) :]
     agree = labels = n = 0
     for row, c, r in zip(rows, chosen, rejected):
         prompt = lookup(text(row["prompt"]))

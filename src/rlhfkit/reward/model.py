@@ -292,48 +292,76 @@ def load_reward_ensemble(path: str, device: Any = "cpu") -> RewardEnsemble:
     return load_members(directory, device).with_head(head, str(path))
 
 
-def _prompt_groups(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any], max_length: int
-                   ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(indices, input_ids, attention_mask, last_index) per group of responses to one prompt, on the members'
-    device, encoded exactly as training data is (chat template applied once; plain strings concatenated with
-    EOS)."""
-    from rlhfkit.data.collate import encode_responses
+SCORING_TOKENS = 16384
+"""Token budget (sequences x padded length) of one scoring forward pass."""
+SCORING_ROWS = 256
+"""Most sequences in one scoring forward pass."""
+
+
+def _scoring_batches(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any], max_length: int,
+                     max_tokens: int = SCORING_TOKENS, max_rows: int = SCORING_ROWS
+                     ) -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(indices per row, input_ids, attention_mask, last_index) batches covering every (prompt, response) pair,
+    on the members' device. Each pair is encoded exactly as training data is (chat template applied once per
+    prompt; plain strings concatenated with EOS); a pair that repeats is scored once (its row lists every index
+    it answers for); rows of all prompts are sorted by length and batched up to max_tokens padded tokens, so a
+    call with many prompts of few responses each (PPO's one sample per prompt, held-out pairs) takes a handful
+    of forward passes rather than one per prompt. Right padding never reaches a row's score: it is read at the
+    row's last real token under a causal mask."""
+    from rlhfkit.data.collate import encode_responses, padded_batch
 
     device = next(ensemble.members[0].parameters()).device
-    groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        groups.setdefault(json.dumps(prompt), []).append(i)
-    for key, idx in groups.items():
-        batch = encode_responses(ensemble.tokenizer, json.loads(key), [responses[i] for i in idx], max_length)
-        yield idx, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device)
+    groups: dict[str, dict[str, list[int]]] = {}
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        groups.setdefault(json.dumps(prompt), {}).setdefault(json.dumps(response), []).append(i)
+    rows: list[tuple[list[int], list[int]]] = []  # (token ids, indices it scores)
+    for key, by_response in groups.items():
+        batch = encode_responses(ensemble.tokenizer, json.loads(key), [json.loads(r) for r in by_response],
+                                 max_length)
+        for n, idx in enumerate(by_response.values()):
+            rows.append((batch["input_ids"][n, : int(batch["last_index"][n]) + 1].tolist(), idx))
+    rows.sort(key=lambda r: len(r[0]))
+    start = 0
+    while start < len(rows):
+        end = start + 1  # rows are sorted, so the chunk's last row sets its padded width
+        while end < len(rows) and end - start < max_rows and (end + 1 - start) * len(rows[end][0]) <= max_tokens:
+            end += 1
+        chunk = rows[start:end]
+        batch = padded_batch([ids for ids, _ in chunk], ensemble.tokenizer.pad_token_id)
+        yield ([idx for _, idx in chunk], batch["input_ids"].to(device), batch["attention_mask"].to(device),
+               batch["last_index"].to(device))
+        start = end
 
 
 def score_texts(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any],
                 max_length: int = 1024) -> tuple[list[float], list[float]]:
     """Mean and std of the members' scores (of the ensemble's head) for (prompt, response) pairs, encoded exactly
-    as training data is. One forward pass per prompt group."""
+    as training data is, batched across prompts (`_scoring_batches`)."""
     means: list[float] = [0.0] * len(prompts)
     stds: list[float] = [0.0] * len(prompts)
-    for idx, ids, mask, last in _prompt_groups(ensemble, prompts, responses, max_length):
+    for rows, ids, mask, last in _scoring_batches(ensemble, prompts, responses, max_length):
         with torch.no_grad():
             s = torch.stack([sequence_scores(m, ids, mask, last, head=ensemble.head) for m in ensemble.members])
-        std = s.std(0) if s.shape[0] > 1 else torch.zeros(s.shape[1])
-        for j, i in enumerate(idx):
-            means[i], stds[i] = float(s[:, j].mean()), float(std[j])
+        mean = s.mean(0).tolist()
+        std = (s.std(0) if s.shape[0] > 1 else torch.zeros(s.shape[1])).tolist()
+        for j, idx in enumerate(rows):
+            for i in idx:
+                means[i], stds[i] = mean[j], std[j]
     return means, stds
 
 
 def score_texts_all_heads(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any],
                           max_length: int = 1024) -> torch.Tensor:
-    """Every member's score on every head for (prompt, response) pairs, one forward pass per member and prompt
-    group. Returns (N members, B, K), on the CPU."""
+    """Every member's score on every head for (prompt, response) pairs, batched across prompts
+    (`_scoring_batches`), one forward pass per member and batch. Returns (N members, B, K), on the CPU."""
     out: torch.Tensor | None = None
-    for idx, ids, mask, last in _prompt_groups(ensemble, prompts, responses, max_length):
+    for rows, ids, mask, last in _scoring_batches(ensemble, prompts, responses, max_length):
         with torch.no_grad():
             s = torch.stack([head_scores(m, ids, mask, last) for m in ensemble.members]).cpu()  # (M, Bg, K)
         if out is None:
             out = torch.zeros((s.shape[0], len(prompts), s.shape[2]))  # (M, B, K)
-        out[:, idx] = s
+        for j, idx in enumerate(rows):
+            out[:, idx] = s[:, j : j + 1]
     if out is None:
         K = _unwrap(ensemble.members[0]).config.num_labels
         return torch.zeros((len(ensemble.members), 0, K))
