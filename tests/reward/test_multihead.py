@@ -369,11 +369,11 @@ def test_heads_of_one_model_are_loaded_once_and_scored_in_one_forward_pass(saved
         for k, name in enumerate(["help", "safe", "honest"]):
             alone = sequence_scores(help_.members[0], ids, mask, head=k)  # offset-corrected head k
             torch.testing.assert_close(named[name], alone)
-    # from the texts (another vocabulary): one forward pass per prompt group, not per reward
+    # from the texts (another vocabulary): one forward pass for every prompt's responses, not one per reward
     rewards.same_vocab = dict.fromkeys(rewards.same_vocab, False)
     calls[0] = 0
     by_text = rewards.named_scores(None, None, prompts, texts)
-    assert calls[0] == len(prompts)
+    assert calls[0] == 1
     for name, spec in cfg_.rewards.items():
         alone, _ = score_texts(load_reward_ensemble(spec), prompts, texts)
         assert by_text[name].tolist() == pytest.approx(alone, abs=1e-5)

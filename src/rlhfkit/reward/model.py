@@ -298,11 +298,11 @@ SCORING_ROWS = 256
 """Most sequences in one scoring forward pass."""
 
 
-def _scoring_batches(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any], max_length: int,
-                     max_tokens: int = SCORING_TOKENS, max_rows: int = SCORING_ROWS
-                     ) -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]]:
+def scoring_batches(tokenizer: Any, device: Any, prompts: Sequence[Any], responses: Sequence[Any], max_length: int,
+                    max_tokens: int = SCORING_TOKENS, max_rows: int = SCORING_ROWS
+                    ) -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(indices per row, input_ids, attention_mask, last_index) batches covering every (prompt, response) pair,
-    on the members' device. Each pair is encoded exactly as training data is (chat template applied once per
+    on `device`. Each pair is encoded exactly as training data is (chat template applied once per
     prompt; plain strings concatenated with EOS); a pair that repeats is scored once (its row lists every index
     it answers for); rows of all prompts are sorted by length and batched up to max_tokens padded tokens, so a
     call with many prompts of few responses each (PPO's one sample per prompt, held-out pairs) takes a handful
@@ -310,14 +310,12 @@ def _scoring_batches(ensemble: RewardEnsemble, prompts: Sequence[Any], responses
     row's last real token under a causal mask."""
     from rlhfkit.data.collate import encode_responses, padded_batch
 
-    device = next(ensemble.members[0].parameters()).device
     groups: dict[str, dict[str, list[int]]] = {}
     for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         groups.setdefault(json.dumps(prompt), {}).setdefault(json.dumps(response), []).append(i)
     rows: list[tuple[list[int], list[int]]] = []  # (token ids, indices it scores)
     for key, by_response in groups.items():
-        batch = encode_responses(ensemble.tokenizer, json.loads(key), [json.loads(r) for r in by_response],
-                                 max_length)
+        batch = encode_responses(tokenizer, json.loads(key), [json.loads(r) for r in by_response], max_length)
         for n, idx in enumerate(by_response.values()):
             rows.append((batch["input_ids"][n, : int(batch["last_index"][n]) + 1].tolist(), idx))
     rows.sort(key=lambda r: len(r[0]))
@@ -327,10 +325,17 @@ def _scoring_batches(ensemble: RewardEnsemble, prompts: Sequence[Any], responses
         while end < len(rows) and end - start < max_rows and (end + 1 - start) * len(rows[end][0]) <= max_tokens:
             end += 1
         chunk = rows[start:end]
-        batch = padded_batch([ids for ids, _ in chunk], ensemble.tokenizer.pad_token_id)
+        batch = padded_batch([ids for ids, _ in chunk], tokenizer.pad_token_id)
         yield ([idx for _, idx in chunk], batch["input_ids"].to(device), batch["attention_mask"].to(device),
                batch["last_index"].to(device))
         start = end
+
+
+def _scoring_batches(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any], max_length: int,
+                     **limits: int) -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`scoring_batches` in the ensemble's tokenizer, on its members' device."""
+    device = next(ensemble.members[0].parameters()).device
+    return scoring_batches(ensemble.tokenizer, device, prompts, responses, max_length, **limits)
 
 
 def score_texts(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any],

@@ -34,7 +34,7 @@ from rlhfkit.losses.reward import attribute_regression_loss
 from rlhfkit.models import load_tokenizer
 from rlhfkit.reward.model import (
     CRITERIA_KEY, ENSEMBLE_FILE, HEAD_SEPARATOR, OFFSETS_KEY, apply_normalisation, head_offsets, head_scores,
-    load_reward_model, name_heads, sequence_scores,
+    load_reward_model, name_heads, scoring_batches, sequence_scores,
 )
 from rlhfkit.train import Run, check_finite
 
@@ -590,17 +590,17 @@ def normalise(model: Any, tokenizer: Any, samples: tuple[list[Any], list[str]], 
     normalised on the same samples, each by its own statistics (its gain folded into its row of the score weight,
     its offset in its entry of the offsets); with keep_zero only the safety_criterion head keeps its zero. Returns
     the statistics, per criterion with criteria."""
-    from rlhfkit.data.collate import encode_responses
-
     was_training = model.training
     model.eval()
-    rows: list[torch.Tensor] = []
-    for prompt, response in zip(*samples):
-        batch = _to(encode_responses(tokenizer, prompt, [response or " "], max_length), device)
-        args = (batch["input_ids"], batch["attention_mask"], batch["last_index"])
-        rows.append(head_scores(model, *args) if criteria else sequence_scores(model, *args)[:, None])  # (1, K)
+    prompts, responses = samples
+    t = torch.zeros((len(prompts), max(1, len(criteria))), dtype=torch.float64)  # (N, K)
+    for rows, ids, mask, last in scoring_batches(tokenizer, device, prompts, [r or " " for r in responses],
+                                                 max_length):
+        scores = head_scores(model, ids, mask, last) if criteria else sequence_scores(model, ids, mask, last)[:, None]
+        scores = scores.double().cpu()  # (Nb, K)
+        for j, idx in enumerate(rows):
+            t[idx] = scores[j]
     model.train(was_training)
-    t = torch.cat(rows).double().cpu()  # (N, K)
     out: dict[str, Any] = {}
     for k, name in enumerate(criteria or [""]):
         kept = keep_zero and (not criteria or name == safety_criterion)
