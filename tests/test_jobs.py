@@ -54,6 +54,25 @@ def test_results_flow_along_dependencies(workers):
     assert set(wall) == {"a", "b", "c"}
 
 
+def torch_threads(seconds=0.0):
+    import torch
+
+    time.sleep(seconds)
+    return torch.get_num_threads()
+
+
+def test_a_job_alone_gets_every_core_and_side_by_side_jobs_share_them(monkeypatch):
+    """first runs alone (nothing else ready): nothing can start beside it, so it has both cores; x and y run
+    together on one each; last, alone again, has both."""
+    import rlhfkit.jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "available_cores", lambda: 2)
+    jobs = [Job("first", torch_threads), Job("x", torch_threads, (0.5,), needs=("first",)),
+            Job("y", torch_threads, (0.5,), needs=("first",)), Job("last", torch_threads, needs=("x", "y"))]
+    results, _ = run_jobs(jobs, workers=2)
+    assert results == {"first": 2, "x": 1, "y": 1, "last": 2}
+
+
 def test_independent_jobs_run_side_by_side_and_dependents_after(tmp_path):
     log = tmp_path / "times.jsonl"
     jobs = [Job("x", stamp, (str(log), "x", 1.5)), Job("y", stamp, (str(log), "y", 1.5)),

@@ -129,10 +129,16 @@ def _worker_init(threads: int) -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def _call(fn: Callable[..., Any], args: tuple, kwargs: dict, log_path: str | None) -> Any:
-    """Run one job in a worker, its output (prints, logging, progress bars) going to its log file. A failure
-    comes back as a _Failure: an exception object may not survive pickling, its message and traceback do."""
+def _call(fn: Callable[..., Any], args: tuple, kwargs: dict, log_path: str | None, threads: int | None = None
+          ) -> Any:
+    """Run one job in a worker on `threads` torch threads (None: the worker's own), its output (prints,
+    logging, progress bars) going to its log file. A failure comes back as a _Failure: an exception object may
+    not survive pickling, its message and traceback do."""
     start = time.time()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         if log_path is None:
             out = fn(*args, **kwargs)
@@ -203,7 +209,8 @@ def run_jobs(jobs: list[Job], workers: int = 1, threads: int | None = None, log_
                 start = time.time()
                 finish(name, by_name[name].fn(*args, **kwargs), time.time() - start)
             return results, wall
-        threads = threads or max(1, available_cores() // workers)
+        cores = available_cores()
+        threads = threads or max(1, cores // workers)
         # a pool that notices a worker killed from outside (out of memory, kill -9): the job fails with
         # BrokenProcessPool instead of waiting for an answer forever
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -211,11 +218,16 @@ def run_jobs(jobs: list[Job], workers: int = 1, threads: int | None = None, log_
         running: dict[Future, str] = {}
         try:
             while pending or running:
-                for name in [n for n in pending if deps[n] <= set(results)][: workers - len(running)]:
+                ready = [n for n in pending if deps[n] <= set(results)]
+                for name in ready[: workers - len(running)]:
                     pending.remove(name)
                     args, kwargs = arguments(by_name[name])
                     path = str(log_dir / f"{name}.log") if log_dir is not None else None
-                    running[pool.submit(_call, by_name[name].fn, args, kwargs, path)] = name
+                    # a job that starts with nothing beside it and nothing else ready has the machine to itself
+                    # until it ends (only its end can make another job ready): it gets every core
+                    alone = not running and len(ready) == 1
+                    job_threads = max(threads, cores) if alone else threads
+                    running[pool.submit(_call, by_name[name].fn, args, kwargs, path, job_threads)] = name
                     log.info("%s started (running: %s)", name, ", ".join(running.values()))
                     if bar is not None:
                         bar.set_postfix_str(", ".join(running.values()))

@@ -103,20 +103,23 @@ class DemoConfig:
     eval_samples: int = 4
     """Responses sampled per test prompt for each policy's gold score (more samples, smaller standard error;
     quick: 2)."""
-    hhh: bool = True
-    """Run the helpful-harmless-honest experiment too (its own world; configs/demo.yaml's hhh sections): a reward
+    hhh: bool = False
+    """Also run the helpful-harmless-honest experiment (its own world; configs/demo.yaml's hhh sections): a reward
     model per criterion and five policies trained on helpfulness only, harmlessness only, their sum, Llama 2's
-    safety gating and Safe RLHF's Lagrangian, each scored per criterion by the gold judge."""
+    safety gating and Safe RLHF's Lagrangian, each scored per criterion by the gold judge. About 14 minutes of one
+    core's work at full size (3 with --quick), so it is not part of the default run."""
     hhh_rl_steps: int = 160
     """GRPO steps of each of the five HHH policies, 8 prompts x 4 samples each (quick: 20)."""
     workers: int = 0
     """Stages run side by side, each in its own process on its share of the cores (0: one per core, at most
     4). Tiny models gain little from a second thread, so two stages at once on a 2-core machine finish sooner
     than one after the other; with 1 every stage runs in this process, one at a time."""
-    rounds: bool = True
-    """Run the human-in-the-loop experiment too (`rlhfkit rounds` on this world, configs/demo.yaml's rounds
+    rounds: bool = False
+    """Also run the human-in-the-loop experiment (`rlhfkit rounds` on this world, configs/demo.yaml's rounds
     sections): an active labelling queue against a random one over seeds, three rounds against one shot, and
-    reliability-weighted labels from a crowd with random clickers and an adversary."""
+    reliability-weighted labels from a crowd with random clickers and an adversary. About 48 minutes of one
+    core's work at full size (it trains over 80 reward models; 3 minutes with --quick), so it is not part of the
+    default run."""
     rebuild: bool = False
     """Ignore cached stages and run everything again."""
     progress: bool = True
