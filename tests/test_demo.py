@@ -17,7 +17,8 @@ from rlhfkit.train import read_metrics
 @pytest.mark.timeout(3000)  # the quick demo alone is about 6 minutes on a 2-core machine, two stages at a time
 def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     out = tmp_path / "demo"
-    summary = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
+    # the two opt-in experiments too, so the whole of `rlhfkit demo --hhh --rounds` is covered
+    summary = main(DemoConfig(output_dir=str(out), quick=True, progress=False, hhh=True, rounds=True))
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["policies"] == summary["policies"]
     base, sft, dpo = summary["policies"]["base"], summary["policies"]["sft"], summary["policies"]["dpo"]
@@ -89,6 +90,7 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     # plane, unsafe and over-refusal rates, and the rounds: queues, rounds against one shot, the crowd
     assert report.count("<svg") == 15 and "best_of_n" in report and "<script" not in report
     assert "Helpfulness against harmlessness" in report and "Human-in-the-loop rounds" in report
+    assert "Not in this run" not in report
     if shutil.which("chromium") and importlib.util.find_spec("playwright"):
         from tests.report_browser import check_report_in_browser
 
@@ -98,7 +100,7 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
         assert (out / name / "model.safetensors").exists() and (out / "configs" / "pretrain.yaml").exists()
 
     # a rerun reuses both finished training stages and reproduces the evaluation exactly (deterministic seed)
-    again = main(DemoConfig(output_dir=str(out), quick=True, progress=False))
+    again = main(DemoConfig(output_dir=str(out), quick=True, progress=False, hhh=True, rounds=True))
     for stage in ("pretrain", "sft", "label", "reward", "dpo", "ppo", "grpo", "grpo_klcut", "hhh_world", "hhh_sft",
                   "hhh_label", "hhh_reward_helpfulness", "hhh_gated"):
         assert stage not in again["wall_seconds"], stage

@@ -68,6 +68,8 @@ def test_report_is_self_contained_and_escapes_model_output(tmp_path):
     assert "<?xml" not in html and "<!DOCTYPE svg" not in html and "<metadata" not in html
     # only the stage that has metrics gets a training plot; the policies get theirs
     assert html.count("<svg") == 2 and set(plots(html)) == {"SFT loss", "gold score per policy (held-out test prompts)"}
+    # the opt-in experiments were not run: the report says how to add them
+    assert "Not in this run: --hhh and --rounds" in html and "rlhfkit demo --hhh --rounds" in html
     assert "+1.200" in html and "-0.500" in html and "0.680" in html
 
 

@@ -135,6 +135,9 @@ def _finished_with(run_dir: Path, cfg: Any) -> bool:
     return saved == {k: v for k, v in to_dict(cfg).items() if k not in ignore}
 
 
+LEFT_OUT_NOTE = ("two longer experiments on this world are opt-in: helpful-harmless-honest rewards (--hhh, about 14 "
+                 "minutes of one core's work) and human-in-the-loop rounds (--rounds, about 48)")
+
 PRESETS = "configs/demo.yaml"
 """The demo's stage settings, shipped inside the package (rlhfkit/configs/demo.yaml)."""
 
@@ -264,7 +267,13 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
             stage("sft", sft_cfg, sft.main, ("pretrain",)),
             Job("label", label_job, (root, cfg.seed, cfg.quick, plan, cfg.annotators_per_item), needs=("sft",),
                 redo=True),
-            stage("reward", reward_cfg, rtrain.main, ("label",)),
+            # the ensemble's members side by side, one job each; "reward" then gathers them (and is what the
+            # later stages wait for)
+            *[Job(f"reward_member_{i}", reward_member_job, (reward_cfg, i), needs=("label",), redo=True)
+              for i in range(reward_cfg.ensemble_size if reward_cfg.ensemble_size > 1 else 0)],
+            Job("reward", reward_job, ("reward", reward_cfg, root), redo=True,
+                needs=tuple(f"reward_member_{i}" for i in range(reward_cfg.ensemble_size))
+                if reward_cfg.ensemble_size > 1 else ("label",)),
             stage("grpo_klcut", cut_cfg, rl_main, ("reward",))]
     if cfg.hhh:  # helpful, harmless, honest: per-criterion reward models and five ways to combine them
         hhh_plan = {**presets["hhh"], **(presets["hhh_quick"] if cfg.quick else {})}
@@ -370,6 +379,9 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         from rlhfkit.demo_rounds import format_rounds_table
 
         print("\n" + format_rounds_table(rounds))
+    left_out = [flag for flag, on in (("--hhh", cfg.hhh), ("--rounds", cfg.rounds)) if not on]
+    if left_out:
+        print(f"\n{LEFT_OUT_NOTE} (add {' '.join(left_out)})")
     fits = [f"{k} R² {overoptimization[k]['r2']:.2f}" for k in ("best_of_n", "rl") if overoptimization.get(k)]
     cut = overoptimization["kl_cut"]
     print(f"over-optimisation fits: {', '.join(fits)}; KL leash cut: proxy {cut['proxy_delta']:+.3f}, "
@@ -383,6 +395,36 @@ def stage_job(name: str, cfg: Any, main: Callable[[Any], Any], root: Path, redo:
     wall: dict[str, float] = {}
     run_stage(name, cfg, main, root, redo, wall)
     return Done(ran=name in wall)
+
+
+def reward_member_job(cfg: Any, i: int, redo: bool = False) -> Done:
+    """Member i of the reward ensemble, trained exactly as the ensemble run trains it (`rtrain.main` then finds
+    it finished and takes it as it is); reused when a finished member has the same config."""
+    from rlhfkit.reward import train as rtrain
+
+    member = rtrain.member_config(cfg, i)
+    if not redo and _finished_with(Path(member.output_dir), member):
+        return Done(ran=False)
+    rtrain.train_member(replace(member, overwrite=True), rtrain.reference_samples(cfg), rtrain.bootstrap_seed(cfg, i))
+    return Done()
+
+
+def reward_job(name: str, cfg: Any, root: Path, redo: bool = False) -> Done:
+    """The reward stage: with an ensemble, its members (trained by reward_member_job) gathered into the run --
+    ensemble.json and the summary -- by `rtrain.main`, which takes finished members as they are."""
+    from rlhfkit.reward import train as rtrain
+    from rlhfkit.reward.model import ENSEMBLE_FILE
+
+    if cfg.ensemble_size == 1:
+        return stage_job(name, cfg, rtrain.main, root, redo)
+    save_config(cfg, root / "configs" / f"{name}.yaml")
+    out = Path(cfg.output_dir)
+    if not redo and _finished_with(out, cfg):
+        return Done(ran=False)
+    for old in ("config.yaml", "summary.json", ENSEMBLE_FILE):  # an older run's; its members were just retrained
+        (out / old).unlink(missing_ok=True)
+    rtrain.main(replace(cfg, resume=True, overwrite=False))
+    return Done()
 
 
 def dpo_sweep_job(name: str, cfg: Any, root: Path, redo: bool = False) -> Done:

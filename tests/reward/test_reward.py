@@ -270,6 +270,34 @@ def test_ensemble_members_differ_and_score_mean_and_std(tmp_path, tiny_model, pr
         rtrain.main(cfg_for(tiny_model, pref_file, out, max_steps=10, ensemble_size=2))
 
 
+def test_ensemble_trained_member_by_member_as_the_demo_does_equals_one_ensemble_run(tmp_path, tiny_model, pref_file):
+    """`rlhfkit demo` trains each member as a job of its own and then gathers them: the same ensemble as one
+    `rtrain.main` run, weights and summary, and a gathered rerun reuses every member."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.pipeline import reward_job, reward_member_job
+
+    def cfg(out):
+        return cfg_for(tiny_model, pref_file, out, max_steps=6, ensemble_size=2, bootstrap=True,
+                       normalize_prompts=str(pref_file.parent / "prompts.jsonl"), normalize_samples=8)
+
+    whole = rtrain.main(cfg(tmp_path / "whole"))
+    parts = cfg(tmp_path / "parts")
+    assert [reward_member_job(parts, i).ran for i in (0, 1)] == [True, True]
+    assert reward_job("reward", parts, tmp_path).ran
+    gathered = json.loads((tmp_path / "parts" / "summary.json").read_text())
+    assert gathered["heldout_accuracy"] == whole["heldout_accuracy"]
+    for i in (0, 1):
+        a = load_file(tmp_path / "whole" / f"member-{i}" / "model.safetensors")
+        b = load_file(tmp_path / "parts" / f"member-{i}" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), i
+        assert (gathered["members"][i]["normalisation"] == whole["members"][i]["normalisation"])
+    assert json.loads((tmp_path / "parts" / "ensemble.json").read_text())["members"] == ["member-0", "member-1"]
+    # a rerun with nothing changed reuses the members and the gathered run
+    assert [reward_member_job(parts, i).ran for i in (0, 1)] == [False, False]
+    assert not reward_job("reward", parts, tmp_path).ran
+
+
 def test_pack_rows_places_every_sequence_once_within_the_longest_width():
     from rlhfkit.data.collate import pack_rows
 

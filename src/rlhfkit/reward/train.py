@@ -738,11 +738,20 @@ def train_member(cfg: RewardConfig, samples: tuple[list[Any], list[str]] | None,
     return summary
 
 
+def member_config(cfg: RewardConfig, i: int) -> RewardConfig:
+    """Member i of an ensemble run: its own directory (output_dir/member-i) and seed, trained alone."""
+    return replace(cfg, output_dir=str(Path(cfg.output_dir) / f"member-{i}"), seed=cfg.seed + i, ensemble_size=1)
+
+
+def bootstrap_seed(cfg: RewardConfig, i: int) -> int | None:
+    """The seed of member i's bootstrap resample of the training items; None without --bootstrap."""
+    return cfg.seed * 1000 + i if cfg.bootstrap else None
+
+
 def main(cfg: RewardConfig) -> dict[str, Any]:
     cfg.validate()
-    samples = reference_samples(cfg)
     if cfg.ensemble_size == 1:
-        return train_member(cfg, samples, None)
+        return train_member(cfg, reference_samples(cfg), None)
     root = Path(cfg.output_dir)
     if (root / "config.yaml").exists() and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{root} already holds a reward run; pass --resume to continue it, --overwrite to "
@@ -762,18 +771,20 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
     save_config(cfg, root / "config.yaml")
     members: list[dict[str, Any]] = []
     names = []
+    samples: list[Any] = []  # the reference samples, drawn once, when a member is first trained here
     for i in range(cfg.ensemble_size):
         name = f"member-{i}"
         names.append(name)
         member_dir = root / name
-        member_cfg = replace(cfg, output_dir=str(member_dir), seed=cfg.seed + i, ensemble_size=1)
+        member_cfg = member_config(cfg, i)
         if cfg.resume and (member_dir / "summary.json").exists():
             members.append(json.loads((member_dir / "summary.json").read_text()))
             continue
         if cfg.resume and not (member_dir / "config.yaml").exists():
             member_cfg = replace(member_cfg, resume=False)
-        boot = cfg.seed * 1000 + i if cfg.bootstrap else None
-        members.append(train_member(member_cfg, samples, boot))
+        if not samples:
+            samples.append(reference_samples(cfg))
+        members.append(train_member(member_cfg, samples[0], bootstrap_seed(cfg, i)))
     (root / ENSEMBLE_FILE).write_text(json.dumps({"members": names}, indent=2))
     summary = {"stage": "reward", "ensemble_size": cfg.ensemble_size, "members": members}
     per_head = [f"heldout_{m}_{h}" for h in cfg.heads() for m in ("accuracy", "rmse", "pearson")]
