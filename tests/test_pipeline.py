@@ -43,6 +43,42 @@ def test_collect_labels_with_overlap_merges_votes_and_reuses_the_same_plan(tiny_
     assert again["val-generator"]["items"] == 24 and again["overlap"] == 3
 
 
+def test_generator_labels_come_first_on_their_own_and_an_sft_relabel_keeps_one_store(tiny_world, tmp_path):
+    """The demo labels the generator pairs beside pretraining (collect_generator_labels), then the SFT samples
+    (collect_labels) into the same store; labelling the SFT samples again (a new SFT model) starts a fresh store,
+    so it never holds two models' projects, and the generator labels come out the same."""
+    from rlhfkit.feedback.service import FeedbackService
+    from rlhfkit.feedback.store import open_store
+    from rlhfkit.pipeline import collect_generator_labels
+
+    import shutil
+
+    world = tmp_path / "world"  # the prompts and the SFT model, without the labels an earlier test made
+    shutil.copytree(tiny_world / "sft", world / "sft")
+    (world / "data").mkdir()
+    for split in ("train", "val"):
+        shutil.copy(tiny_world / "data" / f"prompts_{split}.jsonl", world / "data")
+    tiny_world = world
+    plan = {"train": (4, 1, 2), "val": (2, 1, 2)}
+    data = tiny_world / "data"
+    assert collect_generator_labels(tiny_world, 0, False, plan) is not None
+    assert not (data / "preferences_train.jsonl").exists()  # the SFT samples are not labelled yet
+    generator = (data / "generator_train.jsonl").read_text()
+    assert collect_labels(tiny_world, 0, quick=True, redo=False, plan=plan) is not None
+    assert collect_generator_labels(tiny_world, 0, False, plan) is None  # reused, and labels.json kept
+    assert collect_labels(tiny_world, 0, quick=True, redo=False, plan=plan) is None
+    first = (data / "preferences_train.jsonl").read_text()
+    assert first.endswith(generator)  # the SFT samples' rows, then the generator pairs'
+    names = sorted(p.name for p in FeedbackService(open_store(str(tiny_world / "feedback.db"))).projects())
+    assert names == ["train-generator", "train-sft", "val-generator", "val-sft"]
+    # a new SFT model: its samples are labelled again, in a fresh store with the same generator labels
+    assert collect_labels(tiny_world, 0, quick=True, redo=True, plan=plan) is not None
+    names = sorted(p.name for p in FeedbackService(open_store(str(tiny_world / "feedback.db"))).projects())
+    assert names == ["train-generator", "train-sft", "val-generator", "val-sft"]
+    assert (data / "generator_train.jsonl").read_text() == generator
+    assert (data / "preferences_train.jsonl").read_text() == first  # the same model: the same labels
+
+
 def test_reward_model_claim_reports_its_standard_error_and_pairs():
     def claim(acc):
         rm = {"gold_accuracy": acc, "gold_accuracy_se": 0.016, "pairs": 680}

@@ -264,9 +264,11 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         return Job(name, stage_job, (name, stage_cfg, fn, root), needs=needs, redo=True)
 
     jobs = [stage("pretrain", pretrain, sft.main, ()),
+            # the generator pairs need no model: labelled beside pretraining
+            Job("label_generator", label_generator_job, (root, cfg.seed, plan, cfg.annotators_per_item), redo=True),
             stage("sft", sft_cfg, sft.main, ("pretrain",)),
-            Job("label", label_job, (root, cfg.seed, cfg.quick, plan, cfg.annotators_per_item), needs=("sft",),
-                redo=True),
+            Job("label", label_job, (root, cfg.seed, cfg.quick, plan, cfg.annotators_per_item),
+                needs=("sft", "label_generator"), redo=True),
             # the ensemble's members side by side, one job each; "reward" then gathers them (and is what the
             # later stages wait for)
             *[Job(f"reward_member_{i}", reward_member_job, (reward_cfg, i), needs=("label",), redo=True)
@@ -311,16 +313,21 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     jobs += [Job(f"eval_dpo_beta_{beta:g}", evaluate, (str(root / f"dpo_beta_{beta:g}"),),
                  needs=(f"dpo_beta_{beta:g}", "reward")) for beta in betas]
     jobs.append(Job("eval_grpo_klcut", evaluate, (str(root / "grpo_klcut"),), needs=("grpo_klcut",)))
+    # Gao et al.'s curves: best-of-n from the SFT model, the GRPO runs' checkpoints, each a job of its own
+    jobs.append(Job("overopt_best_of_n", best_of_n_curve, (root, test_prompts, sweep_n, cfg.seed),
+                    needs=("sft", "reward")))
+    jobs += [Job(f"overopt_{run}", rl_checkpoint_points, (root, run, test_prompts, Result("eval_sft"), cfg.seed),
+                 needs=(run, "reward")) for run in ("grpo", "grpo_klcut")]
     jobs.append(Job("overoptimisation", overoptimisation_sweeps,
-                    (root, test_prompts, Result("eval_sft"), Result("eval_grpo_klcut"), sweep_n, cfg),
-                    needs=("grpo", "grpo_klcut")))
+                    (root, Result("overopt_best_of_n"), [Result("overopt_grpo"), Result("overopt_grpo_klcut")],
+                     Result("eval_sft"), Result("eval_grpo_klcut"), cfg), needs=("grpo", "grpo_klcut")))
     # a new world retrains everything built on it (every job below the world needs pretraining, the HHH
     # experiment aside, which has its own world)
     results, job_wall = run_jobs(jobs, workers=workers, log_dir=root / "logs", rebuild=cfg.rebuild or "world" in wall,
                                  progress=cfg.progress and workers > 1)
     wall.update(job_wall)
     # evaluation, summed over its jobs (with several workers they overlap each other and training)
-    wall["eval"] = round(sum(v for k, v in job_wall.items() if k.startswith("eval_") or k == "overoptimisation"), 1)
+    wall["eval"] = round(sum(v for k, v in job_wall.items() if k.startswith(("eval_", "overopt"))), 1)
 
     evals = {name: results[f"eval_{name}"] for name in (*names, "best_of_n")}
     beta_sweep = []
@@ -439,6 +446,11 @@ def dpo_sweep_job(name: str, cfg: Any, root: Path, redo: bool = False) -> Done:
     return stage_job(name, cfg, dpo.main, root, redo)
 
 
+def label_generator_job(root: Path, seed: int, plan: dict[str, tuple[int, int, int]], overlap: int,
+                        redo: bool = False) -> Done:
+    return Done(ran=collect_generator_labels(root, seed, redo, plan, overlap) is not None)
+
+
 def label_job(root: Path, seed: int, quick: bool, plan: dict[str, tuple[int, int, int]], overlap: int,
               redo: bool = False) -> Done:
     return Done(ran=collect_labels(root, seed, quick=quick, redo=redo, plan=plan, overlap=overlap) is not None)
@@ -536,34 +548,46 @@ def check_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return claims
 
 
-def overoptimisation_sweeps(root: Path, prompts: list[Any], sft_eval: Any, klcut_eval: Any, sweep_n: int,
-                            cfg: DemoConfig) -> dict[str, Any]:
-    """Gao et al.'s curves: best-of-n for n = 1..sweep_n and the GRPO runs' checkpoints, each point's gold and
-    proxy as the change from SFT against d = sqrt(KL to SFT), with the paper's forms fitted; and the KL-cut
-    demonstration's deltas."""
-    import math
-
-    from rlhfkit.eval.overopt import fit_best_of_n, fit_rl
-    from rlhfkit.eval.playground import best_of_n_sweep, evaluate_policy
-    from rlhfkit.train.checkpoint import checkpoint_dirs
+def best_of_n_curve(root: Path, prompts: list[Any], sweep_n: int, seed: int) -> list[dict[str, Any]]:
+    """Gao et al.'s best-of-n points for n = 1..sweep_n on half the test prompts (at least 50): gold and proxy as
+    the change from n = 1 (the SFT policy itself), against d = sqrt(KL)."""
+    from rlhfkit.eval.playground import best_of_n_sweep
 
     bon = best_of_n_sweep(str(root / "sft"), str(root / "reward"), prompts[: max(50, len(prompts) // 2)],
-                          max_n=sweep_n, seed=cfg.seed)
+                          max_n=sweep_n, seed=seed)
     base_proxy, base_gold = bon[0]["proxy"], bon[0]["gold"]  # n = 1 is the SFT policy itself
     for p in bon:
         p.update(proxy_delta=p["proxy"] - base_proxy, gold_delta=p["gold"] - base_gold)
-    out: dict[str, Any] = {"best_of_n": {**fit_best_of_n([p["d"] for p in bon], [p["gold_delta"] for p in bon])
-                                         .to_dict(), "points": bon}}
-    rl = []
-    for run in ("grpo", "grpo_klcut"):
-        for ckpt in checkpoint_dirs(root / run):
-            ev = evaluate_policy(str(ckpt / "model"), prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
-                                 reward_dir=str(root / "reward"), tokenizer_dir=str(root / "sft"))
-            kl = max(ev.kl_to_ref or 0.0, 1e-6)  # a Monte-Carlo KL can dip below 0 near the start
-            rl.append({"run": run, "step": int(ckpt.name.split("-")[1]), "kl": kl, "d": math.sqrt(kl),
+    return bon
+
+
+def rl_checkpoint_points(root: Path, run: str, prompts: list[Any], sft_eval: Any, seed: int) -> list[dict[str, Any]]:
+    """Each saved checkpoint of an RL run: gold and proxy as the change from SFT, against d = sqrt(KL to SFT)."""
+    import math
+
+    from rlhfkit.eval.playground import evaluate_policy
+    from rlhfkit.train.checkpoint import checkpoint_dirs
+
+    points = []
+    for ckpt in checkpoint_dirs(root / run):
+        ev = evaluate_policy(str(ckpt / "model"), prompts, seed=seed, ref_dir=str(root / "sft"),
+                             reward_dir=str(root / "reward"), tokenizer_dir=str(root / "sft"))
+        kl = max(ev.kl_to_ref or 0.0, 1e-6)  # a Monte-Carlo KL can dip below 0 near the start
+        points.append({"run": run, "step": int(ckpt.name.split("-")[1]), "kl": kl, "d": math.sqrt(kl),
                        "proxy_delta": ev.proxy_score - sft_eval.proxy_score,
                        "gold_delta": ev.gold_score - sft_eval.gold_score})
-    rl.sort(key=lambda p: p["d"])
+    return points
+
+
+def overoptimisation_sweeps(root: Path, bon: list[dict[str, Any]], rl_runs: list[list[dict[str, Any]]],
+                            sft_eval: Any, klcut_eval: Any, cfg: DemoConfig) -> dict[str, Any]:
+    """Gao et al.'s curves with the paper's forms fitted -- best-of-n (best_of_n_curve) and the GRPO runs'
+    checkpoints (rl_checkpoint_points, one list per run) -- and the KL-cut demonstration's deltas."""
+    from rlhfkit.eval.overopt import fit_best_of_n, fit_rl
+
+    out: dict[str, Any] = {"best_of_n": {**fit_best_of_n([p["d"] for p in bon], [p["gold_delta"] for p in bon])
+                                         .to_dict(), "points": bon}}
+    rl = sorted((p for points in rl_runs for p in points), key=lambda p: p["d"])
     out["rl"] = {**(fit_rl([p["d"] for p in rl], [p["gold_delta"] for p in rl]).to_dict() if len(rl) >= 3 else {}),
                  "points": rl}
     summaries = {run: json.loads((root / run / "summary.json").read_text()) for run in ("grpo", "grpo_klcut")}
@@ -589,8 +613,64 @@ GENERATOR_PAIRS_SEED = 20
 
 def annotator_seed(seed: int, rows_before: int) -> int:
     """The simulated annotators' seed for one project: the demo's seed offset by the rows the projects before it
-    exported, so every project draws its own judgments (the demo's figures were measured with this rule)."""
+    exported, so every project draws its own judgments (the generator pairs are labelled first, then the SFT
+    samples)."""
     return seed + rows_before
+
+
+def _label_project(svc: Any, db: Path, name: str, mode: str, k: int, items: list[Any], per_item: int, seed: int,
+                   as_pairs: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One project of simulated labels in the feedback store: created, judged by the simulated annotators
+    (`rlhfkit label simulate`) and exported as preference rows (majority-voted with overlap)."""
+    from rlhfkit.feedback.commands import LabelConfig
+    from rlhfkit.feedback.export import export_rows, majority_rows
+    from rlhfkit.playground.simulate import simulate
+
+    project = svc.create_project(name, mode, "Which response is better? Helpful, correct, kind, safe.",
+                                 responses_per_item=k if mode == "ranking" else 2, annotators_per_item=per_item)
+    svc.add_items(project.id, items)
+    simulate(LabelConfig(command="simulate", db=str(db), project=name, seed=seed))
+    export = majority_rows if per_item > 1 else export_rows
+    rows, rep = export(svc, name, rankings_as="pairs" if as_pairs else "ranking", conversational=True)
+    return rows, {"items": len(items), "judgments": rep.judgments, "rows": rep.rows, "left_out": rep.skipped}
+
+
+def collect_generator_labels(root: Path, seed: int, redo: bool, plan: dict[str, tuple[int, int, int]],
+                             overlap: int = 1) -> float | None:
+    """The first half of collect_labels, which needs no model: pairs from the world's response generator, of
+    varied quality, judged by the simulated annotators in a fresh DIR/feedback.db (projects {split}-generator),
+    their rows in data/generator_{split}.jsonl. The demo runs it beside pretraining. Returns the seconds spent,
+    or None when labels from the same plan were reused."""
+    from rlhfkit.feedback.service import FeedbackService, ItemSpec
+    from rlhfkit.feedback.store import open_store
+    from rlhfkit.playground.preferences import generator_pairs
+    from rlhfkit.playground.world import read_prompts
+
+    data = root / "data"
+    stamp = data / "generator_labels.json"
+    recipe = {"plan": {split: rounds for split, (_, _, rounds) in plan.items()}, "overlap": overlap}
+    if not redo and stamp.exists() and {k: json.loads(stamp.read_text()).get(k) for k in recipe} == recipe:
+        return None
+    start = time.time()
+    (data / "labels.json").unlink(missing_ok=True)  # the SFT samples' labels lived in the store replaced here
+    db = root / "feedback.db"
+    for leftover in root.glob("feedback.db*"):  # a fresh store for fresh labels (also -wal / -shm files)
+        leftover.unlink()
+    svc = FeedbackService(open_store(str(db)))
+    report: dict[str, Any] = {**recipe, "db": str(db)}
+    for split, (_, _, generator_rounds) in plan.items():
+        prompts = read_prompts(data / f"prompts_{split}.jsonl")
+        items = [ItemSpec(p.text, [a, b], ["generator", "generator"])
+                 for r in range(generator_rounds) for p, a, b in generator_pairs(prompts, seed=seed + GENERATOR_PAIRS_SEED + r)
+                 if a.strip() != b.strip()]
+        # overlap on training items only: held-out pairs keep one judgment each, so the evaluation set is drawn
+        # exactly as before (pairs one annotator found a strict preference in), not filtered by votes
+        rows, report[f"{split}-generator"] = _label_project(
+            svc, db, f"{split}-generator", "pairwise", 2, items, overlap if split == "train" else 1,
+            annotator_seed(seed, 0), as_pairs=True)
+        (data / f"generator_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stamp.write_text(json.dumps(report, indent=2))
+    return round(time.time() - start, 1)
 
 
 def collect_labels(root: Path, seed: int, quick: bool, redo: bool, plan: dict[str, tuple[int, int, int]],
@@ -599,53 +679,41 @@ def collect_labels(root: Path, seed: int, quick: bool, redo: bool, plan: dict[st
     would: projects are created in DIR/feedback.db, each simulated annotator takes tasks from the queue and
     submits through the service, and the judgments are exported as preference rows. plan maps a split (train,
     val) to (K, policy rounds, generator rounds): K samples of the SFT policy per prompt and round, ranked
-    (InstructGPT-style) when K > 2, plus generator pairs of varied quality. overlap annotators judge each training
-    item, merged by majority vote. Returns the seconds spent, or None when labels from the same plan were reused."""
-    from rlhfkit.feedback.commands import LabelConfig
-    from rlhfkit.playground.simulate import simulate
-    from rlhfkit.feedback.export import export_rows, majority_rows
+    (InstructGPT-style) when K > 2, plus generator pairs of varied quality (collect_generator_labels, reused when
+    the demo ran it already). overlap annotators judge each training item, merged by majority vote. Returns the
+    seconds spent, or None when labels from the same plan were reused."""
     from rlhfkit.feedback.service import FeedbackService, ItemSpec
     from rlhfkit.feedback.store import open_store
-    from rlhfkit.playground.preferences import generator_pairs, policy_groups
+    from rlhfkit.playground.preferences import policy_groups
     from rlhfkit.playground.world import read_prompts
 
     data = root / "data"
     stamp = data / "labels.json"
     recipe = {"quick": quick, "plan": {k: list(v) for k, v in plan.items()}, "overlap": overlap}
+    start = time.time()
+    collect_generator_labels(root, seed, False, plan, overlap)  # removes labels.json when it makes new ones
     if not redo and stamp.exists() and {k: json.loads(stamp.read_text()).get(k) for k in recipe} == recipe:
         return None
-    start = time.time()
     db = root / "feedback.db"
-    for leftover in root.glob("feedback.db*"):  # a fresh store for fresh labels (also -wal / -shm files)
-        leftover.unlink()
     svc = FeedbackService(open_store(str(db)))
+    if any(p.name.endswith("-sft") for p in svc.projects()):  # an earlier SFT model's labels: start a fresh store
+        collect_generator_labels(root, seed, True, plan, overlap)
+        svc = FeedbackService(open_store(str(db)))
+    generator = json.loads((data / "generator_labels.json").read_text())
     report: dict[str, Any] = {**recipe, "db": str(db)}
-    for split, (k, policy_rounds, generator_rounds) in plan.items():
+    for split, (k, policy_rounds, _) in plan.items():
         prompts = read_prompts(data / f"prompts_{split}.jsonl")
-        policy_items = [ItemSpec(p.text, g[:k], [f"sft-{r}"] * len(g[:k]))
-                        for r in range(policy_rounds)
-                        for p, g in policy_groups(str(root / "sft"), prompts, k, seed=seed + POLICY_SAMPLES_SEED + r)
-                        if len(g) >= 2]
-        pair_items = [ItemSpec(p.text, [a, b], ["generator", "generator"])
-                      for r in range(generator_rounds) for p, a, b in generator_pairs(prompts, seed=seed + GENERATOR_PAIRS_SEED + r)
-                      if a.strip() != b.strip()]
-        rows: list[dict[str, Any]] = []
-        for name, mode, items in ((f"{split}-sft", "ranking" if k > 2 else "pairwise", policy_items),
-                                  (f"{split}-generator", "pairwise", pair_items)):
-            # overlap on training items only: held-out pairs keep one judgment each, so the evaluation set
-            # is drawn exactly as before (pairs one annotator found a strict preference in), not filtered by votes
-            per_item = overlap if split == "train" else 1
-            project = svc.create_project(name, mode, "Which response is better? Helpful, correct, kind, safe.",
-                                         responses_per_item=k if mode == "ranking" else 2,
-                                         annotators_per_item=per_item)
-            svc.add_items(project.id, items)
-            simulate(LabelConfig(command="simulate", db=str(db), project=name, seed=annotator_seed(seed, len(rows))))
-            # held-out rankings become pairs: one accuracy per comparison
-            export = majority_rows if per_item > 1 else export_rows
-            got, rep = export(svc, name, rankings_as="ranking" if split == "train" else "pairs", conversational=True)
-            rows += got
-            report[name] = {"items": len(items), "judgments": rep.judgments, "rows": rep.rows,
-                            "left_out": rep.skipped}
+        items = [ItemSpec(p.text, g[:k], [f"sft-{r}"] * len(g[:k]))
+                 for r in range(policy_rounds)
+                 for p, g in policy_groups(str(root / "sft"), prompts, k, seed=seed + POLICY_SAMPLES_SEED + r)
+                 if len(g) >= 2]
+        pairs = [json.loads(line) for line in (data / f"generator_{split}.jsonl").read_text().splitlines()]
+        # held-out rankings become pairs: one accuracy per comparison
+        rows, report[f"{split}-sft"] = _label_project(
+            svc, db, f"{split}-sft", "ranking" if k > 2 else "pairwise", k, items, overlap if split == "train" else 1,
+            annotator_seed(seed, len(pairs)), as_pairs=split != "train")
+        report[f"{split}-generator"] = generator[f"{split}-generator"]
+        rows += pairs
         report[f"{split}_rows"] = len(rows)
         (data / f"preferences_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     stamp.write_text(json.dumps(report, indent=2))
