@@ -125,8 +125,10 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # only settable before the first parallel region
         torch.set_num_interop_threads(1)
-    # as in the CLI: bitsandbytes (imported with peft) warns in every process that an optional CPU kernel is absent
+    # as in the CLI: bitsandbytes (imported with peft) warns in every process that an optional CPU kernel is absent;
+    # the feedback store's schema migrations log each step at INFO
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _call(fn: Callable[..., Any], args: tuple, kwargs: dict, log_path: str | None, threads: int | None = None
