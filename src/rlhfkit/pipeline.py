@@ -135,8 +135,8 @@ def _finished_with(run_dir: Path, cfg: Any) -> bool:
     return saved == {k: v for k, v in to_dict(cfg).items() if k not in ignore}
 
 
-LEFT_OUT_NOTE = ("two longer experiments on this world are opt-in: helpful-harmless-honest rewards (--hhh, about 14 "
-                 "minutes of one core's work) and human-in-the-loop rounds (--rounds, about 48)")
+LEFT_OUT_NOTE = ("opt-in, not in this run: the helpful-harmless-honest experiment (--hhh, about 14 more minutes of one "
+                 "core's work) and the human-in-the-loop rounds (--rounds, about 48 more)")
 
 PRESETS = "configs/demo.yaml"
 """The demo's stage settings, shipped inside the package (rlhfkit/configs/demo.yaml)."""
@@ -388,7 +388,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         print("\n" + format_rounds_table(rounds))
     left_out = [flag for flag, on in (("--hhh", cfg.hhh), ("--rounds", cfg.rounds)) if not on]
     if left_out:
-        print(f"\n{LEFT_OUT_NOTE} (add {' '.join(left_out)})")
+        print(f"\n{LEFT_OUT_NOTE}; to run {'them' if len(left_out) > 1 else 'it'}: rlhfkit demo {' '.join(left_out)}")
     fits = [f"{k} R² {overoptimization[k]['r2']:.2f}" for k in ("best_of_n", "rl") if overoptimization.get(k)]
     cut = overoptimization["kl_cut"]
     print(f"over-optimisation fits: {', '.join(fits)}; KL leash cut: proxy {cut['proxy_delta']:+.3f}, "
