@@ -50,8 +50,8 @@ def test_readme_commands_run(tmp_path, tiny_model, sft_file):
 
 
 def hhh_world(root: Path, model: Path) -> None:
-    """What `make demo` leaves in runs/demo/hhh for the README's HHH commands, small: the SFT model (here the tiny
-    model), prompt files and the rubric labels, judged by the playground's per-criterion annotators."""
+    """What `make demo DEMO_ARGS=--hhh` leaves in runs/demo/hhh for the README's HHH commands, small: the SFT model
+    (here the tiny model), prompt files and the rubric labels, judged by the playground's per-criterion annotators."""
     import json
     import random
 
