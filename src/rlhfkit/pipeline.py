@@ -660,9 +660,8 @@ def collect_generator_labels(root: Path, seed: int, redo: bool, plan: dict[str, 
     report: dict[str, Any] = {**recipe, "db": str(db)}
     for split, (_, _, generator_rounds) in plan.items():
         prompts = read_prompts(data / f"prompts_{split}.jsonl")
-        items = [ItemSpec(p.text, [a, b], ["generator", "generator"])
-                 for r in range(generator_rounds) for p, a, b in generator_pairs(prompts, seed=seed + GENERATOR_PAIRS_SEED + r)
-                 if a.strip() != b.strip()]
+        items = [ItemSpec(p.text, [a, b], ["generator", "generator"]) for r in range(generator_rounds)
+                 for p, a, b in generator_pairs(prompts, seed=seed + GENERATOR_PAIRS_SEED + r) if a.strip() != b.strip()]
         # overlap on training items only: held-out pairs keep one judgment each, so the evaluation set is drawn
         # exactly as before (pairs one annotator found a strict preference in), not filtered by votes
         rows, report[f"{split}-generator"] = _label_project(
