@@ -162,14 +162,16 @@ def test_reward(tmp_path, family_dir, family_data, name, fmt):
     assert all(c != r for c, r in zip(chosen, rejected))
     assert sum(c > r for c, r in zip(chosen, rejected)) >= 4  # it learned something about these pairs
 
-    # plain transformers reads the same score (logit + saved offset) from the same, unpadded, tokens
+    # plain transformers reads the same score (logit + saved offset) from the same, unpadded, tokens: score_texts
+    # batches the six prompts' responses together, right-padded, and padding never reaches a score
     plain = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
     offset = float(getattr(plain.config, OFFSET_KEY, 0.0) or 0.0)
-    for pair, expected in zip(pairs[:3], chosen[:3]):
-        ids = encode_responses(ensemble.tokenizer, pair.prompt, [pair.chosen], 512)["input_ids"]
-        with torch.no_grad():
-            logit = plain(input_ids=ids).logits[0, 0].item()
-        assert logit + offset == pytest.approx(expected, abs=1e-4)
+    for pair, c, r in zip(pairs, chosen, rejected):
+        for response, expected in ((pair.chosen, c), (pair.rejected, r)):
+            ids = encode_responses(ensemble.tokenizer, pair.prompt, [response], 512)["input_ids"]
+            with torch.no_grad():
+                logit = plain(input_ids=ids).logits[0, 0].item()
+            assert logit + offset == pytest.approx(expected, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------ ppo
