@@ -17,8 +17,9 @@ from rlhfkit.train import read_metrics
 @pytest.mark.timeout(3000)  # the quick demo alone is about 6 minutes on a 2-core machine, two stages at a time
 def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     out = tmp_path / "demo"
-    # the two opt-in experiments too, so the whole of `rlhfkit demo --hhh --rounds` is covered
-    summary = main(DemoConfig(output_dir=str(out), quick=True, progress=False, hhh=True, rounds=True))
+    # every opt-in part too (the two experiments, a beta sweep, RLOO), so the whole demo is covered
+    summary = main(DemoConfig(output_dir=str(out), quick=True, progress=False, hhh=True, rounds=True,
+                              dpo_beta_sweep=[0.3], rl_variants=["rloo"]))
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["policies"] == summary["policies"]
     base, sft, dpo = summary["policies"]["base"], summary["policies"]["sft"], summary["policies"]["dpo"]
@@ -90,7 +91,9 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     # plane, unsafe and over-refusal rates, and the rounds: queues, rounds against one shot, the crowd
     assert report.count("<svg") == 15 and "best_of_n" in report and "<script" not in report
     assert "Helpfulness against harmlessness" in report and "Human-in-the-loop rounds" in report
-    assert "Not in this run" not in report
+    assert "Not in this run" not in report and summary["left_out"] == []
+    assert [p["beta"] for p in summary["dpo_beta_sweep"]] == [0.1, 0.3] and "rloo" in summary["policies"]
+    assert "DPO: the β sweep" in report
     if shutil.which("chromium") and importlib.util.find_spec("playwright"):
         from tests.report_browser import check_report_in_browser
 

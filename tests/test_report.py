@@ -11,6 +11,7 @@ from html import unescape
 import pytest
 
 from rlhfkit.eval.report import svg_estimates, svg_lines, write_report
+from rlhfkit.pipeline import DemoConfig, left_out
 
 
 def plots(html: str) -> dict[str, ET.Element]:
@@ -59,6 +60,7 @@ def test_report_is_self_contained_and_escapes_model_output(tmp_path):
         "samples": {"base": [{"prompt": "say hi & bye", "response": evil, "gold": -1.0}],
                     "sft": [{"prompt": "say hi & bye", "response": "hi! bye!", "gold": 2.0}]},
         "wall_seconds": {"sft": 30.0},
+        "left_out": left_out(DemoConfig()),  # the demo's defaults: every opt-in part left out
     }
     html = write_report(tmp_path, summary).read_text()
     assert "<script" not in html and "onerror=alert" not in html.replace("onerror=alert(1)&gt;", "")
@@ -69,7 +71,8 @@ def test_report_is_self_contained_and_escapes_model_output(tmp_path):
     # only the stage that has metrics gets a training plot; the policies get theirs
     assert html.count("<svg") == 2 and set(plots(html)) == {"SFT loss", "gold score per policy (held-out test prompts)"}
     # the opt-in experiments were not run: the report says how to add them
-    assert "Not in this run: --hhh and --rounds" in html and "rlhfkit demo --hhh --rounds" in html
+    for flag in ("--hhh", "--rounds", "--dpo-beta-sweep 0.03,0.1,0.3,1.0", "--rl-variants rloo"):
+        assert f"<code>rlhfkit demo {flag}</code>" in html
     assert "+1.200" in html and "-0.500" in html and "0.680" in html
 
 

@@ -185,20 +185,31 @@ def test_reference_cache_is_reused_and_a_stale_one_is_recomputed(tmp_path, tiny_
         assert fh.metadata()["fingerprint"] != metadata["fingerprint"]
 
 
-def test_reference_pass_batched_by_length_equals_one_item_at_a_time(tmp_path, tiny_model):
-    """The reference pass sorts items by length into batches and puts the results back in item order: the cache
-    is the same, item for item, as scoring each item alone."""
+def test_reference_pass_scores_the_items_the_run_reads_batched_by_length_as_if_alone(tmp_path, tiny_model):
+    """The reference pass scores only the training items max_steps will draw (the rest of the cache is NaN), sorts
+    them by length into batches and puts the results back in item order: each row is what scoring that item
+    alone gives. A longer run on the same cache extends it with the rows it lacks, leaving the others as they
+    were."""
     rows = sum_pairs(30, seed=3)
     for i, row in enumerate(rows):  # lengths that differ a lot, in no particular order
         row["chosen"] = row["chosen"].replace(" .", " ." * (1 + (7 * i) % 11))
     data = write_jsonl(tmp_path / "varied.jsonl", rows)
     out = tmp_path / "ref"
-    dpo.main(cfg(tiny_model, data, out, max_steps=1, ref_batch_size=7))
-    tables = load_file(str(out / dpo.REF_CACHE))
+    assert dpo.main(cfg(tiny_model, data, out, max_steps=2, ref_batch_size=3))["ref_cache"] == "computed"
+    short = load_file(str(out / dpo.REF_CACHE))
     from rlhfkit.models import load_causal_lm, load_tokenizer
+    from rlhfkit.train.sampler import EpochSampler
 
     tok = load_tokenizer(str(tiny_model))
     train, held, _ = dpo.load_data(cfg(tiny_model, data, out), tok)
+    # the two steps' 8 items, drawn as the trainer draws them (batch 4, seed 1)
+    read = sorted(EpochSampler(len(train), 1).next_indices(8))
+    assert len(train) == 28 and len(read) == 8
+    assert torch.isfinite(short["train"]).all(dim=1).nonzero().flatten().tolist() == read
+    assert torch.isfinite(short["eval"]).all()  # held-out items: always every one
+    assert dpo.main(cfg(tiny_model, data, out, max_steps=8, ref_batch_size=7, overwrite=True))["ref_cache"] == "extended"
+    tables = load_file(str(out / dpo.REF_CACHE))
+    assert torch.equal(tables["train"][read], short["train"][read]) and torch.isfinite(tables["train"]).all()
     model = load_causal_lm(str(tiny_model), tok).eval()
     for name, split in (("train", train), ("eval", held)):
         assert len({len(split.items[i].chosen_input_ids) for i in range(len(split))}) > 3 or name == "eval"
@@ -206,6 +217,12 @@ def test_reference_pass_batched_by_length_equals_one_item_at_a_time(tmp_path, ti
             alone = torch.stack([reference.sequence_logprobs(model, split.collate_both([i], tok.pad_token_id))[0]
                                  for i in range(len(split))])  # (N, 2)
         torch.testing.assert_close(tables[name], alone, rtol=1e-5, atol=1e-5)
+    # a row the cache lacks is never handed to a loss
+    run = type("R", (), {"accelerator": type("A", (), {"device": torch.device("cpu")})()})()
+    train.ref = short["train"]
+    missing = next(i for i in range(len(train)) if i not in read)
+    with pytest.raises(RuntimeError, match=rf"items \[{missing}\] were not computed"):
+        reference.Reference("cached", run, tok.pad_token_id).logps(model, train, [read[0], missing])
 
 
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])
@@ -243,7 +260,8 @@ def assert_padding_free_takes_the_padded_steps(model, data, padded, packed, loss
     if cached_reference:
         ra, rb = load_file(str(padded / dpo.REF_CACHE)), load_file(str(packed / dpo.REF_CACHE))
         for name in ra:
-            torch.testing.assert_close(rb[name], ra[name], rtol=1e-5, atol=1e-5)
+            # rows the run never reads are NaN in both
+            torch.testing.assert_close(rb[name], ra[name], rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 def test_resume_refuses_a_reference_cache_for_other_inputs(tmp_path, tiny_model, pairs_file):
@@ -335,7 +353,9 @@ def test_two_processes_match_one(tmp_path, tiny_model, pairs_file, loss):
         capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (two / "checkpoints" / "step-4" / "rng-rank1.pt").exists()  # really two processes
-    torch.testing.assert_close(load_file(str(two / dpo.REF_CACHE)), load_file(str(one / dpo.REF_CACHE)))
+    # the same rows scored (the items 4 steps of 8 draw; NaN where neither run reads), with the same values
+    torch.testing.assert_close(load_file(str(two / dpo.REF_CACHE)), load_file(str(one / dpo.REF_CACHE)),
+                               equal_nan=True)
     assert_same_run(one, two, exact=False)
 
 

@@ -448,10 +448,10 @@ def write_report(root: Path, summary: dict[str, Any]) -> Path:
     html += _overoptimisation_section(root, summary.get("overoptimization"))
     html += _hhh_section(summary.get("hhh"))
     html += _rounds_section(summary.get("rounds"))
-    left_out = [flag for key, flag in (("hhh", "--hhh"), ("rounds", "--rounds")) if not summary.get(key)]
+    left_out = summary.get("left_out") or []
     if left_out:
-        html.append(f"<p>Not in this run: {' and '.join(left_out)} (<code>rlhfkit demo {' '.join(left_out)}</code> "
-                    "adds them): the helpful-harmless-honest experiment and the human-in-the-loop rounds.</p>")
+        html.append("<p>Not in this run (opt-in): " + "; ".join(
+            f"{escape(p['what'])} (<code>rlhfkit demo {escape(p['flag'])}</code>)" for p in left_out) + ".</p>")
     sweep = summary.get("dpo_beta_sweep")
     if sweep:
         runs = sorted((p for p in sweep if p.get("kl_to_sft") is not None), key=lambda p: p["kl_to_sft"])

@@ -15,7 +15,7 @@ from rlhfkit.data.preference import PreferencePair
 from rlhfkit.data.readers import split_eval
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models import load_causal_lm, load_tokenizer
-from rlhfkit.policy.reference import Reference, prepare_reference
+from rlhfkit.policy.reference import Reference, prepare_reference, visited_items
 from rlhfkit.train import Run
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class Started:
     start_step: int
     reference: Reference
     ref_cache: str | None
-    """'reused' or 'computed' with reference: cached, else None."""
+    """'reused', 'extended' or 'computed' with reference: cached (prepare_reference), else None."""
 
 
 def start(cfg: DPOConfig, load_data: Callable[[DPOConfig, Any], tuple[Any, Any, dict[str, Any]]],
@@ -202,7 +202,10 @@ def start(cfg: DPOConfig, load_data: Callable[[DPOConfig, Any], tuple[Any, Any, 
     train, held, info = load_data(cfg, tokenizer)
     log.info("dpo (%s): %s", cfg.loss, info)
     model = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, dropout_off=cfg.dropout_off)
-    ref_cache = prepare_reference(run, cfg, model, tokenizer, train, held) if ref_kind == "cached" else None
+    # only the items max_steps will draw need a reference log-prob (the trainers draw batch x grad_accum x world
+    # items a step from run.begin's EpochSampler, seeded by cfg.seed)
+    needed = visited_items(len(train), cfg.seed, cfg.batch_size * cfg.grad_accum * run.world, cfg.max_steps)
+    ref_cache = prepare_reference(run, cfg, model, tokenizer, train, held, needed) if ref_kind == "cached" else None
     model, optimizer, scheduler, sampler, start_step = run.begin(model, len(train))
     peft_model = run.accelerator.unwrap_model(model) if ref_kind == "adapter" else None
     reference = Reference(ref_kind, run, tokenizer.pad_token_id, peft_model)

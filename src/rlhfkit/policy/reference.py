@@ -12,7 +12,7 @@ import logging
 import os
 from array import array
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol
+from typing import Any, Iterator, Literal, Protocol, Sequence
 
 import torch
 
@@ -118,7 +118,11 @@ class Reference:
             return None
         if self.kind == "cached":
             assert data.ref is not None
-            return data.ref[idx].to(self.run.accelerator.device)  # (B, 2)
+            ref = data.ref[idx]  # (B, 2)
+            if torch.isnan(ref).any():  # a row prepare_reference was not asked for: never train on NaN silently
+                raise RuntimeError(f"reference log-probs of items {[i for i, r in zip(idx, ref) if torch.isnan(r).any()]}"
+                                   " were not computed: prepare_reference's `needed` missed items the run reads.")
+            return ref.to(self.run.accelerator.device)
         with reference_mode(model, self.peft_model):
             return column_logps(self.run, model, data, idx, self.pad_id)
 
@@ -176,17 +180,18 @@ def write_reference_cache(path: Path, tables: dict[str, torch.Tensor], fingerpri
 
 
 def compute_reference_logps(run: Run, model: Any, data: ReferenceData, pad_id: int, batch_size: int,
-                            peft_model: Any = None) -> torch.Tensor:
-    """(N, 2) log π_ref of every item, each process scoring a strided share that is then gathered."""
-    n, world = len(data), run.world
+                            peft_model: Any = None, items: Sequence[int] | None = None) -> torch.Tensor:
+    """(len(items), 2) log π_ref of the given items (default: every item), in that order, each process scoring a
+    strided share that is then gathered."""
+    items = list(range(len(data))) if items is None else list(items)
+    n, world = len(items), run.world
     per = -(-n // world)
-    shares = [list(range(r, n, world)) for r in range(world)]
+    shares = [list(range(r, n, world)) for r in range(world)]  # positions in items
     shares = [s + [0] * (per - len(s)) for s in shares]  # equal sizes for the gather; padding rows are dropped
-    mine = shares[run.rank]
+    mine = [items[k] for k in shares[run.rank]] if n else []
     # batches of items of similar length (longest first), so little of each forward is padding; the results go
     # back to the share's order (a row's log-probs do not depend on its batch-mates)
-    seqs = iter(data.sequences())
-    longest = [max(len(next(seqs)[0]), len(next(seqs)[0])) for _ in range(n)]
+    longest = [max(len(chosen[0]), len(rejected[0])) for chosen, rejected in _pairs_of(data.sequences())]
     order = sorted(range(len(mine)), key=lambda k: -longest[mine[k]])
     parts = [torch.zeros((0, 2), device=run.accelerator.device)]
     with reference_mode(model, peft_model):
@@ -195,19 +200,40 @@ def compute_reference_logps(run: Run, model: Any, data: ReferenceData, pad_id: i
     local = torch.empty((len(mine), 2), device=run.accelerator.device)
     local[torch.tensor(order, dtype=torch.long, device=local.device)] = torch.cat(parts)  # (per, 2), share order
     gathered = (run.accelerator.gather(local) if world > 1 else local).cpu()  # (world * per, 2), rank-major
-    items = [i for r in range(world) for i in range(r, n, world)]
-    rows = [r * per + k for r in range(world) for k in range(len(range(r, n, world)))]
+    positions = [k for r in range(world) for k in range(r, n, world)]
+    rows = [r * per + j for r in range(world) for j in range(len(range(r, n, world)))]
     out = torch.zeros((n, 2), dtype=torch.float32)
-    out[torch.tensor(items, dtype=torch.long)] = gathered[torch.tensor(rows, dtype=torch.long)]
+    out[torch.tensor(positions, dtype=torch.long)] = gathered[torch.tensor(rows, dtype=torch.long)]
     return out
 
 
+def _pairs_of(sequences: Iterator[tuple[list[int], list[int]]]) -> Iterator[tuple[Any, Any]]:
+    """data.sequences() yields each item's two columns one after the other: pair them up."""
+    seqs = iter(sequences)
+    return zip(seqs, seqs)
+
+
+def visited_items(num_items: int, seed: int, items_per_step: int, steps: int) -> list[int]:
+    """The training items a run of `steps` optimizer steps draws, `items_per_step` at a time, from the trainer's
+    seeded EpochSampler: the only rows whose reference log-probs it reads. Every item once a run reaches an
+    epoch."""
+    from rlhfkit.train.sampler import EpochSampler
+
+    total = items_per_step * steps
+    if total >= num_items:
+        return list(range(num_items))
+    return sorted(set(EpochSampler(num_items, seed).next_indices(total)))
+
+
 def prepare_reference(run: Run, cfg: ReferenceConfig, model: Any, tokenizer: Any, train: ReferenceData,
-                      held: ReferenceData) -> str:
-    """Fill train.ref and held.ref from the run's cache, computing it first when it is missing or was made for
-    other data or another reference model. Call before resume loads trained weights: when ref_model is --model,
-    the freshly loaded policy (adapter off) is the reference, so no second copy is ever loaded.
-    Returns 'reused' or 'computed'."""
+                      held: ReferenceData, needed: Sequence[int] | None = None) -> str:
+    """Fill train.ref and held.ref from the run's cache, computing what it lacks first. needed: the training items
+    the run will read (visited_items; default every item). Only those rows are computed -- a 200-step run on
+    30,000 pairs reads 3,200 of them -- and the others hold NaN, which Reference.logps refuses to hand out. A
+    cache made for other data or another reference model is recomputed; one made for these but lacking rows a
+    longer run needs is extended. Call before resume loads trained weights: when ref_model is --model, the freshly
+    loaded policy (adapter off) is the reference, so no second copy is ever loaded.
+    Returns 'reused', 'extended' or 'computed'."""
     path = run.dir / REF_CACHE
     fingerprint = reference_fingerprint(cfg, train, held)
     tables = read_reference_cache(path, fingerprint)
@@ -216,12 +242,21 @@ def prepare_reference(run: Run, cfg: ReferenceConfig, model: Any, tokenizer: Any
     if stale and cfg.resume and run.resume_from is not None:
         raise UserError(f"{path} was computed for other data or another reference model than this run now sees "
                         "(a file changed since the run started); restore them, or start again with --overwrite.")
-    if tables is not None:
-        log.info("dpo: reusing the reference log-probs in %s", path)
-        status = "reused"
-    else:
+    needed = list(range(len(train))) if needed is None else sorted(set(needed))
+    if tables is None:
         if stale:
             log.warning("dpo: %s was made for other data or another reference model; recomputing it", path)
+        tables = {"train": torch.full((len(train), 2), float("nan")), "eval": torch.full((len(held), 2), float("nan"))}
+        status = "computed"
+    else:
+        status = "reused"
+    missing = {"train": [i for i in needed if bool(torch.isnan(tables["train"][i]).any())],
+               "eval": [i for i in range(len(held)) if bool(torch.isnan(tables["eval"][i]).any())]}
+    if status == "reused" and (missing["train"] or missing["eval"]):
+        status = "extended"
+    if status == "reused":
+        log.info("dpo: reusing the reference log-probs in %s", path)
+    else:
         ref_path = cfg.ref_model or cfg.model
         own = ref_path == cfg.model
         device = run.accelerator.device
@@ -229,10 +264,13 @@ def prepare_reference(run: Run, cfg: ReferenceConfig, model: Any, tokenizer: Any
             ref_model, peft_model = model.to(device), (model if cfg.lora.enabled else None)
         else:
             ref_model, peft_model = load_causal_lm(ref_path, tokenizer, dropout_off=True).to(device), None
-        log.info("dpo: computing reference log-probs of %d + %d items with %s", len(train), len(held), ref_path)
-        tables = {name: compute_reference_logps(run, ref_model, split, tokenizer.pad_token_id, cfg.ref_batch_size,
-                                                peft_model)
-                  for name, split in (("train", train), ("eval", held))}
+        log.info("dpo: computing reference log-probs of %d of %d training items (the ones this run reads) and %d "
+                 "held-out items with %s", len(missing["train"]), len(train), len(missing["eval"]), ref_path)
+        for name, split in (("train", train), ("eval", held)):
+            if missing[name]:
+                rows = torch.tensor(missing[name], dtype=torch.long)
+                tables[name][rows] = compute_reference_logps(run, ref_model, split, tokenizer.pad_token_id,
+                                                             cfg.ref_batch_size, peft_model, missing[name])
         if not own:  # free the reference model: training holds only the policy
             del ref_model
             gc.collect()
@@ -241,6 +279,5 @@ def prepare_reference(run: Run, cfg: ReferenceConfig, model: Any, tokenizer: Any
         if run.is_main:
             write_reference_cache(path, tables, fingerprint)
         run.accelerator.wait_for_everyone()
-        status = "computed"
     train.ref, held.ref = tables["train"], tables["eval"]
     return status
