@@ -90,12 +90,12 @@ class DemoConfig:
     """KL coefficient of the reward-hacking demonstration run (the leash cut)."""
     kl_cut_steps: int = 160
     """GRPO steps of the reward-hacking demonstration run (quick: rl_steps)."""
-    kl_cut_learning_rate: float = 1.5e-4
-    """Peak learning rate of the reward-hacking demonstration run (3x the leashed runs'). With prompts and
-    responses encoded alike in sampling, scoring and reward normalisation, the unleashed run at the leashed
-    runs' rate drifted back to SFT's gold score (300 steps: proxy +0.41, gold -0.00; 500 steps: gold +0.07);
-    at 1.5e-4 the held-out gold score falls below SFT's by step 30 and stays there while the proxy keeps rising
-    (160 steps: proxy +0.63, gold -0.57 on the test prompts)."""
+    kl_cut_learning_rate: float = 3e-4
+    """Peak learning rate of the reward-hacking demonstration run (6x the leashed runs'), so that without the leash
+    it walks far from SFT within kl_cut_steps. At the leashed runs' rate the unleashed run drifted back to SFT's
+    gold score (300 steps: proxy +0.41, gold -0.00). At 1.5e-4, seeds 0, 1 and 2 ended 0.56, 0.09 and 0.21
+    below SFT's gold (KL 109, 51 and 20 nats), and seed 0 with a two-member ensemble 0.20 *above* it (KL 31); at
+    3e-4 that run ended 0.52 below (proxy +0.74, KL 140), and seed 1's 0.11 below (proxy +1.09, KL 99)."""
     monitor_samples: int = 200
     """Answers to the 100 validation prompts (each asked in turn) at every evaluation of the PPO/GRPO runs, judged
     by the gold judge for the over-optimisation monitor (quick: 32)."""
@@ -288,6 +288,8 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
             Job("reward", reward_job, ("reward", reward_cfg, root), redo=True,
                 needs=tuple(f"reward_member_{i}" for i in range(reward_cfg.ensemble_size))
                 if reward_cfg.ensemble_size > 1 else ("label",)),
+            # the longest job after the reward model first: PPO, then the KL-cut run (a chain through its sweep)
+            stage("ppo", ppo_cfg, rl_main, ("reward",)),
             stage("grpo_klcut", cut_cfg, rl_main, ("reward",))]
     if cfg.hhh:  # helpful, harmless, honest: per-criterion reward models and five ways to combine them
         hhh_plan = {**presets["hhh"], **(presets["hhh_quick"] if cfg.quick else {})}
@@ -302,8 +304,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
         for study in ("iterative", "reliability", *(f"queue_{s}" for s in queue_seeds)):
             jobs.append(Job(f"rounds_{study}", rounds_study_job, (study, root, rounds_plan, rounds_base, cfg.seed),
                             needs=("rounds_setup",)))
-    jobs += [stage("ppo", ppo_cfg, rl_main, ("reward",)),
-             stage("grpo", grpo_cfg, rl_main, ("reward",)),
+    jobs += [stage("grpo", grpo_cfg, rl_main, ("reward",)),
              stage("dpo", dpo_cfg, dpo.main, ("label",))]
     # the reference log-probs do not depend on beta: each sweep run starts from the main run's cache
     jobs += [Job(f"dpo_beta_{beta:g}", dpo_sweep_job, (f"dpo_beta_{beta:g}", replace(
