@@ -147,20 +147,45 @@ def test_overoptimisation_monitor_ignores_a_fall_within_the_judges_noise():
     # the same fall measured ten times more precisely (SE 0.02 -> threshold 0.057) is a real fall
     precise = OveroptimisationMonitor(window=1, z=2.0)
     assert [precise.update(p, j, 0.02) for p, j in [(0.0, 1.0), (0.5, 0.7)]] == [False, True]
-    # window 2: SE of a window mean is sqrt(2 * 0.1^2) / 2 = 0.0707, of the difference 0.1; threshold 0.2
+    # window 2: SE of a window mean is sqrt(2 * 0.1^2) / 2 = 0.0707, of the difference 0.1. The j-th look
+    # (j = n - 2 window + 1) corrects z = 2 over j candidate peaks and j looks: 2.000, 2.531, 2.803 at j = 1, 2, 3
     w2 = OveroptimisationMonitor(window=2, z=2.0)
+    assert [round(w2.threshold(n), 3) for n in (4, 5, 6)] == [2.0, 2.531, 2.803]
     fired = [w2.update(p, j, 0.1) for p, j in [(0, 1.0), (1, 1.0), (2, 0.9), (3, 0.9), (4, 0.65), (5, 0.65)]]
-    # against the peak window (mean 1.0): 0.9 is a fall of 0.1 (no), then 0.775 and 0.65 fall 0.225 and 0.35
-    assert fired == [False, False, False, False, True, True]
-    # a slow decline: no two neighbouring windows differ by 2 SE, but the fall from the peak adds up
+    # against the peak window (mean 1.0): 0.9 is a fall of 0.1 (< 0.200), 0.775 of 0.225 (< 0.253), 0.65 of 0.35
+    # (> 0.280)
+    assert fired == [False, False, False, False, False, True]
+    # a slow decline: no two neighbouring windows differ by 2 SE, but the fall from the peak adds up. The SE of
+    # a fall is sqrt(2) * 0.05 = 0.0707; thresholds 0.141, 0.179, 0.198, 0.211, 0.220 against falls of 0.05 ...
+    # 0.25
     slow = OveroptimisationMonitor(window=1, z=2.0)
     fired = [slow.update(p, j, 0.05) for p, j in enumerate([1.0, 0.95, 0.9, 0.85, 0.8, 0.75])]
-    assert fired == [False, False, False, True, True, True]  # threshold 2 * sqrt(2) * 0.05 = 0.141
+    assert fired == [False, False, False, False, False, True]
     # an old checkpoint's (proxy, judge) pairs load with a zero standard error
     restored = OveroptimisationMonitor(window=1)
     restored.load_state_dict({"history": [[0.0, 1.0]]})
     assert restored.history == [(0.0, 1.0, 0.0)]
     assert restored.per_prompt == [None]
+
+
+def test_overoptimisation_monitor_keeps_false_alarms_rare_over_a_whole_run():
+    """The alarm compares the latest window with the best of the earlier ones and looks after every evaluation,
+    so an uncorrected z = 2 fires on a leashed run whose judge only wobbles: simulated, 12 evaluations in
+    windows of 3 with a flat judge (SE 0.04 each) and a slowly rising proxy, a plain z = 2 raised an alarm in
+    20% of runs. The corrected threshold keeps it under 5%, and still catches a real fall of the judge by 0.3
+    (starting at the 5th evaluation, spread over the rest) in every run."""
+    import random
+
+    from rlhfkit.eval.overopt import OveroptimisationMonitor
+
+    def alarms(seed: int, fall: float) -> bool:
+        rng = random.Random(seed)
+        monitor = OveroptimisationMonitor(window=3, z=2.0)
+        return any([monitor.update(0.3 + 0.01 * i + rng.gauss(0, 0.005),
+                                   0.6 - fall * max(0, i - 3) / 8 + rng.gauss(0, 0.04), 0.04) for i in range(12)])
+
+    assert sum(alarms(seed, 0.0) for seed in range(2000)) / 2000 < 0.05
+    assert all(alarms(seed, 0.3) for seed in range(500))
 
 
 def test_overoptimisation_monitor_pairs_the_fall_prompt_by_prompt():

@@ -99,7 +99,15 @@ class OveroptimisationMonitor:
     passed its per-prompt judge means, the fall is a paired difference and its SE comes from the spread of the
     per-prompt differences (how hard a prompt is cancels out, so a real fall is seen sooner). Otherwise it comes
     from each evaluation's own SE (per-sample spread), the two windows taken as independent. Either way
-    evaluation noise alone does not raise the alarm, and a slow steady decline is caught once it adds up."""
+    evaluation noise alone does not raise the alarm, and a slow steady decline is caught once it adds up.
+
+    z is the threshold of one comparison. The monitor makes many: the best earlier window is the highest of k
+    candidates (its mean is biased upward by the choice), and it looks again after every evaluation. At the
+    j-th look there are j candidates, so the threshold is Bonferroni-corrected over the j x j comparisons made
+    by then: one-sided level (1 - Phi(z)) / j^2. With a flat judge (no real fall) and a rising proxy, a run of 12
+    evaluations in windows of 3 raised a false alarm in 20% of simulated runs at a plain z = 2, and 3.5% with
+    the correction; a fall of 0.3 (7.5 standard errors of one evaluation) was still caught every time, about
+    a third of an evaluation later."""
 
     def __init__(self, window: int, z: float = 2.0):
         self.window, self.z = window, z
@@ -138,7 +146,16 @@ class OveroptimisationMonitor:
         last = self._window(n)
         peak_end = max(range(w, n - w + 1), key=lambda end: self._window(end)[1])
         peak = self._window(peak_end)
-        return last[0] > peak[0] and peak[1] - last[1] > self.z * self._fall_se(peak_end, n)
+        return last[0] > peak[0] and peak[1] - last[1] > self.threshold(n) * self._fall_se(peak_end, n)
+
+    def threshold(self, n: int) -> float:
+        """The z the fall must exceed after n evaluations: z Bonferroni-corrected over the j candidate peak
+        windows and the j looks so far (j = n - 2 window + 1)."""
+        from statistics import NormalDist
+
+        j = max(1, n - 2 * self.window + 1)
+        normal = NormalDist()
+        return normal.inv_cdf(1.0 - (1.0 - normal.cdf(self.z)) / (j * j))
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "per_prompt": self.per_prompt}
