@@ -1,7 +1,7 @@
 """`rlhfkit demo`: the built-in playground pipeline, end to end on a CPU.
 
 base model (pretrained on mostly mediocre "web text") -> SFT on contractor demonstrations -> simulated annotators
-label through the feedback store -> reward-model ensemble -> PPO, GRPO, RLOO, DPO (+ beta sweep), best-of-n ->
+label through the feedback store -> reward-model ensemble -> PPO, GRPO, DPO (opt-in: RLOO, a beta sweep), best-of-n ->
 over-optimisation sweeps and the KL-leash-cut demonstration -> evaluation with the hidden gold judge -> claims
 checked, summary.json and report.html. Every stage runs through its own public `main(cfg)`, writes its config to
 DIR/configs/<stage>.yaml (so `rlhfkit <stage> --config DIR/configs/<stage>.yaml` reruns it alone), and is
