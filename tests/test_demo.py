@@ -88,8 +88,8 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
     assert (out / "rounds" / "active-0" / "round-2" / "queue.pt").exists()  # round 2 was ordered by the ensemble
     report = (out / "report.html").read_text()
     # the gold score per policy, five training curves, best-of-n and RL over-optimisation, the KL cut, the HHH
-    # plane, unsafe and over-refusal rates, and the rounds: queues, rounds against one shot, the crowd
-    assert report.count("<svg") == 15 and "best_of_n" in report and "<script" not in report
+    # plane, unsafe and over-refusal rates, the rounds (queues, rounds against one shot, the crowd) and the beta sweep
+    assert report.count("<svg") == 16 and "best_of_n" in report and "<script" not in report
     assert "Helpfulness against harmlessness" in report and "Human-in-the-loop rounds" in report
     assert "Not in this run" not in report and summary["left_out"] == []
     assert [p["beta"] for p in summary["dpo_beta_sweep"]] == [0.1, 0.3] and "rloo" in summary["policies"]
@@ -98,12 +98,13 @@ def test_quick_demo_makes_sft_clearly_better_than_base_and_caches(tmp_path):
         from tests.report_browser import check_report_in_browser
 
         seen = check_report_in_browser(out / "report.html")
-        assert seen["plots"] == 15 and seen["table_rows"] == 1 + len(summary["policies"])
+        assert seen["plots"] == 16 and seen["table_rows"] == 1 + len(summary["policies"])
     for name in ("base", "sft"):
         assert (out / name / "model.safetensors").exists() and (out / "configs" / "pretrain.yaml").exists()
 
     # a rerun reuses both finished training stages and reproduces the evaluation exactly (deterministic seed)
-    again = main(DemoConfig(output_dir=str(out), quick=True, progress=False, hhh=True, rounds=True))
+    again = main(DemoConfig(output_dir=str(out), quick=True, progress=False, hhh=True, rounds=True,
+                            dpo_beta_sweep=[0.3], rl_variants=["rloo"]))
     for stage in ("pretrain", "sft", "label", "reward", "dpo", "ppo", "grpo", "grpo_klcut", "hhh_world", "hhh_sft",
                   "hhh_label", "hhh_reward_helpfulness", "hhh_gated"):
         assert stage not in again["wall_seconds"], stage

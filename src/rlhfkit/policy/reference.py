@@ -120,8 +120,9 @@ class Reference:
             assert data.ref is not None
             ref = data.ref[idx]  # (B, 2)
             if torch.isnan(ref).any():  # a row prepare_reference was not asked for: never train on NaN silently
-                raise RuntimeError(f"reference log-probs of items {[i for i, r in zip(idx, ref) if torch.isnan(r).any()]}"
-                                   " were not computed: prepare_reference's `needed` missed items the run reads.")
+                missing = [i for i, r in zip(idx, ref) if torch.isnan(r).any()]
+                raise RuntimeError(f"reference log-probs of items {missing} were not computed: prepare_reference's "
+                                   "`needed` missed items the run reads.")
             return ref.to(self.run.accelerator.device)
         with reference_mode(model, self.peft_model):
             return column_logps(self.run, model, data, idx, self.pad_id)
