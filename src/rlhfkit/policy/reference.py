@@ -251,8 +251,9 @@ def prepare_reference(run: Run, cfg: ReferenceConfig, model: Any, tokenizer: Any
         status = "computed"
     else:
         status = "reused"
-    missing = {"train": [i for i in needed if bool(torch.isnan(tables["train"][i]).any())],
-               "eval": [i for i in range(len(held)) if bool(torch.isnan(tables["eval"][i]).any())]}
+    lacking = {name: torch.isnan(table).any(dim=1) for name, table in tables.items()}  # (N,) rows never scored
+    missing = {"train": [i for i in needed if lacking["train"][i]],
+               "eval": lacking["eval"].nonzero().flatten().tolist()}
     if status == "reused" and (missing["train"] or missing["eval"]):
         status = "extended"
     if status == "reused":
