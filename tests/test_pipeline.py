@@ -130,3 +130,43 @@ def test_the_rounds_runs_survive_a_change_of_progress_bars_or_workers(tmp_path):
     quiet = {**base, "reward": {"ensemble_size": 3, "progress": False}}
     assert rounds_setup_job(tmp_path, plan, quiet, seed=0) == 2
     assert (rounds / "active-0").exists()
+
+
+def test_sft_samples_shared_out_over_jobs_are_labelled_as_if_drawn_in_one(tiny_world, tmp_path):
+    """The demo draws the SFT samples in label_samples jobs side by side (sampling_parts shares the (split,
+    round) draws out by their size) and hands them to the label job: the labels are byte for byte those of
+    collect_labels drawing every sample itself, and a job finding the labels up to date draws nothing."""
+    import shutil
+
+    from rlhfkit.pipeline import label_job, label_samples_job, sampling_parts
+
+    plan = {"train": (4, 3, 1), "val": (2, 2, 1)}
+    parts = sampling_parts(plan, {"train": 12, "val": 8}, 2)
+    # every draw once; the three train draws (48 samples each) and two val draws (16 each) shared out: 48 + 48 on one, 48 + 16 + 16 on the other
+    assert sorted(u for p in parts for u in p) == [("train", 0), ("train", 1), ("train", 2), ("val", 0), ("val", 1)]
+    assert sorted(sum(plan[s][0] * {"train": 12, "val": 8}[s] for s, _ in p) for p in parts) == [80, 96]
+    assert sampling_parts(plan, {"train": 12, "val": 8}, 9) == [[u] for u in
+                                                                  [("train", 0), ("train", 1), ("train", 2),
+                                                                   ("val", 0), ("val", 1)]]
+    assert len(sampling_parts({"train": (4, 1, 1), "val": (2, 0, 1)}, {"train": 12, "val": 8}, 4)) == 1
+
+    worlds = []
+    for name in ("one", "split"):
+        world = tmp_path / name
+        shutil.copytree(tiny_world / "sft", world / "sft")
+        (world / "data").mkdir(parents=True)
+        for split in ("train", "val"):
+            shutil.copy(tiny_world / "data" / f"prompts_{split}.jsonl", world / "data")
+        worlds.append(world)
+    one, split = worlds
+    assert collect_labels(one, 0, quick=False, redo=False, plan=plan) is not None
+    samples = [label_samples_job(split, 0, False, plan, 1, part, redo=False) for part in parts]
+    assert all(s.ran for s in samples) and sorted(k for s in samples for k in s.value) == sorted(
+        u for p in parts for u in p)
+    assert label_job(split, 0, False, plan, 1, [s.value for s in samples], redo=True).ran
+    for f in ("preferences_train.jsonl", "preferences_val.jsonl"):
+        assert (split / "data" / f).read_text() == (one / "data" / f).read_text()
+    # up to date: no samples drawn, the labels reused
+    again = label_samples_job(split, 0, False, plan, 1, parts[0], redo=False)
+    assert not again.ran and again.value is None
+    assert not label_job(split, 0, False, plan, 1, [again.value], redo=False).ran

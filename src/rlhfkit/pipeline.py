@@ -271,6 +271,8 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     # the other critic-free estimators (opt-in)
     variants = [v for v in cfg.rl_variants if v != "grpo"]
 
+    sample_parts = sampling_parts(plan, {"train": spec.n_train, "val": spec.n_val}, workers)
+
     # the stages as jobs, the longest chain and the longest jobs first (a free worker takes the first ready one)
     def stage(name: str, stage_cfg: Any, fn: Callable[[Any], Any], needs: tuple[str, ...]) -> Job:
         return Job(name, stage_job, (name, stage_cfg, fn, root), needs=needs, redo=True)
@@ -279,7 +281,13 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
             # the generator pairs need no model: labelled beside pretraining
             Job("label_generator", label_generator_job, (root, cfg.seed, plan, cfg.annotators_per_item), redo=True),
             stage("sft", sft_cfg, sft.main, ("pretrain",)),
+            # the SFT samples to be labelled, a share of the (split, round) draws per job, side by side: the
+            # sampling was most of the labelling stage, on the critical path to the reward model
+            *[Job(f"label_samples_{i}", label_samples_job, (root, cfg.seed, cfg.quick, plan, cfg.annotators_per_item,
+                                                            part), needs=("sft", "label_generator"), redo=True)
+              for i, part in enumerate(sample_parts)],
             Job("label", label_job, (root, cfg.seed, cfg.quick, plan, cfg.annotators_per_item),
+                {"samples": [Result(f"label_samples_{i}") for i in range(len(sample_parts))]},
                 needs=("sft", "label_generator"), redo=True),
             # the ensemble's members side by side, one job each; "reward" then gathers them (and is what the
             # later stages wait for)
@@ -465,8 +473,46 @@ def label_generator_job(root: Path, seed: int, plan: dict[str, tuple[int, int, i
 
 
 def label_job(root: Path, seed: int, quick: bool, plan: dict[str, tuple[int, int, int]], overlap: int,
-              redo: bool = False) -> Done:
-    return Done(ran=collect_labels(root, seed, quick=quick, redo=redo, plan=plan, overlap=overlap) is not None)
+              samples: list[dict[tuple[str, int], Any] | None] = (), redo: bool = False) -> Done:
+    """collect_labels, with the SFT samples drawn by the label_samples jobs (None from one that found the labels
+    up to date)."""
+    groups = {unit: g for part in samples if part is not None for unit, g in part.items()}
+    return Done(ran=collect_labels(root, seed, quick=quick, redo=redo, plan=plan, overlap=overlap,
+                                   groups=groups) is not None)
+
+
+def sampling_parts(plan: dict[str, tuple[int, int, int]], prompts: dict[str, int], parts: int
+                   ) -> list[list[tuple[str, int]]]:
+    """The (split, round) draws of SFT samples that collect_labels labels, shared out over at most `parts` jobs
+    by their number of samples (K x prompts), the largest first onto the least loaded job. Each draw keeps its
+    own seed, so the samples are the same however the draws are shared out."""
+    units = sorted(((split, r) for split, (_, rounds, _) in plan.items() for r in range(rounds)),
+                   key=lambda u: -plan[u[0]][0] * prompts[u[0]])
+    shares: list[list[tuple[str, int]]] = [[] for _ in range(max(1, min(parts, len(units))))]
+    load = [0] * len(shares)
+    for split, r in units:
+        i = load.index(min(load))
+        shares[i].append((split, r))
+        load[i] += plan[split][0] * prompts[split]
+    return [s for s in shares if s]
+
+
+def sft_samples(root: Path, seed: int, split: str, k: int, r: int) -> list[tuple[Any, list[str]]]:
+    """Round r of the SFT samples labelled for `split`: k per prompt (duplicates removed), seeded per round."""
+    from rlhfkit.playground.preferences import policy_groups
+    from rlhfkit.playground.world import read_prompts
+
+    prompts = read_prompts(root / "data" / f"prompts_{split}.jsonl")
+    return policy_groups(str(root / "sft"), prompts, k, seed=seed + POLICY_SAMPLES_SEED + r)
+
+
+def label_samples_job(root: Path, seed: int, quick: bool, plan: dict[str, tuple[int, int, int]], overlap: int,
+                      units: list[tuple[str, int]], redo: bool = False) -> Done:
+    """The SFT samples of the (split, round) draws `units`, for the label job; nothing (ran=False) when the labels
+    from the same plan are there and nothing they depend on ran again."""
+    if not redo and _labels_fresh(root, quick, plan, overlap):
+        return Done(None, ran=False)
+    return Done({(split, r): sft_samples(root, seed, split, plan[split][0], r) for split, r in units})
 
 
 def hhh_job(root: Path, plan: dict[str, Any], presets: dict[str, Any], common: dict[str, Any], seed: int,
@@ -685,27 +731,35 @@ def collect_generator_labels(root: Path, seed: int, redo: bool, plan: dict[str, 
     return round(time.time() - start, 1)
 
 
+def _labels_fresh(root: Path, quick: bool, plan: dict[str, tuple[int, int, int]], overlap: int) -> bool:
+    """Whether data/labels.json records labels from this plan (collect_generator_labels removes it when it makes
+    new generator labels)."""
+    stamp = root / "data" / "labels.json"
+    recipe = {"quick": quick, "plan": {k: list(v) for k, v in plan.items()}, "overlap": overlap}
+    return stamp.exists() and {k: json.loads(stamp.read_text()).get(k) for k in recipe} == recipe
+
+
 def collect_labels(root: Path, seed: int, quick: bool, redo: bool, plan: dict[str, tuple[int, int, int]],
-                   overlap: int = 1) -> float | None:
+                   overlap: int = 1, groups: dict[tuple[str, int], Any] | None = None) -> float | None:
     """Simulated people label responses through the feedback store, exactly as humans using `rlhfkit label serve`
     would: projects are created in DIR/feedback.db, each simulated annotator takes tasks from the queue and
     submits through the service, and the judgments are exported as preference rows. plan maps a split (train,
     val) to (K, policy rounds, generator rounds): K samples of the SFT policy per prompt and round, ranked
     (InstructGPT-style) when K > 2, plus generator pairs of varied quality (collect_generator_labels, reused when
-    the demo ran it already). overlap annotators judge each training item, merged by majority vote. Returns the
-    seconds spent, or None when labels from the same plan were reused."""
+    the demo ran it already). overlap annotators judge each training item, merged by majority vote. groups: the
+    SFT samples of some (split, round) draws, drawn beforehand (`sft_samples`, the demo's label_samples jobs); the
+    others are drawn here. Returns the seconds spent, or None when labels from the same plan were reused."""
     from rlhfkit.feedback.service import FeedbackService, ItemSpec
     from rlhfkit.feedback.store import open_store
-    from rlhfkit.playground.preferences import policy_groups
-    from rlhfkit.playground.world import read_prompts
 
     data = root / "data"
     stamp = data / "labels.json"
     recipe = {"quick": quick, "plan": {k: list(v) for k, v in plan.items()}, "overlap": overlap}
     start = time.time()
     collect_generator_labels(root, seed, False, plan, overlap)  # removes labels.json when it makes new ones
-    if not redo and stamp.exists() and {k: json.loads(stamp.read_text()).get(k) for k in recipe} == recipe:
+    if not redo and _labels_fresh(root, quick, plan, overlap):
         return None
+    groups = groups or {}
     db = root / "feedback.db"
     svc = FeedbackService(open_store(str(db)))
     if any(p.name.endswith("-sft") for p in svc.projects()):  # an earlier SFT model's labels: start a fresh store
@@ -714,10 +768,9 @@ def collect_labels(root: Path, seed: int, quick: bool, redo: bool, plan: dict[st
     generator = json.loads((data / "generator_labels.json").read_text())
     report: dict[str, Any] = {**recipe, "db": str(db)}
     for split, (k, policy_rounds, _) in plan.items():
-        prompts = read_prompts(data / f"prompts_{split}.jsonl")
         items = [ItemSpec(p.text, g[:k], [f"sft-{r}"] * len(g[:k]))
                  for r in range(policy_rounds)
-                 for p, g in policy_groups(str(root / "sft"), prompts, k, seed=seed + POLICY_SAMPLES_SEED + r)
+                 for p, g in (groups[split, r] if (split, r) in groups else sft_samples(root, seed, split, k, r))
                  if len(g) >= 2]
         pairs = [json.loads(line) for line in (data / f"generator_{split}.jsonl").read_text().splitlines()]
         # held-out rankings become pairs: one accuracy per comparison
