@@ -67,14 +67,15 @@ def test_reward_packed_batch_equals_padded(family_dir, family_data, name, impl):
     model.config.pad_token_id = tok.pad_token_id
     model.eval()
     scores = []
-    for padding_free in (True, False):
-        batch = collate_pairs(pairs, tok.pad_token_id, padding_free=padding_free)
+    for padding_free, share_prompt in ((True, False), (False, False), (True, True)):
+        batch = collate_pairs(pairs, tok.pad_token_id, padding_free=padding_free, share_prompt=share_prompt)
         if padding_free:
             assert batch["input_ids"].shape[0] < 2 * len(pairs)
         with torch.no_grad():
             scores.append(sequence_scores(model, batch["input_ids"], batch["attention_mask"], batch["last_index"],
                                           batch.get("position_ids"), batch.get("row_index")))
     assert scores[0] == pytest.approx(scores[1], abs=1e-4)
+    assert scores[2] == pytest.approx(scores[1], abs=1e-4)  # each pair's prompt laid out once, shared
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -314,7 +314,8 @@ def test_pack_rows_places_every_sequence_once_within_the_longest_width():
 def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind, attn):
     """Mixed lengths packed several to a row (block-diagonal mask, positions restarting) score, train and
     backpropagate exactly like the right-padded batch -- under eager attention too, which adds a 4-D mask to
-    the scores (a boolean mask there let packed sequences see each other: scores off by ~0.015)."""
+    the scores (a boolean mask there let packed sequences see each other: scores off by ~0.015). So does the
+    layout in which an item's responses share one copy of their prompt (share_prompt)."""
     model, tok = rm
     previous = model.config._attn_implementation
     model.set_attn_implementation(attn)
@@ -328,17 +329,26 @@ def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind,
                  for p, (a, b) in zip(prompts, answers)]
         batch = collate_rankings(items, tok.pad_token_id, padding_free=True)
     assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] < batch["row_index"].shape[0]
+    collate = collate_pairs if kind == "pairs" else collate_rankings
+    shared = collate(items, tok.pad_token_id, padding_free=True, share_prompt=True)
+    # each prompt once: fewer tokens laid out than in the packed layout, which repeats it per response
+    seqs = [(i.chosen_input_ids, i.rejected_input_ids) if kind == "pairs" else i.input_ids for i in items]
+    repeats = sum(len(i.prompt_ids) * (len(s) - 1) for i, s in zip(items, seqs))
+    assert int((shared["input_ids"] != tok.pad_token_id).sum()) <= sum(map(len, sum(seqs, ()) if kind == "pairs"
+                                                                         else sum(seqs, []))) - repeats
     results = []
-    for padding_free in (False, True):
-        cfg = rtrain.RewardConfig(model="m", data="d", output_dir="o", padding_free=padding_free, use_margin=False)
+    for padding_free, share_prompt in ((False, False), (True, False), (True, True)):
+        cfg = rtrain.RewardConfig(model="m", data="d", output_dir="o", padding_free=padding_free,
+                                  share_prompt=share_prompt, use_margin=False)
         model.zero_grad()
         loss, counts = rtrain.micro_batch_loss(model, items, tok.pad_token_id, cfg, "cpu", 1.0)
         loss.backward()
         results.append((loss.item(), counts, _grads(model)))
     model.zero_grad()
     model.set_attn_implementation(previous)
-    (loss_a, counts_a, g_a), (loss_b, counts_b, g_b) = results
-    assert loss_b == pytest.approx(loss_a, rel=1e-5)
-    assert counts_b["correct"] == counts_a["correct"]
-    # float32 sums in another order: differences at the rounding level of the largest gradient entries
-    assert float((g_b - g_a).abs().max()) < 1e-5 * float(g_a.abs().max()), float((g_b - g_a).abs().max())
+    (loss_a, counts_a, g_a), *others = results
+    for loss_b, counts_b, g_b in others:
+        assert loss_b == pytest.approx(loss_a, rel=1e-5)
+        assert counts_b["correct"] == counts_a["correct"]
+        # float32 sums in another order: differences at the rounding level of the largest gradient entries
+        assert float((g_b - g_a).abs().max()) < 1e-5 * float(g_a.abs().max()), float((g_b - g_a).abs().max())

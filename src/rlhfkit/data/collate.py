@@ -120,6 +120,67 @@ def packed_batch(input_ids: list[list[int]], rows: list[list[int]], pad_id: int,
             "row_index": row_index, "last_index": last_index, "segment": segment}
 
 
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest token prefix every sequence in seqs starts with."""
+    n = 0
+    for column in zip(*seqs):
+        if any(t != column[0] for t in column):
+            break
+        n += 1
+    return n
+
+
+def shared_prefix_batch(input_ids: list[list[int]], groups: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Padding-free batch in which the sequences of a group (the responses to one prompt) share one copy of the
+    token prefix they all start with: the prefix, then each sequence's own tail after it, its positions carrying
+    on from the prefix's. A tail attends to the prefix and to itself, the prefix only to itself (causally), so
+    every sequence's hidden states equal those of the padded layout while the prefix goes through the model once
+    per group instead of once per sequence (a preference pair's prompt, a ranking's K). Groups (each sequence in
+    exactly one) are packed into rows first fit, longest first. Every sequence must have a token of its own or
+    end where the prefix ends (its last token is then the prefix's last).
+
+    Returns input_ids, position_ids: (R, T); attention_mask: (R, 1, T, T) additive float, 0 = may attend;
+    row_index, last_index: (N,) row and column of sequence n's last token. No per-token masks: a token of the
+    prefix belongs to several sequences."""
+    if sorted(n for g in groups for n in g) != list(range(len(input_ids))):
+        raise ValueError("shared_prefix_batch: every sequence must be in exactly one group")
+    shared = [common_prefix([input_ids[n] for n in g]) for g in groups]
+    lengths = [L + sum(len(input_ids[n]) - L for n in g) for g, L in zip(groups, shared)]
+    rows = pack_rows(lengths)
+    width = max(sum(lengths[u] for u in members) for members in rows)
+    R = len(rows)
+    ids = torch.full((R, width), pad_id, dtype=torch.long)  # (R, T)
+    positions = torch.zeros((R, width), dtype=torch.long)  # (R, T)
+    group = torch.full((R, width), -1, dtype=torch.long)  # (R, T) which group a position holds, -1 = padding
+    tail = torch.full((R, width), -1, dtype=torch.long)  # (R, T) whose tail, -1 = a prefix (or padding)
+    row_index = torch.zeros(len(input_ids), dtype=torch.long)  # (N,)
+    last_index = torch.zeros(len(input_ids), dtype=torch.long)  # (N,)
+    for r, members in enumerate(rows):
+        at = 0
+        for u in members:
+            L = shared[u]
+            ids[r, at : at + L] = torch.tensor(input_ids[groups[u][0]][:L], dtype=torch.long)
+            positions[r, at : at + L] = torch.arange(L)
+            group[r, at : at + L] = u
+            prefix_end = at + L
+            at += L
+            for n in groups[u]:
+                k = len(input_ids[n]) - L
+                ids[r, at : at + k] = torch.tensor(input_ids[n][L:], dtype=torch.long)
+                positions[r, at : at + k] = torch.arange(L, L + k)
+                group[r, at : at + k] = u
+                tail[r, at : at + k] = n
+                row_index[n], last_index[n] = r, (at + k if k else prefix_end) - 1
+                at += k
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))  # (T, T)
+    allowed = ((group[:, :, None] == group[:, None, :]) & (group[:, None, :] >= 0) & causal
+               & ((tail[:, None, :] < 0) | (tail[:, :, None] == tail[:, None, :])))  # (R, T, T) query, key
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no softmax row fully masked
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions, "row_index": row_index,
+            "last_index": last_index}
+
+
 def sequence_batch(input_ids: list[list[int]], pad_id: int, padding_free: bool = False,
                    **masks: list[list[int]]) -> dict[str, torch.Tensor]:
     """`padded_batch`; with padding_free, `packed_batch` in the rows of `pack_rows` whenever packing saves at
@@ -178,7 +239,8 @@ def collate_packed(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------ preference and KTO
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = False) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = False, share_prompt: bool = False
+                  ) -> dict[str, torch.Tensor]:
     """One right-padded batch for a single forward pass: rows 0..B-1 are the chosen sequences and rows B..2B-1
     the rejected ones, in the same order (split the scores with `scores.split(B)` or [:B], [B:]).
 
@@ -186,10 +248,15 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = 
     margin: (B,) float label margins, 0 where a pair has none (Bradley-Terry without a margin); confidence: (B,)
     float probability that chosen is truly better, 1 where a pair has none (a certain label); safety: (2B,)
     +1 for a response labelled safe, -1 unsafe, 0 unlabelled, in the rows' order.
-    padding_free: the packed layout instead (see `packed_batch`; sequence n is still n)."""
+    padding_free: the packed layout instead (see `packed_batch`; sequence n is still n); with share_prompt, a
+    pair's chosen and rejected sequences share one copy of their prompt (`shared_prefix_batch`: for scoring
+    sequences at their last token, which is all a reward model reads; no response_mask then)."""
     ids = [p.chosen_input_ids for p in pairs] + [p.rejected_input_ids for p in pairs]
     resp = [p.chosen_response_mask for p in pairs] + [p.rejected_response_mask for p in pairs]
-    batch = sequence_batch(ids, pad_id, padding_free, response_mask=resp)
+    if padding_free and share_prompt:
+        batch = shared_prefix_batch(ids, [[i, len(pairs) + i] for i in range(len(pairs))], pad_id)
+    else:
+        batch = sequence_batch(ids, pad_id, padding_free, response_mask=resp)
     batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)  # (B,)
     batch["confidence"] = torch.tensor([1.0 if p.confidence is None else p.confidence for p in pairs],
                                        dtype=torch.float32)  # (B,)
@@ -198,18 +265,25 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = 
     return batch
 
 
-def collate_rankings(rankings: list[TokenizedRanking], pad_id: int, padding_free: bool = False
-                     ) -> dict[str, torch.Tensor]:
+def collate_rankings(rankings: list[TokenizedRanking], pad_id: int, padding_free: bool = False,
+                     share_prompt: bool = False) -> dict[str, torch.Tensor]:
     """All responses of G prompts in one right-padded batch of N = ΣK_g sequences, each scored once
     (InstructGPT: the K responses of a prompt are one batch element).
 
     Returns input_ids, attention_mask, response_mask: (N, T); last_index: (N,); group_index, slot_index: (N,)
     placing sequence n at rewards[group_index[n], slot_index[n]] of a (G, K) tensor, K = max K_g; beats:
     (G, K, K) bool, beats[g, i, j] = response i of prompt g ranked above response j (False for ties and
-    padding slots) — ready for `losses.reward.batched_ranking_loss`. padding_free: as in `collate_pairs`."""
+    padding slots) — ready for `losses.reward.batched_ranking_loss`. padding_free, share_prompt: as in
+    `collate_pairs` (a ranking's K sequences share one copy of their prompt)."""
     ids = [s for r in rankings for s in r.input_ids]
     resp = [m for r in rankings for m in r.response_mask]
-    batch = sequence_batch(ids, pad_id, padding_free, response_mask=resp)
+    if padding_free and share_prompt:
+        starts = [0]
+        for r in rankings:
+            starts.append(starts[-1] + len(r.input_ids))
+        batch = shared_prefix_batch(ids, [list(range(a, b)) for a, b in zip(starts, starts[1:])], pad_id)
+    else:
+        batch = sequence_batch(ids, pad_id, padding_free, response_mask=resp)
     K = max(len(r.input_ids) for r in rankings)
     batch["group_index"] = torch.tensor([g for g, r in enumerate(rankings) for _ in r.input_ids])  # (N,)
     batch["slot_index"] = torch.tensor([k for r in rankings for k in range(len(r.input_ids))])  # (N,)
