@@ -227,8 +227,9 @@ def test_reference_pass_scores_the_items_the_run_reads_batched_by_length_as_if_a
 
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])
 def test_padding_free_pairs_take_the_padded_steps(tmp_path, tiny_model, loss):
-    """Chosen and rejected sequences packed into shared rows: the same reference cache, per-step losses, gradient
-    norms, eval metrics and weights as right padding, up to float rounding (simpo reads the response lengths)."""
+    """Chosen and rejected sequences packed into shared rows, each pair's prompt laid out once for both
+    (share_prompt, the default) or once per sequence: the same reference cache, per-step losses, gradient norms,
+    eval metrics and weights as right padding, up to float rounding (simpo reads the response lengths)."""
     from rlhfkit.models import load_tokenizer
 
     rows = sum_pairs(48, seed=5)
@@ -238,9 +239,23 @@ def test_padding_free_pairs_take_the_padded_steps(tmp_path, tiny_model, loss):
     split, _, _ = dpo.load_data(cfg(tiny_model, data, tmp_path / "x", padding_free=True), load_tokenizer(str(tiny_model)))
     batch = split.collate(list(range(8)), 0)
     assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] < 16  # rows were saved
+    # each pair's prompt once: fewer real tokens than its two sequences, one score per response token
+    items = [split.items[i] for i in range(8)]
+    full = sum(len(p.chosen_input_ids) + len(p.rejected_input_ids) for p in items)
+    assert int((batch["input_ids"] != 0).sum()) <= full - sum(len(p.prompt_ids) for p in items)
+    assert len(batch["target_owner"]) == sum(sum(p.chosen_response_mask[1:]) + sum(p.rejected_response_mask[1:])
+                                             for p in items)
     padded, packed = tmp_path / "padded", tmp_path / "packed"
     assert_padding_free_takes_the_padded_steps(tiny_model, data, padded, packed, loss, ("loss", "grad_norm"),
                                                cached_reference=loss == "dpo")
+    unshared = tmp_path / "unshared"
+    dpo.main(cfg(tiny_model, data, unshared, max_steps=4, batch_size=8, padding_free=True, share_prompt=False,
+                 loss=loss, eval_every=2))
+    la = [v for m in metrics_of(packed) if "loss" in m for v in (m["loss"], m["grad_norm"])]
+    assert len(la) == 8 and la == pytest.approx(
+        [v for m in metrics_of(unshared) if "loss" in m for v in (m["loss"], m["grad_norm"])], rel=1e-4, abs=1e-6)
+    wa, wb = load_file(str(packed / "model.safetensors")), load_file(str(unshared / "model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4  # Adam at lr 3e-3: rounding-level
 
 
 def assert_padding_free_takes_the_padded_steps(model, data, padded, packed, loss, keys, cached_reference):

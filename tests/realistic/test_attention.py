@@ -78,6 +78,34 @@ def test_reward_packed_batch_equals_padded(family_dir, family_data, name, impl):
     assert scores[2] == pytest.approx(scores[1], abs=1e-4)  # each pair's prompt laid out once, shared
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pair_logprobs_with_a_shared_prompt_equal_padded(family_dir, family_data, name, impl):
+    """DPO's sequence log-probs with each pair's prompt laid out once for both responses (the default) equal
+    those of the padded and the packed layouts, on each family's own tokenizer and chat template."""
+    from rlhfkit.data.collate import collate_pairs
+    from rlhfkit.data.preference import read_preferences
+    from rlhfkit.data.preference_tokens import tokenize_preferences
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.policy.reference import sequence_logprobs
+
+    family = family_dir(name)
+    tok = load_tokenizer(str(family.path))
+    pairs, _ = tokenize_preferences(tok, read_preferences(str(family_data(family).path("preferences",
+                                                                                        family.formats[-1]))), 512)
+    pairs = sorted(pairs, key=lambda p: len(p.chosen_input_ids) + len(p.rejected_input_ids))
+    pairs = pairs[:5] + pairs[-1:]
+    model = _model(family.path, tok, impl)
+    out = []
+    for padding_free, share_prompt in ((False, False), (True, False), (True, True)):
+        batch = collate_pairs(pairs, tok.pad_token_id, padding_free=padding_free, share_prompt=share_prompt)
+        with torch.no_grad():
+            out.append(sequence_logprobs(model, batch))
+    for logps, lengths in out[1:]:
+        assert torch.equal(lengths, out[0][1])
+        torch.testing.assert_close(logps, out[0][0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_dropout_is_off_in_training_mode(tmp_path, family_dir, name):
     """Some checkpoints ship attention dropout (GPT-2: 0.1 everywhere, its real default); rlhfkit switches every

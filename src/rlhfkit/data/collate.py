@@ -130,7 +130,8 @@ def common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def shared_prefix_batch(input_ids: list[list[int]], groups: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def shared_prefix_batch(input_ids: list[list[int]], groups: list[list[int]], pad_id: int,
+                        response_mask: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Padding-free batch in which the sequences of a group (the responses to one prompt) share one copy of the
     token prefix they all start with: the prefix, then each sequence's own tail after it, its positions carrying
     on from the prefix's. A tail attends to the prefix and to itself, the prefix only to itself (causally), so
@@ -141,7 +142,10 @@ def shared_prefix_batch(input_ids: list[list[int]], groups: list[list[int]], pad
 
     Returns input_ids, position_ids: (R, T); attention_mask: (R, 1, T, T) additive float, 0 = may attend;
     row_index, last_index: (N,) row and column of sequence n's last token. No per-token masks: a token of the
-    prefix belongs to several sequences."""
+    prefix belongs to several sequences. Instead, given response_mask (per-token 0/1 lists), the response tokens
+    to score, one entry each: target_row, target_col (M,) where the hidden state predicting the token sits (its
+    sequence's previous token, which may be in the shared prefix), target_id (M,) the token, target_owner (M,)
+    its sequence."""
     if sorted(n for g in groups for n in g) != list(range(len(input_ids))):
         raise ValueError("shared_prefix_batch: every sequence must be in exactly one group")
     shared = [common_prefix([input_ids[n] for n in g]) for g in groups]
@@ -155,10 +159,12 @@ def shared_prefix_batch(input_ids: list[list[int]], groups: list[list[int]], pad
     tail = torch.full((R, width), -1, dtype=torch.long)  # (R, T) whose tail, -1 = a prefix (or padding)
     row_index = torch.zeros(len(input_ids), dtype=torch.long)  # (N,)
     last_index = torch.zeros(len(input_ids), dtype=torch.long)  # (N,)
+    targets: list[tuple[int, int, int, int]] = []  # (row, column predicting it, token, sequence)
     for r, members in enumerate(rows):
         at = 0
         for u in members:
             L = shared[u]
+            prefix_start = at
             ids[r, at : at + L] = torch.tensor(input_ids[groups[u][0]][:L], dtype=torch.long)
             positions[r, at : at + L] = torch.arange(L)
             group[r, at : at + L] = u
@@ -171,14 +177,22 @@ def shared_prefix_batch(input_ids: list[list[int]], groups: list[list[int]], pad
                 group[r, at : at + k] = u
                 tail[r, at : at + k] = n
                 row_index[n], last_index[n] = r, (at + k if k else prefix_end) - 1
+                if response_mask is not None:
+                    # token j is predicted at token j - 1's column: in the prefix, or earlier in this tail
+                    targets += [(r, prefix_start + j - 1 if j <= L else at + j - 1 - L, input_ids[n][j], n)
+                                for j in range(1, len(input_ids[n])) if response_mask[n][j]]
                 at += k
     causal = torch.tril(torch.ones(width, width, dtype=torch.bool))  # (T, T)
     allowed = ((group[:, :, None] == group[:, None, :]) & (group[:, None, :] >= 0) & causal
                & ((tail[:, None, :] < 0) | (tail[:, :, None] == tail[:, None, :])))  # (R, T, T) query, key
     allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no softmax row fully masked
     mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions, "row_index": row_index,
-            "last_index": last_index}
+    batch = {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions, "row_index": row_index,
+             "last_index": last_index}
+    if response_mask is not None:
+        laid = torch.tensor(targets, dtype=torch.long).reshape(-1, 4)  # (M, 4)
+        batch.update(target_row=laid[:, 0], target_col=laid[:, 1], target_id=laid[:, 2], target_owner=laid[:, 3])
+    return batch
 
 
 def sequence_batch(input_ids: list[list[int]], pad_id: int, padding_free: bool = False,
@@ -249,12 +263,12 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = 
     float probability that chosen is truly better, 1 where a pair has none (a certain label); safety: (2B,)
     +1 for a response labelled safe, -1 unsafe, 0 unlabelled, in the rows' order.
     padding_free: the packed layout instead (see `packed_batch`; sequence n is still n); with share_prompt, a
-    pair's chosen and rejected sequences share one copy of their prompt (`shared_prefix_batch`: for scoring
-    sequences at their last token, which is all a reward model reads; no response_mask then)."""
+    pair's chosen and rejected sequences share one copy of their prompt (`shared_prefix_batch`, with its response
+    tokens' target_* entries in place of response_mask)."""
     ids = [p.chosen_input_ids for p in pairs] + [p.rejected_input_ids for p in pairs]
     resp = [p.chosen_response_mask for p in pairs] + [p.rejected_response_mask for p in pairs]
     if padding_free and share_prompt:
-        batch = shared_prefix_batch(ids, [[i, len(pairs) + i] for i in range(len(pairs))], pad_id)
+        batch = shared_prefix_batch(ids, [[i, len(pairs) + i] for i in range(len(pairs))], pad_id, resp)
     else:
         batch = sequence_batch(ids, pad_id, padding_free, response_mask=resp)
     batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)  # (B,)
@@ -281,7 +295,7 @@ def collate_rankings(rankings: list[TokenizedRanking], pad_id: int, padding_free
         starts = [0]
         for r in rankings:
             starts.append(starts[-1] + len(r.input_ids))
-        batch = shared_prefix_batch(ids, [list(range(a, b)) for a, b in zip(starts, starts[1:])], pad_id)
+        batch = shared_prefix_batch(ids, [list(range(a, b)) for a, b in zip(starts, starts[1:])], pad_id, resp)
     else:
         batch = sequence_batch(ids, pad_id, padding_free, response_mask=resp)
     K = max(len(r.input_ids) for r in rankings)

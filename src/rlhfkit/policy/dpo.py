@@ -41,6 +41,8 @@ class Split:
     """Whether the pairs' confidence reaches the loss (its batches keep their `confidence` column)."""
     padding_free: bool = False
     """Batches in the packed layout (`collate_pairs(..., padding_free=True)`); sequence n is still n."""
+    share_prompt: bool = False
+    """With padding_free: each pair's two sequences behind one copy of their prompt (`shared_prefix_batch`)."""
     layout: ClassVar[str] = "pairs"
 
     def __len__(self) -> int:
@@ -49,7 +51,7 @@ class Split:
     def collate(self, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         """(2B, T): chosen rows then rejected rows, in one batch so both go through one forward pass; with soft,
         also confidence (B,)."""
-        batch = collate_pairs([self.items[i] for i in idx], pad_id, self.padding_free)
+        batch = collate_pairs([self.items[i] for i in idx], pad_id, self.padding_free, self.share_prompt)
         if not self.soft:
             del batch["confidence"]
         return batch
@@ -75,8 +77,8 @@ def load_data(cfg: DPOConfig, tokenizer: Any) -> tuple[Split, Split, dict[str, A
     held_pairs = tokenize_preferences(tokenizer, _expand(held_records), cfg.max_length, cfg.overlong)[0]
     info.update(train_pairs=len(train_pairs), held_out_pairs=len(held_pairs), truncated_rows=report.truncated)
     soft = bool(info.get("confidence_rows")) and any(p.confidence is not None for p in train_pairs)
-    return (Split(train_pairs, soft=soft, padding_free=cfg.padding_free),
-            Split(held_pairs, padding_free=cfg.padding_free), info)
+    return (Split(train_pairs, soft=soft, padding_free=cfg.padding_free, share_prompt=cfg.share_prompt),
+            Split(held_pairs, padding_free=cfg.padding_free, share_prompt=cfg.share_prompt), info)
 
 
 # ---------------------------------------------------------------------------------------------------- losses

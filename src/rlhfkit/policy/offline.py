@@ -49,6 +49,10 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     attention, positions restarting per sequence), so little of a forward pass is padding; off pads every
     sequence to the longest (KTO: its completions and mismatched pairs alike). The same log-probs either way
     (tested)."""
+    share_prompt: bool = True
+    """With padding_free, pair losses (not kto): a pair's chosen and rejected sequences share one copy of their
+    prompt in the packed row, each attending to it and to itself, so the prompt goes through the policy and the
+    reference once per pair instead of twice. The same log-probs and gradients (tested)."""
     use_confidence: bool = True
     """dpo and cdpo: rows with a confidence column (the probability that chosen is truly better, e.g. from
     annotator reliability) train as soft targets, cDPO with a per-row flip probability 1 - confidence; off trains

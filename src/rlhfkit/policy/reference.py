@@ -68,7 +68,10 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ log π over each sequence's response tokens, and the response lengths: (N,), (N,). A packed batch
-    (`segment` and `position_ids` present) sums each sequence's tokens wherever its row holds them."""
+    (`segment` and `position_ids` present) sums each sequence's tokens wherever its row holds them; a batch whose
+    pairs share their prompt (`target_owner` present, `shared_prefix_batch`) scores its listed response tokens."""
+    if "target_owner" in batch:
+        return shared_prefix_logprobs(model, batch)
     response = batch["response_mask"][:, 1:]  # (R, T-1): the LM head runs on these positions only
     logprobs = logprobs_of(model, batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"),
                            keep=response)  # (R, T-1), entry t scores token t+1
@@ -81,6 +84,28 @@ def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch
     n = batch["last_index"].shape[0]
     logps = logprobs.new_zeros(n).index_add(0, owner, (logprobs * mask).reshape(-1))  # (N,)
     lengths = mask.new_zeros(n).index_add(0, owner, mask.reshape(-1))  # (N,)
+    return logps, lengths
+
+
+def shared_prefix_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logprobs` of a shared-prefix batch: each response token's log-prob read from the hidden state at
+    (target_row, target_col) -- the LM head runs on those rows only, a chunk at a time -- summed per sequence
+    (target_owner). Returns (N,), (N,)."""
+    from rlhfkit.models import _logits_of, _logprobs_rows, chunked_head_logprobs, final_hidden, model_mask
+
+    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    where = (batch["target_row"], batch["target_col"])
+    found = final_hidden(model, ids, mask, positions)
+    if found is not None:
+        hidden, head, _ = found
+        lp, _ = chunked_head_logprobs(hidden[where], head.weight, head.bias, batch["target_id"])  # (M,)
+    else:  # a model whose logits are more than its head's map: its own full logits
+        out = model(input_ids=ids, attention_mask=model_mask(mask, model), position_ids=positions, use_cache=False)
+        lp, _ = _logprobs_rows(_logits_of(out)[where], batch["target_id"], 1.0, False)  # (M,)
+    n = batch["last_index"].shape[0]
+    owner = batch["target_owner"]
+    logps = lp.new_zeros(n).index_add(0, owner, lp)  # (N,)
+    lengths = lp.new_zeros(n).index_add(0, owner, torch.ones_like(lp))  # (N,)
     return logps, lengths
 
 
