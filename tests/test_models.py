@@ -88,6 +88,23 @@ def test_saved_model_loads_with_plain_transformers(tmp_path, tiny_model):
     assert result["logits"] == pytest.approx(want[0, -1, :5].tolist(), abs=1e-4)
 
 
+def test_a_plain_models_log_probs_import_no_peft(tiny_model):
+    """Importing peft sets up torch.compile machinery (about a second on a CPU): a run without LoRA never pays it,
+    as it used to in its first log-prob pass (`is_peft` imported peft to ask)."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        import torch
+        from rlhfkit.models import is_peft, load_causal_lm, load_tokenizer, logprobs_of
+        tok = load_tokenizer({str(tiny_model)!r})
+        model = load_causal_lm({str(tiny_model)!r}, tok)
+        ids = torch.tensor([tok("hello there")["input_ids"]])
+        logprobs_of(model, ids, torch.ones_like(ids))
+        print(json.dumps({{"peft": "peft" in sys.modules, "is_peft": is_peft(model)}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"peft": False, "is_peft": False}
+
+
 def test_missing_or_wrong_model_dir_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_causal_lm(str(tmp_path / "nope"))

@@ -11,6 +11,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -299,11 +300,11 @@ def add_lora(model: Any, lora: LoraConfig) -> Any:
 
 
 def is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a core dependency
-        return False
-    return isinstance(model, PeftModel)
+    """Whether model is a peft PeftModel. Without peft imported, nothing can be one: the check then imports
+    nothing (importing peft sets up torch.compile machinery, about a second on a CPU, which a plain model's first
+    log-prob pass would otherwise pay)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def save_pretrained(model: Any, tokenizer: Any | None, out_dir: str | os.PathLike) -> None:
