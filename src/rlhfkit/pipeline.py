@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -473,7 +473,7 @@ def label_generator_job(root: Path, seed: int, plan: dict[str, tuple[int, int, i
 
 
 def label_job(root: Path, seed: int, quick: bool, plan: dict[str, tuple[int, int, int]], overlap: int,
-              samples: list[dict[tuple[str, int], Any] | None] = (), redo: bool = False) -> Done:
+              samples: Sequence[dict[tuple[str, int], Any] | None] = (), redo: bool = False) -> Done:
     """collect_labels, with the SFT samples drawn by the label_samples jobs (None from one that found the labels
     up to date)."""
     groups = {unit: g for part in samples if part is not None for unit, g in part.items()}

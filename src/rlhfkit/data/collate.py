@@ -137,8 +137,8 @@ def shared_prefix_batch(input_ids: list[list[int]], groups: list[list[int]], pad
     on from the prefix's. A tail attends to the prefix and to itself, the prefix only to itself (causally), so
     every sequence's hidden states equal those of the padded layout while the prefix goes through the model once
     per group instead of once per sequence (a preference pair's prompt, a ranking's K). Groups (each sequence in
-    exactly one) are packed into rows first fit, longest first. Every sequence must have a token of its own or
-    end where the prefix ends (its last token is then the prefix's last).
+    exactly one) are packed into rows first fit, longest first. A sequence that is all prefix (a response that
+    starts another) ends at the prefix's last token.
 
     Returns input_ids, position_ids: (R, T); attention_mask: (R, 1, T, T) additive float, 0 = may attend;
     row_index, last_index: (N,) row and column of sequence n's last token. No per-token masks: a token of the
