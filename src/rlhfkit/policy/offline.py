@@ -52,7 +52,9 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     share_prompt: bool = True
     """With padding_free, pair losses (not kto): a pair's chosen and rejected sequences share one copy of their
     prompt in the packed row, each attending to it and to itself, so the prompt goes through the policy and the
-    reference once per pair instead of twice. The same log-probs and gradients (tested)."""
+    reference once per pair instead of twice. The same log-probs and gradients (tested). Rows grow as wide as a
+    whole pair, and packed rows attend densely, so with long responses to short prompts the extra attention can
+    outweigh the prompt saved: measure, and turn it off there."""
     use_confidence: bool = True
     """dpo and cdpo: rows with a confidence column (the probability that chosen is truly better, e.g. from
     annotator reliability) train as soft targets, cDPO with a per-row flip probability 1 - confidence; off trains

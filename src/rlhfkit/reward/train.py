@@ -70,7 +70,9 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
     share_prompt: bool = True
     """With padding_free: the responses of one pair or ranking share a single copy of their prompt in the packed
     row (each response attends to it and to itself), so the prompt goes through the model once per item instead
-    of once per response. The same scores and gradients; on the demo's labels 18% fewer tokens per step."""
+    of once per response. The same scores and gradients; on the demo's labels 18% fewer tokens per step. Rows grow
+    as wide as a whole item, and packed rows attend densely, so with long responses to short prompts the extra
+    attention can outweigh the prompt saved: measure, and turn it off there."""
     use_margin: bool = True
     """Use each pair's margin (or its strength level mapped to one) in -log sigma(r_c - r_r - m) (Llama 2)."""
     use_confidence: bool = True
