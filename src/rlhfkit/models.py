@@ -379,6 +379,20 @@ def logprobs_of(
     return (result, out) if with_output else result
 
 
+def logprobs_at(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[m]) under the distribution the hidden state at (rows[m], cols[m]) predicts, from one forward
+    pass: (M,). For layouts where a token's predictor is not the position just before it (`shared_prefix_batch`).
+    The LM head runs on those M rows only, in chunks, as in `logprobs_of` (whose full-logits fallback it shares)."""
+    found = final_hidden(model, input_ids, attention_mask, position_ids)
+    if found is not None:
+        hidden, head, _ = found
+        return chunked_head_logprobs(hidden[rows, cols], head.weight, head.bias, targets)[0]
+    out = model(input_ids=input_ids, attention_mask=model_mask(attention_mask, model), position_ids=position_ids,
+                use_cache=False)
+    return _logprobs_rows(_logits_of(out)[rows, cols], targets, 1.0, False)[0]
+
+
 def final_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.nn.Linear, Any] | None:
     """One forward that computes the logits of the last position only: (the decoder's final hidden states

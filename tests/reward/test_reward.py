@@ -332,10 +332,10 @@ def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind,
     collate = collate_pairs if kind == "pairs" else collate_rankings
     shared = collate(items, tok.pad_token_id, padding_free=True, share_prompt=True)
     # each prompt once: fewer tokens laid out than in the packed layout, which repeats it per response
-    seqs = [(i.chosen_input_ids, i.rejected_input_ids) if kind == "pairs" else i.input_ids for i in items]
-    repeats = sum(len(i.prompt_ids) * (len(s) - 1) for i, s in zip(items, seqs))
-    assert int((shared["input_ids"] != tok.pad_token_id).sum()) <= sum(map(len, sum(seqs, ()) if kind == "pairs"
-                                                                         else sum(seqs, []))) - repeats
+    seqs = [[i.chosen_input_ids, i.rejected_input_ids] if kind == "pairs" else i.input_ids for i in items]
+    tokens = sum(len(s) for group in seqs for s in group)
+    repeats = sum(len(i.prompt_ids) * (len(group) - 1) for i, group in zip(items, seqs))
+    assert int((shared["input_ids"] != tok.pad_token_id).sum()) <= tokens - repeats
     results = []
     for padding_free, share_prompt in ((False, False), (True, False), (True, True)):
         cfg = rtrain.RewardConfig(model="m", data="d", output_dir="o", padding_free=padding_free,

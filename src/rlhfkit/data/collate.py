@@ -45,9 +45,11 @@ def pack_rows(lengths: list[int]) -> list[list[int]]:
     return first_fit(lengths, max(lengths), sorted(range(len(lengths)), key=lambda i: -lengths[i]))
 
 
-def block_diagonal_mask(segment: torch.Tensor) -> torch.Tensor:
+def block_diagonal_mask(segment: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
     """Additive attention mask (R, 1, T, T) for packed rows: 0 where query t may attend key s (same sequence,
     s <= t), the float32 minimum elsewhere. segment: (R, T) index of the sequence at each position, -1 = padding.
+    tail (shared prefixes, `shared_prefix_batch`): (R, T) which member of the segment's group a position belongs
+    to, -1 for the group's shared prefix; a key in one member's tail is then hidden from every other member.
 
     Additive, not boolean: transformers hands a 4-D mask to the attention kernel as it is, and eager attention
     *adds* it to the scores, so a boolean mask there adds 1 / 0 and lets packed sequences see each other (sdpa
@@ -56,6 +58,8 @@ def block_diagonal_mask(segment: torch.Tensor) -> torch.Tensor:
     T = segment.shape[1]
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=segment.device))  # (T, T)
     allowed = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0) & causal  # (R, T, T)
+    if tail is not None:
+        allowed &= (tail[:, None, :] < 0) | (tail[:, :, None] == tail[:, None, :])
     allowed |= torch.eye(T, dtype=torch.bool, device=segment.device)
     mask = torch.zeros(allowed.shape, dtype=torch.float32, device=segment.device)
     return mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]  # (R, 1, T, T)
@@ -182,13 +186,8 @@ def shared_prefix_batch(input_ids: list[list[int]], groups: list[list[int]], pad
                     targets += [(r, prefix_start + j - 1 if j <= L else at + j - 1 - L, input_ids[n][j], n)
                                 for j in range(1, len(input_ids[n])) if response_mask[n][j]]
                 at += k
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))  # (T, T)
-    allowed = ((group[:, :, None] == group[:, None, :]) & (group[:, None, :] >= 0) & causal
-               & ((tail[:, None, :] < 0) | (tail[:, :, None] == tail[:, None, :])))  # (R, T, T) query, key
-    allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no softmax row fully masked
-    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    batch = {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions, "row_index": row_index,
-             "last_index": last_index}
+    batch = {"input_ids": ids, "attention_mask": block_diagonal_mask(group, tail), "position_ids": positions,
+             "row_index": row_index, "last_index": last_index}
     if response_mask is not None:
         laid = torch.tensor(targets, dtype=torch.long).reshape(-1, 4)  # (M, 4)
         batch.update(target_row=laid[:, 0], target_col=laid[:, 1], target_id=laid[:, 2], target_owner=laid[:, 3])

@@ -18,7 +18,7 @@ import torch
 
 from rlhfkit.errors import UserError
 from rlhfkit.losses import sequence_logps
-from rlhfkit.models import load_causal_lm, logprobs_of
+from rlhfkit.models import load_causal_lm, logprobs_at, logprobs_of
 from rlhfkit.train import Run
 
 log = logging.getLogger(__name__)
@@ -91,17 +91,8 @@ def shared_prefix_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[
     """`sequence_logprobs` of a shared-prefix batch: each response token's log-prob read from the hidden state at
     (target_row, target_col) -- the LM head runs on those rows only, a chunk at a time -- summed per sequence
     (target_owner). Returns (N,), (N,)."""
-    from rlhfkit.models import _logits_of, _logprobs_rows, chunked_head_logprobs, final_hidden, model_mask
-
-    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-    where = (batch["target_row"], batch["target_col"])
-    found = final_hidden(model, ids, mask, positions)
-    if found is not None:
-        hidden, head, _ = found
-        lp, _ = chunked_head_logprobs(hidden[where], head.weight, head.bias, batch["target_id"])  # (M,)
-    else:  # a model whose logits are more than its head's map: its own full logits
-        out = model(input_ids=ids, attention_mask=model_mask(mask, model), position_ids=positions, use_cache=False)
-        lp, _ = _logprobs_rows(_logits_of(out)[where], batch["target_id"], 1.0, False)  # (M,)
+    lp = logprobs_at(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["target_row"],
+                     batch["target_col"], batch["target_id"])  # (M,)
     n = batch["last_index"].shape[0]
     owner = batch["target_owner"]
     logps = lp.new_zeros(n).index_add(0, owner, lp)  # (N,)
