@@ -64,6 +64,20 @@ def curve(run: Path, loss: str) -> list[tuple[int, float, float]]:
     return [(m["step"], m[loss], m["grad_norm"]) for m in read_metrics(run / "metrics.jsonl")]
 
 
+LR = float(COMMON[COMMON.index("--learning-rate") + 1])
+
+
+def assert_close_weights(wa: torch.Tensor, wb: torch.Tensor, key: str) -> None:
+    """The same weights up to float noise. Adam divides each gradient by its own running magnitude, so a coordinate
+    whose gradient is itself rounding noise (near zero, made of cancelling terms) takes a step of a different
+    direction when the sums are reduced in another order: one such coordinate in thousands can differ by a small
+    fraction of a step. A real layout fault (a lost shard, a gradient scaled or dropped) moves whole tensors by
+    whole steps. So: 99.9% of the coordinates within 1e-4 relative, and every one within 2% of one Adam step."""
+    close = (wa - wb).abs() <= 1e-5 + 1e-4 * wb.abs()
+    assert close.float().mean().item() >= 0.999, f"{key}: {int((~close).sum())} of {close.numel()} differ"
+    torch.testing.assert_close(wa, wb, rtol=0, atol=0.02 * LR, msg=key)
+
+
 def assert_same(a: Path, b: Path, loss: str, exact: bool = False) -> None:
     ca, cb = curve(a, loss), curve(b, loss)
     assert [s for s, *_ in ca] == [s for s, *_ in cb]
@@ -80,7 +94,7 @@ def assert_same(a: Path, b: Path, loss: str, exact: bool = False) -> None:
             if exact:
                 assert torch.equal(wa[key], wb[key]), key
             else:
-                torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+                assert_close_weights(wa[key], wb[key], key)
 
 
 def assert_sharded_checkpoint(run: Path, step: int) -> None:
@@ -173,7 +187,7 @@ def online_dpo_against_one_process(tmp_path: Path, world: dict[str, Path], confi
     wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+        assert_close_weights(wa[key], wb[key], key)
     return two, proc
 
 
