@@ -330,6 +330,23 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def attention_token_weight(model: Any) -> float | None:
+    """One token's arithmetic in a decoder layer's linear layers, in units of one query-key pair of its attention:
+    (4H^2 + 3HI) multiply-adds against 2H, i.e. 2H + 1.5I for hidden size H and MLP width I (grouped keys and
+    values ignored). What `collate.shared_prefix_pays` weighs wider rows against. None when the model (under any
+    wrapper: DDP, DeepSpeed, peft) has no such config."""
+    while getattr(model, "config", None) is None and hasattr(model, "module"):
+        model = model.module
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int):
+        return None
+    width = getattr(config, "intermediate_size", None)
+    return 2.0 * hidden + 1.5 * (width if isinstance(width, int) else 4 * hidden)
+
+
 def model_mask(attention_mask: torch.Tensor, model: Any) -> torch.Tensor:
     """A 4-D additive mask (packed rows) in the model's dtype (sdpa wants the query's dtype or bool); a 2-D
     padding mask as it is."""

@@ -112,3 +112,55 @@ def test_sft_batches_keep_their_per_token_keys():
     for key in expected:
         assert torch.equal(free[key], expected[key]), key
     assert free["loss_mask"].tolist() == [[0, 1, 1], [0, 0, 1], [0, 1, 1]]
+
+
+def _pairs(prompt_len: int, response_len: int, n: int) -> list:
+    from rlhfkit.data.preference_tokens import TokenizedPair
+
+    prompt = list(range(1, prompt_len + 1))
+    out = []
+    for i in range(n):
+        chosen, rejected = [100 + i] * response_len, [200 + i] * response_len
+        out.append(TokenizedPair(prompt, prompt + chosen, [1] * (prompt_len + response_len),
+                                 [0] * prompt_len + [1] * response_len, prompt + rejected,
+                                 [1] * (prompt_len + response_len), [0] * prompt_len + [1] * response_len))
+    return out
+
+
+def test_a_pairs_prompt_is_shared_unless_the_wider_rows_cost_clearly_more():
+    from rlhfkit.data.collate import collate_pairs, shared_prefix_pays
+
+    def ids_groups(pairs):
+        return ([p.chosen_input_ids for p in pairs] + [p.rejected_input_ids for p in pairs],
+                [[i, len(pairs) + i] for i in range(len(pairs))])
+
+    # a long prompt, short answers: one copy of the prompt saves more than the wider rows cost, at any model size
+    long_prompt = _pairs(20, 3, 4)
+    assert all(shared_prefix_pays(*ids_groups(long_prompt), w) for w in (1.0, 16.0, 1e5))
+    # a one-token prompt, 40-token answers: the shared rows are 81 wide against 41, 4 of them against 8 padded
+    # ones: 4 * 81 * (16 + 81) = 31,428 against 8 * 41 * (16 + 41) = 18,696 on a small model (1.68x dearer) ...
+    short_prompt = _pairs(1, 40, 4)
+    assert not shared_prefix_pays(*ids_groups(short_prompt), 16.0)
+    # ... but the same (0.99x) where the linear layers outweigh attention, and always without an estimate
+    assert shared_prefix_pays(*ids_groups(short_prompt), 1e5) and shared_prefix_pays(*ids_groups(short_prompt), None)
+    # the collate function follows: the packed layout, with per-token response masks, instead of target_* entries
+    plain = collate_pairs(short_prompt, 0, padding_free=True, share_prompt=True, token_weight=16.0)
+    assert "response_mask" in plain and "target_owner" not in plain
+    shared = collate_pairs(short_prompt, 0, padding_free=True, share_prompt=True, token_weight=1e5)
+    assert "target_owner" in shared and shared["input_ids"].shape == (4, 81)
+
+
+def test_the_attention_token_weight_reads_the_decoder_config_under_wrappers():
+    from transformers import LlamaConfig
+
+    from rlhfkit.models import attention_token_weight
+
+    class Model:
+        config = LlamaConfig(hidden_size=64, intermediate_size=128)
+
+    class Wrapper:  # DDP and DeepSpeed keep the model under .module
+        module = Model()
+
+    assert attention_token_weight(Model()) == 2 * 64 + 1.5 * 128
+    assert attention_token_weight(Wrapper()) == 320.0
+    assert attention_token_weight(object()) is None

@@ -226,12 +226,14 @@ def test_reference_pass_scores_the_items_the_run_reads_batched_by_length_as_if_a
 
 
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])
-def test_padding_free_pairs_take_the_padded_steps(tmp_path, tiny_model, loss):
+def test_padding_free_pairs_take_the_padded_steps(tmp_path, tiny_model, loss, monkeypatch):
     """Chosen and rejected sequences packed into shared rows, each pair's prompt laid out once for both
     (share_prompt, the default) or once per sequence: the same reference cache, per-step losses, gradient norms,
     eval metrics and weights as right padding, up to float rounding (simpo reads the response lengths)."""
     from rlhfkit.models import load_tokenizer
 
+    # every batch in the shared layout, whatever it would cost on this model (when it is chosen: test_collate)
+    monkeypatch.setattr("rlhfkit.data.collate.shared_prefix_pays", lambda *args: True)
     rows = sum_pairs(48, seed=5)
     for i, row in enumerate(rows):  # responses of very different lengths, so short sequences share rows
         row["rejected"] = row["rejected"].replace(" .", " ." * (1 + (5 * i) % 23))

@@ -311,7 +311,7 @@ def test_pack_rows_places_every_sequence_once_within_the_longest_width():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["pairs", "rankings"])
-def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind, attn):
+def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind, attn, monkeypatch):
     """Mixed lengths packed several to a row (block-diagonal mask, positions restarting) score, train and
     backpropagate exactly like the right-padded batch -- under eager attention too, which adds a 4-D mask to
     the scores (a boolean mask there let packed sequences see each other: scores off by ~0.015). So does the
@@ -337,6 +337,8 @@ def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind,
     repeats = sum(len(i.prompt_ids) * (len(group) - 1) for i, group in zip(items, seqs))
     assert int((shared["input_ids"] != tok.pad_token_id).sum()) <= tokens - repeats
     results = []
+    # the shared layout in training whatever it would cost on this model (when it is chosen: tests/data/test_collate)
+    monkeypatch.setattr("rlhfkit.data.collate.shared_prefix_pays", lambda *args: True)
     for padding_free, share_prompt in ((False, False), (True, False), (True, True)):
         cfg = rtrain.RewardConfig(model="m", data="d", output_dir="o", padding_free=padding_free,
                                   share_prompt=share_prompt, use_margin=False)

@@ -194,6 +194,41 @@ def shared_prefix_batch(input_ids: list[list[int]], groups: list[list[int]], pad
     return batch
 
 
+# how much dearer (estimated) the shared-prefix layout may be and still be used: within it, timings do not tell the
+# layouts apart (e.g. the playground's reward batches, 7% of which estimate up to this much dearer shared)
+SHARED_PREFIX_SLACK = 1.25
+
+
+def layout_rows(lengths: list[int], padding_free: bool) -> tuple[int, int]:
+    """(rows, width) of the batch `sequence_batch` lays sequences of these lengths out in."""
+    if padding_free and len(lengths) > 1:
+        rows = pack_rows(lengths)
+        if len(rows) < len(lengths):
+            return len(rows), max(lengths)
+    return len(lengths), max(lengths)
+
+
+def shared_prefix_pays(input_ids: list[list[int]], groups: list[list[int]], token_weight: float | None) -> bool:
+    """Whether `shared_prefix_batch` costs less arithmetic than the packed layout of the same sequences. Its rows
+    are as wide as a whole group (prompt and every response), the packed layout's as the longest sequence, and a
+    packed row attends densely: a (rows, width) batch costs rows x width x (token_weight + width), token_weight
+    being one token's linear layers in units of one query-key pair of attention (`models.attention_token_weight`).
+    With long responses to short prompts on a small model the wider rows can cost more than the prompt copies
+    saved; otherwise the prompt saved wins. Where the two are within SHARED_PREFIX_SLACK of each other the measured
+    times are too (the estimate leaves out per-row overheads), so the shared layout is kept unless it is clearly
+    dearer. token_weight None: always share."""
+    if token_weight is None:
+        return True
+    lengths = [len(s) for s in input_ids]
+    shared = [common_prefix([input_ids[n] for n in g]) for g in groups]
+    group_lengths = [L + sum(lengths[n] - L for n in g) for g, L in zip(groups, shared)]
+    rows = pack_rows(group_lengths)
+    width = max(sum(group_lengths[u] for u in members) for members in rows)
+    plain_rows, plain_width = layout_rows(lengths, True)
+    shared_cost = len(rows) * width * (token_weight + width)
+    return shared_cost <= SHARED_PREFIX_SLACK * plain_rows * plain_width * (token_weight + plain_width)
+
+
 def sequence_batch(input_ids: list[list[int]], pad_id: int, padding_free: bool = False,
                    **masks: list[list[int]]) -> dict[str, torch.Tensor]:
     """`padded_batch`; with padding_free, `packed_batch` in the rows of `pack_rows` whenever packing saves at
@@ -252,8 +287,8 @@ def collate_packed(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------ preference and KTO
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = False, share_prompt: bool = False
-                  ) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = False, share_prompt: bool = False,
+                  token_weight: float | None = None) -> dict[str, torch.Tensor]:
     """One right-padded batch for a single forward pass: rows 0..B-1 are the chosen sequences and rows B..2B-1
     the rejected ones, in the same order (split the scores with `scores.split(B)` or [:B], [B:]).
 
@@ -263,11 +298,13 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = 
     +1 for a response labelled safe, -1 unsafe, 0 unlabelled, in the rows' order.
     padding_free: the packed layout instead (see `packed_batch`; sequence n is still n); with share_prompt, a
     pair's chosen and rejected sequences share one copy of their prompt (`shared_prefix_batch`, with its response
-    tokens' target_* entries in place of response_mask)."""
+    tokens' target_* entries in place of response_mask) when that costs less (`shared_prefix_pays` with
+    token_weight; None: always)."""
     ids = [p.chosen_input_ids for p in pairs] + [p.rejected_input_ids for p in pairs]
     resp = [p.chosen_response_mask for p in pairs] + [p.rejected_response_mask for p in pairs]
-    if padding_free and share_prompt:
-        batch = shared_prefix_batch(ids, [[i, len(pairs) + i] for i in range(len(pairs))], pad_id, resp)
+    groups = [[i, len(pairs) + i] for i in range(len(pairs))]
+    if padding_free and share_prompt and shared_prefix_pays(ids, groups, token_weight):
+        batch = shared_prefix_batch(ids, groups, pad_id, resp)
     else:
         batch = sequence_batch(ids, pad_id, padding_free, response_mask=resp)
     batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)  # (B,)
@@ -279,22 +316,23 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_free: bool = 
 
 
 def collate_rankings(rankings: list[TokenizedRanking], pad_id: int, padding_free: bool = False,
-                     share_prompt: bool = False) -> dict[str, torch.Tensor]:
+                     share_prompt: bool = False, token_weight: float | None = None) -> dict[str, torch.Tensor]:
     """All responses of G prompts in one right-padded batch of N = ΣK_g sequences, each scored once
     (InstructGPT: the K responses of a prompt are one batch element).
 
     Returns input_ids, attention_mask, response_mask: (N, T); last_index: (N,); group_index, slot_index: (N,)
     placing sequence n at rewards[group_index[n], slot_index[n]] of a (G, K) tensor, K = max K_g; beats:
     (G, K, K) bool, beats[g, i, j] = response i of prompt g ranked above response j (False for ties and
-    padding slots) — ready for `losses.reward.batched_ranking_loss`. padding_free, share_prompt: as in
-    `collate_pairs` (a ranking's K sequences share one copy of their prompt)."""
+    padding slots) — ready for `losses.reward.batched_ranking_loss`. padding_free, share_prompt, token_weight: as
+    in `collate_pairs` (a ranking's K sequences share one copy of their prompt)."""
     ids = [s for r in rankings for s in r.input_ids]
     resp = [m for r in rankings for m in r.response_mask]
-    if padding_free and share_prompt:
-        starts = [0]
-        for r in rankings:
-            starts.append(starts[-1] + len(r.input_ids))
-        batch = shared_prefix_batch(ids, [list(range(a, b)) for a, b in zip(starts, starts[1:])], pad_id, resp)
+    starts = [0]
+    for r in rankings:
+        starts.append(starts[-1] + len(r.input_ids))
+    groups = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
+    if padding_free and share_prompt and shared_prefix_pays(ids, groups, token_weight):
+        batch = shared_prefix_batch(ids, groups, pad_id, resp)
     else:
         batch = sequence_batch(ids, pad_id, padding_free, response_mask=resp)
     K = max(len(r.input_ids) for r in rankings)

@@ -42,7 +42,10 @@ class Split:
     padding_free: bool = False
     """Batches in the packed layout (`collate_pairs(..., padding_free=True)`); sequence n is still n."""
     share_prompt: bool = False
-    """With padding_free: each pair's two sequences behind one copy of their prompt (`shared_prefix_batch`)."""
+    """With padding_free: each pair's two sequences behind one copy of their prompt (`shared_prefix_batch`) in the
+    batches where that costs less (`collate.shared_prefix_pays`)."""
+    token_weight: float | None = None
+    """The policy's `models.attention_token_weight`, set once it is loaded; None: share in every batch."""
     layout: ClassVar[str] = "pairs"
 
     def __len__(self) -> int:
@@ -51,7 +54,8 @@ class Split:
     def collate(self, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         """(2B, T): chosen rows then rejected rows, in one batch so both go through one forward pass; with soft,
         also confidence (B,)."""
-        batch = collate_pairs([self.items[i] for i in idx], pad_id, self.padding_free, self.share_prompt)
+        batch = collate_pairs([self.items[i] for i in idx], pad_id, self.padding_free, self.share_prompt,
+                              self.token_weight)
         if not self.soft:
             del batch["confidence"]
         return batch

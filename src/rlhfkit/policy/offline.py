@@ -14,7 +14,7 @@ from rlhfkit.config import PreferenceDataConfig, TrainConfig
 from rlhfkit.data.preference import PreferencePair
 from rlhfkit.data.readers import split_eval
 from rlhfkit.errors import ConfigError, UserError
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models import attention_token_weight, load_causal_lm, load_tokenizer
 from rlhfkit.policy.reference import Reference, prepare_reference, visited_items
 from rlhfkit.train import Run
 
@@ -53,8 +53,8 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     """With padding_free, pair losses (not kto): a pair's chosen and rejected sequences share one copy of their
     prompt in the packed row, each attending to it and to itself, so the prompt goes through the policy and the
     reference once per pair instead of twice. The same log-probs and gradients (tested). Rows grow as wide as a
-    whole pair, and packed rows attend densely, so with long responses to short prompts the extra attention can
-    outweigh the prompt saved: measure, and turn it off there."""
+    whole pair, and packed rows attend densely: a batch whose wider rows would cost more attention than the prompt
+    copies save (long responses to short prompts, on a small model) is laid out without sharing."""
     use_confidence: bool = True
     """dpo and cdpo: rows with a confidence column (the probability that chosen is truly better, e.g. from
     annotator reliability) train as soft targets, cDPO with a per-row flip probability 1 - confidence; off trains
@@ -208,6 +208,9 @@ def start(cfg: DPOConfig, load_data: Callable[[DPOConfig, Any], tuple[Any, Any, 
     train, held, info = load_data(cfg, tokenizer)
     log.info("dpo (%s): %s", cfg.loss, info)
     model = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, dropout_off=cfg.dropout_off)
+    for split in (train, held):  # pair splits share a prompt only in the batches where it costs less
+        if hasattr(split, "token_weight"):
+            split.token_weight = attention_token_weight(model)
     # only the items max_steps will draw need a reference log-prob (the trainers draw batch x grad_accum x world
     # items a step from run.begin's EpochSampler, seeded by cfg.seed)
     needed = visited_items(len(train), cfg.seed, cfg.batch_size * cfg.grad_accum * run.world, cfg.max_steps)

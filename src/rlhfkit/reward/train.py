@@ -31,7 +31,7 @@ from rlhfkit.data.scored import HELPSTEER2_ATTRIBUTES, TokenizedScored, collate_
 from rlhfkit.errors import ConfigError, DataError, UserError
 from rlhfkit.losses import RewardStats, batched_ranking_loss, bradley_terry_loss, centering_penalty
 from rlhfkit.losses.reward import attribute_regression_loss
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import attention_token_weight, load_tokenizer
 from rlhfkit.reward.model import (
     CRITERIA_KEY, ENSEMBLE_FILE, HEAD_SEPARATOR, OFFSETS_KEY, apply_normalisation, head_offsets, head_scores,
     load_reward_model, name_heads, scoring_batches, sequence_scores,
@@ -71,8 +71,8 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
     """With padding_free: the responses of one pair or ranking share a single copy of their prompt in the packed
     row (each response attends to it and to itself), so the prompt goes through the model once per item instead
     of once per response. The same scores and gradients; on the demo's labels 18% fewer tokens per step. Rows grow
-    as wide as a whole item, and packed rows attend densely, so with long responses to short prompts the extra
-    attention can outweigh the prompt saved: measure, and turn it off there."""
+    as wide as a whole item, and packed rows attend densely: a batch whose wider rows would cost more attention
+    than the prompt copies save (long responses to short prompts, on a small model) is laid out without sharing."""
     use_margin: bool = True
     """Use each pair's margin (or its strength level mapped to one) in -log sigma(r_c - r_r - m) (Llama 2)."""
     use_confidence: bool = True
@@ -361,8 +361,9 @@ def micro_batch_loss(model: Any, items: list[Item], pad_id: int, cfg: RewardConf
     rankings = [i for i in items if isinstance(i, TokenizedRanking)]
     total = torch.zeros((), device=device)
     counts = dict.fromkeys(preference_count_keys(cfg), 0.0)
+    weight = attention_token_weight(model)  # share a prompt only where that costs less (collate.shared_prefix_pays)
     if pairs:
-        batch = _to(collate_pairs(pairs, pad_id, cfg.padding_free, cfg.share_prompt), device)
+        batch = _to(collate_pairs(pairs, pad_id, cfg.padding_free, cfg.share_prompt, weight), device)
         B = len(pairs)
         heads = torch.tensor([p.head for p in pairs] * 2, device=device) if cfg.criteria else None  # (2B,)
         scores, every = own_head_scores(model, batch, heads)  # (2B,), (2B, K) or None
@@ -393,7 +394,7 @@ def micro_batch_loss(model: Any, items: list[Item], pad_id: int, cfg: RewardConf
             count_per_criterion(counts, cfg.criteria, heads[:B], (chosen > rejected).detach(),
                                 torch.ones(B, device=device))
     if rankings:
-        batch = _to(collate_rankings(rankings, pad_id, cfg.padding_free, cfg.share_prompt), device)
+        batch = _to(collate_rankings(rankings, pad_id, cfg.padding_free, cfg.share_prompt, weight), device)
         heads = (torch.tensor([r.head for r in rankings for _ in r.input_ids], device=device)  # (N,)
                  if cfg.criteria else None)
         scores, _ = own_head_scores(model, batch, heads)  # (N,)
