@@ -310,7 +310,8 @@ def test_one_epoch_one_minibatch_reuses_the_training_forward_and_takes_the_same_
         tmp_path, tiny_model, world, monkeypatch, advantage):
     """At ppo_epochs = minibatches = 1 the old log-probs and values come from the training forward (no extra
     no-grad pass); the steps taken must equal those of the separate-pass path, up to float rounding (Adam turns
-    rounding-level gradient differences into weight differences of a few 1e-6 at lr 1e-3)."""
+    rounding-level gradient differences into weight differences of a few 1e-6 at lr 1e-3, on a few coordinates
+    up to a few 1e-5)."""
     # policy_loss, approx_kl and clip_frac are not compared: with one epoch over one minibatch the ratio is 1 on
     # both paths, so they are 0 (the loss -mean(A), A whitened) whichever path ran. The gradient norm is what each
     # path computes; the rewards and KL of steps 2 and 3 follow from the weights each path's steps left.
@@ -333,8 +334,11 @@ def test_one_epoch_one_minibatch_reuses_the_training_forward_and_takes_the_same_
         assert [m[key] for m in a] == pytest.approx([m[key] for m in b], abs=1e-5), key
     assert all(m["grad_norm"] > 0.1 for m in a)  # a real gradient on both paths, not two zeros
     wa, wb = load_file(str(tmp_path / "fused" / "model.safetensors")), load_file(str(tmp_path / "separate" / "model.safetensors"))
-    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert diff < 2e-5, diff
+    # a coordinate whose gradient is itself rounding noise can take a step of another direction (Adam normalises
+    # it): a handful in the whole model may differ by a few % of one step; a wrong path moves whole tensors
+    diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert float((diffs > 1e-5).float().mean()) < 1e-3, int((diffs > 1e-5).sum())
+    assert float(diffs.max()) < 5e-5, float(diffs.max())  # 5% of one step at lr 1e-3
 
 
 def test_best_of_n_reads_a_datasetdict_split_through_a_column_mapping(tmp_path, tiny_model, world):
