@@ -528,3 +528,18 @@ def test_kto_on_paired_rows_unpairs_them(tmp_path, tiny_model, pairs_file):
     assert (summary["train_examples"], summary["desirable"], summary["undesirable"]) == (80, 40, 40)
     first = metrics_of(out)[0]
     assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_run_weighs_sharing_each_batchs_prompt_with_its_policys_size(tmp_path, tiny_model, monkeypatch):
+    """`rlhfkit dpo` hands every batch's layout choice (reference pass, training, held-out evaluation) the loaded
+    policy's attention_token_weight, so a batch whose shared rows would cost clearly more is laid out unshared."""
+    from rlhfkit.data import collate
+    from rlhfkit.models import attention_token_weight, load_causal_lm, load_tokenizer
+
+    seen = []
+    real = collate.shared_prefix_pays
+    monkeypatch.setattr(collate, "shared_prefix_pays", lambda ids, groups, w: seen.append(w) or real(ids, groups, w))
+    data = write_jsonl(tmp_path / "pairs.jsonl", sum_pairs(24, seed=3))
+    dpo.main(cfg(tiny_model, data, tmp_path / "run", max_steps=2, batch_size=4, padding_free=True, eval_every=2))
+    expected = attention_token_weight(load_causal_lm(str(tiny_model), load_tokenizer(str(tiny_model))))
+    assert expected is not None and len(seen) >= 3 and set(seen) == {expected}

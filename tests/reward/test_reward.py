@@ -354,3 +354,20 @@ def test_padding_free_batches_give_the_padded_scores_loss_and_gradient(rm, kind,
         assert counts_b["correct"] == counts_a["correct"]
         # float32 sums in another order: differences at the rounding level of the largest gradient entries
         assert float((g_b - g_a).abs().max()) < 1e-5 * float(g_a.abs().max()), float((g_b - g_a).abs().max())
+
+
+def test_reward_training_weighs_sharing_the_prompt_with_the_models_size(rm, monkeypatch):
+    """The reward model's own attention_token_weight reaches every batch's layout choice (pairs and rankings)."""
+    from rlhfkit.data import collate
+    from rlhfkit.models import attention_token_weight
+
+    model, tok = rm
+    seen = []
+    real = collate.shared_prefix_pays
+    monkeypatch.setattr(collate, "shared_prefix_pays", lambda ids, groups, w: seen.append(w) or real(ids, groups, w))
+    items = [_pair_item(tok, "say hi .", "hi !", "no ."),
+             tokenize_ranking(tok, Ranking(prompt="say hi .", responses=["hi !", "no .", "hi ! ok"],
+                                           ranking=[[0], [2], [1]]), 64)]
+    cfg = rtrain.RewardConfig(model="m", data="d", output_dir="o", use_margin=False)
+    rtrain.micro_batch_loss(model, items, tok.pad_token_id, cfg, "cpu", 2.0)
+    assert seen == [attention_token_weight(model)] * 2 and seen[0] is not None

@@ -199,13 +199,14 @@ def shared_prefix_batch(input_ids: list[list[int]], groups: list[list[int]], pad
 SHARED_PREFIX_SLACK = 1.25
 
 
-def layout_rows(lengths: list[int], padding_free: bool) -> tuple[int, int]:
-    """(rows, width) of the batch `sequence_batch` lays sequences of these lengths out in."""
-    if padding_free and len(lengths) > 1:
+def packed_rows(lengths: list[int]) -> list[list[int]] | None:
+    """The padding-free rows (`pack_rows`) of sequences of these lengths when packing saves at least one row, else
+    None: the padded layout (nothing to gain, and a plain mask keeps the fastest attention kernels)."""
+    if len(lengths) > 1:
         rows = pack_rows(lengths)
         if len(rows) < len(lengths):
-            return len(rows), max(lengths)
-    return len(lengths), max(lengths)
+            return rows
+    return None
 
 
 def shared_prefix_pays(input_ids: list[list[int]], groups: list[list[int]], token_weight: float | None) -> bool:
@@ -224,19 +225,18 @@ def shared_prefix_pays(input_ids: list[list[int]], groups: list[list[int]], toke
     group_lengths = [L + sum(lengths[n] - L for n in g) for g, L in zip(groups, shared)]
     rows = pack_rows(group_lengths)
     width = max(sum(group_lengths[u] for u in members) for members in rows)
-    plain_rows, plain_width = layout_rows(lengths, True)
+    plain = packed_rows(lengths)
+    plain_rows, plain_width = len(plain or lengths), max(lengths)
     shared_cost = len(rows) * width * (token_weight + width)
     return shared_cost <= SHARED_PREFIX_SLACK * plain_rows * plain_width * (token_weight + plain_width)
 
 
 def sequence_batch(input_ids: list[list[int]], pad_id: int, padding_free: bool = False,
                    **masks: list[list[int]]) -> dict[str, torch.Tensor]:
-    """`padded_batch`; with padding_free, `packed_batch` in the rows of `pack_rows` whenever packing saves at
-    least one row (else the padded one: nothing to gain, and a plain mask keeps the fastest attention kernels)."""
-    if padding_free and len(input_ids) > 1:
-        rows = pack_rows([len(s) for s in input_ids])
-        if len(rows) < len(input_ids):
-            return packed_batch(input_ids, rows, pad_id, **masks)
+    """`padded_batch`; with padding_free, `packed_batch` in the rows of `packed_rows` when packing saves a row."""
+    rows = packed_rows([len(s) for s in input_ids]) if padding_free else None
+    if rows is not None:
+        return packed_batch(input_ids, rows, pad_id, **masks)
     return padded_batch(input_ids, pad_id, **masks)
 
 
