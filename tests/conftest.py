@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import make_tiny_model, sft_rows, write_jsonl  # noqa: E402
+from helpers import make_tiny_model, preference_rows, sft_rows, tiny_reward_world, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +26,14 @@ def tiny_dropout_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sft_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", sft_rows(48))
+
+
+@pytest.fixture(scope="session")
+def sharding_world(tmp_path_factory) -> dict[str, Path]:
+    """The model, data and reward model the sharded-training tests (FSDP, DeepSpeed) share, built once a session so
+    that their reference runs (one process, or DDP) are shared too."""
+    d = tmp_path_factory.mktemp("sharding")
+    model = make_tiny_model(d / "model")
+    _, prompts = tiny_reward_world(d, model)
+    return {"model": model, "sft": write_jsonl(d / "sft.jsonl", sft_rows(48)),
+            "pairs": write_jsonl(d / "pairs.jsonl", preference_rows(48)), "rm": d / "rm", "prompts": prompts}

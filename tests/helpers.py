@@ -123,3 +123,8 @@ def largest_tensor_mode():
             return out
 
     return LargestTensor()
+
+
+# Reference runs (one process, or DDP over 2) of the sharded-training tests, by (launcher, stage, arguments): every
+# test that compares a layout with the same reference reads one run (they only read it).
+REFERENCE_RUNS: dict[tuple, Path] = {}

@@ -21,7 +21,7 @@ import pytest
 from rlhfkit.train import read_metrics
 from test_fsdp import (  # noqa: F401  (world: the fixture)
     COMMON, OFFLINE, RESUMABLE, assert_same, assert_same_rl_metrics, launch, ok, online_dpo_against_one_process,
-    ppo_args, single, world,
+    ppo_args, reference, world,
 )
 
 pytest.importorskip("deepspeed")
@@ -50,11 +50,11 @@ ZERO_OFFLINE = [("zero3", "sft"), ("zero3", "sft-lora"), ("zero3", "sft-checkpoi
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config,case", ZERO_OFFLINE)
-def test_zero_two_processes_match_one(tmp_path, world, config, case):
+def test_zero_two_processes_match_one(tmp_path, tmp_path_factory, world, config, case):
     stage, args, loss, kind = CASES[case]
     common = [*args(world), *COMMON, "--max-steps", "4", "--save-every", "4"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    ok(single(stage, [*common, "--output-dir", str(one), "--batch-size", "8"]))
+    two = tmp_path / "two"
+    one = reference(tmp_path_factory, "single", stage, [*common, "--batch-size", "8"])
     zero_stage = int(config[4])
     if config.endswith("-offload"):  # the shipped config with its offload devices set to the CPU
         from test_fsdp import CONFIGS
@@ -87,12 +87,12 @@ def test_zero_two_processes_match_one(tmp_path, world, config, case):
     # PPO's KL early stop discards a minibatch's gradients (already reduced into the partitions) unapplied
     ("zero2", "gae", ["--ppo-epochs", "3", "--target-kl", "1e-6"], []),
 ])
-def test_zero_ppo_matches_replicated(tmp_path, world, config, advantage, extra, frozen):
+def test_zero_ppo_matches_replicated(tmp_path, tmp_path_factory, world, config, advantage, extra, frozen):
     """The held-out evaluation (scored from texts, so partitioned reward models are gathered for it) every
     step."""
     common = [*extra, *ppo_args(world, advantage)]
-    ddp, zero = tmp_path / "ddp", tmp_path / "zero"
-    ok(launch("ddp", "ppo", [*common, "--output-dir", str(ddp)]))
+    zero = tmp_path / "zero"
+    ddp = reference(tmp_path_factory, "ddp", "ppo", common)
     proc = launch(config, "ppo", [*common, "--output-dir", str(zero), *frozen])
     ok(proc)
     # the reference and reward models partitioned (ZeRO-3 inference) under ZeRO-3 by default, or when asked
@@ -107,8 +107,8 @@ def test_zero_ppo_matches_replicated(tmp_path, world, config, advantage, extra, 
 
 
 @pytest.mark.slow
-def test_zero3_online_dpo_matches_one_process(tmp_path, world):
-    _, proc = online_dpo_against_one_process(tmp_path, world, "zero3")
+def test_zero3_online_dpo_matches_one_process(tmp_path, tmp_path_factory, world):
+    _, proc = online_dpo_against_one_process(tmp_path, tmp_path_factory, world, "zero3")
     assert proc.stderr.count("DeepSpeed ZeRO-3 over 2 processes") == 2  # every round's run, not only the first
 
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_tiny_model, preference_rows, sft_rows, tiny_reward_world, write_jsonl
+from helpers import REFERENCE_RUNS
 from rlhfkit.train import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +33,9 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 COMMON = ["--seed", "1", "--report-to", "jsonl", "--progress", "false", "--learning-rate", "3e-3"]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("fsdp")
-    model = make_tiny_model(d / "model")
-    _, prompts = tiny_reward_world(d, model)
-    return {"model": model, "sft": write_jsonl(d / "sft.jsonl", sft_rows(48)),
-            "pairs": write_jsonl(d / "pairs.jsonl", preference_rows(48)), "rm": d / "rm", "prompts": prompts}
+@pytest.fixture
+def world(sharding_world) -> dict[str, Path]:
+    return sharding_world
 
 
 def launch(config: str, stage: str, args: list[str], env: dict[str, str] | None = None
@@ -54,6 +50,18 @@ def launch(config: str, stage: str, args: list[str], env: dict[str, str] | None 
 def single(stage: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rlhfkit", stage, *args], capture_output=True, text=True,
                           timeout=600, env=ENV)
+
+
+def reference(tmp_path_factory, how: str, stage: str, args: list[str]) -> Path:
+    """The run of `stage` with `args`, one process (`how="single"`) or launched with the `how` config; run once a
+    session and shared by every test that compares with it."""
+    key = (how, stage, tuple(args))
+    if key not in REFERENCE_RUNS:
+        out = tmp_path_factory.mktemp(f"reference-{how}-{stage}")
+        ok(single(stage, [*args, "--output-dir", str(out)]) if how == "single"
+           else launch(how, stage, [*args, "--output-dir", str(out)]))
+        REFERENCE_RUNS[key] = out
+    return REFERENCE_RUNS[key]
 
 
 def ok(proc: subprocess.CompletedProcess) -> None:
@@ -119,11 +127,11 @@ OFFLINE = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(OFFLINE))
-def test_sharded_two_processes_match_one(tmp_path, world, case):
+def test_sharded_two_processes_match_one(tmp_path, tmp_path_factory, world, case):
     stage, args, loss, kind = OFFLINE[case]
     common = [*args(world), *COMMON, "--max-steps", "4", "--save-every", "4"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    ok(single(stage, [*common, "--output-dir", str(one), "--batch-size", "8"]))
+    two = tmp_path / "two"
+    one = reference(tmp_path_factory, "single", stage, [*common, "--batch-size", "8"])
     ok(launch("fsdp", stage, [*common, "--output-dir", str(two), "--batch-size", "4"]))
     assert_sharded_checkpoint(two, 4)
     assert_same(one, two, loss)
@@ -147,12 +155,12 @@ def ppo_args(world: dict[str, Path], advantage: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("advantage,frozen", [("gae", "auto"), ("grpo", "replicate"), ("rloo", "shard")])
-def test_sharded_ppo_matches_replicated(tmp_path, world, advantage, frozen):
+def test_sharded_ppo_matches_replicated(tmp_path, tmp_path_factory, world, advantage, frozen):
     """The policy sharded, and the reference and reward model sharded too (auto, shard) or replicated; the
     held-out evaluation (scored from texts, so the sharded reward model is gathered for it) every step."""
     common = ppo_args(world, advantage)
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    ok(launch("ddp", "ppo", [*common, "--output-dir", str(ddp)]))
+    fsdp = tmp_path / "fsdp"
+    ddp = reference(tmp_path_factory, "ddp", "ppo", common)
     proc = launch("fsdp", "ppo", [*common, "--output-dir", str(fsdp), "--frozen-models", frozen])
     ok(proc)
     sharded_frozen = "frozen networks (reference, reward models) sharded over 2 processes" in proc.stderr
@@ -170,15 +178,15 @@ def assert_same_rl_metrics(a: Path, b: Path, advantage: str) -> None:
         assert va == pytest.approx(vb, rel=1e-4, abs=1e-6), key
 
 
-def online_dpo_against_one_process(tmp_path: Path, world: dict[str, Path], config: str
+def online_dpo_against_one_process(tmp_path: Path, tmp_path_factory, world: dict[str, Path], config: str
                                    ) -> tuple[Path, subprocess.CompletedProcess]:
     """Online DPO, 2 rounds, launched with `config` on 2 processes and run in one: the same pairs every round (the
     second round's sampled from the first round's distributed-trained policy), losses and final weights."""
     common = ["--model", str(world["model"]), "--reward-model", str(world["rm"]), "--data", str(world["prompts"]),
               "--rounds", "2", "--prompts-per-round", "16", "--max-new-tokens", "8", "--temperature", "1.5",
               "--min-score-gap", "0", *COMMON, "--max-steps", "2"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    ok(single("online-dpo", [*common, "--output-dir", str(one), "--batch-size", "8"]))
+    two = tmp_path / "two"
+    one = reference(tmp_path_factory, "single", "online-dpo", [*common, "--batch-size", "8"])
     proc = launch(config, "online-dpo", [*common, "--output-dir", str(two), "--batch-size", "4"])
     ok(proc)
     for r in (1, 2):
@@ -192,8 +200,8 @@ def online_dpo_against_one_process(tmp_path: Path, world: dict[str, Path], confi
 
 
 @pytest.mark.slow
-def test_sharded_online_dpo_matches_one_process(tmp_path, world):
-    two, _ = online_dpo_against_one_process(tmp_path, world, "fsdp")
+def test_sharded_online_dpo_matches_one_process(tmp_path, tmp_path_factory, world):
+    two, _ = online_dpo_against_one_process(tmp_path, tmp_path_factory, world, "fsdp")
     for r in (1, 2):
         if (two / f"round-{r}" / "checkpoints").exists():
             assert_sharded_checkpoint(two / f"round-{r}", 2)
@@ -212,7 +220,8 @@ RESUMABLE = {  # the other RL estimators and online-dpo share these code paths (
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(RESUMABLE))
+# kto is dpo's stage with another loss (the same Run, checkpoint and shards): sft, reward, dpo and grpo cover them
+@pytest.mark.parametrize("case", ["sft", "reward", "dpo", "grpo"])
 def test_sharded_resume_after_sigkill_reproduces_the_run(tmp_path, world, case):
     stage, args, loss = RESUMABLE[case]
     common = [*args(world), *COMMON, "--max-steps", "6", "--save-every", "2", "--batch-size", "4"]
