@@ -58,8 +58,10 @@ class DemoConfig:
     annotators_per_item: int = 1
     """Annotators judging each training item, their judgments merged by majority vote (pairs) or Borda count
     (rankings). At a fixed number of judgments, fresh items helped the reward model more than overlap did."""
-    dpo_steps: int = 200
-    """Optimizer steps of DPO from the SFT model (quick: 30)."""
+    dpo_steps: int = 400
+    """Optimizer steps of DPO from the SFT model, 16 pairs each (quick: 30). At 200, seeds 0, 1 and 2 gained
+    +0.25, +0.34 and +0.29 gold over SFT (3 s.e. about 0.25), at 400 +0.35, +0.46 and +0.31; DPO runs beside PPO,
+    whose run is the longer."""
     dpo_beta: float = 0.1
     """DPO's KL coefficient beta."""
     dpo_beta_sweep: list[float] = field(default_factory=list)
@@ -81,8 +83,12 @@ class DemoConfig:
     """PPO's peak learning rate (GRPO and RLOO keep 5e-5, configs/demo.yaml). On the same reward model, PPO seeds 0,
     1 and 2 gained +0.63, +0.28 and +0.29 gold over SFT at 1e-4 (s.e. about 0.06 each), and +0.22, -0.04 and +0.55
     at 5e-5."""
-    ppo_kl_coef: float = 0.05
-    """PPO's KL coefficient (the leash to the SFT model)."""
+    ppo_kl_coef: float = 0.1
+    """KL coefficient of the leashed PPO and GRPO runs (the leash to the SFT model). At 0.05, seed 1's PPO found an
+    evasion the reward model likes (filler sentences instead of a refusal to harmful requests) and drifted to KL 4
+    nats, its gold 0.10 below SFT's while its proxy rose; at 0.1 PPO gained +0.72, +0.60 and +0.75 on seeds 0, 1
+    and 2 (KL 1.3-1.8) and GRPO +0.84, +0.64 and +0.75 (at 0.05: PPO +0.26, -0.10, +0.70; GRPO +0.80, +0.68,
+    +0.63)."""
     rl_variants: list[str] = field(default_factory=list)
     """Critic-free estimators trained and evaluated beside PPO and GRPO (rloo, reinforce; about
     110 s of one core's work each). They back no claim, so they are not part of the default run."""
