@@ -82,7 +82,7 @@ class DemoConfig:
     ppo_learning_rate: float = 1e-4
     """PPO's peak learning rate (GRPO and RLOO keep 5e-5, configs/demo.yaml). On the same reward model, PPO seeds 0,
     1 and 2 gained +0.63, +0.28 and +0.29 gold over SFT at 1e-4 (s.e. about 0.06 each), and +0.22, -0.04 and +0.55
-    at 5e-5."""
+    at 5e-5 (both with the earlier KL coefficient 0.05)."""
     ppo_kl_coef: float = 0.1
     """KL coefficient of the leashed PPO and GRPO runs (the leash to the SFT model). At 0.05, seed 1's PPO found an
     evasion the reward model likes (filler sentences instead of a refusal to harmful requests) and drifted to KL 4
