@@ -271,9 +271,15 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     # the reward-hacking demonstration: the same GRPO run with the KL leash cut and no ensemble penalty, run for
     # longer (kl_cut_steps) so the policy walks far enough from SFT to find what the reward model gets wrong
     cut_steps = rl_steps if cfg.quick else cfg.kl_cut_steps
+    # A reward model with a likelihood term pulls toward its own language model as the KL leash pulls toward SFT
+    # (on seed 1, 160 unleashed steps against it reached KL 10 and gold -0.09; against its heads alone, KL 360
+    # and gold -4), so the demonstration cuts that pull too: it optimises the heads alone (reward_job writes them
+    # to reward_head), and its proxy is measured with them
+    cut_term = reward_cfg.likelihood_term
+    cut_reward = str(root / "reward_head") if cut_term else str(root / "reward")
     cut_cfg = stage_config(ppo.PPOConfig, presets, "grpo_klcut", base=grpo_cfg, output_dir=str(root / "grpo_klcut"),
                            kl_coef=cfg.kl_cut_coef, max_steps=cut_steps, save_every=max(1, cut_steps // 6),
-                           learning_rate=cfg.kl_cut_learning_rate)
+                           learning_rate=cfg.kl_cut_learning_rate, reward_model=cut_reward)
     # the other critic-free estimators (opt-in)
     variants = [v for v in cfg.rl_variants if v != "grpo"]
 
@@ -339,15 +345,21 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
                     {"n": cfg.best_of_n, "seed": cfg.seed}, needs=("reward", "sft")))
     jobs += [Job(f"eval_dpo_beta_{beta:g}", evaluate, (str(root / f"dpo_beta_{beta:g}"),),
                  needs=(f"dpo_beta_{beta:g}", "reward")) for beta in betas]
-    jobs.append(Job("eval_grpo_klcut", evaluate, (str(root / "grpo_klcut"),), needs=("grpo_klcut",)))
+    jobs.append(Job("eval_grpo_klcut", evaluate, (str(root / "grpo_klcut"),), {"reward_dir": cut_reward},
+                    needs=("grpo_klcut",)))
+    cut_sft = "eval_sft"  # SFT's evaluation the cut run is compared with: the same samples, scored by its reward
+    if cut_term:
+        cut_sft = "eval_sft_head"
+        jobs.append(Job(cut_sft, evaluate, (str(root / "sft"),), {"reward_dir": cut_reward}, needs=("sft", "reward")))
     # Gao et al.'s curves: best-of-n from the SFT model, the GRPO runs' checkpoints, each a job of its own
     jobs.append(Job("overopt_best_of_n", best_of_n_curve, (root, test_prompts, sweep_n, cfg.seed),
                     needs=("sft", "reward")))
-    jobs += [Job(f"overopt_{run}", rl_checkpoint_points, (root, run, test_prompts, Result("eval_sft"), cfg.seed),
-                 needs=(run, "reward")) for run in ("grpo", "grpo_klcut")]
+    jobs += [Job(f"overopt_{run}", rl_checkpoint_points, (root, run, test_prompts, Result(sft_eval), cfg.seed, scorer),
+                 needs=(run, "reward")) for run, sft_eval, scorer in (("grpo", "eval_sft", reward_dir),
+                                                                      ("grpo_klcut", cut_sft, cut_reward))]
     jobs.append(Job("overoptimisation", overoptimisation_sweeps,
                     (root, Result("overopt_best_of_n"), [Result("overopt_grpo"), Result("overopt_grpo_klcut")],
-                     Result("eval_sft"), Result("eval_grpo_klcut"), cfg), needs=("grpo", "grpo_klcut")))
+                     Result(cut_sft), Result("eval_grpo_klcut"), cfg, cut_term), needs=("grpo", "grpo_klcut")))
     # a new world retrains everything built on it (every job below the world needs pretraining, the HHH
     # experiment aside, which has its own world)
     results, job_wall = run_jobs(jobs, workers=workers, log_dir=root / "logs", rebuild=cfg.rebuild or "world" in wall,
@@ -445,7 +457,17 @@ def reward_member_job(cfg: Any, i: int, redo: bool = False) -> Done:
 
 def reward_job(name: str, cfg: Any, root: Path, redo: bool = False) -> Done:
     """The reward stage: with an ensemble, its members (trained by reward_member_job) gathered into the run --
-    ensemble.json and the summary -- by `rtrain.main`, which takes finished members as they are."""
+    ensemble.json and the summary -- by `rtrain.main`, which takes finished members as they are. A model with a
+    likelihood term is also written with its heads alone to root/reward_head (the KL-cut run's reward)."""
+    from rlhfkit.reward.model import save_head_only
+
+    done = _reward_stage(name, cfg, root, redo)
+    if cfg.likelihood_term:
+        save_head_only(cfg.output_dir, root / "reward_head")
+    return done
+
+
+def _reward_stage(name: str, cfg: Any, root: Path, redo: bool) -> Done:
     from rlhfkit.reward import train as rtrain
     from rlhfkit.reward.model import ENSEMBLE_FILE
 
@@ -597,7 +619,9 @@ def check_claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
     cut = over.get("kl_cut")
     if cut:
         se = cut.get("gold_delta_se", 0.0)
-        claims.append({"claim": "with the KL leash cut, the proxy reward rises above SFT's while the gold score falls "
+        leash = ("the KL leash (and the reward model's likelihood term)" if cut.get("likelihood_term_cut")
+                 else "the KL leash")
+        claims.append({"claim": f"with {leash} cut, the proxy reward rises above SFT's while the gold score falls "
                                 "below SFT's by more than 2 standard errors",
                        "ok": cut["proxy_delta"] > 0 and cut["gold_delta"] < -2 * se,
                        "value": f"proxy {cut['proxy_delta']:+.3f}, gold {cut['gold_delta']:+.3f} (2 s.e. = {2 * se:.3f})"})
@@ -626,8 +650,10 @@ def best_of_n_curve(root: Path, prompts: list[Any], sweep_n: int, seed: int) -> 
     return bon
 
 
-def rl_checkpoint_points(root: Path, run: str, prompts: list[Any], sft_eval: Any, seed: int) -> list[dict[str, Any]]:
-    """Each saved checkpoint of an RL run: gold and proxy as the change from SFT, against d = sqrt(KL to SFT)."""
+def rl_checkpoint_points(root: Path, run: str, prompts: list[Any], sft_eval: Any, seed: int, reward_dir: str
+                         ) -> list[dict[str, Any]]:
+    """Each saved checkpoint of an RL run: gold and proxy (the reward model in reward_dir, which sft_eval was scored
+    with) as the change from SFT, against d = sqrt(KL to SFT)."""
     import math
 
     from rlhfkit.eval.playground import evaluate_policy
@@ -636,7 +662,7 @@ def rl_checkpoint_points(root: Path, run: str, prompts: list[Any], sft_eval: Any
     points = []
     for ckpt in checkpoint_dirs(root / run):
         ev = evaluate_policy(str(ckpt / "model"), prompts, seed=seed, ref_dir=str(root / "sft"),
-                             reward_dir=str(root / "reward"), tokenizer_dir=str(root / "sft"))
+                             reward_dir=reward_dir, tokenizer_dir=str(root / "sft"))
         kl = max(ev.kl_to_ref or 0.0, 1e-6)  # a Monte-Carlo KL can dip below 0 near the start
         points.append({"run": run, "step": int(ckpt.name.split("-")[1]), "kl": kl, "d": math.sqrt(kl),
                        "proxy_delta": ev.proxy_score - sft_eval.proxy_score,
@@ -645,9 +671,10 @@ def rl_checkpoint_points(root: Path, run: str, prompts: list[Any], sft_eval: Any
 
 
 def overoptimisation_sweeps(root: Path, bon: list[dict[str, Any]], rl_runs: list[list[dict[str, Any]]],
-                            sft_eval: Any, klcut_eval: Any, cfg: DemoConfig) -> dict[str, Any]:
+                            sft_eval: Any, klcut_eval: Any, cfg: DemoConfig, term_cut: bool = False) -> dict[str, Any]:
     """Gao et al.'s curves with the paper's forms fitted -- best-of-n (best_of_n_curve) and the GRPO runs'
-    checkpoints (rl_checkpoint_points, one list per run) -- and the KL-cut demonstration's deltas."""
+    checkpoints (rl_checkpoint_points, one list per run) -- and the KL-cut demonstration's deltas (sft_eval: SFT
+    scored by the reward the cut run optimised; term_cut: that was the reward model's heads alone)."""
     from rlhfkit.eval.overopt import fit_best_of_n, fit_rl
 
     out: dict[str, Any] = {"best_of_n": {**fit_best_of_n([p["d"] for p in bon], [p["gold_delta"] for p in bon])
@@ -663,6 +690,7 @@ def overoptimisation_sweeps(root: Path, bon: list[dict[str, Any]], rl_runs: list
         "steps": summaries["grpo_klcut"].get("steps"),
         "kl": klcut_eval.kl_to_ref, "kl_coef": cfg.kl_cut_coef, "default_kl_coef": cfg.ppo_kl_coef,
         "monitor_flagged": bool(summaries["grpo_klcut"].get("overoptimisation_flagged")),
+        "likelihood_term_cut": term_cut,
         "default_monitor_flagged": bool(summaries["grpo"].get("overoptimisation_flagged")),
         "runs": {"default": "grpo", "cut": "grpo_klcut"},
         "unsafe_rate": klcut_eval.unsafe_rate, "mean_length": klcut_eval.mean_length,

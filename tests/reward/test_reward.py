@@ -238,7 +238,7 @@ def test_scoring_batches_across_prompts_and_equals_each_pair_scored_alone(rm, ti
     # a small token budget splits the rows into several batches of sorted lengths; the scores do not change
     batches = list(rmodel._scoring_batches(ensemble, prompts, responses, 64, max_tokens=200, max_rows=16))
     assert len(batches) > 2 and all(ids.shape[0] * ids.shape[1] <= 200 or ids.shape[0] == 1
-                                    for _, ids, _, _ in batches)
+                                    for _, ids, _, _, _ in batches)
     assert sorted(i for rows, *_ in batches for idx in rows for i in idx) == list(range(len(prompts)))
     every = rmodel.score_texts_all_heads(ensemble, prompts, responses, max_length=64)  # (M, B, 1)
     assert every.mean(0)[:, 0].tolist() == pytest.approx(mean, abs=1e-5)

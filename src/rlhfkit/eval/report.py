@@ -376,9 +376,12 @@ def _overoptimisation_section(root: Path, over: dict[str, Any] | None) -> list[s
     if cut:
         steps = f" and trained for {cut['steps']} steps" if cut.get("steps") else ""
         gold_se = f" ± {cut['gold_delta_se']:.3f}" if cut.get("gold_delta_se") is not None else ""
+        term = (", optimising the reward model's heads alone (its likelihood term, a pull toward its own language "
+                "model, cut with the leash; the proxy below is theirs)") if cut.get("likelihood_term_cut") else ""
         html.append(
             "<h3>Reward hacking: the KL leash cut</h3><p>The same RL run with the KL coefficient set to "
-            f"{_num(cut.get('kl_coef'), 'g')} instead of {_num(cut.get('default_kl_coef'), 'g')}{steps}: on the "
+            f"{_num(cut.get('kl_coef'), 'g')} instead of {_num(cut.get('default_kl_coef'), 'g')}{steps}"
+            f"{term}: on the "
             f"held-out test prompts, against SFT, the proxy reward moved by {_num(cut.get('proxy_delta'), '+.3f')} "
             f"while the gold score moved by {_num(cut.get('gold_delta'), '+.3f')}{gold_se}"
             f" (KL to SFT {_num(cut.get('kl'), '.2f')}). "

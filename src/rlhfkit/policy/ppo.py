@@ -19,7 +19,7 @@ import torch
 
 from rlhfkit.config import TrainConfig
 from rlhfkit.data.readers import read_prompts
-from rlhfkit.errors import ConfigError, UserError
+from rlhfkit.errors import ConfigError
 from rlhfkit.losses import masked_mean
 from rlhfkit.eval.overopt import OveroptimisationMonitor, mean_se
 from rlhfkit.losses.advantages import (
@@ -440,19 +440,26 @@ def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> N
         b.old_logprobs, b.old_values = b.fused[0].detach(), b.fused[1].detach()
 
 
+def response_mask(b: Batch) -> torch.Tensor:
+    """(B, P+R) 1 at the batch's response tokens (EOS included), beside b.ids: what a reward model with a likelihood
+    term sums its log-probs over."""
+    return torch.cat([torch.zeros_like(b.mask[:, : b.P]), b.rmask.to(b.mask.dtype)], 1)
+
+
 def reward_scores(run: Run, m: Models, b: Batch, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's reward (B,) and the ensemble's disagreement (B,); with several rewards, their combination
     (b.reward_metrics set) and zero disagreement (each reward's penalty is applied before combining). The
     reward model reads the score at the last real token itself."""
     device = run.accelerator.device
     if m.rewards is not None:  # several: each reward (its ensemble penalty applied), then the combination
-        named = m.rewards.named_scores(b.ids, b.mask, b.prompts, b.rollout.texts, cfg.ensemble_penalty)
+        named = m.rewards.named_scores(b.ids, b.mask, b.prompts, b.rollout.texts, cfg.ensemble_penalty,
+                                       response_mask(b))
         risky = torch.tensor([m.risky[i] for i in b.prompt_index], dtype=torch.bool, device=device) \
             if m.risky is not None else None
         mean, b.reward_metrics = combine_global(run, m.rewards, named, risky)
         return mean, torch.zeros_like(mean)
     if m.same_vocab:
-        return m.reward.mean_std(b.ids, b.mask)
+        return m.reward.mean_std(b.ids, b.mask, response_mask(b))
     mu, sd = score_texts(m.reward, b.prompts, b.rollout.texts)
     return torch.tensor(mu, device=device), torch.tensor(sd, device=device)
 

@@ -224,9 +224,11 @@ class RewardSet:
         return list(groups.values())
 
     def named_scores(self, ids: torch.Tensor | None, mask: torch.Tensor | None, prompts: list[Any],
-                     texts: list[str], ensemble_penalty: float = 0.0) -> dict[str, torch.Tensor]:
+                     texts: list[str], ensemble_penalty: float = 0.0, response_mask: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
         """Each reward's (B,) score (its ensemble's mean minus ensemble_penalty x their std): from the policy's
-        token ids where the vocabularies match and ids are given, else from the texts."""
+        token ids where the vocabularies match and ids are given (response_mask (B, T) marking their response
+        tokens, for a reward model with a likelihood term), else from the texts."""
         from rlhfkit.reward.model import score_texts, score_texts_all_heads
 
         out = {}
@@ -234,7 +236,7 @@ class RewardSet:
             ensemble = self.ensembles[names[0]]
             if len(names) == 1:
                 if ids is not None and self.same_vocab[names[0]]:
-                    mean, std = ensemble.mean_std(ids, mask)
+                    mean, std = ensemble.mean_std(ids, mask, response_mask)
                 else:
                     mu, sd = score_texts(ensemble, prompts, texts)
                     mean, std = torch.tensor(mu), torch.tensor(sd)
@@ -244,7 +246,7 @@ class RewardSet:
                 continue
             # several heads of one model: every head from one forward pass per member, then each name's column
             if ids is not None and self.same_vocab[names[0]]:
-                every = ensemble.head_scores(ids, mask)  # (N members, B, K)
+                every = ensemble.head_scores(ids, mask, response_mask)  # (N members, B, K)
             else:
                 every = score_texts_all_heads(ensemble, prompts, texts)  # (N members, B, K)
                 if ids is not None:

@@ -5,13 +5,19 @@ kept in the config), and ensembles of such models.
 What we save is a plain Hugging Face sequence-classification model: `transformers` alone loads it and, for an
 unpadded text, its logit plus `config.rlhfkit_reward_offset` is exactly the score rlhfkit computes. A model with
 several heads names them in `config.rlhfkit_criteria` (and `id2label`); head k's score is `logits[:, k]` plus
-`config.rlhfkit_reward_offsets[k]`, and a reward that uses it is written DIR#criterion."""
+`config.rlhfkit_reward_offsets[k]`, and a reward that uses it is written DIR#criterion.
+
+A one-head model trained with `likelihood_term` also adds `config.rlhfkit_likelihood_coef` times the response's
+log-likelihood under the model's own trunk read through its (tied) input embeddings: the sum over response tokens
+of log-softmax(hidden[t - 1] @ embeddings.T)[token t] (`response_log_likelihood`). Plain transformers gives the
+logit; that sum is the one extra line."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -28,6 +34,8 @@ OFFSETS_KEY = "rlhfkit_reward_offsets"
 """Per-head offsets of a model with named heads (one list entry per head, in head order)."""
 CRITERIA_KEY = "rlhfkit_criteria"
 """The names of a model's heads, in head order (the criteria or attributes it was trained on)."""
+LIKELIHOOD_KEY = "rlhfkit_likelihood_coef"
+"""Weight of the response's log-likelihood under the model's own trunk in a one-head model's score (absent: 0)."""
 HEAD_SEPARATOR = "#"
 ENSEMBLE_FILE = "ensemble.json"
 
@@ -54,6 +62,36 @@ def head_offsets(config: Any) -> list[float]:
     if offsets is not None:
         return [float(o) for o in offsets]
     return [float(getattr(config, OFFSET_KEY, 0.0) or 0.0)]
+
+
+def likelihood_coef(config: Any) -> float:
+    """The weight of the response log-likelihood term in the score (`LIKELIHOOD_KEY`); 0 when the model has none."""
+    return float(getattr(config, LIKELIHOOD_KEY, 0.0) or 0.0)
+
+
+def check_likelihood_term(config: Any, where: str) -> None:
+    """A likelihood term reads log-probs through the input embeddings, so the model's LM head must be them (tied)
+    and the model must have one head."""
+    if not getattr(config, "tie_word_embeddings", False):
+        raise UserError(f"{where}: the likelihood term reads the response's log-probs through the input embeddings, "
+                        "but this model's LM head is not tied to them (tie_word_embeddings is false); drop "
+                        "--likelihood-term for this model.")
+
+
+def response_log_likelihood(net: Any, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+                            ) -> torch.Tensor:
+    """Sum over each sequence's response tokens of log p(token t | tokens before t), the final hidden states
+    (B, T, H) read through the input embeddings (the tied LM head), chunk by chunk (never the full B x T x V
+    logits). response_mask: (B, T), 1 at response tokens (a sequence's first token is never one). Returns (B,)
+    float32."""
+    from rlhfkit.models import chunked_head_logprobs
+
+    keep = response_mask[:, 1:].bool()  # (B, T-1): position t-1 predicts token t
+    rows = hidden[:, :-1][keep]  # (M, H)
+    targets = input_ids[:, 1:][keep]  # (M,)
+    lp, _ = chunked_head_logprobs(rows, net.get_input_embeddings().weight, None, targets)
+    which = keep.nonzero()[:, 0]  # (M,) the sequence of each kept token
+    return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add_(0, which, lp.float())
 
 
 def load_reward_model(path: str, tokenizer: Any | None = None, dtype: torch.dtype = torch.float32,
@@ -130,8 +168,13 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _raw_head_scores(net: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      last_index: torch.Tensor | None, position_ids: torch.Tensor | None,
-                     row_index: torch.Tensor | None) -> torch.Tensor:
-    """Every head's logit at each sequence's last real token, before offsets. (N, K) float32"""
+                     row_index: torch.Tensor | None, response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Every head's logit at each sequence's last real token, before offsets, plus the likelihood term of a model
+    that has one (which needs response_mask (B, T) of a padded batch). (N, K) float32"""
+    coef = likelihood_coef(net.config)
+    if coef and (response_mask is None or row_index is not None):
+        raise ValueError("this reward model adds a likelihood term, which needs the response tokens of a padded "
+                         "batch: pass response_mask (score_texts and scoring_batches do)")
     backbone = getattr(net, net.base_model_prefix)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
@@ -142,19 +185,39 @@ def _raw_head_scores(net: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     if row_index is None:
         row_index = torch.arange(hidden.shape[0], device=hidden.device)
     picked = hidden[row_index, last_index]  # (N, H)
-    return net.score(picked).float()  # (N, K)
+    raw = net.score(picked).float()  # (N, K)
+    if coef:
+        raw = raw + coef * response_log_likelihood(net, hidden, input_ids, response_mask)[:, None]
+    return raw
+
+
+def head_and_likelihood(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        last_index: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-head model's two score features of a padded batch from one forward pass: the head's logit at the last
+    real token (offset and likelihood term left out) and the response log-likelihood (`response_log_likelihood`);
+    what the likelihood term's weight is fit on. Returns (B,), (B,) float32."""
+    net = _unwrap(model)
+    backbone = getattr(net, net.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=model_mask(attention_mask, net),
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    logit = net.score(hidden[rows, last_index]).float()[:, 0]
+    return logit, response_log_likelihood(net, hidden, input_ids, response_mask)
 
 
 def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     last_index: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                    row_index: torch.Tensor | None = None, head: int | None = None) -> torch.Tensor:
+                    row_index: torch.Tensor | None = None, head: int | None = None,
+                    response_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scalar reward per sequence, read at the last real token (never at padding: trl#3750; lm-human-preferences
     reads the score at the end of the response). input_ids, attention_mask: (B, T). Returns (B,).
     A padding-free batch (`collate_pairs(..., padding_free=True)`) passes its (R, 1, T, T) mask, position_ids
     and each sequence's row_index / last_index (N,); the result is then (N,).
-    head: which head of a model with several (its index in `head_names`); None for a one-head model."""
+    head: which head of a model with several (its index in `head_names`); None for a one-head model.
+    response_mask: (B, T) 1 at response tokens, which a model with a likelihood term needs (padded batches only)."""
     net = _unwrap(model)
-    raw = _raw_head_scores(net, input_ids, attention_mask, last_index, position_ids, row_index)  # (N, K)
+    raw = _raw_head_scores(net, input_ids, attention_mask, last_index, position_ids, row_index,
+                           response_mask)  # (N, K)
     if head is None:
         if raw.shape[-1] != 1:
             raise ValueError(f"this reward model has {raw.shape[-1]} heads ({', '.join(head_names(net.config))}); "
@@ -165,11 +228,12 @@ def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
 
 def head_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 last_index: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                row_index: torch.Tensor | None = None) -> torch.Tensor:
+                row_index: torch.Tensor | None = None, response_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Every head's score per sequence from one forward pass of the shared trunk, offsets added: column k is
     `sequence_scores(..., head=k)`. Arguments as in `sequence_scores`. Returns (N, K)."""
     net = _unwrap(model)
-    raw = _raw_head_scores(net, input_ids, attention_mask, last_index, position_ids, row_index)  # (N, K)
+    raw = _raw_head_scores(net, input_ids, attention_mask, last_index, position_ids, row_index,
+                           response_mask)  # (N, K)
     return raw + raw.new_tensor(head_offsets(net.config))
 
 
@@ -187,9 +251,11 @@ def apply_normalisation(model: Any, mean: float, std: float, head: int | None = 
         old_offset = float(getattr(net.config, OFFSET_KEY, 0.0) or 0.0)
         with torch.no_grad():
             net.score.weight.mul_(gain)
-        # s' = gain * (w.h + o) - gain * mean  =  (gain w).h + gain * (o - mean)
+        # s' = gain * (w.h + c L + o) - gain * mean  =  (gain w).h + (gain c) L + gain * (o - mean)
         new_offset = gain * (old_offset - mean)
         setattr(net.config, OFFSET_KEY, new_offset)
+        if likelihood_coef(net.config):
+            setattr(net.config, LIKELIHOOD_KEY, gain * likelihood_coef(net.config))
         return gain, new_offset
     head = head or 0  # a one-head model whose head is named keeps its offset in the list too
     offsets = head_offsets(net.config)
@@ -197,6 +263,8 @@ def apply_normalisation(model: Any, mean: float, std: float, head: int | None = 
         net.score.weight[head].mul_(gain)
     offsets[head] = gain * (offsets[head] - mean)
     setattr(net.config, OFFSETS_KEY, offsets)
+    if likelihood_coef(net.config):  # only a one-head model has the term
+        setattr(net.config, LIKELIHOOD_KEY, gain * likelihood_coef(net.config))
     return gain, offsets[head]
 
 
@@ -215,18 +283,24 @@ class RewardEnsemble:
     """The names of the members' heads (`head_names`), [] for one unnamed head."""
 
     @torch.no_grad()
-    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N members, B) scores; input is right- or left-padded token ids in the reward tokenizer's vocab."""
-        return torch.stack([sequence_scores(m, input_ids, attention_mask, head=self.head) for m in self.members])
+    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(N members, B) scores; input is right- or left-padded token ids in the reward tokenizer's vocab, with
+        the response tokens marked in response_mask (B, T) for members with a likelihood term."""
+        return torch.stack([sequence_scores(m, input_ids, attention_mask, head=self.head,
+                                            response_mask=response_mask) for m in self.members])
 
     @torch.no_grad()
-    def head_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def head_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(N members, B, K) scores of every head, one forward pass per member."""
-        return torch.stack([head_scores(m, input_ids, attention_mask) for m in self.members])
+        return torch.stack([head_scores(m, input_ids, attention_mask, response_mask=response_mask)
+                            for m in self.members])
 
     @torch.no_grad()
-    def mean_std(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.scores(input_ids, attention_mask)  # (N, B)
+    def mean_std(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scores(input_ids, attention_mask, response_mask)  # (N, B)
         std = s.std(0, unbiased=True) if s.shape[0] > 1 else torch.zeros_like(s[0])
         return s.mean(0), std
 
@@ -286,6 +360,21 @@ def load_members(directory: str, device: Any = "cpu") -> RewardEnsemble:
     return RewardEnsemble(members, tokenizer, [str(d) for d in dirs], heads=head_names(_unwrap(members[0]).config))
 
 
+def save_head_only(src: str | Path, dst: str | Path) -> Path:
+    """A copy of a reward model (or ensemble) directory that scores with its heads alone: every member's
+    likelihood term (`LIKELIHOOD_KEY`) removed from its config, everything else as it is. For ablations, and for
+    optimising against the learned head without the term's own pull toward the model's language. Returns dst."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    for member in member_dirs(dst):
+        config = json.loads((member / "config.json").read_text())
+        config.pop(LIKELIHOOD_KEY, None)
+        (member / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
 def load_reward_ensemble(path: str, device: Any = "cpu") -> RewardEnsemble:
     """The reward model (or ensemble) of `path`; DIR#criterion scores that head of a model with several."""
     directory, head = split_head(path)
@@ -300,9 +389,9 @@ SCORING_ROWS = 256
 
 def scoring_batches(tokenizer: Any, device: Any, prompts: Sequence[Any], responses: Sequence[Any], max_length: int,
                     max_tokens: int = SCORING_TOKENS, max_rows: int = SCORING_ROWS
-                    ) -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(indices per row, input_ids, attention_mask, last_index) batches covering every (prompt, response) pair,
-    on `device`. Each pair is encoded exactly as training data is (chat template applied once per
+                    ) -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(indices per row, input_ids, attention_mask, last_index, response_mask) batches covering every (prompt,
+    response) pair, on `device`. Each pair is encoded exactly as training data is (chat template applied once per
     prompt; plain strings concatenated with EOS); a pair that repeats is scored once (its row lists every index
     it answers for); rows of all prompts are sorted by length and batched up to max_tokens padded tokens, so a
     call with many prompts of few responses each (PPO's one sample per prompt, held-out pairs) takes a handful
@@ -313,11 +402,12 @@ def scoring_batches(tokenizer: Any, device: Any, prompts: Sequence[Any], respons
     groups: dict[str, dict[str, list[int]]] = {}
     for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         groups.setdefault(json.dumps(prompt), {}).setdefault(json.dumps(response), []).append(i)
-    rows: list[tuple[list[int], list[int]]] = []  # (token ids, indices it scores)
+    rows: list[tuple[list[int], list[int], list[int]]] = []  # (token ids, response mask, indices it scores)
     for key, by_response in groups.items():
         batch = encode_responses(tokenizer, json.loads(key), [json.loads(r) for r in by_response], max_length)
         for n, idx in enumerate(by_response.values()):
-            rows.append((batch["input_ids"][n, : int(batch["last_index"][n]) + 1].tolist(), idx))
+            end = int(batch["last_index"][n]) + 1
+            rows.append((batch["input_ids"][n, :end].tolist(), batch["response_mask"][n, :end].tolist(), idx))
     rows.sort(key=lambda r: len(r[0]))
     start = 0
     while start < len(rows):
@@ -325,14 +415,16 @@ def scoring_batches(tokenizer: Any, device: Any, prompts: Sequence[Any], respons
         while end < len(rows) and end - start < max_rows and (end + 1 - start) * len(rows[end][0]) <= max_tokens:
             end += 1
         chunk = rows[start:end]
-        batch = padded_batch([ids for ids, _ in chunk], tokenizer.pad_token_id)
-        yield ([idx for _, idx in chunk], batch["input_ids"].to(device), batch["attention_mask"].to(device),
-               batch["last_index"].to(device))
+        batch = padded_batch([ids for ids, _, _ in chunk], tokenizer.pad_token_id,
+                             response_mask=[m for _, m, _ in chunk])
+        yield ([idx for _, _, idx in chunk], batch["input_ids"].to(device), batch["attention_mask"].to(device),
+               batch["last_index"].to(device), batch["response_mask"].to(device))
         start = end
 
 
 def _scoring_batches(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Sequence[Any], max_length: int,
-                     **limits: int) -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]]:
+                     **limits: int
+                     ) -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`scoring_batches` in the ensemble's tokenizer, on its members' device."""
     device = next(ensemble.members[0].parameters()).device
     return scoring_batches(ensemble.tokenizer, device, prompts, responses, max_length, **limits)
@@ -344,9 +436,10 @@ def score_texts(ensemble: RewardEnsemble, prompts: Sequence[Any], responses: Seq
     as training data is, batched across prompts (`_scoring_batches`)."""
     means: list[float] = [0.0] * len(prompts)
     stds: list[float] = [0.0] * len(prompts)
-    for rows, ids, mask, last in _scoring_batches(ensemble, prompts, responses, max_length):
+    for rows, ids, mask, last, response in _scoring_batches(ensemble, prompts, responses, max_length):
         with torch.no_grad():
-            s = torch.stack([sequence_scores(m, ids, mask, last, head=ensemble.head) for m in ensemble.members])
+            s = torch.stack([sequence_scores(m, ids, mask, last, head=ensemble.head, response_mask=response)
+                             for m in ensemble.members])
         mean = s.mean(0).tolist()
         std = (s.std(0) if s.shape[0] > 1 else torch.zeros(s.shape[1])).tolist()
         for j, idx in enumerate(rows):
@@ -360,9 +453,10 @@ def score_texts_all_heads(ensemble: RewardEnsemble, prompts: Sequence[Any], resp
     """Every member's score on every head for (prompt, response) pairs, batched across prompts
     (`_scoring_batches`), one forward pass per member and batch. Returns (N members, B, K), on the CPU."""
     out: torch.Tensor | None = None
-    for rows, ids, mask, last in _scoring_batches(ensemble, prompts, responses, max_length):
+    for rows, ids, mask, last, response in _scoring_batches(ensemble, prompts, responses, max_length):
         with torch.no_grad():
-            s = torch.stack([head_scores(m, ids, mask, last) for m in ensemble.members]).cpu()  # (M, Bg, K)
+            s = torch.stack([head_scores(m, ids, mask, last, response_mask=response)
+                             for m in ensemble.members]).cpu()  # (M, Bg, K)
         if out is None:
             out = torch.zeros((s.shape[0], len(prompts), s.shape[2]))  # (M, B, K)
         for j, idx in enumerate(rows):

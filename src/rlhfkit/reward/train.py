@@ -33,8 +33,9 @@ from rlhfkit.losses import RewardStats, batched_ranking_loss, bradley_terry_loss
 from rlhfkit.losses.reward import attribute_regression_loss
 from rlhfkit.models import attention_token_weight, load_tokenizer
 from rlhfkit.reward.model import (
-    CRITERIA_KEY, ENSEMBLE_FILE, HEAD_SEPARATOR, OFFSETS_KEY, apply_normalisation, head_offsets, head_scores,
-    load_reward_model, name_heads, scoring_batches, sequence_scores,
+    CRITERIA_KEY, ENSEMBLE_FILE, HEAD_SEPARATOR, LIKELIHOOD_KEY, OFFSET_KEY, OFFSETS_KEY, apply_normalisation,
+    check_likelihood_term, head_and_likelihood, head_offsets, head_scores, likelihood_coef, load_reward_model,
+    name_heads, scoring_batches, sequence_scores,
 )
 from rlhfkit.train import Run, check_finite
 
@@ -120,6 +121,15 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
     own scale)."""
     attributes: list[str] = field(default_factory=lambda: list(HELPSTEER2_ATTRIBUTES))
     """--objective regression: the score columns to predict, one head each (default HelpSteer2's five)."""
+    likelihood_term: bool = False
+    """After training, add the response's log-likelihood under the model's own trunk (read through its tied input
+    embeddings) to the score, with a weight fit, beside a gain on the head, by Bradley-Terry on up to
+    likelihood_fit_pairs training pairs. The score is then w.h + c log p(response | prompt) + offset. A small model's
+    last-token head can miss what its language model knows -- whether an answer is right -- which the likelihood
+    carries (the log-likelihood as a reward: Rafailov et al. 2023). Needs one head and tied embeddings; a fit that
+    gives the likelihood no positive weight leaves the term out (logged, and in summary.json)."""
+    likelihood_fit_pairs: int = 4096
+    """Training pairs (rankings count each ordered pair they hold) the likelihood term's weights are fit on."""
 
     def heads(self) -> list[str]:
         """The named heads this run trains: --criteria, --attributes of a regression, else [] (one head)."""
@@ -170,6 +180,15 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
                 raise ConfigError(f"--safety-loss-weight trains the head of --safety-criterion "
                                   f"{self.safety_criterion!r}, which is not among --criteria "
                                   f"({', '.join(self.criteria)}); name it with --safety-criterion NAME.")
+        if self.likelihood_term:
+            given = [flag for flag, on in (("--criteria", bool(self.criteria)),
+                                           ("--objective regression", self.objective == "regression"),
+                                           ("--safety-loss-weight", self.safety_loss_weight > 0)) if on]
+            if given:
+                raise ConfigError(f"--likelihood-term adds a term to a one-head preference model's score; it does "
+                                  f"not combine with {', '.join(given)}: drop one or the other.")
+            if self.likelihood_fit_pairs < 2:
+                raise ConfigError(f"likelihood_fit_pairs must be at least 2, got {self.likelihood_fit_pairs}.")
         elif self.other_criteria != "error":
             raise ConfigError("--other-criteria says what to do with rows of criteria --criteria does not list; it "
                               "applies only with --criteria.")
@@ -335,9 +354,12 @@ def own_head_scores(model: Any, batch: dict[str, torch.Tensor], heads: torch.Ten
     head of each sequence, None for a one-head model (then the second result is None). Returns (N,), (N, K)."""
     args = (batch["input_ids"], batch["attention_mask"], batch["last_index"], batch.get("position_ids"),
             batch.get("row_index"))
+    # a padded batch's response tokens, for a model with a likelihood term (only evaluation scores one: it is
+    # fit after training, on padded batches)
+    response = batch.get("response_mask") if batch.get("row_index") is None else None
     if heads is None:
-        return sequence_scores(model, *args), None
-    every = head_scores(model, *args)  # (N, K)
+        return sequence_scores(model, *args, response_mask=response), None
+    every = head_scores(model, *args, response_mask=response)  # (N, K)
     # a row's loss reaches only its criterion's head: the other heads' scores of it get no gradient
     return every.gather(1, heads[:, None]).squeeze(1), every  # (N,)
 
@@ -568,6 +590,106 @@ def pearson(x: list[float], y: list[float]) -> float:
     return float((a * b).sum()) / denom if denom > 0 else 0.0
 
 
+# ------------------------------------------------------------------------------------- likelihood term
+@torch.no_grad()
+def likelihood_features(model: Any, items: list[Item], pad_id: int, batch_size: int, device: Any
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per ordered pair of the items (a pair's chosen over rejected; every pair a ranking orders), the differences
+    of the head's logit and of the response log-likelihood, better minus worse. Returns (P,), (P,) float64."""
+    was_training = model.training
+    model.eval()
+    d_head: list[torch.Tensor] = []
+    d_like: list[torch.Tensor] = []
+    pairs = [i for i in items if isinstance(i, TokenizedPair)]
+    for start in range(0, len(pairs), batch_size):
+        batch = _to(collate_pairs(pairs[start : start + batch_size], pad_id), device)
+        logit, like = head_and_likelihood(model, batch["input_ids"], batch["attention_mask"], batch["last_index"],
+                                          batch["response_mask"])  # (2B,)
+        B = logit.shape[0] // 2
+        d_head.append((logit[:B] - logit[B:]).double().cpu())
+        d_like.append((like[:B] - like[B:]).double().cpu())
+    rankings = [i for i in items if isinstance(i, TokenizedRanking)]
+    for start in range(0, len(rankings), batch_size):
+        batch = _to(collate_rankings(rankings[start : start + batch_size], pad_id), device)
+        logit, like = head_and_likelihood(model, batch["input_ids"], batch["attention_mask"], batch["last_index"],
+                                          batch["response_mask"])  # (N,)
+        G, K = batch["beats"].shape[:2]
+        at = (batch["group_index"], batch["slot_index"])
+        for feature, out in ((logit, d_head), (like, d_like)):
+            grid = torch.zeros((G, K), dtype=torch.float64, device=feature.device).index_put(at, feature.double())
+            out.append((grid[:, :, None] - grid[:, None, :])[batch["beats"]].cpu())  # (ordered pairs,)
+    model.train(was_training)
+    return torch.cat(d_head), torch.cat(d_like)
+
+
+def fit_likelihood_weights(d_head: torch.Tensor, d_like: torch.Tensor) -> tuple[float, float]:
+    """(gain on the head, weight of the likelihood) maximising the Bradley-Terry likelihood of the ordered pairs
+    sigma(gain * d_head + weight * d_like), by L-BFGS from (1, 0) (the model as trained). float64."""
+    x = torch.stack([d_head, d_like], 1).double()  # (P, 2)
+    scale = x.std(0).clamp_min(1e-12)  # fit on standardised features, report on the raw ones
+    w = torch.tensor([float(scale[0]), 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+    z = x / scale
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.softplus(-(z @ w)).mean()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    gain, weight = (w.detach() / scale).tolist()
+    return float(gain), float(weight)
+
+
+def fit_likelihood_term(model: Any, items: list[Item], pad_id: int, cfg: RewardConfig, device: Any
+                        ) -> dict[str, Any]:
+    """Fit the likelihood term of a trained one-head model (`RewardConfig.likelihood_term`) on up to
+    cfg.likelihood_fit_pairs of its training pairs, drawn by seed: the head's gain is folded into the score head
+    (and its offset), the likelihood's weight stored as `rlhfkit_likelihood_coef`. A fit that gives either feature
+    no positive weight leaves the model as trained. Returns what was fit, for summary.json."""
+    from rlhfkit.reward.model import _unwrap
+
+    net = _unwrap(model)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed + 17)).tolist()
+    picked: list[Item] = []
+    pairs = 0
+    for i in order:
+        if pairs >= cfg.likelihood_fit_pairs:
+            break
+        item = items[i]
+        picked.append(item)
+        pairs += 1 if isinstance(item, TokenizedPair) else _ordered_pairs(item)
+    d_head, d_like = likelihood_features(model, picked, pad_id, cfg.eval_batch_size, device)
+    gain, weight = fit_likelihood_weights(d_head, d_like)
+    before = float((d_head > 0).double().mean())
+    after = float((gain * d_head + weight * d_like > 0).double().mean())
+    out = {"pairs": int(d_head.numel()), "train_accuracy_head": before, "train_accuracy_with_term": after,
+           "head_gain": gain, "coef": weight, "used": gain > 0 and weight > 0}
+    if not out["used"]:
+        log.warning("reward: the likelihood term's fit gave weights (head %.3g, likelihood %.3g); one is not "
+                    "positive, so the model scores with its head alone", gain, weight)
+        return out
+    with torch.no_grad():
+        net.score.weight.mul_(gain)
+    if getattr(net.config, OFFSETS_KEY, None) is not None:
+        setattr(net.config, OFFSETS_KEY, [gain * o for o in head_offsets(net.config)])
+    else:
+        setattr(net.config, OFFSET_KEY, gain * head_offsets(net.config)[0])
+    setattr(net.config, LIKELIHOOD_KEY, weight)
+    log.info("reward: likelihood term fit on %d training pairs: head gain %.3f, likelihood weight %.4f; training "
+             "pair accuracy %.3f -> %.3f", out["pairs"], gain, weight, before, after)
+    return out
+
+
+def _ordered_pairs(ranking: TokenizedRanking) -> int:
+    """The ordered pairs a ranking holds: responses in different tiers."""
+    sizes = [len(tier) for tier in ranking.ranking]
+    total = sum(sizes)
+    return (total * total - sum(n * n for n in sizes)) // 2
+
+
 # -------------------------------------------------------------------------------------- normalisation
 def reference_samples(cfg: RewardConfig) -> tuple[list[Any], list[str]] | None:
     """(prompts, responses) sampled from the reference policy, for normalisation; None when disabled."""
@@ -601,9 +723,10 @@ def normalise(model: Any, tokenizer: Any, samples: tuple[list[Any], list[str]], 
     model.eval()
     prompts, responses = samples
     t = torch.zeros((len(prompts), max(1, len(criteria))), dtype=torch.float64)  # (N, K)
-    for rows, ids, mask, last in scoring_batches(tokenizer, device, prompts, [r or " " for r in responses],
-                                                 max_length):
-        scores = head_scores(model, ids, mask, last) if criteria else sequence_scores(model, ids, mask, last)[:, None]
+    for rows, ids, mask, last, response in scoring_batches(tokenizer, device, prompts,
+                                                           [r or " " for r in responses], max_length):
+        scores = (head_scores(model, ids, mask, last, response_mask=response) if criteria
+                  else sequence_scores(model, ids, mask, last, response_mask=response)[:, None])
         scores = scores.double().cpu()  # (Nb, K)
         for j, idx in enumerate(rows):
             t[idx] = scores[j]
@@ -673,6 +796,12 @@ def train_member(cfg: RewardConfig, samples: tuple[list[Any], list[str]] | None,
 
     heads = cfg.heads()
     model = load_reward_model(cfg.model, tokenizer, num_labels=max(1, len(heads)))
+    if cfg.likelihood_term:
+        check_likelihood_term(model.config, cfg.model)
+    if likelihood_coef(model.config):  # continuing from a model that has one: its head trains alone, as it did
+        log.info("reward: %s scores with a likelihood term; training its head without it (%s)", cfg.model,
+                 "refit after training" if cfg.likelihood_term else "--likelihood-term is off, so it is dropped")
+        delattr(model.config, LIKELIHOOD_KEY)
     if heads:
         prepare_heads(model, cfg, train)
     if cfg.dropout_off:
@@ -723,6 +852,16 @@ def train_member(cfg: RewardConfig, samples: tuple[list[Any], list[str]] | None,
     if held_out:
         for c in cfg.criteria:  # null, not absent, when the held-out split holds no pair of this criterion
             summary.setdefault(f"heldout_accuracy_{c}", None)
+    if cfg.likelihood_term:  # fit on training pairs, then the held-out measures again with the term
+        with run.gathered(model):
+            fit = fit_likelihood_term(run.accelerator.unwrap_model(model), train, tokenizer.pad_token_id, cfg, device)
+            summary["likelihood_term"] = fit
+            if fit["used"] and held_out:
+                again = objective.evaluate(run.accelerator.unwrap_model(model), held_out, tokenizer.pad_token_id,
+                                           cfg.eval_batch_size, device, heads)
+                fit.update({f"heldout_{k[len('eval/'):]}_head": summary.get(k.replace("eval/", "heldout_"))
+                            for k in again})
+                summary.update({k.replace("eval/", "heldout_"): v for k, v in again.items()})
     # ECE and accuracy above are on the trained scale; normalisation changes the scale, not the ordering
     if samples is not None:
         with run.gathered(model):
