@@ -144,18 +144,27 @@ def test_fit_is_the_bradley_terry_optimum_on_a_hand_example():
     assert float(loss.detach()) < float(torch.nn.functional.softplus(-d_head).mean())  # better than the head as trained
 
 
-def test_training_with_the_term(tmp_path, tiny_model):
-    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(60) + ranking_rows(20, seed=1))
+def shorter_wins(rows: list[dict]) -> list[dict]:
+    """The same pairs with the shorter answer preferred: under a random model the shorter response is the likelier
+    one, so here the likelihood agrees with the labels (in preference_rows the longer, friendly answer wins)."""
+    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+
+
+@pytest.mark.parametrize("agrees", [True, False], ids=["likelihood-agrees", "likelihood-disagrees"])
+def test_training_with_the_term(tmp_path, tiny_model, agrees):
+    rows = preference_rows(60)
+    data = write_jsonl(tmp_path / "prefs.jsonl", shorter_wins(rows) if agrees else rows + ranking_rows(20, seed=1))
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows(20, seed=9)])
     out = tmp_path / "rm"
     summary = rtrain.main(rtrain.RewardConfig(
         model=str(tiny_model), data=str(data), output_dir=str(out), max_steps=15, batch_size=8, learning_rate=2e-3,
         report_to=["jsonl"], progress=False, eval_fraction=0.2, seed=3, likelihood_term=True,
-        likelihood_fit_pairs=50, normalize_prompts=str(prompts), normalize_samples=16))
+        likelihood_fit_pairs=40, normalize_prompts=str(prompts), normalize_samples=16))
     fit = summary["likelihood_term"]
-    assert 50 <= fit["pairs"] < 50 + 6  # items are drawn until 50 ordered pairs; a ranking holds up to 6
+    assert 40 <= fit["pairs"] < 40 + 6  # items are drawn until 40 ordered pairs; a ranking holds up to 6
     config = json.loads((out / "config.json").read_text())
-    if fit["used"]:
+    assert fit["used"] is agrees
+    if agrees:
         assert fit["head_gain"] > 0 and fit["coef"] > 0
         assert "heldout_accuracy_head" in fit and "heldout_accuracy" in summary
         # normalisation folded its gain into the term as into the head

@@ -166,6 +166,16 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
+def _trunk(net: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           position_ids: torch.Tensor | None) -> torch.Tensor:
+    """The final hidden states of the model's trunk (its final norm applied), (R, T, H)."""
+    backbone = getattr(net, net.base_model_prefix)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    return backbone(input_ids=input_ids, attention_mask=model_mask(attention_mask, net), position_ids=position_ids,
+                    use_cache=False).last_hidden_state
+
+
 def _raw_head_scores(net: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      last_index: torch.Tensor | None, position_ids: torch.Tensor | None,
                      row_index: torch.Tensor | None, response_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,11 +185,7 @@ def _raw_head_scores(net: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     if coef and (response_mask is None or row_index is not None):
         raise ValueError("this reward model adds a likelihood term, which needs the response tokens of a padded "
                          "batch: pass response_mask (score_texts and scoring_batches do)")
-    backbone = getattr(net, net.base_model_prefix)
-    if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
-    hidden = backbone(input_ids=input_ids, attention_mask=model_mask(attention_mask, net), position_ids=position_ids,
-                      use_cache=False).last_hidden_state  # (R, T, H)
+    hidden = _trunk(net, input_ids, attention_mask, position_ids)  # (R, T, H)
     if last_index is None:
         last_index = last_token_index(attention_mask)
     if row_index is None:
@@ -197,9 +203,7 @@ def head_and_likelihood(model: Any, input_ids: torch.Tensor, attention_mask: tor
     real token (offset and likelihood term left out) and the response log-likelihood (`response_log_likelihood`);
     what the likelihood term's weight is fit on. Returns (B,), (B,) float32."""
     net = _unwrap(model)
-    backbone = getattr(net, net.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=model_mask(attention_mask, net),
-                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    hidden = _trunk(net, input_ids, attention_mask, None)  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     logit = net.score(hidden[rows, last_index]).float()[:, 0]
     return logit, response_log_likelihood(net, hidden, input_ids, response_mask)
