@@ -208,9 +208,9 @@ def test_monitor_with_a_falling_judge_stops_the_run(tmp_path, tiny_model, world,
         ensemble = real_load(*args, **kwargs)
         real_mean_std, scored = ensemble.mean_std, []
 
-        def mean_std(ids, mask):
+        def mean_std(ids, mask, response_mask=None):
             scored.append(1)
-            mean, std = real_mean_std(ids, mask)
+            mean, std = real_mean_std(ids, mask, response_mask)
             return mean * 0.01 + len(scored), std
 
         ensemble.mean_std = mean_std
