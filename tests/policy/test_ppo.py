@@ -362,3 +362,30 @@ def test_best_of_n_reads_a_datasetdict_split_through_a_column_mapping(tmp_path, 
                                            data_fields={"prompt": "question"}))
     got = [json.loads(line)["prompt"] for line in (tmp_path / "c" / "samples.jsonl").read_text().splitlines()]
     assert got == [r["question"] for r in rows]
+
+
+def test_a_response_without_eos_never_scores_above_the_reward_models_verdict(tmp_path, tiny_model, world,
+                                                                              monkeypatch):
+    # a reward model that finds every answer poor (-5, below missing_eos_penalty = -1): running out of tokens must
+    # not lift an answer to -1 -- under such scores that teaches the policy never to stop (a reward model whose
+    # likelihood term falls with every token scores long finished answers this way)
+    real_load = ppo.load_reward_ensemble
+
+    def poor_scores(*args, **kwargs):
+        ensemble = real_load(*args, **kwargs)
+        ensemble.mean_std = lambda ids, mask, response_mask=None: (torch.full((ids.shape[0],), -5.0),
+                                                                    torch.zeros(ids.shape[0]))
+        return ensemble
+
+    monkeypatch.setattr(ppo, "load_reward_ensemble", poor_scores)
+    out = tmp_path / "poor"
+    ppo.main(cfg(tiny_model, world, out, max_steps=3, max_new_tokens=3, missing_eos_penalty=-1.0))
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert any(m["eos_fraction"] < 1.0 for m in metrics)  # some answers ran out of tokens
+    assert all(m["reward/penalised"] == pytest.approx(-5.0) for m in metrics)
+
+
+def test_eos_penalised_caps_unended_scores_and_leaves_ended_ones():
+    score = torch.tensor([-3.0, 0.5, 2.0, -5.0])
+    ended = torch.tensor([True, True, False, False])
+    assert ppo.eos_penalised(score, ended, -1.0).tolist() == [-3.0, 0.5, -1.0, -5.0]

@@ -111,7 +111,10 @@ class PPOConfig(TrainConfig, CombineConfig):
     as a detached reward push the policy away from the reference); in the loss k2 or k3 (k1's expected gradient
     there is zero). auto: k1 in the reward, k3 in the loss."""
     missing_eos_penalty: float = -1.0
-    """Score given to responses that never emitted EOS (N implementation details: penalise no-EOS)."""
+    """Score of a response that never emitted EOS (Ziegler et al. 2019; Huang et al. 2024, "The N+ implementation
+    details of RLHF with PPO"), or the reward model's own score of it where that is lower: never a lift. A fixed
+    score alone would reward running past the token budget whenever finished answers score below it -- e.g. under
+    a reward model whose likelihood term grows more negative with every token."""
     ensemble_penalty: float = 0.0
     """lambda in score = mean - lambda * std over the reward ensemble (Coste et al. 2023)."""
     length_penalty: float = 0.0
@@ -407,7 +410,7 @@ def rollout(run: Run, m: Models, prompts: list[Any], sampler: Any, cfg: PPOConfi
 
 def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> None:
     """Phase 2: reference log-probs, the reward model's score at the last real token (ensemble mean, minus the
-    disagreement and length penalties; responses without EOS get missing_eos_penalty), and the old log-probs and
+    disagreement and length penalties; responses without EOS at most missing_eos_penalty), and the old log-probs and
     values -- from a no-grad forward, or, in a single pass, from the training forward itself."""
     device = run.accelerator.device
     net = run.accelerator.unwrap_model(m.model)
@@ -428,7 +431,7 @@ def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> N
         if m.rewards is None:
             penalised = penalised - cfg.ensemble_penalty * std.float()
         b.ended = b.rollout.ended.to(device)
-        b.score = torch.where(b.ended, penalised, torch.full_like(penalised, cfg.missing_eos_penalty))  # no-EOS penalty
+        b.score = eos_penalised(penalised, b.ended, cfg.missing_eos_penalty)
     if single_pass:
         # one epoch over one minibatch: the policy that sampled is the one being updated, so the training
         # forward's detached log-probs and values are the "old" ones (TRL's GRPO does the same at
@@ -438,6 +441,11 @@ def score(run: Run, m: Models, b: Batch, cfg: PPOConfig, single_pass: bool) -> N
         with run.micro_step(m.model, 0, 1):
             b.fused = response_forward(m.model, b.ids, b.mask, b.P, cfg.temperature, entropy=True)
         b.old_logprobs, b.old_values = b.fused[0].detach(), b.fused[1].detach()
+
+
+def eos_penalised(score: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
+    """(B,) the score of each response, those that never emitted EOS (ended False) capped at the penalty."""
+    return torch.where(ended, score, score.clamp(max=penalty))
 
 
 def response_mask(b: Batch) -> torch.Tensor:
