@@ -678,6 +678,7 @@ def overoptimisation_sweeps(root: Path, bon: list[dict[str, Any]], rl_runs: list
     checkpoints (rl_checkpoint_points, one list per run) -- and the KL-cut demonstration's deltas (sft_eval: SFT
     scored by the reward the cut run optimised; term_cut: that was the reward model's heads alone)."""
     from rlhfkit.eval.overopt import fit_best_of_n, fit_rl
+    from rlhfkit.reward.model import has_likelihood_term
 
     out: dict[str, Any] = {"best_of_n": {**fit_best_of_n([p["d"] for p in bon], [p["gold_delta"] for p in bon])
                                          .to_dict(), "points": bon}}
@@ -692,7 +693,7 @@ def overoptimisation_sweeps(root: Path, bon: list[dict[str, Any]], rl_runs: list
         "steps": summaries["grpo_klcut"].get("steps"),
         "kl": klcut_eval.kl_to_ref, "kl_coef": cfg.kl_cut_coef, "default_kl_coef": cfg.ppo_kl_coef,
         "monitor_flagged": bool(summaries["grpo_klcut"].get("overoptimisation_flagged")),
-        "likelihood_term_cut": term_cut,
+        "likelihood_term_cut": term_cut and has_likelihood_term(root / "reward"),  # the fit may have dropped it
         "default_monitor_flagged": bool(summaries["grpo"].get("overoptimisation_flagged")),
         "runs": {"default": "grpo", "cut": "grpo_klcut"},
         "unsafe_rate": klcut_eval.unsafe_rate, "mean_length": klcut_eval.mean_length,

@@ -192,3 +192,22 @@ def test_errors_name_the_fix():
         rtrain.RewardConfig(**base, safety_loss_weight=1.0).validate()
     with pytest.raises(ConfigError, match="likelihood_fit_pairs"):
         rtrain.RewardConfig(**base, likelihood_fit_pairs=1).validate()
+
+
+def test_save_head_only_drops_the_term_and_nothing_else(rm_with_term, tmp_path):
+    heads = rmodel.save_head_only(rm_with_term, tmp_path / "heads")
+    assert rmodel.has_likelihood_term(rm_with_term) and not rmodel.has_likelihood_term(heads)
+    full, _ = rmodel.score_texts(rmodel.load_reward_ensemble(str(rm_with_term)), PROMPTS, RESPONSES)
+    alone, _ = rmodel.score_texts(rmodel.load_reward_ensemble(str(heads)), PROMPTS, RESPONSES)
+    tok = load_tokenizer(str(rm_with_term), padding_side="right")
+    model = rmodel.load_reward_model(str(rm_with_term), tok).eval()
+    for prompt, response, f, a in zip(PROMPTS, RESPONSES, full, alone):
+        batch = encode_responses(tok, prompt, [response], 64)
+        with torch.no_grad():
+            logit, like = rmodel.head_and_likelihood(model, batch["input_ids"], batch["attention_mask"],
+                                                     batch["last_index"], batch["response_mask"])
+        assert a == pytest.approx(float(logit[0]) + 0.2, abs=1e-4)  # the head and its offset, as before
+        assert f - a == pytest.approx(0.3 * float(like[0]), abs=1e-4)
+    source = json.loads((rm_with_term / "config.json").read_text())
+    copy = json.loads((heads / "config.json").read_text())
+    assert copy == {k: v for k, v in source.items() if k != LIKELIHOOD_KEY}

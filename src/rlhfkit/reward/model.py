@@ -364,6 +364,12 @@ def load_members(directory: str, device: Any = "cpu") -> RewardEnsemble:
     return RewardEnsemble(members, tokenizer, [str(d) for d in dirs], heads=head_names(_unwrap(members[0]).config))
 
 
+def has_likelihood_term(path: str | Path) -> bool:
+    """Whether any member of a reward-model (or ensemble) directory scores with a likelihood term."""
+    return any(float(json.loads((m / "config.json").read_text()).get(LIKELIHOOD_KEY) or 0.0) != 0.0
+               for m in member_dirs(path))
+
+
 def save_head_only(src: str | Path, dst: str | Path) -> Path:
     """A copy of a reward model (or ensemble) directory that scores with its heads alone: every member's
     likelihood term (`LIKELIHOOD_KEY`) removed from its config, everything else as it is. For ablations, and for
