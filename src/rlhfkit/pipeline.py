@@ -59,11 +59,11 @@ class DemoConfig:
     """Annotators judging each training item, their judgments merged by majority vote (pairs) or Borda count
     (rankings). At a fixed number of judgments, fresh items helped the reward model more than overlap did."""
     dpo_steps: int = 400
-    """Optimizer steps of DPO from the SFT model, 16 pairs each (quick: 30). At 200, seeds 0, 1 and 2 gained
-    +0.25, +0.34 and +0.29 gold over SFT (3 s.e. about 0.25), at 400 +0.35, +0.46 and +0.31 -- and, on another
-    machine's worlds, +0.49, +0.22 and +0.42; at 800 there +0.37, +0.45 and +0.10 (longer answers), and twice the
-    learning rate at 400 lost gold on seed 1. It runs beside PPO; on a slow 2-core machine the 400 steps took
-    113-164 s against 74-88 at 200."""
+    """Optimizer steps of DPO from the SFT model, 32 pairs each (configs/demo.yaml; quick: 30). With 16 pairs a
+    step, at 200 steps seeds 0, 1 and 2 gained +0.25, +0.34 and +0.29 gold over SFT (3 s.e. about 0.25), at 400
+    +0.35, +0.46 and +0.31 -- and, on another machine's worlds, +0.49, +0.22 and +0.42; at 800 there +0.37, +0.45
+    and +0.10 (longer answers), and twice the learning rate at 400 lost gold on seed 1. With 32 pairs, 400 steps
+    gained +0.52, +0.40 and +0.38 there. It runs beside PPO."""
     dpo_beta: float = 0.1
     """DPO's KL coefficient beta."""
     dpo_beta_sweep: list[float] = field(default_factory=list)
