@@ -20,6 +20,7 @@ import math
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -366,7 +367,7 @@ def load_members(directory: str, device: Any = "cpu") -> RewardEnsemble:
 
 def has_likelihood_term(path: str | Path) -> bool:
     """Whether any member of a reward-model (or ensemble) directory scores with a likelihood term."""
-    return any(float(json.loads((m / "config.json").read_text()).get(LIKELIHOOD_KEY) or 0.0) != 0.0
+    return any(likelihood_coef(SimpleNamespace(**json.loads((m / "config.json").read_text()))) != 0.0
                for m in member_dirs(path))
 
 
