@@ -62,14 +62,39 @@ def _load_stage(name: str) -> tuple[Any, type]:
     return module, getattr(module, cls_name)
 
 
-def _leave_process_group() -> None:
+def _leave_process_group() -> bool:
     """Under `accelerate launch`, leave the process group before the interpreter exits. Left to interpreter
     teardown, gloo's threads can be destroyed while still joinable, and one process of a 2-process CPU run
-    aborted ("terminate called without an active exception") after its work was done."""
+    aborted ("terminate called without an active exception") after its work was done. True when a group was
+    left."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def _exit_launched_process(code: int) -> None:
+    """End a process started by `accelerate launch` / torchrun once its work is done and saved, without the
+    interpreter's teardown. Leaving the process group was not enough: objects that outlive it (a device mesh, a
+    sharded module's pending work) still own gloo threads, and destroying them while the interpreter clears its
+    modules aborted one process of a finished 2-process CPU run now and then (SIGABRT, "terminate called without
+    an active exception"), which fails the whole launch. Everything a normal exit does for the user still runs
+    first, while the interpreter is whole: the atexit handlers (trackers, logging), then the streams are flushed.
+    Only in a launched process: a command run in-process (tests, notebooks) returns normally."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to flush into
+            pass
+    os._exit(code)
 
 
 def _quiet_deepspeed_on_cpu() -> None:
@@ -117,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         parse = getattr(module, "parse_stage_args", None)
         cfg = parse(rest) if parse is not None else parse_args(cfg_cls, rest, prog=f"rlhfkit {name}")
         module.main(cfg)
-        _leave_process_group()
+        if _leave_process_group():
+            _exit_launched_process(0)
     except UserError as exc:
         sys.stderr.write(f"rlhfkit {name}: error: {exc}\n")
         return 2
