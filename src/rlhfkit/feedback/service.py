@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Callable, Mapping, Sequence
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.data.preference import STRENGTHS
@@ -367,6 +367,47 @@ def _agreement(by_unit: Mapping[Any, Mapping[str, Any]], min_shared: int | None,
             kappa[f"{a}|{b}"] = cohen_kappa(la, lb)
     return Agreement(units=sum(len(labels) >= 2 for labels in by_unit.values()), percent=percent_agreement(units),
                      alpha=alpha(units), kappa=kappa, label=label, metric=metric)
+
+
+@functools.cache
+def _queue_statements() -> dict[str, Any]:
+    """The statements next_task and submit run for every task, built once. A labelling run issues each of them
+    thousands of times, and building the expression and its cache key on every call cost more than SQLite's
+    execution of it: a prebuilt statement keeps its cache key, and only its parameters change (:project,
+    :user, :k, :cutoff, :done_below, :frontier, :submission)."""
+    project, user, k = bindparam("project"), bindparam("user"), bindparam("k")
+    is_gold = exists().where(Gold.item_id == Item.id)
+    judged = (select(func.count()).select_from(Assignment)
+              .where(Assignment.item_id == Item.id, Assignment.completed_at.is_not(None))
+              .correlate(Item).scalar_subquery())
+    held = (select(func.count()).select_from(Assignment)
+            .where(Assignment.item_id == Item.id,
+                   or_(Assignment.completed_at.is_not(None), Assignment.created_at > bindparam("cutoff")))
+            .correlate(Item).scalar_subquery())
+    mine = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user)
+    by_hold = (held.desc(), Item.position)
+    return {
+        "open": select(Assignment, Item).join(Item, Item.id == Assignment.item_id).where(
+            Assignment.user_id == user, Item.project_id == project,
+            Assignment.completed_at.is_(None)).order_by(Assignment.id).limit(1),
+        # walked in id order from the hint, stopping at the first open item (a min() would visit the whole tail)
+        "first_open": select(Item.id).where(Item.project_id == project, Item.id >= bindparam("done_below"),
+                                            ~is_gold, judged < k).order_by(Item.id).limit(1),
+        "last": select(func.max(Item.id)).where(Item.project_id == project),
+        "frontier": select(func.max(Item.id)).join(Assignment, Assignment.item_id == Item.id)
+                    .where(Item.project_id == project),
+        # two queries, not one with an OR: the window is an id range and gold items are looked up from their
+        # table (an OR, or a join SQLite may start from items, walks every item of the project)
+        "window": select(Item, held).where(Item.id.between(bindparam("done_below"), bindparam("frontier")),
+                                           Item.project_id == project, ~mine, or_(is_gold, held < k))
+                  .order_by(*by_hold).limit(1),
+        "gold": select(Item, held).where(Item.id.in_(select(Gold.item_id)), Item.project_id == project, ~mine)
+                .order_by(*by_hold).limit(1),
+        # in id order, which is position order within a project (add_items numbers both in insertion order)
+        "fresh": select(Item).where(Item.project_id == project, Item.id > bindparam("frontier"),
+                                    ~exists().where(Assignment.item_id == Item.id)).order_by(Item.id).limit(1),
+        "submission": select(Judgment).where(Judgment.submission_id == bindparam("submission")),
+    }
 
 
 @dataclass
@@ -756,10 +797,7 @@ class FeedbackService:
             project = s.get(Project, project_id)
             if project is None:
                 raise NotFound(f"project {project_id} does not exist.")
-            open_one = s.execute(
-                select(Assignment, Item).join(Item, Item.id == Assignment.item_id).where(
-                    Assignment.user_id == user_id, Item.project_id == project_id,
-                    Assignment.completed_at.is_(None)).order_by(Assignment.id).limit(1)).first()
+            open_one = s.execute(_queue_statements()["open"], {"user": user_id, "project": project_id}).first()
             if open_one is not None:
                 a, item = open_one
                 return Task(a.id, item.id, _project_info(project), item.prompt,
@@ -790,48 +828,28 @@ class FeedbackService:
         window then misses only items it started past our frontier, which the fresh-tail query steps over (and
         the window takes in once the frontier passes them, or at the end of the project), so no item is ever
         given out wrongly."""
-        k = project.annotators_per_item
+        q = _queue_statements()
+        at = {"project": project.id, "user": user_id, "k": project.annotators_per_item, "cutoff": cutoff}
         hints = self._hints.get(project.id)
         if hints is None:
-            frontier = s.scalar(select(func.max(Item.id)).join(Assignment, Assignment.item_id == Item.id)
-                                .where(Item.project_id == project.id)) or 0
-            hints = self._hints.setdefault(project.id, QueueHints(0, frontier))
-        is_gold = exists().where(Gold.item_id == Item.id)
-        judged = (select(func.count()).select_from(Assignment)
-                  .where(Assignment.item_id == Item.id, Assignment.completed_at.is_not(None))
-                  .correlate(Item).scalar_subquery())
-        # walked in id order from the hint, stopping at the first open item (a min() would visit the whole tail)
-        first_open = s.scalar(select(Item.id).where(Item.project_id == project.id, Item.id >= hints.done_below, ~is_gold,
-                                                    judged < k).order_by(Item.id).limit(1))
+            hints = self._hints.setdefault(project.id, QueueHints(0, s.scalar(q["frontier"], at) or 0))
+        first_open = s.scalar(q["first_open"], {**at, "done_below": hints.done_below})
         if first_open is None:  # everything non-gold is done: past the last item
-            first_open = (s.scalar(select(func.max(Item.id)).where(Item.project_id == project.id)) or 0) + 1
+            first_open = (s.scalar(q["last"], at) or 0) + 1
         hints.done_below = max(hints.done_below, first_open)
-        held = (select(func.count()).select_from(Assignment)
-                .where(Assignment.item_id == Item.id,
-                       or_(Assignment.completed_at.is_not(None), Assignment.created_at > cutoff))
-                .correlate(Item).scalar_subquery())
-        mine = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user_id)
 
         def best_in_play() -> tuple[Item, int] | None:
-            # two queries, not one with an OR: the window is an id range and gold items are looked up from their
-            # table (an OR, or a join SQLite may start from items, walks every item of the project)
-            window = select(Item, held).where(Item.id.between(hints.done_below, hints.frontier), Item.project_id == project.id,
-                                              ~mine, or_(is_gold, held < k))
-            gold = select(Item, held).where(Item.id.in_(select(Gold.item_id)), Item.project_id == project.id, ~mine)
-            rows = [row for q in (window, gold)
-                    if (row := s.execute(q.order_by(held.desc(), Item.position).limit(1)).first()) is not None]
+            window = {**at, "done_below": hints.done_below, "frontier": hints.frontier}
+            rows = [row for name in ("window", "gold") if (row := s.execute(q[name], window).first()) is not None]
             best = min(rows, key=lambda row: (-row[1], row[0].position), default=None)
             return None if best is None else (best[0], best[1])
 
         started = best_in_play()
         if started is not None and started[1] > 0:
             return started[0]  # items already started complete before new ones open
-        # in id order, which is position order within a project (add_items numbers both in insertion order)
-        fresh = s.scalar(select(Item).where(Item.project_id == project.id, Item.id > hints.frontier,
-                                            ~exists().where(Assignment.item_id == Item.id))
-                         .order_by(Item.id).limit(1))
+        fresh = s.scalar(q["fresh"], {**at, "frontier": hints.frontier})
         if fresh is None:
-            last = s.scalar(select(func.max(Item.id)).where(Item.project_id == project.id)) or 0
+            last = s.scalar(q["last"], at) or 0
             if last > hints.frontier:  # items past the frontier that other processes started: take them in
                 hints.frontier = last
                 started = best_in_play()
@@ -957,7 +975,7 @@ class FeedbackService:
             raise NotFound(f"assignment {assignment_id} does not exist.")
         try:
             with self.store.session() as s, s.begin():
-                existing = s.scalar(select(Judgment).where(Judgment.submission_id == submission_id))
+                existing = s.scalar(_queue_statements()["submission"], {"submission": submission_id})
                 if existing is not None:
                     if existing.user_id != user_id:
                         raise Forbidden("this submission id belongs to another annotator.")
