@@ -339,12 +339,16 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     reward_dir = str(root / "reward")
     evaluate = functools.partial(evaluate_policy, prompts=test_prompts, seed=cfg.seed, ref_dir=str(root / "sft"),
                                  reward_dir=reward_dir, samples_per_prompt=eval_samples)
+    # the two longest evaluation jobs first (best-of-n samples n candidates per answer), so that no long job is
+    # left to run alone at the end: Gao et al.'s best-of-n curve from the SFT model, and the best-of-n policy
+    jobs.append(Job("overopt_best_of_n", best_of_n_curve, (root, test_prompts, sweep_n, cfg.seed),
+                    needs=("sft", "reward")))
+    jobs.append(Job("eval_best_of_n", evaluate_best_of_n, (str(root / "sft"), reward_dir, test_prompts),
+                    {"n": cfg.best_of_n, "seed": cfg.seed}, needs=("reward", "sft")))
     names = ("base", "sft", "ppo", "grpo", *variants, "dpo")
     jobs += [Job(f"eval_{name}", evaluate, (str(root / name),), {"keep_samples": 12},
                  needs=("reward",) if name == "base" else (name, "reward"))
              for name in names]
-    jobs.append(Job("eval_best_of_n", evaluate_best_of_n, (str(root / "sft"), reward_dir, test_prompts),
-                    {"n": cfg.best_of_n, "seed": cfg.seed}, needs=("reward", "sft")))
     jobs += [Job(f"eval_dpo_beta_{beta:g}", evaluate, (str(root / f"dpo_beta_{beta:g}"),),
                  needs=(f"dpo_beta_{beta:g}", "reward")) for beta in betas]
     jobs.append(Job("eval_grpo_klcut", evaluate, (str(root / "grpo_klcut"),), {"reward_dir": cut_reward},
@@ -353,9 +357,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     if cut_term:
         cut_sft = "eval_sft_head"
         jobs.append(Job(cut_sft, evaluate, (str(root / "sft"),), {"reward_dir": cut_reward}, needs=("sft", "reward")))
-    # Gao et al.'s curves: best-of-n from the SFT model, the GRPO runs' checkpoints, each a job of its own
-    jobs.append(Job("overopt_best_of_n", best_of_n_curve, (root, test_prompts, sweep_n, cfg.seed),
-                    needs=("sft", "reward")))
+    # Gao et al.'s curves: the GRPO runs' checkpoints, each a job of its own
     jobs += [Job(f"overopt_{run}", rl_checkpoint_points, (root, run, test_prompts, Result(sft_eval), cfg.seed, scorer),
                  needs=(run, "reward")) for run, sft_eval, scorer in (("grpo", "eval_sft", reward_dir),
                                                                       ("grpo_klcut", cut_sft, cut_reward))]
