@@ -170,3 +170,55 @@ def test_sft_samples_shared_out_over_jobs_are_labelled_as_if_drawn_in_one(tiny_w
     again = label_samples_job(split, 0, False, plan, 1, parts[0], redo=False)
     assert not again.ran and again.value is None
     assert not label_job(split, 0, False, plan, 1, [again.value], redo=False).ran
+
+
+def test_quick_stage_settings_must_name_a_stage_of_the_presets():
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.pipeline import check_presets, demo_presets
+
+    shipped = demo_presets()
+    assert shipped["quick_stages"]["reward"]["likelihood_fit_pairs"] < 4096  # what the quick members fit on
+    with pytest.raises(ConfigError, match=r"quick_stages names \['rewards'\].*e\.g\. reward"):
+        check_presets({"reward": {}, "quick": {}, "quick_stages": {"rewards": {"batch_size": 8}}})
+    with pytest.raises(ConfigError, match=r"quick_stages names \['quick'\]"):
+        check_presets({"reward": {}, "quick": {}, "quick_stages": {"quick": {}}})
+
+
+def test_reward_members_on_samples_drawn_once_match_the_ensemble_trained_in_one_run(tmp_path):
+    """The demo trains the ensemble's members as jobs side by side, their normalisation samples drawn once by
+    reward_samples_job: each member is the one rtrain.main trains (same weights, same normalisation), a member
+    handed no samples draws the same ones itself, and finished members make the samples job draw nothing."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file
+
+    from rlhfkit.pipeline import reward_member_job, reward_samples_job
+    from rlhfkit.reward import train as rtrain
+    from tests.helpers import make_tiny_model, preference_rows, write_jsonl
+
+    model = make_tiny_model(tmp_path / "m")
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows(6, seed=5)])
+    cfg = rtrain.RewardConfig(model=str(model), data=str(prefs), output_dir=str(tmp_path / "one_run"), max_steps=3,
+                              batch_size=8, ensemble_size=2, normalize_prompts=str(prompts), normalize_samples=8,
+                              normalize_max_new_tokens=8, report_to=["jsonl"], progress=False, eval_fraction=0.0)
+    rtrain.main(cfg)
+    jobs = replace(cfg, output_dir=str(tmp_path / "jobs"))
+    drawn = reward_samples_job(jobs, redo=False)
+    # drawn for unfinished members, but not "ran": nothing upstream changed, so they are any earlier run's samples
+    assert drawn.value is not None and not drawn.ran and "reward_samples" in drawn.wall
+    assert reward_member_job(jobs, 0, drawn.value, redo=False).ran
+    assert reward_member_job(jobs, 1, None, redo=False).ran  # draws its own
+    for i in (0, 1):
+        one, split = tmp_path / "one_run" / f"member-{i}", tmp_path / "jobs" / f"member-{i}"
+        a, b = load_file(one / "model.safetensors"), load_file(split / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert json.loads((one / "config.json").read_text()) == json.loads((split / "config.json").read_text())
+        norm = [json.loads((d / "summary.json").read_text())["normalisation"] for d in (one, split)]
+        assert norm[0] == norm[1] and norm[0]
+    again = reward_samples_job(jobs, redo=False)
+    assert again.value is None and not again.ran and not again.wall  # every member finished: nothing drawn
+    assert not reward_member_job(jobs, 0, again.value, redo=False).ran
+    upstream = reward_samples_job(jobs, redo=True)  # the SFT model changed: drawn again, and the members follow
+    assert upstream.ran and upstream.value == drawn.value

@@ -166,10 +166,20 @@ def demo_presets() -> dict[str, dict[str, Any]]:
     """configs/demo.yaml: per stage, the fields its config dataclass is built with; `quick`, the --quick caps."""
     from importlib import resources
 
-    data = yaml.safe_load(resources.files("rlhfkit").joinpath(PRESETS).read_text())
+    return check_presets(yaml.safe_load(resources.files("rlhfkit").joinpath(PRESETS).read_text()))
+
+
+def check_presets(data: dict[str, Any]) -> dict[str, Any]:
+    """The presets, refused when `quick` caps something that is not a demo setting or `quick_stages` replaces
+    settings of a section the file does not have (the stage fields themselves are checked by each stage's
+    config when it is built)."""
     unknown = set(data.get("quick", {})) - set(DemoConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"{PRESETS}: quick caps {sorted(unknown)} are not settings of rlhfkit demo.")
+    unknown = set(data.get("quick_stages", {})) - (set(data) - {"quick", "quick_stages"})
+    if unknown:
+        raise ConfigError(f"{PRESETS}: quick_stages names {sorted(unknown)}, which are not stage sections of the "
+                          "file; give a section's name, e.g. reward.")
     return data
 
 
@@ -209,6 +219,9 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     presets = demo_presets()
     caps = presets["quick"] if cfg.quick else {}
+    if cfg.quick:
+        for name, fields in presets.get("quick_stages", {}).items():
+            presets[name] = {**presets[name], **fields}
 
     def setting(name: str) -> Any:
         return min(getattr(cfg, name), caps[name]) if name in caps else getattr(cfg, name)
@@ -303,9 +316,15 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
             Job("label", label_job, (root, cfg.seed, cfg.quick, plan, cfg.annotators_per_item),
                 {"samples": [Result(f"label_samples_{i}") for i in range(len(sample_parts))]},
                 needs=("sft", "label_generator"), redo=True),
+            # the SFT samples every member normalises its scores on (the same for all of them), drawn once beside
+            # the labelling instead of by each member on the critical path
+            *([Job("reward_samples", reward_samples_job, (reward_cfg,), needs=("sft",), redo=True)]
+              if reward_cfg.ensemble_size > 1 and reward_cfg.normalize_prompts else []),
             # the ensemble's members side by side, one job each; "reward" then gathers them (and is what the
             # later stages wait for)
-            *[Job(f"reward_member_{i}", reward_member_job, (reward_cfg, i), needs=("label",), redo=True)
+            *[Job(f"reward_member_{i}", reward_member_job, (reward_cfg, i),
+                  {"samples": Result("reward_samples")} if reward_cfg.normalize_prompts else {},
+                  needs=("label",), redo=True)
               for i in range(reward_cfg.ensemble_size if reward_cfg.ensemble_size > 1 else 0)],
             Job("reward", reward_job, ("reward", reward_cfg, root), redo=True,
                 needs=tuple(f"reward_member_{i}" for i in range(reward_cfg.ensemble_size))
@@ -346,7 +365,9 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     jobs.append(Job("eval_best_of_n", evaluate_best_of_n, (str(root / "sft"), reward_dir, test_prompts),
                     {"n": cfg.best_of_n, "seed": cfg.seed}, needs=("reward", "sft")))
     names = ("base", "sft", "ppo", "grpo", *variants, "dpo")
-    jobs += [Job(f"eval_{name}", evaluate, (str(root / name),), {"keep_samples": 12},
+    # SFT's samples are also scored by the KL-cut run's reward (its heads alone), for that run's comparison
+    jobs += [Job(f"eval_{name}", evaluate, (str(root / name),),
+                 {"keep_samples": 12, **({"other_reward_dirs": [cut_reward]} if name == "sft" and cut_term else {})},
                  needs=("reward",) if name == "base" else (name, "reward"))
              for name in names]
     jobs += [Job(f"eval_dpo_beta_{beta:g}", evaluate, (str(root / f"dpo_beta_{beta:g}"),),
@@ -356,7 +377,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     cut_sft = "eval_sft"  # SFT's evaluation the cut run is compared with: the same samples, scored by its reward
     if cut_term:
         cut_sft = "eval_sft_head"
-        jobs.append(Job(cut_sft, evaluate, (str(root / "sft"),), {"reward_dir": cut_reward}, needs=("sft", "reward")))
+        jobs.append(Job(cut_sft, scored_by_job, (Result("eval_sft"), cut_reward)))
     # Gao et al.'s curves: the GRPO runs' checkpoints, each a job of its own
     jobs += [Job(f"overopt_{run}", rl_checkpoint_points, (root, run, test_prompts, Result(sft_eval), cfg.seed, scorer),
                  needs=(run, "reward")) for run, sft_eval, scorer in (("grpo", "eval_sft", reward_dir),
@@ -447,15 +468,35 @@ def stage_job(name: str, cfg: Any, main: Callable[[Any], Any], root: Path, redo:
     return Done(ran=name in wall)
 
 
-def reward_member_job(cfg: Any, i: int, redo: bool = False) -> Done:
+def reward_samples_job(cfg: Any, redo: bool = False) -> Done:
+    """The reference policy's samples the reward ensemble's members normalise on (`rtrain.reference_samples`,
+    the same for every member, as `rtrain.main` draws them once); None when every member is finished with its
+    config and nothing they depend on ran again. ran=redo: the samples follow from the SFT model and the seed
+    alone, so unless the SFT model changed they are the ones the finished members were normalised on, and a
+    member left unfinished (an interrupted run) does not make the finished ones train again."""
+    from rlhfkit.reward import train as rtrain
+
+    members = [rtrain.member_config(cfg, i) for i in range(cfg.ensemble_size)]
+    if not redo and all(_finished_with(Path(m.output_dir), m) for m in members):
+        return Done(None, ran=False)
+    start = time.time()
+    samples = rtrain.reference_samples(cfg)
+    return Done(samples, ran=redo, wall={"reward_samples": round(time.time() - start, 1)})
+
+
+def reward_member_job(cfg: Any, i: int, samples: tuple[list[Any], list[str]] | None = None, redo: bool = False
+                      ) -> Done:
     """Member i of the reward ensemble, trained exactly as the ensemble run trains it (`rtrain.main` then finds
-    it finished and takes it as it is); reused when a finished member has the same config."""
+    it finished and takes it as it is); reused when a finished member has the same config. samples: the
+    normalisation samples from reward_samples_job (drawn here when it had none to give)."""
     from rlhfkit.reward import train as rtrain
 
     member = rtrain.member_config(cfg, i)
     if not redo and _finished_with(Path(member.output_dir), member):
         return Done(ran=False)
-    rtrain.train_member(replace(member, overwrite=True), rtrain.reference_samples(cfg), rtrain.bootstrap_seed(cfg, i))
+    if samples is None:
+        samples = rtrain.reference_samples(cfg)
+    rtrain.train_member(replace(member, overwrite=True), samples, rtrain.bootstrap_seed(cfg, i))
     return Done()
 
 
@@ -652,6 +693,11 @@ def best_of_n_curve(root: Path, prompts: list[Any], sweep_n: int, seed: int) -> 
     for p in bon:
         p.update(proxy_delta=p["proxy"] - base_proxy, gold_delta=p["gold"] - base_gold)
     return bon
+
+
+def scored_by_job(evaluation: Any, reward_dir: str) -> Any:
+    """An evaluation with the proxy of another reward model it scored the same samples with (PolicyEval.scored_by)."""
+    return evaluation.scored_by(reward_dir)
 
 
 def rl_checkpoint_points(root: Path, run: str, prompts: list[Any], sft_eval: Any, seed: int, reward_dir: str

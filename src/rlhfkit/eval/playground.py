@@ -4,7 +4,7 @@ Evaluation is the only place the gold judge is imported (tests/test_import_rules
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -30,12 +30,22 @@ class PolicyEval:
     samples: list[dict[str, Any]] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     """Gold score of every sample, in prompt order (for paired comparisons such as win rates)."""
+    other_proxy_scores: dict[str, float] = field(default_factory=dict)
+    """The same samples' mean score under each of `evaluate_policy`'s other_reward_dirs, by directory."""
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("samples")
         out.pop("scores")
+        out.pop("other_proxy_scores")
         return out
+
+    def scored_by(self, reward_dir: str) -> "PolicyEval":
+        """This evaluation with the proxy of one of its other reward models (`other_proxy_scores`)."""
+        if reward_dir not in self.other_proxy_scores:
+            raise KeyError(f"{reward_dir}: not one of this evaluation's reward models "
+                           f"({sorted(self.other_proxy_scores)})")
+        return replace(self, proxy_score=self.other_proxy_scores[reward_dir], other_proxy_scores={})
 
 
 def win_rate(scores: Sequence[float], baseline: Sequence[float], prompts: int | None = None) -> float:
@@ -82,9 +92,11 @@ def evaluate_policy(
     keep_samples: int = 0,
     reward_dir: str | None = None,
     tokenizer_dir: str | None = None,
+    other_reward_dirs: Sequence[str] = (),
 ) -> PolicyEval:
     """Sample responses to `prompts`, score them with the gold judge; KL to ref_dir and the proxy reward of
-    reward_dir when given. tokenizer_dir: where the tokenizer is when model_dir has none (a checkpoint)."""
+    reward_dir when given. tokenizer_dir: where the tokenizer is when model_dir has none (a checkpoint).
+    other_reward_dirs: more reward models to score the same samples with (`PolicyEval.scored_by`)."""
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     model = load_causal_lm(model_dir, tokenizer).eval()
     texts = [p.messages for p in prompts for _ in range(samples_per_prompt)]
@@ -102,12 +114,16 @@ def evaluate_policy(
     if ref_dir is not None:
         ref = load_causal_lm(ref_dir, load_tokenizer(ref_dir)).eval()
         kl = sequence_kl(model, ref, rollout, temperature if temperature > 0 else 1.0)
+    from rlhfkit.reward.model import load_reward_ensemble, score_texts
+
     proxy = None
     if reward_dir is not None:
-        from rlhfkit.reward.model import load_reward_ensemble, score_texts
-
         proxy_scores, _ = score_texts(load_reward_ensemble(reward_dir), texts, rollout.texts)
         proxy = sum(proxy_scores) / len(proxy_scores)
+    others = {}
+    for other in other_reward_dirs:
+        other_scores, _ = score_texts(load_reward_ensemble(other), texts, rollout.texts)
+        others[other] = sum(other_scores) / len(other_scores)
     return PolicyEval(
         gold_score=stats.mean,
         gold_se=stats.se,
@@ -121,6 +137,7 @@ def evaluate_policy(
         samples=[{"prompt": p.text, "response": r, "gold": b.total}
                  for p, r, b in list(zip(owners, rollout.texts, parts))[::samples_per_prompt][:keep_samples]],
         scores=[b.total for b in parts],
+        other_proxy_scores=others,
     )
 
 
